@@ -1,0 +1,228 @@
+// The online softmax state (m, d) on the CPU: one scalar form, one lane-wise vector form, and the
+// merge that combines them. Every CPU kernel (forward, stats, top-k) is built from these pieces.
+//
+// Conventions inside the kernels:
+//  * s = 1 / temperature. A state over raw values x holds m = max(x) and d = sum(exp((x - m) * s)),
+//    so softmax(x / t) = exp((x - m) * s) / d. Subtracting before scaling keeps (x - m) exact for
+//    1e4-scale logits.
+//  * While scanning, m starts at the lowest finite value instead of -inf, so that a -inf element
+//    contributes exp(-inf) = 0 rather than exp(-inf - -inf) = NaN, and no per-element guard is
+//    needed. `finalize` maps a state that saw nothing finite (d == 0) back to m = -inf, the identity
+//    of the merge, and marks rows whose max is +inf or NaN with d = NaN (torch.softmax returns NaN
+//    for the whole row in both cases).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace online_softmax::cpu {
+
+using at::vec::Vectorized;
+
+// float for float32/float16/bfloat16, double for float64.
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename T> using acc_t = typename AccType<T>::type;
+
+template <typename A>
+inline A nan_max(A a, A b) {
+  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<A>::quiet_NaN() : (a > b ? a : b);
+}
+
+template <typename A>
+struct State {
+  A m = std::numeric_limits<A>::lowest();
+  A d = 0;
+};
+
+// exp((m_old - m_new) * s), exactly 1 when the maxima agree (also -inf == -inf: the merge identity).
+template <typename A>
+inline A rescale_factor(A m_old, A m_new, A s) {
+  return m_old == m_new ? A(1) : std::exp((m_old - m_new) * s);
+}
+
+template <typename A>
+inline void update(State<A>& st, A x, A s) {
+  const A m_new = nan_max(st.m, x);
+  if (!(m_new == st.m)) {
+    st.d *= rescale_factor(st.m, m_new, s);
+    st.m = m_new;
+  }
+  st.d += std::exp((x - st.m) * s);
+}
+
+// The one merge: m = max(m1, m2), d = d1 exp((m1 - m) s) + d2 exp((m2 - m) s).
+template <typename A>
+inline State<A> merge(State<A> a, State<A> b, A s) {
+  State<A> r;
+  r.m = nan_max(a.m, b.m);
+  r.d = a.d * rescale_factor(a.m, r.m, s) + b.d * rescale_factor(b.m, r.m, s);
+  return r;
+}
+
+template <typename A>
+inline State<A> finalize(State<A> st) {
+  if (st.d == A(0)) st.m = -std::numeric_limits<A>::infinity();
+  if (std::isnan(st.m) || st.m == std::numeric_limits<A>::infinity())
+    st.d = std::numeric_limits<A>::quiet_NaN();
+  return st;
+}
+
+// What the output pass needs from a finalized state. A row without a finite max (all -inf, or
+// containing +inf/NaN) gets NaN factors, so every output of that row is NaN, as in torch.
+template <typename A>
+struct Normalizer {
+  A m;       // subtracted before scaling
+  A inv_d;   // softmax factor
+  A log_d;   // log-softmax offset
+  explicit Normalizer(State<A> st) {
+    const bool finite = st.m > -std::numeric_limits<A>::infinity() &&
+                        st.m < std::numeric_limits<A>::infinity();
+    m = finite ? st.m : A(0);
+    inv_d = finite ? A(1) / st.d : std::numeric_limits<A>::quiet_NaN();
+    log_d = finite ? std::log(st.d) : std::numeric_limits<A>::quiet_NaN();
+  }
+};
+
+// Loads and stores two vectors' worth of T as Vectorized<acc_t<T>> (16 floats = 32 bytes of half).
+template <typename T>
+struct VecIO {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  static constexpr int64_t kWidth = V::size();
+  static constexpr int64_t kStep = 2 * kWidth;
+
+  static inline void load2(const T* p, V& a, V& b) {
+    if constexpr (std::is_same_v<T, A>) {
+      a = V::loadu(p);
+      b = V::loadu(p + kWidth);
+    } else {
+      at::vec::load_to_float(p, a, b);
+    }
+  }
+  static inline void store2(T* p, V a, V b) {
+    if constexpr (std::is_same_v<T, A>) {
+      a.store(p);
+      b.store(p + kWidth);
+    } else {
+      at::vec::convert_from_float<T>(a, b).store(p);
+    }
+  }
+};
+
+template <typename A>
+inline Vectorized<A> vexp(Vectorized<A> v) {
+  // ATen's polynomial exp (float: <= 20 ulp, double: Sleef 1 ulp). Its arguments here are <= 0 or
+  // -inf; NaN arguments only occur in rows that finalize() already marked NaN.
+  return v.exp_u20();
+}
+
+// Lane-wise online state: lane l of (m, d) is the state of every element that passed through lane
+// l. Contiguous rows feed two vectors of the same row per step (two d accumulators for ILP);
+// strided layouts keep one LaneState per group of independent rows.
+template <typename A>
+struct LaneState {
+  using V = Vectorized<A>;
+  static constexpr int kAllLanes = (1 << V::size()) - 1;
+  V m = V(std::numeric_limits<A>::lowest());
+  V d = V(A(0));
+  V d2 = V(A(0));
+
+  inline void raise_max(V m_new, V s) {
+    // The maximum settles early in almost every row, so the rescale exp is rarely taken.
+    if ((m_new - m).zero_mask() != kAllLanes) {
+      const V f = vexp((m - m_new) * s);
+      d = d * f;
+      d2 = d2 * f;
+      m = m_new;
+    }
+  }
+  inline void update(V a, V s) {
+    raise_max(at::vec::maximum(m, a), s);
+    d = d + vexp((a - m) * s);
+  }
+  inline void update(V a, V b, V s) {
+    raise_max(at::vec::maximum(m, at::vec::maximum(a, b)), s);
+    d = d + vexp((a - m) * s);
+    d2 = d2 + vexp((b - m) * s);
+  }
+  // Lane i as a scalar state (d and d2 share the lane's max).
+  inline void lanes(A* m_out, A* d_out) const {
+    m.store(m_out);
+    (d + d2).store(d_out);
+  }
+  inline State<A> reduce(A s) const {
+    alignas(64) A ms[V::size()];
+    alignas(64) A ds[V::size()];
+    lanes(ms, ds);
+    State<A> r{ms[0], ds[0]};
+    for (int i = 1; i < V::size(); ++i) r = merge(r, State<A>{ms[i], ds[i]}, s);
+    return r;
+  }
+};
+
+// The un-finalized state of n contiguous elements. `on_step(a, b, offset)` sees every vector pair
+// and `on_scalar(value, offset)` every tail element, so the fused top-k can ride the same scan.
+template <typename T, typename OnStep, typename OnScalar>
+inline State<acc_t<T>> scan_contiguous(const T* x, int64_t n, acc_t<T> s, OnStep&& on_step,
+                                       OnScalar&& on_scalar) {
+  using A = acc_t<T>;
+  using IO = VecIO<T>;
+  using V = Vectorized<A>;
+  LaneState<A> lanes;
+  const V vs(s);
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    V a, b;
+    IO::load2(x + i, a, b);
+    lanes.update(a, b, vs);
+    on_step(a, b, i);
+  }
+  State<A> st = lanes.reduce(s);
+  for (; i < n; ++i) {
+    const A v = static_cast<A>(x[i]);
+    update(st, v, s);
+    on_scalar(v, i);
+  }
+  return st;
+}
+
+template <typename T>
+inline State<acc_t<T>> scan_contiguous(const T* x, int64_t n, acc_t<T> s) {
+  return scan_contiguous(x, n, s, [](auto, auto, int64_t) {}, [](auto, int64_t) {});
+}
+
+// y = softmax or log-softmax of n contiguous elements, given the row's normalizer.
+template <typename T, typename O>
+inline void write_contiguous(const T* x, O* y, int64_t n, const Normalizer<acc_t<T>>& nz,
+                             acc_t<T> s, bool log) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  static_assert(std::is_same_v<A, acc_t<O>>, "input and output must share the accumulation type");
+  const V vm(nz.m), vs(s), vinv(nz.inv_d), vlogd(nz.log_d);
+  int64_t i = 0;
+  if (log) {
+    for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
+      V a, b;
+      VecIO<T>::load2(x + i, a, b);
+      VecIO<O>::store2(y + i, (a - vm) * vs - vlogd, (b - vm) * vs - vlogd);
+    }
+    for (; i < n; ++i) y[i] = static_cast<O>((static_cast<A>(x[i]) - nz.m) * s - nz.log_d);
+  } else {
+    for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
+      V a, b;
+      VecIO<T>::load2(x + i, a, b);
+      VecIO<O>::store2(y + i, vexp((a - vm) * vs) * vinv, vexp((b - vm) * vs) * vinv);
+    }
+    for (; i < n; ++i) y[i] = static_cast<O>(std::exp((static_cast<A>(x[i]) - nz.m) * s) * nz.inv_d);
+  }
+}
+
+}  // namespace online_softmax::cpu

@@ -1,0 +1,12 @@
+// The CPU backend: one TORCH_LIBRARY_IMPL block for every op.
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY_IMPL(online_softmax, CPU, m) {
+  m.impl("forward", &online_softmax::cpu::forward);
+  m.impl("stats", &online_softmax::cpu::stats);
+  m.impl("backward", &online_softmax::cpu::backward);
+  m.impl("softmax_topk", &online_softmax::cpu::softmax_topk);
+  m.impl("softmax_topk_backward", &online_softmax::cpu::softmax_topk_backward);
+}

@@ -1,0 +1,38 @@
+// How CPU work is cut into tasks: whole rows when there are enough rows to keep every thread busy,
+// otherwise pieces of rows whose partial results are merged afterwards (the CPU form of the block
+// merge: 4 rows x 1M elements still use every core).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace online_softmax::cpu {
+
+// Below this many elements a task is not worth a thread.
+constexpr int64_t kMinTaskElements = 16384;
+
+struct RowSplit {
+  int64_t chunks = 1;  // pieces per row
+  int64_t chunk = 0;   // elements per piece (the last piece may be shorter)
+  int64_t length(int64_t c, int64_t n) const { return std::min(chunk, n - c * chunk); }
+};
+
+inline RowSplit plan_row_split(int64_t rows, int64_t n) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || rows >= 4 * threads || n < 2 * kMinTaskElements) return {1, n};
+  const int64_t wanted = (4 * threads + rows - 1) / rows;
+  int64_t chunks = std::min(wanted, n / kMinTaskElements);
+  // Round pieces to 64 elements so every piece but the last runs whole vector steps.
+  const int64_t chunk = ((n + chunks - 1) / chunks + 63) / 64 * 64;
+  chunks = (n + chunk - 1) / chunk;
+  return {chunks, chunk};
+}
+
+// Rows per task so that a task holds at least kMinTaskElements elements.
+inline int64_t row_grain(int64_t n) {
+  return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(n, 1));
+}
+
+}  // namespace online_softmax::cpu

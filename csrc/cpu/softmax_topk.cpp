@@ -1,0 +1,275 @@
+// CPU fused online softmax + top-k: one read of x. While the online (m, d) runs over a row, a
+// vector compare against the k-th best value so far sends only the rare candidates to a min-heap;
+// the softmax of the k winners is computed from the final (m, d). Long rows are split across
+// threads, each piece with its own heap and state, then merged (concatenate, keep the k best).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/checks.h"
+#include "cpu/kernels.h"
+#include "cpu/online_state.h"
+#include "cpu/row_split.h"
+
+namespace online_softmax::cpu {
+namespace {
+
+template <typename A>
+struct Candidate {
+  A value;
+  int64_t index;
+};
+
+// The top-k order: larger first, NaN above every number (like torch.topk), ties to the lower index.
+template <typename A>
+inline bool better(const Candidate<A>& a, const Candidate<A>& b) {
+  const bool a_nan = std::isnan(a.value), b_nan = std::isnan(b.value);
+  if (a_nan || b_nan) return a_nan && (!b_nan || a.index < b.index);
+  if (a.value != b.value) return a.value > b.value;
+  return a.index < b.index;
+}
+
+// The k best candidates seen so far, as a heap whose front is the worst of them.
+template <typename A>
+class TopK {
+ public:
+  explicit TopK(int64_t k) : k_(k) { heap_.reserve(k); }
+
+  // Values not above this can never enter (ties lose to the earlier index): valid once full().
+  A threshold() const { return heap_.front().value; }
+  bool full() const { return static_cast<int64_t>(heap_.size()) == k_; }
+
+  void offer(A value, int64_t index) {
+    const Candidate<A> c{value, index};
+    if (!full()) {
+      heap_.push_back(c);
+      std::push_heap(heap_.begin(), heap_.end(), better<A>);
+    } else if (better(c, heap_.front())) {
+      std::pop_heap(heap_.begin(), heap_.end(), better<A>);
+      heap_.back() = c;
+      std::push_heap(heap_.begin(), heap_.end(), better<A>);
+    }
+  }
+
+  std::vector<Candidate<A>>& candidates() { return heap_; }
+
+ private:
+  int64_t k_;
+  std::vector<Candidate<A>> heap_;
+};
+
+// State and top-k of n contiguous elements whose first element has index `first`.
+template <typename T>
+State<acc_t<T>> scan_topk(const T* x, int64_t n, int64_t first, acc_t<T> s, TopK<acc_t<T>>& topk) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  return scan_contiguous(
+      x, n, s,
+      [&](V a, V b, int64_t offset) {
+        int mask = (1 << (2 * W)) - 1;
+        if (topk.full()) {
+          // Lanes that are not <= the threshold: greater, or NaN.
+          const V thr(topk.threshold());
+          mask = (a <= thr).zero_mask() | ((b <= thr).zero_mask() << W);
+        }
+        if (mask == 0) return;
+        alignas(64) A lanes[2 * W];
+        a.store(lanes);
+        b.store(lanes + W);
+        for (int64_t l = 0; l < 2 * W; ++l) {
+          if (mask & (1 << l)) topk.offer(lanes[l], first + offset + l);
+        }
+      },
+      [&](A v, int64_t offset) { topk.offer(v, first + offset); });
+}
+
+template <typename T>
+void topk_kernel(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool log, T* values,
+                 int64_t* indices, acc_t<T>* m_out, acc_t<T>* d_out) {
+  using A = acc_t<T>;
+  const RowSplit split = plan_row_split(rows, n);
+  // Pieces shorter than k would only pad the merge; keep whole rows then.
+  const RowSplit plan = split.chunk >= k ? split : RowSplit{1, n};
+
+  auto emit = [&](int64_t r, State<A> st, std::vector<Candidate<A>>& cands) {
+    st = finalize(st);
+    std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), better<A>);
+    const Normalizer<A> nz(st);
+    for (int64_t j = 0; j < k; ++j) {
+      const A z = (cands[j].value - nz.m) * s;
+      values[r * k + j] = static_cast<T>(log ? z - nz.log_d : std::exp(z) * nz.inv_d);
+      indices[r * k + j] = cands[j].index;
+    }
+    m_out[r] = st.m * s;
+    d_out[r] = st.d;
+  };
+
+  if (plan.chunks == 1) {
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      TopK<A> topk(k);
+      for (int64_t r = begin; r < end; ++r) {
+        topk = TopK<A>(k);
+        const State<A> st = scan_topk(x + r * n, n, 0, s, topk);
+        emit(r, st, topk.candidates());
+      }
+    });
+    return;
+  }
+  std::vector<State<A>> states(rows * plan.chunks);
+  std::vector<std::vector<Candidate<A>>> pieces(rows * plan.chunks);
+  at::parallel_for(0, rows * plan.chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / plan.chunks, c = t % plan.chunks;
+      TopK<A> topk(k);
+      states[t] = scan_topk(x + r * n + c * plan.chunk, plan.length(c, n), c * plan.chunk, s, topk);
+      pieces[t] = std::move(topk.candidates());
+    }
+  });
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      State<A> st = states[r * plan.chunks];
+      std::vector<Candidate<A>> cands = std::move(pieces[r * plan.chunks]);
+      for (int64_t c = 1; c < plan.chunks; ++c) {
+        st = merge(st, states[r * plan.chunks + c], s);
+        auto& more = pieces[r * plan.chunks + c];
+        cands.insert(cands.end(), more.begin(), more.end());
+      }
+      emit(r, st, cands);
+    }
+  });
+}
+
+// dx = s * (G * w - p * C) with p = softmax(x / t) recomputed from (m, d), G the scatter of the
+// value gradients g at the top-k indices, and
+//   softmax values:     w = p, C = sum_j g_j p_{i_j}
+//   log-softmax values: w = 1, C = sum_j g_j.
+// Written as one pass of dx = -s * p * C, then k corrections at the indices.
+template <typename T>
+void topk_backward_kernel(const T* g, const T* x, const int64_t* idx, const acc_t<T>* m_in,
+                          const acc_t<T>* d_in, T* dx, int64_t rows, int64_t n, int64_t k,
+                          acc_t<T> s, bool log) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  using IO = VecIO<T>;
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      // m is the max of x / t, so the exponent is x * s - m.
+      const Normalizer<A> nz(State<A>{m_in[r], d_in[r]});
+      auto prob = [&](A xv) { return std::exp(xv * s - nz.m) * nz.inv_d; };
+      const T* xr = x + r * n;
+      T* dxr = dx + r * n;
+      A C = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const A gj = static_cast<A>(g[r * k + j]);
+        C += log ? gj : gj * prob(static_cast<A>(xr[idx[r * k + j]]));
+      }
+      const V vs(s), vm(nz.m), vcoef(-s * C * nz.inv_d);
+      int64_t i = 0;
+      for (; i + IO::kStep <= n; i += IO::kStep) {
+        V a, b;
+        IO::load2(xr + i, a, b);
+        IO::store2(dxr + i, vexp(a * vs - vm) * vcoef, vexp(b * vs - vm) * vcoef);
+      }
+      for (; i < n; ++i) dxr[i] = static_cast<T>(-s * prob(static_cast<A>(xr[i])) * C);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t at = idx[r * k + j];
+        const A xv = static_cast<A>(xr[at]);
+        const A p = prob(xv);
+        const A gj = static_cast<A>(g[r * k + j]);
+        dxr[at] = static_cast<T>(s * (gj * (log ? A(1) : p) - p * C));
+      }
+    }
+  });
+}
+
+// x viewed as [rows, n] with the softmax dim last (a 0-d x is one row of one element).
+at::Tensor rows_last(const at::Tensor& x, int64_t dim) {
+  if (x.dim() == 0) return x.reshape({1, 1});
+  return x.movedim(dim, -1).contiguous();
+}
+
+// Undo rows_last for a [..., k] result: put k back at dim, and shape like the input.
+at::Tensor restore_dim(const at::Tensor& t, const at::Tensor& like, int64_t dim) {
+  if (like.dim() == 0) return t.reshape({});
+  return t.movedim(-1, dim);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_topk(
+    const at::Tensor& x_in, int64_t k, int64_t dim, bool log, double temperature) {
+  check_floating(x_in, "x", "softmax_topk");
+  dim = wrap_dim(dim, x_in, "softmax_topk");
+  check_temperature(temperature, "softmax_topk");
+  const int64_t n = x_in.dim() == 0 ? 1 : x_in.size(dim);
+  check_k(k, n, "softmax_topk");
+  const at::Tensor x = rows_last(x_in, dim);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  auto batch = x.sizes().vec();
+  batch.pop_back();
+  auto vshape = batch;
+  vshape.push_back(k);
+  at::Tensor values = at::empty(vshape, x.options());
+  at::Tensor indices = at::empty(vshape, x.options().dtype(at::kLong));
+  const auto sopts = x.options().dtype(state_dtype(x.scalar_type()));
+  at::Tensor m = at::empty(batch, sopts);
+  at::Tensor d = at::empty(batch, sopts);
+  if (rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.softmax_topk", [&] {
+      using A = acc_t<scalar_t>;
+      topk_kernel(x.const_data_ptr<scalar_t>(), rows, n, k, static_cast<A>(1.0 / temperature), log,
+                  values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(),
+                  m.mutable_data_ptr<A>(), d.mutable_data_ptr<A>());
+    });
+  }
+  if (x_in.dim() == 0) return {values.reshape({}), indices.reshape({}), m.reshape({}), d.reshape({})};
+  return {restore_dim(values, x_in, dim), restore_dim(indices, x_in, dim), m, d};
+}
+
+at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor& x_in,
+                                 const at::Tensor& indices_in, const at::Tensor& max,
+                                 const at::Tensor& sumexp, int64_t dim, bool log, double temperature) {
+  const char* op = "softmax_topk_backward";
+  check_floating(x_in, "x", op);
+  check_floating(grad_values, "grad_values", op);
+  dim = wrap_dim(dim, x_in, op);
+  check_temperature(temperature, op);
+  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong, "online_softmax.", op,
+                   ": indices must be int64, got ", indices_in.scalar_type());
+  TORCH_CHECK_VALUE(grad_values.sizes() == indices_in.sizes(), "online_softmax.", op,
+                    ": grad_values has shape ", grad_values.sizes(), " but indices has shape ",
+                    indices_in.sizes());
+  const at::Tensor x = rows_last(x_in, dim);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n == 0 ? 0 : x.numel() / n;
+  const at::Tensor g = rows_last(grad_values, dim).to(x.scalar_type());
+  const at::Tensor idx = rows_last(indices_in, dim);
+  const int64_t k = idx.size(-1);
+  TORCH_CHECK_VALUE(idx.numel() == rows * k, "online_softmax.", op, ": indices do not match x");
+  const auto sdtype = state_dtype(x.scalar_type());
+  const at::Tensor mr = max.to(sdtype).contiguous();
+  const at::Tensor dr = sumexp.to(sdtype).contiguous();
+  TORCH_CHECK_VALUE(mr.numel() == rows && dr.numel() == rows, "online_softmax.", op,
+                    ": max and sumexp must hold one value per row (", rows, ")");
+  if (idx.numel() > 0) {
+    TORCH_CHECK_INDEX(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < n, "online_softmax.",
+                      op, ": indices must lie in [0, ", n, ")");
+  }
+  at::Tensor dx = at::empty_like(x);
+  if (rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.softmax_topk_backward", [&] {
+      using A = acc_t<scalar_t>;
+      topk_backward_kernel(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                           idx.const_data_ptr<int64_t>(), mr.const_data_ptr<A>(), dr.const_data_ptr<A>(),
+                           dx.mutable_data_ptr<scalar_t>(), rows, n, k, static_cast<A>(1.0 / temperature), log);
+    });
+  }
+  if (x_in.dim() == 0) return dx.reshape({});
+  return restore_dim(dx, x_in, dim).contiguous();
+}
+
+}  // namespace online_softmax::cpu

@@ -1,0 +1,41 @@
+// Every schema of the online_softmax library, in one place. Backends register implementations in
+// csrc/cpu/register.cpp (CPU) and csrc/cuda/ (CUDA); fake kernels and autograd live in Python
+// (online_softmax/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#define ONLINE_SOFTMAX_STR2(x) #x
+#define ONLINE_SOFTMAX_STR(x) ONLINE_SOFTMAX_STR2(x)
+
+TORCH_LIBRARY(online_softmax, m) {
+  // softmax(x / temperature) or log_softmax(x / temperature) along dim; dtype casts on read.
+  m.def("forward(Tensor x, int dim, bool log=False, float temperature=1.0, ScalarType? dtype=None) -> Tensor");
+  // Gradient of forward with respect to x, from the forward's output only:
+  //   softmax: dx = y * (dy - sum(dy * y)) / temperature;  log: dx = (dy - exp(y) * sum(dy)) / temperature.
+  // input_dtype is the dtype of forward's x (the gradient's dtype); None means out's dtype.
+  m.def("backward(Tensor grad_out, Tensor out, int dim, bool log=False, float temperature=1.0, ScalarType? input_dtype=None) -> Tensor");
+  // The per-row online state of x / temperature along dim: (max, sum of exp(x/t - max)), dim removed.
+  // float32 for float32/float16/bfloat16 input, float64 for float64 input.
+  m.def("stats(Tensor x, int dim, float temperature=1.0) -> (Tensor max, Tensor sumexp)");
+  // Fused online softmax + top-k: reads x once. Returns the k largest probabilities (or
+  // log-probabilities) sorted descending (ties to the lower index), their int64 indices, and the
+  // per-row state (max, sumexp) that the backward needs instead of the full softmax.
+  m.def("softmax_topk(Tensor x, int k, int dim, bool log=False, float temperature=1.0) -> (Tensor values, Tensor indices, Tensor max, Tensor sumexp)");
+  // Gradient of softmax_topk's values with respect to x, recomputing probabilities from x and the state.
+  m.def("softmax_topk_backward(Tensor grad_values, Tensor x, Tensor indices, Tensor max, Tensor sumexp, int dim, bool log=False, float temperature=1.0) -> Tensor");
+}
+
+// `import online_softmax._C` loads this shared object, which runs the registrations above.
+static PyModuleDef online_softmax_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&online_softmax_module);
+  if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "cpu_capability", ONLINE_SOFTMAX_STR(CPU_CAPABILITY));
+#ifdef ONLINE_SOFTMAX_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  return module;
+}

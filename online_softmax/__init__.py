@@ -1,0 +1,26 @@
+"""online_softmax: softmax, log-softmax and fused softmax + top-k computed with the online
+normalizer (running max m and normalizer d, merged across threads, chunks and ranks).
+
+Ops live under ``torch.ops.online_softmax``; this package loads them and adds the Python API.
+"""
+
+from . import _C  # noqa: F401  (loads the shared object, which registers the ops)
+from . import ops  # noqa: F401  (fake kernels and autograd)
+from .api import log_softmax, softmax, softmax_topk
+from .modules import OnlineLogSoftmax, OnlineSoftmax
+from .state import SoftmaxState, merge_states, softmax_stats
+from .build import build_info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "softmax",
+    "log_softmax",
+    "softmax_topk",
+    "softmax_stats",
+    "SoftmaxState",
+    "merge_states",
+    "OnlineSoftmax",
+    "OnlineLogSoftmax",
+    "build_info",
+]

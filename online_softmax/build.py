@@ -1,0 +1,22 @@
+"""What this build of the extension contains."""
+
+import torch
+
+from . import _C
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"online_softmax::{op}", key)
+
+
+def build_info() -> dict:
+    """Backends compiled into this build and the CPU vector ISA its kernels were compiled for."""
+    return {
+        "version": "0.1.0",
+        "torch": torch.__version__,
+        "cpu": _has_kernel("forward", "CPU"),
+        "cuda": bool(_C.with_cuda) and _has_kernel("forward", "CUDA"),
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_capability": _C.cpu_capability,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }

@@ -1,0 +1,184 @@
+"""Fake (meta) kernels and autograd for every op in csrc/ops.cpp.
+
+Fake kernels give torch.compile the output shapes and dtypes and raise the same exceptions as the
+C++ checks (csrc/common/checks.h); the backward formulas call the backward ops, so autograd and
+torch.compile only ever see registered ops.
+"""
+
+import math
+
+import torch
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ops = torch.ops.online_softmax
+
+
+def check_floating(t: torch.Tensor, name: str, op: str) -> None:
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"online_softmax.{op}: {name} must be a floating-point tensor "
+                        f"(float32, float64, float16 or bfloat16), got {t.dtype}")
+
+
+def wrap_dim(dim: int, x: torch.Tensor, op: str) -> int:
+    ndim = max(x.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"online_softmax.{op}: dim={dim} is out of range for a tensor with "
+                         f"{x.dim()} dimension(s) (expected {-ndim} <= dim <= {ndim - 1})")
+    return dim % ndim
+
+
+def check_temperature(temperature: float, op: str) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"online_softmax.{op}: temperature must be a finite number > 0, "
+                         f"got {temperature}")
+
+
+def check_k(k: int, size: int, op: str) -> None:
+    if not 1 <= k <= size:
+        raise ValueError(f"online_softmax.{op}: k must satisfy 1 <= k <= {size} (the size of the "
+                         f"softmax dim), got k={k}")
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduced_shape(x: torch.Tensor, dim: int) -> list:
+    shape = list(x.shape)
+    if shape:
+        del shape[dim]
+    return shape
+
+
+# ---- forward / backward ----
+
+@torch.library.register_fake("online_softmax::forward")
+def _forward_fake(x, dim, log=False, temperature=1.0, dtype=None):
+    if dtype is None:
+        check_floating(x, "x", "forward")
+    elif dtype not in _FLOATS:
+        raise TypeError(f"online_softmax.forward: dtype must be float32, float64, float16 or "
+                        f"bfloat16, got {dtype}")
+    wrap_dim(dim, x, "forward")
+    check_temperature(temperature, "forward")
+    return x.new_empty(x.shape, dtype=dtype if dtype is not None else x.dtype)
+
+
+@torch.library.register_fake("online_softmax::backward")
+def _backward_fake(grad_out, out, dim, log=False, temperature=1.0, input_dtype=None):
+    check_floating(out, "out", "backward")
+    check_floating(grad_out, "grad_out", "backward")
+    if grad_out.shape != out.shape:
+        raise ValueError(f"online_softmax.backward: grad_out has shape {list(grad_out.shape)} "
+                         f"but out has shape {list(out.shape)}")
+    wrap_dim(dim, out, "backward")
+    check_temperature(temperature, "backward")
+    return out.new_empty(out.shape, dtype=input_dtype if input_dtype is not None else out.dtype)
+
+
+def _forward_setup_context(ctx, inputs, output):
+    x, dim = inputs[0], inputs[1]
+    log, temperature = _defaults(inputs, 2, False), _defaults(inputs, 3, 1.0)
+    ctx.save_for_backward(output)
+    ctx.dim, ctx.log, ctx.temperature, ctx.input_dtype = dim, log, temperature, x.dtype
+
+
+def _forward_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    dx = _ops.backward(grad, out, ctx.dim, ctx.log, ctx.temperature, ctx.input_dtype)
+    return dx, None, None, None, None
+
+
+torch.library.register_autograd("online_softmax::forward", _forward_backward,
+                                setup_context=_forward_setup_context)
+
+
+# ---- stats ----
+
+@torch.library.register_fake("online_softmax::stats")
+def _stats_fake(x, dim, temperature=1.0):
+    check_floating(x, "x", "stats")
+    dim = wrap_dim(dim, x, "stats")
+    check_temperature(temperature, "stats")
+    shape = reduced_shape(x, dim)
+    dt = state_dtype(x.dtype)
+    return x.new_empty(shape, dtype=dt), x.new_empty(shape, dtype=dt)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    x, dim = inputs[0], inputs[1]
+    ctx.save_for_backward(x, *output)
+    ctx.dim, ctx.temperature = dim, _defaults(inputs, 2, 1.0)
+
+
+def _stats_backward(ctx, grad_m, grad_d):
+    # With p = softmax(x / t) and a = argmax(x) (m is a max: its gradient is the one-hot of a),
+    #   dm/dx = e_a / t,   dd/dx = d * (p - e_a) / t.
+    # So grad of m + log(d) (the logsumexp) is p / t, as it should be.
+    x, m, d = ctx.saved_tensors
+    dim = wrap_dim(ctx.dim, x, "stats")
+    if x.dim() == 0:
+        return torch.zeros_like(x), None, None
+    p = _ops.forward(x, dim, False, ctx.temperature, state_dtype(x.dtype))
+    onehot = torch.zeros_like(p).scatter_(dim, x.argmax(dim, keepdim=True), 1.0)
+    gm = grad_m if grad_m is not None else torch.zeros_like(m)
+    gd = grad_d if grad_d is not None else torch.zeros_like(d)
+    gm, gd, dd = gm.unsqueeze(dim), gd.unsqueeze(dim), d.unsqueeze(dim)
+    dx = (gm * onehot + gd * dd * (p - onehot)) / ctx.temperature
+    return dx.to(x.dtype), None, None
+
+
+torch.library.register_autograd("online_softmax::stats", _stats_backward,
+                                setup_context=_stats_setup_context)
+
+
+# ---- fused softmax + top-k ----
+
+@torch.library.register_fake("online_softmax::softmax_topk")
+def _softmax_topk_fake(x, k, dim, log=False, temperature=1.0):
+    check_floating(x, "x", "softmax_topk")
+    dim = wrap_dim(dim, x, "softmax_topk")
+    check_temperature(temperature, "softmax_topk")
+    size = x.shape[dim] if x.dim() > 0 else 1
+    check_k(k, size, "softmax_topk")
+    vshape = list(x.shape)
+    if vshape:
+        vshape[dim] = k
+    sshape = reduced_shape(x, dim)
+    dt = state_dtype(x.dtype)
+    return (x.new_empty(vshape), x.new_empty(vshape, dtype=torch.int64),
+            x.new_empty(sshape, dtype=dt), x.new_empty(sshape, dtype=dt))
+
+
+@torch.library.register_fake("online_softmax::softmax_topk_backward")
+def _softmax_topk_backward_fake(grad_values, x, indices, max, sumexp, dim, log=False,
+                                temperature=1.0):
+    check_floating(x, "x", "softmax_topk_backward")
+    wrap_dim(dim, x, "softmax_topk_backward")
+    if grad_values.shape != indices.shape:
+        raise ValueError("online_softmax.softmax_topk_backward: grad_values has shape "
+                         f"{list(grad_values.shape)} but indices has shape {list(indices.shape)}")
+    return x.new_empty(x.shape)
+
+
+def _topk_setup_context(ctx, inputs, output):
+    x, _k, dim = inputs[0], inputs[1], inputs[2]
+    _values, indices, m, d = output
+    ctx.mark_non_differentiable(indices, m, d)
+    ctx.save_for_backward(x, indices, m, d)
+    ctx.dim, ctx.log, ctx.temperature = dim, _defaults(inputs, 3, False), _defaults(inputs, 4, 1.0)
+
+
+def _topk_backward(ctx, grad_values, _grad_indices, _grad_m, _grad_d):
+    x, indices, m, d = ctx.saved_tensors
+    dx = _ops.softmax_topk_backward(grad_values, x, indices, m, d, ctx.dim, ctx.log,
+                                    ctx.temperature)
+    return dx, None, None, None, None
+
+
+torch.library.register_autograd("online_softmax::softmax_topk", _topk_backward,
+                                setup_context=_topk_setup_context)
+
+
+def _defaults(inputs, i, default):
+    return inputs[i] if len(inputs) > i else default

@@ -1,0 +1,101 @@
+"""The partial softmax state (m, d) as a first-class object.
+
+For values x (scaled by 1 / temperature) along one dim, the state is ``max = max(x)`` and
+``sumexp = sum(exp(x - max))``. States of disjoint pieces of a row merge exactly:
+
+    m = max(m1, m2)
+    d = d1 * exp(m1 - m) + d2 * exp(m2 - m)
+
+and the empty state (-inf, 0) is the identity of that merge. This lets a row be processed in
+chunks (streamed, or split across threads or ranks) and normalized afterwards.
+"""
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .ops import wrap_dim
+
+_ops = torch.ops.online_softmax
+
+
+def merge_pair(m1: torch.Tensor, d1: torch.Tensor, m2: torch.Tensor, d2: torch.Tensor):
+    """Merge two (max, sumexp) pairs elementwise. (-inf, 0) is the identity and never makes NaN."""
+    m = torch.maximum(m1, m2)  # NaN propagates
+
+    def scale(mi):
+        # Equal maxima (also -inf == -inf) scale by exactly 1: no (-inf) - (-inf).
+        return torch.where(mi == m, torch.ones_like(mi), torch.exp(mi - m))
+
+    return m, d1 * scale(m1) + d2 * scale(m2)
+
+
+@dataclass(frozen=True)
+class SoftmaxState:
+    """Per-row (max, sumexp) of x / temperature along ``dim`` (``dim`` removed from the shape).
+
+    ``dim`` is the softmax dim of the tensors the state describes, counted from the front.
+    """
+
+    max: torch.Tensor
+    sumexp: torch.Tensor
+    dim: int
+    temperature: float = 1.0
+
+    def merge(self, other: "SoftmaxState") -> "SoftmaxState":
+        """The state of the union of the two pieces of each row."""
+        if not isinstance(other, SoftmaxState):
+            raise TypeError(f"SoftmaxState.merge: other must be a SoftmaxState, got {type(other).__name__}")
+        if other.dim != self.dim or other.temperature != self.temperature:
+            raise ValueError("SoftmaxState.merge: states must share dim and temperature, got "
+                             f"dim {self.dim} vs {other.dim}, temperature {self.temperature} vs "
+                             f"{other.temperature}")
+        if other.max.shape != self.max.shape:
+            raise ValueError(f"SoftmaxState.merge: state shapes differ: {list(self.max.shape)} vs "
+                             f"{list(other.max.shape)}")
+        m, d = merge_pair(self.max, self.sumexp, other.max, other.sumexp)
+        return SoftmaxState(m, d, self.dim, self.temperature)
+
+    def logsumexp(self) -> torch.Tensor:
+        """log(sum(exp(x / t))) per row, with torch.logsumexp's answers for -inf, +inf and NaN."""
+        lse = self.max + torch.log(self.sumexp)
+        # All -inf (or empty): -inf; a +inf entry: +inf (d is NaN there by construction).
+        lse = torch.where(self.max == float("-inf"), self.max, lse)
+        return torch.where(self.max == float("inf"), self.max, lse)
+
+    def normalize(self, x_chunk: torch.Tensor, *, log: bool = False) -> torch.Tensor:
+        """softmax (or log_softmax) of a chunk of the rows, relative to the whole rows' state."""
+        if not isinstance(x_chunk, torch.Tensor):
+            raise TypeError("SoftmaxState.normalize: x_chunk must be a torch.Tensor")
+        if x_chunk.dim() != self.max.dim() + 1:
+            raise ValueError(f"SoftmaxState.normalize: x_chunk must have {self.max.dim() + 1} "
+                             f"dimensions (the state's plus dim {self.dim}), got {x_chunk.dim()}")
+        m = self.max.unsqueeze(self.dim)
+        d = self.sumexp.unsqueeze(self.dim)
+        finite = torch.isfinite(m)
+        # Rows without a finite max (all -inf, +inf or NaN inside) are NaN, as in torch.softmax.
+        m = torch.where(finite, m, torch.zeros_like(m))
+        d = torch.where(finite, d, torch.full_like(d, float("nan")))
+        z = x_chunk.to(m.dtype) / self.temperature - m
+        out = z - torch.log(d) if log else torch.exp(z) / d
+        return out.to(x_chunk.dtype)
+
+
+def softmax_stats(x: torch.Tensor, dim: int = -1, *, temperature: float = 1.0) -> SoftmaxState:
+    """The online state of x / temperature along dim, computed in one read of x."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"online_softmax.softmax_stats: x must be a torch.Tensor, got {type(x).__name__}")
+    m, d = _ops.stats(x, dim, float(temperature))
+    return SoftmaxState(m, d, wrap_dim(dim, x, "softmax_stats"), float(temperature))
+
+
+def merge_states(states: Iterable[SoftmaxState]) -> SoftmaxState:
+    """Merge the states of several pieces of the same rows (in any order)."""
+    states = list(states)
+    if not states:
+        raise ValueError("online_softmax.merge_states: states must not be empty")
+    out = states[0]
+    for st in states[1:]:
+        out = out.merge(st)
+    return out

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "cpu/huge_pages.h"
 #include "cpu/kernels.h"
 #include "cpu/online_state.h"
 #include "cpu/row_split.h"
@@ -94,11 +95,12 @@ void strided_states(const T* x, const RowGeometry& g, acc_t<T> s, Sink&& sink) {
         lo.lanes(ms, ds);
         hi.lanes(ms + IO::kWidth, ds + IO::kWidth);
       } else {
+        // One scalar sum per row runs long (no lanes share it): accumulate in double.
         for (int64_t l = 0; l < lanes; ++l) {
-          State<A> st;
-          for (int64_t j = 0; j < g.size; ++j) update(st, static_cast<A>(base[j * g.inner + l]), s);
-          ms[l] = st.m;
-          ds[l] = st.d;
+          State<double> st;
+          for (int64_t j = 0; j < g.size; ++j) update(st, static_cast<double>(base[j * g.inner + l]), double(s));
+          ms[l] = st.d == 0 ? std::numeric_limits<A>::lowest() : static_cast<A>(st.m);
+          ds[l] = static_cast<A>(st.d);
         }
       }
       for (int64_t l = 0; l < lanes; ++l) {
@@ -197,7 +199,7 @@ at::Tensor forward(const at::Tensor& x_in, int64_t dim, bool log, double tempera
   const bool cast_on_read = x_in.scalar_type() == out_dtype ||
       (out_dtype == at::kFloat && (x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16));
   const at::Tensor x = (cast_on_read ? x_in : x_in.to(out_dtype)).contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  at::Tensor y = empty_output(x.sizes(), x.options().dtype(out_dtype));
   if (x.numel() == 0) return y;
   const RowGeometry g = row_geometry(x, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.forward", [&] {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "cpu/huge_pages.h"
 #include "cpu/kernels.h"
 #include "cpu/online_state.h"
 #include "cpu/row_split.h"
@@ -28,26 +29,30 @@ inline acc_t<Y> reduce_contiguous(const Y* dy, const Y* y, int64_t n, bool log) 
   using A = acc_t<Y>;
   using V = Vectorized<A>;
   using IO = VecIO<Y>;
-  V acc0(A(0)), acc1(A(0));
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    V g0, g1;
-    IO::load2(dy + i, g0, g1);
-    if (log) {
-      acc0 = acc0 + g0;
-      acc1 = acc1 + g1;
-    } else {
-      V y0, y1;
-      IO::load2(y + i, y0, y1);
-      acc0 = at::vec::fmadd(g0, y0, acc0);
-      acc1 = at::vec::fmadd(g1, y1, acc1);
+  const int64_t vec_end = n - n % IO::kStep;
+  double total = 0;  // blocks of kLaneBlock summed in double: the error does not grow with n
+  for (int64_t block = 0; block < vec_end; block += kLaneBlock) {
+    const int64_t block_end = std::min(vec_end, block + kLaneBlock);
+    V acc0(A(0)), acc1(A(0));
+    for (int64_t i = block; i < block_end; i += IO::kStep) {
+      V g0, g1;
+      IO::load2(dy + i, g0, g1);
+      if (log) {
+        acc0 = acc0 + g0;
+        acc1 = acc1 + g1;
+      } else {
+        V y0, y1;
+        IO::load2(y + i, y0, y1);
+        acc0 = at::vec::fmadd(g0, y0, acc0);
+        acc1 = at::vec::fmadd(g1, y1, acc1);
+      }
     }
+    total += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc0 + acc1);
   }
-  A total = at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc0 + acc1);
-  for (; i < n; ++i) {
-    total += log ? static_cast<A>(dy[i]) : static_cast<A>(dy[i]) * static_cast<A>(y[i]);
+  for (int64_t i = vec_end; i < n; ++i) {
+    total += log ? static_cast<double>(dy[i]) : static_cast<double>(dy[i]) * static_cast<double>(y[i]);
   }
-  return total;
+  return static_cast<A>(total);
 }
 
 template <typename Y, typename X>
@@ -147,11 +152,12 @@ void backward_strided(const Y* dy, const Y* y, X* dx, const RowGeometry& g, acc_
         }
       } else {
         for (int64_t l = 0; l < lanes; ++l) {
-          A total = 0;
+          double sum = 0;  // one long scalar sum per row: accumulate in double
           for (int64_t j = 0; j < g.size; ++j) {
             const int64_t at = base + j * g.inner + l;
-            total += log ? static_cast<A>(dy[at]) : static_cast<A>(dy[at]) * static_cast<A>(y[at]);
+            sum += log ? static_cast<double>(dy[at]) : static_cast<double>(dy[at]) * static_cast<double>(y[at]);
           }
+          const A total = static_cast<A>(sum);
           for (int64_t j = 0; j < g.size; ++j) {
             const int64_t at = base + j * g.inner + l;
             const A gv = static_cast<A>(dy[at]), yv = static_cast<A>(y[at]);
@@ -195,7 +201,7 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t d
   // Writes straight into the input's dtype for float32 results of float16/bfloat16 inputs.
   const bool direct = x_dtype == y_dtype ||
       (y_dtype == at::kFloat && (x_dtype == at::kHalf || x_dtype == at::kBFloat16));
-  at::Tensor dx = at::empty(y.sizes(), y.options().dtype(direct ? x_dtype : y_dtype));
+  at::Tensor dx = empty_output(y.sizes(), y.options().dtype(direct ? x_dtype : y_dtype));
   if (y.numel() > 0) {
     const RowGeometry g = row_geometry(y, dim);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_dtype, "online_softmax.backward", [&] {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "cpu/huge_pages.h"
 #include "cpu/kernels.h"
 #include "cpu/online_state.h"
 #include "cpu/row_split.h"
@@ -195,7 +196,7 @@ at::Tensor rows_last(const at::Tensor& x, int64_t dim) {
 // Undo rows_last for a [..., k] result: put k back at dim, and shape like the input.
 at::Tensor restore_dim(const at::Tensor& t, const at::Tensor& like, int64_t dim) {
   if (like.dim() == 0) return t.reshape({});
-  return t.movedim(-1, dim);
+  return t.movedim(-1, dim).contiguous();  // a fresh result, like the fake kernel's
 }
 
 }  // namespace
@@ -259,7 +260,7 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
     TORCH_CHECK_INDEX(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < n, "online_softmax.",
                       op, ": indices must lie in [0, ", n, ")");
   }
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_output(x.sizes(), x.options());
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.softmax_topk_backward", [&] {
       using A = acc_t<scalar_t>;
@@ -269,7 +270,7 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
     });
   }
   if (x_in.dim() == 0) return dx.reshape({});
-  return restore_dim(dx, x_in, dim).contiguous();
+  return restore_dim(dx, x_in, dim);
 }
 
 }  // namespace online_softmax::cpu

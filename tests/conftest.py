@@ -1,0 +1,48 @@
+"""Shared helpers: the devices to test on, float64 references and per-dtype error budgets."""
+
+import pytest
+import torch
+
+import online_softmax  # noqa: F401  (registers the ops)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and online_softmax.build_info()["cuda"] else [])
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() and not online_softmax.build_info()["cuda"]:
+        # A GPU is visible but this build has no CUDA kernels: say so rather than silently skip.
+        print("online_softmax: CUDA is available but the extension was built without CUDA kernels")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def random_logits(shape, dtype=torch.float32, device="cpu", scale=3.0, seed=0):
+    """Random (never all-zero) logits, generated in float64 and rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def assert_matches_reference(ours, x, reference_fn, torch_fn=None):
+    """Compare against reference_fn evaluated in float64 on the same (rounded) input.
+
+    float32/float64 use fixed tolerances; float16/bfloat16 must be no worse than twice torch's own
+    error (torch_fn on the low-precision input) against the same float64 reference.
+    """
+    ref = reference_fn(x.double())
+    assert ours.shape == ref.shape
+    if x.dtype in LOW_PRECISION:
+        theirs = torch_fn(x)
+        finite = torch.isfinite(ref)
+        err_ours = (ours.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
+        err_torch = (theirs.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
+        assert err_ours <= 2 * err_torch + 1e-6, (err_ours, err_torch)
+        torch.testing.assert_close(torch.isnan(ours), torch.isnan(ref))
+    elif x.dtype == torch.float64:
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+    else:
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -1,0 +1,126 @@
+"""Every op through torch.library.opcheck, torch.compile without graph breaks, bad input, threads."""
+
+import concurrent.futures
+
+import pytest
+import torch
+
+import online_softmax as osm
+from conftest import random_logits
+
+ops = torch.ops.online_softmax
+
+
+def _samples(device):
+    x = random_logits((5, 37), torch.float32, device).requires_grad_()
+    x3 = random_logits((3, 20, 6), torch.float64, device).requires_grad_()
+    xh = random_logits((4, 40), torch.bfloat16, device)
+    y = torch.softmax(x.detach(), -1)
+    m, d = ops.stats(x.detach(), -1)
+    v, i, tm, td = ops.softmax_topk(x.detach(), 4, -1)
+    return [
+        (ops.forward, (x, -1)),
+        (ops.forward, (x, 1, True, 0.5, None)),
+        (ops.forward, (x3, 1, False, 2.0, None)),
+        (ops.forward, (xh, -1, False, 1.0, torch.float32)),
+        (ops.backward, (torch.randn_like(y), y, -1, False, 1.0, None)),
+        (ops.backward, (torch.randn_like(y), y.log(), -1, True, 1.0, torch.float16)),
+        (ops.stats, (x.detach(), -1, 1.0)),
+        (ops.stats, (x3.detach(), 0, 0.5)),
+        (ops.softmax_topk, (x, 4, -1, False, 1.0)),
+        (ops.softmax_topk, (x3, 3, 1, True, 0.7)),
+        (ops.softmax_topk_backward, (torch.randn_like(v), x.detach(), i, tm, td, -1, False, 1.0)),
+    ]
+
+
+def test_opcheck_every_op(device):
+    covered = set()
+    for op, args in _samples(device):
+        torch.library.opcheck(op, args)
+        covered.add(op._name if hasattr(op, "_name") else str(op))
+    assert len(covered) == 5, covered
+
+
+def test_torch_compile_fullgraph():
+    def f(x):
+        p = osm.softmax(x, -1, temperature=0.9)
+        lp = osm.log_softmax(x, 0)
+        values, indices = osm.softmax_topk(x, 3)
+        st = osm.softmax_stats(x)
+        return p.sum() + lp.sum() + values.sum() + st.logsumexp().sum(), indices
+
+    x = random_logits((8, 50), torch.float32).requires_grad_()
+    compiled = torch.compile(f, fullgraph=True)
+    loss, idx = compiled(x)
+    ref_loss, ref_idx = f(x)
+    torch.testing.assert_close(loss, ref_loss)
+    assert torch.equal(idx, ref_idx)
+    (g,) = torch.autograd.grad(loss, x)
+    (g_ref,) = torch.autograd.grad(ref_loss, x)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_torch_compile_module_dynamic_shapes():
+    m = torch.compile(osm.OnlineSoftmax(-1), fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (7, 19, 33):
+        x = random_logits((3, n), torch.float32)
+        torch.testing.assert_close(m(x), torch.softmax(x, -1))
+
+
+@pytest.mark.parametrize("fn", [osm.softmax, osm.log_softmax])
+def test_bad_input_raises_clear_errors(fn):
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        fn(torch.arange(12).reshape(3, 4))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        fn(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="dtype"):
+        fn(x, dtype=torch.int32)
+    with pytest.raises(IndexError, match="dim=2"):
+        fn(x, 2)
+    with pytest.raises(IndexError, match="dim=-3"):
+        fn(x, -3)
+    with pytest.raises(ValueError, match="temperature"):
+        fn(x, temperature=0)
+    with pytest.raises(ValueError, match="temperature"):
+        fn(x, temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        fn(x, temperature=float("nan"))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        fn([1.0, 2.0])
+    with pytest.raises(TypeError, match="complex|floating"):
+        fn(torch.randn(3, dtype=torch.complex64))
+
+
+def test_fake_kernels_raise_the_same_errors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 4)
+        with pytest.raises(IndexError, match="dim"):
+            ops.forward(x, 5)
+        with pytest.raises(ValueError, match="k"):
+            ops.softmax_topk(x, 9, -1)
+        with pytest.raises(ValueError, match="temperature"):
+            ops.stats(x, -1, -2.0)
+        assert ops.softmax_topk(x, 2, 0)[0].shape == (2, 4)
+
+
+def test_concurrent_calls_from_threads():
+    xs = [random_logits((64, 4099), torch.float32, seed=s) for s in range(8)]
+    expected = [torch.softmax(x, -1) for x in xs]
+
+    def work(i):
+        return i, osm.softmax(xs[i]), osm.softmax_topk(xs[i], 5)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        for i, y, (v, idx) in pool.map(work, list(range(8)) * 3):
+            torch.testing.assert_close(y, expected[i])
+            torch.testing.assert_close(v, expected[i].topk(5).values)
+
+
+def test_build_info():
+    info = osm.build_info()
+    assert info["cpu"] is True
+    assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+    assert info["cuda"] == (torch.cuda.is_available() and info["cuda"])

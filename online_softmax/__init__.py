@@ -4,6 +4,8 @@ normalizer (running max m and normalizer d, merged across threads, chunks and ra
 Ops live under ``torch.ops.online_softmax``; this package loads them and adds the Python API.
 """
 
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 from . import _C  # noqa: F401  (loads the shared object, which registers the ops)
 from . import ops  # noqa: F401  (fake kernels and autograd)
 from .api import log_softmax, softmax, softmax_topk

@@ -21,7 +21,9 @@ struct RowSplit {
 
 inline RowSplit plan_row_split(int64_t rows, int64_t n) {
   const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || rows >= 4 * threads || n < 2 * kMinTaskElements) return {1, n};
+  // Whole rows when they already divide evenly over the threads (or are plenty): splitting then
+  // only adds a second parallel region and a re-read from a farther cache.
+  if (threads <= 1 || rows >= 4 * threads || rows % threads == 0 || n < 2 * kMinTaskElements) return {1, n};
   const int64_t wanted = (4 * threads + rows - 1) / rows;
   int64_t chunks = std::min(wanted, n / kMinTaskElements);
   // Round pieces to 64 elements so every piece but the last runs whole vector steps.

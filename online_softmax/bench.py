@@ -1,0 +1,259 @@
+"""Side-by-side benchmark: online_softmax against torch eager and torch.compile in one process.
+
+    python -m online_softmax.bench [--ops forward,backward,topk] [--shapes 4096x1024,...] [--quick]
+
+For every shape it times a same-size copy (x.clone(), which allocates its result exactly like the
+ops do) and reports each implementation's time (median of many runs), effective bandwidth from an
+explicit byte count, speedup over torch eager and the fraction of the copy's bandwidth. Results go
+to a CSV, a JSON and (when matplotlib is installed) a PNG under --out.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+DEFAULT_SHAPES = [(4096, 1024), (1024, 32768), (64, 131072), (8, 262144), (1, 4 * 1024 * 1024)]
+QUICK_SHAPES = [(1024, 1024), (64, 32768), (4, 262144)]
+DEFAULT_KS = [1, 8, 64]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, min_runs=7, max_runs=101, budget_s=1.0):
+    """Median wall time of fn() in seconds (CUDA events on GPUs), after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+        if device.type == "cuda":
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn()
+            t1.record()
+            t1.synchronize()
+            times.append(t0.elapsed_time(t1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _compiled(fn, *tensors):
+    """A no-argument call of torch.compile(fn) on tensors, or None where compile is unavailable."""
+    try:
+        torch._dynamo.reset()  # each case compiles afresh instead of piling up recompiles
+        cf = torch.compile(fn, dynamic=False)
+    except Exception as e:  # pragma: no cover - environment dependent
+        print(f"  torch.compile unavailable: {e}", file=sys.stderr)
+        return None
+    return lambda: cf(*tensors)
+
+
+def cases(op, x, ks, with_compile=True):
+    """(label, bytes moved, {impl: no-argument callable}) for one op on input x."""
+    import online_softmax as osm
+
+    ops = torch.ops.online_softmax
+    n = x.numel() * x.element_size()
+    comp = _compiled if with_compile else (lambda *a: None)
+    if op == "forward":
+        yield "softmax", 2 * n, {
+            "online_softmax": lambda: osm.softmax(x, -1),
+            "torch": lambda: torch.softmax(x, -1),
+            "torch.compile": comp(lambda t: torch.softmax(t, -1), x),
+        }
+    elif op == "backward":
+        y = torch.softmax(x, -1)
+        dy = torch.randn_like(y)
+        yield "softmax_backward", 3 * n, {
+            "online_softmax": lambda: ops.backward(dy, y, -1, False, 1.0, None),
+            "torch": lambda: torch._softmax_backward_data(dy, y, -1, x.dtype),
+            "torch.compile": comp(lambda g, out: out * (g - (g * out).sum(-1, keepdim=True)), dy, y),
+        }
+    elif op == "topk":
+        for k in ks:
+            if k > x.shape[-1]:
+                continue
+            yield f"softmax_topk k={k}", n, {
+                "online_softmax": lambda k=k: osm.softmax_topk(x, k),
+                "torch": lambda k=k: torch.softmax(x, -1).topk(k),
+                "torch.compile": comp(lambda t, k=k: torch.softmax(t, -1).topk(k), x),
+            }
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    records = []
+    total = len(shapes) * len(args.ops)
+    step = 0
+    for shape in shapes:
+        x = torch.randn(shape, dtype=dtype, device=device) * 3
+        out_buf = torch.empty_like(x)
+        copy_t = median_time(lambda: x.clone(), device)
+        copy_into_t = median_time(lambda: out_buf.copy_(x), device)
+        nbytes = x.numel() * x.element_size()
+        del out_buf
+        for op in args.ops:
+            step += 1
+            print(f"[{step}/{total}] {op} {shape[0]}x{shape[1]} {args.dtype}", flush=True)
+            for label, moved, impls in cases(op, x, args.ks, not args.no_compile):
+                base = None
+                for impl, call in impls.items():
+                    if call is None:
+                        continue
+                    t = median_time(call, device)
+                    if impl == "torch":
+                        base = t
+                    records.append({
+                        "op": label, "rows": shape[0], "cols": shape[1], "dtype": args.dtype,
+                        "device": str(device), "impl": impl, "time_ms": t * 1e3,
+                        "bytes": moved, "gbps": moved / t / 1e9,
+                        "copy_gbps": 2 * nbytes / copy_t / 1e9,
+                        "copy_into_gbps": 2 * nbytes / copy_into_t / 1e9,
+                    })
+                for r in records:
+                    if r["op"] == label and (r["rows"], r["cols"]) == shape and base:
+                        r["speedup_vs_torch"] = base * 1e3 / r["time_ms"]
+                        r["fraction_of_copy"] = r["gbps"] / r["copy_gbps"]
+                _print_rows([r for r in records if r["op"] == label and (r["rows"], r["cols"]) == shape])
+    return records
+
+
+def _print_rows(rows):
+    for r in rows:
+        print(f"  {r['op']:<22} {r['impl']:<15} {r['time_ms']:10.3f} ms {r['gbps']:8.2f} GB/s "
+              f"{r.get('speedup_vs_torch', float('nan')):6.2f}x vs torch "
+              f"{100 * r.get('fraction_of_copy', float('nan')):6.1f}% of copy ({r['copy_gbps']:.1f} GB/s)",
+              flush=True)
+
+
+def summarize(records):
+    """Median speedup of online_softmax over torch eager, per op family."""
+    families = {}
+    for r in records:
+        if r["impl"] != "online_softmax" or "speedup_vs_torch" not in r:
+            continue
+        fam = r["op"].split(" ")[0]
+        families.setdefault(fam, []).append(r["speedup_vs_torch"])
+    return {fam: statistics.median(v) for fam, v in families.items()}
+
+
+def machine_info(device):
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    import online_softmax
+
+    info["build"] = online_softmax.build_info()
+    return info
+
+
+def write_results(records, info, out_dir, tag):
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, tag)
+    with open(base + ".json", "w") as f:
+        json.dump({"machine": info, "summary_median_speedup": summarize(records), "results": records}, f, indent=1)
+    with open(base + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in records for k in r}))
+        w.writeheader()
+        w.writerows(records)
+    paths = [base + ".json", base + ".csv"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return paths
+    labels = sorted({(r["op"], r["rows"], r["cols"]) for r in records}, key=lambda t: (t[0], t[1] * t[2]))
+    impls = ["online_softmax", "torch", "torch.compile"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(labels)), 5))
+    width = 0.8 / len(impls)
+    for j, impl in enumerate(impls):
+        ys = []
+        for op, rows, cols in labels:
+            match = [r for r in records if (r["op"], r["rows"], r["cols"], r["impl"]) == (op, rows, cols, impl)]
+            ys.append(match[0].get("speedup_vs_torch", 0) if match else 0)
+        ax.bar([i + j * width for i in range(len(labels))], ys, width, label=impl)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([i + width for i in range(len(labels))])
+    ax.set_xticklabels([f"{op}\n{r}x{c}" for op, r, c in labels], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over torch eager (higher is better)")
+    ax.set_title(f"online_softmax on {info.get('gpu', info.get('cpu', info['device']))}, {info['date']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(base + ".png", dpi=120)
+    paths.append(base + ".png")
+    return paths
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--ops", default="forward,backward,topk", type=lambda s: s.split(","))
+    p.add_argument("--shapes", default=None,
+                   type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
+                   help="comma-separated ROWSxCOLS list")
+    p.add_argument("--ks", default=DEFAULT_KS, type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--quick", action="store_true", help="a small sweep (seconds, not minutes)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default=None, help="file name stem for the results")
+    args = p.parse_args(argv)
+    for op in args.ops:
+        if op not in ("forward", "backward", "topk"):
+            p.error(f"--ops: unknown op {op!r} (forward, backward, topk)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    info = machine_info(device)
+    print(f"online_softmax benchmark on {info.get('gpu', info.get('cpu', device))} "
+          f"({info['threads']} threads), torch {info['torch']}, {info['date']}", flush=True)
+    records = run(args)
+    summary = summarize(records)
+    print("median speedup of online_softmax over torch eager:",
+          ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
+    tag = args.tag or f"{device.type}_{args.dtype}" + ("_quick" if args.quick else "")
+    for path in write_results(records, info, args.out, tag):
+        print("wrote", path)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Builds, then runs the demo and the benchmark on whatever device is present (GPU if visible).
+# Extra arguments go to `python -m online_softmax` (e.g. --full for the whole sweep).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+"${PYTHON:-python3}" -m online_softmax "$@"

@@ -33,33 +33,52 @@ inline bool better(const Candidate<A>& a, const Candidate<A>& b) {
   return a.index < b.index;
 }
 
-// The k best candidates seen so far, as a heap whose front is the worst of them.
+// The k best candidates seen so far. Candidates are appended to a buffer of about 2k; when it
+// fills, nth_element keeps the k best and their worst becomes the threshold the vector filter
+// compares against. That is amortized O(1) per candidate, where a heap pays O(log k) per insertion
+// (a heap made k = 64 on 1024-wide rows slower than torch.softmax + torch.topk).
 template <typename A>
 class TopK {
  public:
-  explicit TopK(int64_t k) : k_(k) { heap_.reserve(k); }
+  explicit TopK(int64_t k) : k_(k), capacity_(std::max<int64_t>(2 * k, k + 64)) { buf_.reserve(capacity_); }
 
   // Values not above this can never enter (ties lose to the earlier index): valid once full().
-  A threshold() const { return heap_.front().value; }
-  bool full() const { return static_cast<int64_t>(heap_.size()) == k_; }
+  A threshold() const { return kth_.value; }
+  bool full() const { return has_threshold_; }
 
   void offer(A value, int64_t index) {
     const Candidate<A> c{value, index};
-    if (!full()) {
-      heap_.push_back(c);
-      std::push_heap(heap_.begin(), heap_.end(), better<A>);
-    } else if (better(c, heap_.front())) {
-      std::pop_heap(heap_.begin(), heap_.end(), better<A>);
-      heap_.back() = c;
-      std::push_heap(heap_.begin(), heap_.end(), better<A>);
-    }
+    if (has_threshold_ && !better(c, kth_)) return;
+    buf_.push_back(c);
+    // The first prune comes as soon as k candidates exist, so the filter gets a threshold early.
+    const int64_t size = static_cast<int64_t>(buf_.size());
+    if (size == capacity_ || (!has_threshold_ && size == k_)) prune();
   }
 
-  std::vector<Candidate<A>>& candidates() { return heap_; }
+  void reset() {
+    buf_.clear();
+    has_threshold_ = false;
+  }
+
+  // At least min(k, offered) best candidates, in no particular order.
+  std::vector<Candidate<A>>& candidates() {
+    if (static_cast<int64_t>(buf_.size()) > k_) prune();
+    return buf_;
+  }
 
  private:
+  void prune() {
+    std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), better<A>);
+    buf_.resize(k_);
+    kth_ = buf_[k_ - 1];  // the worst of the k best after nth_element
+    has_threshold_ = true;
+  }
+
   int64_t k_;
-  std::vector<Candidate<A>> heap_;
+  int64_t capacity_;
+  std::vector<Candidate<A>> buf_;
+  Candidate<A> kth_{};
+  bool has_threshold_ = false;
 };
 
 // State and top-k of n contiguous elements whose first element has index `first`.
@@ -113,7 +132,7 @@ void topk_kernel(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, boo
     at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       TopK<A> topk(k);
       for (int64_t r = begin; r < end; ++r) {
-        topk = TopK<A>(k);
+        topk.reset();  // keeps the buffer's allocation
         const State<A> st = scan_topk(x + r * n, n, 0, s, topk);
         emit(r, st, topk.candidates());
       }

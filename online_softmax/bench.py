@@ -223,6 +223,33 @@ def write_results(records, info, out_dir, tag):
     return paths
 
 
+def markdown_table(path, compare_path=None):
+    """README table from a results JSON; compare_path adds the speedup column of a second run."""
+    with open(path) as f:
+        data = json.load(f)
+    other = {}
+    if compare_path:
+        with open(compare_path) as f:
+            for r in json.load(f)["results"]:
+                other[(r["op"], r["rows"], r["cols"], r["impl"])] = r.get("speedup_vs_torch")
+    by_key = {}
+    for r in data["results"]:
+        by_key.setdefault((r["op"], r["rows"], r["cols"]), {})[r["impl"]] = r
+    head = ("| op | rows × cols | online_softmax ms | torch ms | torch.compile ms | speedup vs torch "
+            "| GB/s (% of copy) |" + (" speedup, torch with THP |" if compare_path else ""))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (op, rows, cols), impls in by_key.items():
+        ours, eager, comp = impls.get("online_softmax"), impls.get("torch"), impls.get("torch.compile")
+        cells = [op, f"{rows} × {cols}", f"{ours['time_ms']:.2f}", f"{eager['time_ms']:.2f}",
+                 f"{comp['time_ms']:.2f}" if comp else "—", f"{ours['speedup_vs_torch']:.2f}×",
+                 f"{ours['gbps']:.1f} ({100 * ours['fraction_of_copy']:.0f}%)"]
+        if compare_path:
+            sp = other.get((op, rows, cols, "online_softmax"))
+            cells.append(f"{sp:.2f}×" if sp else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -244,6 +271,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "table":  # python -m online_softmax.bench table RESULTS.json [OTHER.json]
+        print(markdown_table(*argv[1:3]))
+        return None
     args = parse_args(argv)
     device = torch.device(args.device)
     info = machine_info(device)

@@ -19,7 +19,7 @@ def reference_grad(torch_fn, x, dy, dim, temperature=1.0):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((4, 17), -1), ((3, 1000), -1), ((2, 70001), -1),
                                        ((1, 1 << 20), -1), ((5, 37, 19), 1), ((2, 64, 32), 1),
-                                       ((40, 3), 0)])
+                                       ((40, 3), 0), ((1, 200000, 16), 1)])
 def test_backward_matches_float64(device, name, dtype, shape, dim):
     ours_fn, torch_fn = FUNCS[name]
     x = random_logits(shape, dtype, device).requires_grad_()
@@ -28,15 +28,19 @@ def test_backward_matches_float64(device, name, dtype, shape, dim):
     (dx,) = torch.autograd.grad(y, x, dy)
     assert dx.dtype == dtype and dx.shape == x.shape
     ref = reference_grad(torch_fn, x.cpu(), dy.cpu(), dim)
+    if dtype == torch.float64:
+        torch.testing.assert_close(dx.cpu().double(), ref, rtol=1e-10, atol=1e-12)
+        return
+    xt = x.detach().clone().requires_grad_()
+    (dt,) = torch.autograd.grad(torch_fn(xt, dim), xt, dy)
+    err_ours = (dx.cpu().double() - ref).abs().max().item()
+    err_torch = (dt.cpu().double() - ref).abs().max().item()
     if dtype in LOW_PRECISION:
-        xt = x.detach().clone().requires_grad_()
-        (dt,) = torch.autograd.grad(torch_fn(xt, dim), xt, dy)
-        err_ours = (dx.cpu().double() - ref).abs().max().item()
-        err_torch = (dt.cpu().double() - ref).abs().max().item()
         assert err_ours <= 2 * err_torch + 1e-6, (err_ours, err_torch)
     else:
-        rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)
-        torch.testing.assert_close(dx.cpu().double(), ref, rtol=rtol, atol=atol)
+        # float32: 1e-5 absolute, or twice torch's own error where even torch cannot reach that
+        # (log-softmax rows of 2e5 elements: the float32 sum of dy alone carries ~3e-5).
+        assert err_ours <= max(1e-5, 2 * err_torch), (err_ours, err_torch)
 
 
 @pytest.mark.parametrize("name", FUNCS)

@@ -84,16 +84,29 @@ void strided_states(const T* x, const RowGeometry& g, acc_t<T> s, Sink&& sink) {
       const int64_t lanes = std::min<int64_t>(IO::kStep, g.inner - i0);
       const T* base = x + o * g.size * g.inner + i0;
       if (lanes == IO::kStep) {
-        LaneState<A> lo, hi;
+        // Lanes flush into double-precision states every kStridedBlock positions: here one lane
+        // sums one row alone, so the block must be short (see kLaneBlock in scan_contiguous).
+        constexpr int64_t kStridedBlock = 1024;
+        State<double> rows[IO::kStep];
         const V vs(s);
-        for (int64_t j = 0; j < g.size; ++j) {
-          V a, b;
-          IO::load2(base + j * g.inner, a, b);
-          lo.update(a, vs);
-          hi.update(b, vs);
+        for (int64_t j0 = 0; j0 < g.size; j0 += kStridedBlock) {
+          LaneState<A> lo, hi;
+          for (int64_t j = j0; j < std::min(g.size, j0 + kStridedBlock); ++j) {
+            V a, b;
+            IO::load2(base + j * g.inner, a, b);
+            lo.update(a, vs);
+            hi.update(b, vs);
+          }
+          lo.lanes(ms, ds);
+          hi.lanes(ms + IO::kWidth, ds + IO::kWidth);
+          for (int64_t l = 0; l < IO::kStep; ++l) {
+            rows[l] = merge(rows[l], State<double>{ms[l], ds[l]}, static_cast<double>(s));
+          }
         }
-        lo.lanes(ms, ds);
-        hi.lanes(ms + IO::kWidth, ds + IO::kWidth);
+        for (int64_t l = 0; l < IO::kStep; ++l) {
+          ms[l] = static_cast<A>(rows[l].m);
+          ds[l] = static_cast<A>(rows[l].d);
+        }
       } else {
         // One scalar sum per row runs long (no lanes share it): accumulate in double.
         for (int64_t l = 0; l < lanes; ++l) {

@@ -124,20 +124,31 @@ void backward_strided(const Y* dy, const Y* y, X* dx, const RowGeometry& g, acc_
       const int64_t lanes = std::min<int64_t>(IO::kStep, g.inner - i0);
       const int64_t base = o * g.size * g.inner + i0;
       if (lanes == IO::kStep) {
-        V t0(A(0)), t1(A(0));
-        for (int64_t j = 0; j < g.size; ++j) {
-          V g0, g1;
-          IO::load2(dy + base + j * g.inner, g0, g1);
-          if (log) {
-            t0 = t0 + g0;
-            t1 = t1 + g1;
-          } else {
-            V y0, y1;
-            IO::load2(y + base + j * g.inner, y0, y1);
-            t0 = at::vec::fmadd(g0, y0, t0);
-            t1 = at::vec::fmadd(g1, y1, t1);
+        // Per-lane sums (one row each), flushed into double every kStridedBlock positions.
+        constexpr int64_t kStridedBlock = 1024;
+        double sums[IO::kStep] = {};
+        alignas(64) A part[IO::kStep];
+        for (int64_t j0 = 0; j0 < g.size; j0 += kStridedBlock) {
+          V p0(A(0)), p1(A(0));
+          for (int64_t j = j0; j < std::min(g.size, j0 + kStridedBlock); ++j) {
+            V g0, g1;
+            IO::load2(dy + base + j * g.inner, g0, g1);
+            if (log) {
+              p0 = p0 + g0;
+              p1 = p1 + g1;
+            } else {
+              V y0, y1;
+              IO::load2(y + base + j * g.inner, y0, y1);
+              p0 = at::vec::fmadd(g0, y0, p0);
+              p1 = at::vec::fmadd(g1, y1, p1);
+            }
           }
+          p0.store(part);
+          p1.store(part + IO::kWidth);
+          for (int64_t l = 0; l < IO::kStep; ++l) sums[l] += part[l];
         }
+        for (int64_t l = 0; l < IO::kStep; ++l) part[l] = static_cast<A>(sums[l]);
+        const V t0 = V::loadu(part), t1 = V::loadu(part + IO::kWidth);
         const V vs(s);
         for (int64_t j = 0; j < g.size; ++j) {
           const int64_t at = base + j * g.inner;

@@ -212,6 +212,7 @@ def write_results(records, info, out_dir, tag):
             ys.append(match[0].get("speedup_vs_torch", 0) if match else 0)
         ax.bar([i + j * width for i in range(len(labels))], ys, width, label=impl)
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")
     ax.set_xticks([i + width for i in range(len(labels))])
     ax.set_xticklabels([f"{op}\n{r}x{c}" for op, r, c in labels], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("speedup over torch eager (higher is better)")
@@ -275,6 +276,11 @@ def main(argv=None):
     if argv and argv[0] == "table":  # python -m online_softmax.bench table RESULTS.json [OTHER.json]
         print(markdown_table(*argv[1:3]))
         return None
+    if argv and argv[0] == "replot":  # python -m online_softmax.bench replot RESULTS.json
+        with open(argv[1]) as f:
+            data = json.load(f)
+        out_dir, name = os.path.split(argv[1])
+        return write_results(data["results"], data["machine"], out_dir, name.rsplit(".", 1)[0])
     args = parse_args(argv)
     device = torch.device(args.device)
     info = machine_info(device)

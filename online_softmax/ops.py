@@ -31,6 +31,9 @@ def check_temperature(temperature: float, op: str) -> None:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"online_softmax.{op}: temperature must be a finite number > 0, "
                          f"got {temperature}")
+    if 1.0 / temperature > 3.0e38:
+        raise ValueError(f"online_softmax.{op}: temperature must be at least 3.4e-39 "
+                         f"(1 / temperature must fit in float32), got {temperature}")
 
 
 def check_k(k: int, size: int, op: str) -> None:
@@ -117,7 +120,10 @@ def _stats_backward(ctx, grad_m, grad_d):
     # So grad of m + log(d) (the logsumexp) is p / t, as it should be.
     x, m, d = ctx.saved_tensors
     dim = wrap_dim(ctx.dim, x, "stats")
-    if x.dim() == 0:
+    if x.dim() == 0:  # one element: m = x / t and d = 1
+        gm = grad_m if grad_m is not None else torch.zeros_like(m)
+        return (gm / ctx.temperature).to(x.dtype), None, None
+    if x.shape[dim] == 0:  # empty rows: nothing depends on x
         return torch.zeros_like(x), None, None
     p = _ops.forward(x, dim, False, ctx.temperature, state_dtype(x.dtype))
     onehot = torch.zeros_like(p).scatter_(dim, x.argmax(dim, keepdim=True), 1.0)

@@ -86,6 +86,8 @@ def test_bad_input_raises_clear_errors(fn):
         fn(x, temperature=-1.0)
     with pytest.raises(ValueError, match="temperature"):
         fn(x, temperature=float("nan"))
+    with pytest.raises(ValueError, match="temperature"):
+        fn(x, temperature=1e-39)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         fn([1.0, 2.0])
     with pytest.raises(TypeError, match="complex|floating"):

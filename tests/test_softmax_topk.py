@@ -169,3 +169,26 @@ def test_fused_topk_allocates_nothing_of_the_input_size():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     grown_mib = int(out.stdout.strip().splitlines()[-1])
     assert grown_mib < 32, f"peak RSS grew by {grown_mib} MiB for a 512 MiB input"
+
+
+def test_backward_keeps_digits_of_large_logits():
+    """The backward subtracts the raw max before scaling, like the forward (3e4 logits, t = 0.3)."""
+    x = torch.tensor([[30000.0, 29999.0, 29998.5, 29990.0]], requires_grad=True)
+    (dx,) = torch.autograd.grad(osm.softmax_topk(x, 1, temperature=0.3).values.sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(torch.softmax(x64 / 0.3, -1)[0, 0], x64)
+    torch.testing.assert_close(dx.double(), ref, rtol=1e-4, atol=1e-6)
+    # The gradient of the sum of all probabilities is zero.
+    (dz,) = torch.autograd.grad(osm.softmax_topk(x, 4, temperature=0.3).values.sum(), x)
+    torch.testing.assert_close(dz, torch.zeros_like(dz), rtol=0, atol=1e-5)
+
+
+def test_backward_op_adds_gradients_of_repeated_indices():
+    x = random_logits((1, 6), torch.float64)
+    m, d = torch.ops.online_softmax.stats(x, -1)
+    g = torch.tensor([[0.7, -0.2]], dtype=torch.float64)
+    idx = torch.tensor([[2, 2]])
+    dx = torch.ops.online_softmax.softmax_topk_backward(g, x, idx, m, d, -1)
+    x64 = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad((torch.softmax(x64, -1)[0, [2, 2]] * g[0]).sum(), x64)
+    torch.testing.assert_close(dx, ref)

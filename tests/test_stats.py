@@ -97,3 +97,15 @@ def test_bad_arguments():
         osm.softmax_stats(torch.arange(4))
     with pytest.raises(IndexError, match="dim"):
         osm.softmax_stats(x, 3)
+
+
+def test_stats_gradient_zero_dim_and_empty():
+    x = torch.tensor(1.5, requires_grad=True)
+    osm.softmax_stats(x, temperature=2.0).max.backward()
+    assert x.grad.item() == 0.5
+    x = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(osm.softmax_stats(x).logsumexp(), x)
+    assert g.item() == 1.0
+    e = torch.zeros(3, 0, requires_grad=True)
+    osm.softmax_stats(e, 1).sumexp.sum().backward()
+    assert e.grad.shape == (3, 0)

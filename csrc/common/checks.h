@@ -32,6 +32,10 @@ inline int64_t wrap_dim(int64_t dim, const at::Tensor& x, const char* op) {
 inline void check_temperature(double temperature, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "online_softmax.", op,
                     ": temperature must be a finite number > 0, got ", temperature);
+  // The kernels multiply by 1 / temperature in float32; it must not overflow.
+  TORCH_CHECK_VALUE(1.0 / temperature <= 3.0e38, "online_softmax.", op,
+                    ": temperature must be at least 3.4e-39 (1 / temperature must fit in float32), got ",
+                    temperature);
 }
 
 inline void check_k(int64_t k, int64_t size, const char* op) {

@@ -90,18 +90,20 @@ State<acc_t<T>> scan_topk(const T* x, int64_t n, int64_t first, acc_t<T> s, TopK
   return scan_contiguous(
       x, n, s,
       [&](V a, V b, int64_t offset) {
-        int mask = (1 << (2 * W)) - 1;
+        // 64-bit: two vectors of 16 floats (AVX-512) make a 32-lane mask.
+        uint64_t mask = (uint64_t(1) << (2 * W)) - 1;
         if (topk.full()) {
           // Lanes that are not <= the threshold: greater, or NaN.
           const V thr(topk.threshold());
-          mask = (a <= thr).zero_mask() | ((b <= thr).zero_mask() << W);
+          mask = uint64_t(uint32_t((a <= thr).zero_mask())) |
+                 (uint64_t(uint32_t((b <= thr).zero_mask())) << W);
         }
         if (mask == 0) return;
         alignas(64) A lanes[2 * W];
         a.store(lanes);
         b.store(lanes + W);
         for (int64_t l = 0; l < 2 * W; ++l) {
-          if (mask & (1 << l)) topk.offer(lanes[l], first + offset + l);
+          if (mask & (uint64_t(1) << l)) topk.offer(lanes[l], first + offset + l);
         }
       },
       [&](A v, int64_t offset) { topk.offer(v, first + offset); });
@@ -163,11 +165,16 @@ void topk_kernel(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, boo
   });
 }
 
-// dx = s * (G * w - p * C) with p = softmax(x / t) recomputed from (m, d), G the scatter of the
+// dx = s * (G * w - p * C) with p = softmax(x / t) recomputed from (m, d), G the scatter-add of the
 // value gradients g at the top-k indices, and
 //   softmax values:     w = p, C = sum_j g_j p_{i_j}
 //   log-softmax values: w = 1, C = sum_j g_j.
-// Written as one pass of dx = -s * p * C, then k corrections at the indices.
+// Written as one pass of dx = -s * p * C, then one correction per distinct index.
+//
+// The exponent is (x - M) * s with M the raw row max, as in the forward, so 1e4-scale logits keep
+// their digits. M is the largest x among the top-k (the top-1 is the row max); where the indices
+// did not come from the forward and that disagrees with the state's max, the offset M*s - m makes
+// the formula exact anyway.
 template <typename T>
 void topk_backward_kernel(const T* g, const T* x, const int64_t* idx, const acc_t<T>* m_in,
                           const acc_t<T>* d_in, T* dx, int64_t rows, int64_t n, int64_t k,
@@ -176,31 +183,44 @@ void topk_backward_kernel(const T* g, const T* x, const int64_t* idx, const acc_
   using V = Vectorized<A>;
   using IO = VecIO<T>;
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<int64_t, A>> grads;
     for (int64_t r = begin; r < end; ++r) {
-      // m is the max of x / t, so the exponent is x * s - m.
-      const Normalizer<A> nz(State<A>{m_in[r], d_in[r]});
-      auto prob = [&](A xv) { return std::exp(xv * s - nz.m) * nz.inv_d; };
       const T* xr = x + r * n;
       T* dxr = dx + r * n;
-      A C = 0;
+      const int64_t* ir = idx + r * k;
+      A M = static_cast<A>(xr[ir[0]]);
+      for (int64_t j = 1; j < k; ++j) M = nan_max(M, static_cast<A>(xr[ir[j]]));
+      const Normalizer<A> nz(State<A>{m_in[r], d_in[r]});
+      const A offset = (static_cast<A>(M * s) == m_in[r]) ? A(0) : M * s - m_in[r];
+      auto prob = [&](A xv) { return std::exp((xv - M) * s + offset) * nz.inv_d; };
+      // Sum the gradients of repeated indices (the forward never repeats one; a direct call may).
+      grads.clear();
+      for (int64_t j = 0; j < k; ++j) grads.emplace_back(ir[j], static_cast<A>(g[r * k + j]));
+      std::sort(grads.begin(), grads.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+      int64_t unique = 0;
       for (int64_t j = 0; j < k; ++j) {
-        const A gj = static_cast<A>(g[r * k + j]);
-        C += log ? gj : gj * prob(static_cast<A>(xr[idx[r * k + j]]));
+        if (unique > 0 && grads[unique - 1].first == grads[j].first) {
+          grads[unique - 1].second += grads[j].second;
+        } else {
+          grads[unique++] = grads[j];
+        }
       }
-      const V vs(s), vm(nz.m), vcoef(-s * C * nz.inv_d);
+      A C = 0;
+      for (int64_t j = 0; j < unique; ++j) {
+        C += log ? grads[j].second : grads[j].second * prob(static_cast<A>(xr[grads[j].first]));
+      }
+      const V vs(s), vM(M), voff(offset), vcoef(-s * C * nz.inv_d);
       int64_t i = 0;
       for (; i + IO::kStep <= n; i += IO::kStep) {
         V a, b;
         IO::load2(xr + i, a, b);
-        IO::store2(dxr + i, vexp(a * vs - vm) * vcoef, vexp(b * vs - vm) * vcoef);
+        IO::store2(dxr + i, vexp((a - vM) * vs + voff) * vcoef, vexp((b - vM) * vs + voff) * vcoef);
       }
       for (; i < n; ++i) dxr[i] = static_cast<T>(-s * prob(static_cast<A>(xr[i])) * C);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t at = idx[r * k + j];
-        const A xv = static_cast<A>(xr[at]);
-        const A p = prob(xv);
-        const A gj = static_cast<A>(g[r * k + j]);
-        dxr[at] = static_cast<T>(s * (gj * (log ? A(1) : p) - p * C));
+      for (int64_t j = 0; j < unique; ++j) {
+        const int64_t at = grads[j].first;
+        const A p = prob(static_cast<A>(xr[at]));
+        dxr[at] = static_cast<T>(s * (grads[j].second * (log ? A(1) : p) - p * C));
       }
     }
   });

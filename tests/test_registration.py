@@ -125,4 +125,6 @@ def test_build_info():
     info = osm.build_info()
     assert info["cpu"] is True
     assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
-    assert info["cuda"] == (torch.cuda.is_available() and info["cuda"])
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("online_softmax::forward", "CUDA")
+    assert info["cuda"] == (bool(osm._C.with_cuda) and has_cuda_kernel)
+    assert info["cuda_available"] == torch.cuda.is_available()

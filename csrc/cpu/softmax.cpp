@@ -75,7 +75,7 @@ void strided_states(const T* x, const RowGeometry& g, acc_t<T> s, Sink&& sink) {
   using IO = VecIO<T>;
   using V = Vectorized<A>;
   const int64_t blocks = (g.inner + IO::kStep - 1) / IO::kStep;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(g.size * IO::kStep, 1));
+  const int64_t grain = row_grain(g.size * IO::kStep);  // a task is a block of kStep rows
   at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
     alignas(64) A ms[IO::kStep];
     alignas(64) A ds[IO::kStep];

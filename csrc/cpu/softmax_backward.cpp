@@ -117,7 +117,7 @@ void backward_strided(const Y* dy, const Y* y, X* dx, const RowGeometry& g, acc_
   using V = Vectorized<A>;
   using IO = VecIO<Y>;
   const int64_t blocks = (g.inner + IO::kStep - 1) / IO::kStep;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(g.size * IO::kStep, 1));
+  const int64_t grain = row_grain(g.size * IO::kStep);  // a task is a block of kStep rows
   at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t / blocks, i0 = (t % blocks) * IO::kStep;

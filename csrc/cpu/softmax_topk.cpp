@@ -188,6 +188,11 @@ void topk_backward_kernel(const T* g, const T* x, const int64_t* idx, const acc_
       const T* xr = x + r * n;
       T* dxr = dx + r * n;
       const int64_t* ir = idx + r * k;
+      // Checked here rather than by a separate pass over the indices (exceptions leave parallel_for).
+      for (int64_t j = 0; j < k; ++j) {
+        TORCH_CHECK_INDEX(ir[j] >= 0 && ir[j] < n, "online_softmax.softmax_topk_backward: indices must "
+                          "lie in [0, ", n, "), got ", ir[j]);
+      }
       A M = static_cast<A>(xr[ir[0]]);
       for (int64_t j = 1; j < k; ++j) M = nan_max(M, static_cast<A>(xr[ir[j]]));
       const Normalizer<A> nz(State<A>{m_in[r], d_in[r]});
@@ -295,10 +300,6 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
   const at::Tensor dr = sumexp.to(sdtype).contiguous();
   TORCH_CHECK_VALUE(mr.numel() == rows && dr.numel() == rows, "online_softmax.", op,
                     ": max and sumexp must hold one value per row (", rows, ")");
-  if (idx.numel() > 0) {
-    TORCH_CHECK_INDEX(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < n, "online_softmax.",
-                      op, ": indices must lie in [0, ", n, ")");
-  }
   at::Tensor dx = empty_output(x.sizes(), x.options());
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.softmax_topk_backward", [&] {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/op_args.h"
 #include "cpu/huge_pages.h"
 #include "cpu/kernels.h"
 #include "cpu/online_state.h"
@@ -204,19 +205,13 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, const RowGeometry& g, do
 
 at::Tensor forward(const at::Tensor& x_in, int64_t dim, bool log, double temperature,
                    std::optional<at::ScalarType> dtype) {
-  const at::ScalarType out_dtype = result_dtype(x_in, dtype, "forward");
-  dim = wrap_dim(dim, x_in, "forward");
-  check_temperature(temperature, "forward");
-  // Casts on read: same dtype, or float16/bfloat16 read into a float32 result. Other casts
-  // (rarely used: downcasts, double) convert first, as torch.softmax(dtype=) does.
-  const bool cast_on_read = x_in.scalar_type() == out_dtype ||
-      (out_dtype == at::kFloat && (x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16));
-  const at::Tensor x = (cast_on_read ? x_in : x_in.to(out_dtype)).contiguous();
-  at::Tensor y = empty_output(x.sizes(), x.options().dtype(out_dtype));
+  const ForwardArgs a = forward_args(x_in, dim, temperature, dtype);
+  const at::Tensor& x = a.x;
+  at::Tensor y = empty_output(x.sizes(), x.options().dtype(a.out_dtype));
   if (x.numel() == 0) return y;
-  const RowGeometry g = row_geometry(x, dim);
+  const RowGeometry g = row_geometry(x, a.dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.forward", [&] {
-    if (out_dtype == x.scalar_type()) {
+    if (a.out_dtype == x.scalar_type()) {
       forward_kernel<scalar_t, scalar_t>(x, y, g, temperature, log);
     } else if constexpr (!std::is_same_v<acc_t<scalar_t>, scalar_t>) {
       forward_kernel<scalar_t, float>(x, y, g, temperature, log);
@@ -226,24 +221,19 @@ at::Tensor forward(const at::Tensor& x_in, int64_t dim, bool log, double tempera
 }
 
 std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x_in, int64_t dim, double temperature) {
-  check_floating(x_in, "x", "stats");
-  dim = wrap_dim(dim, x_in, "stats");
-  check_temperature(temperature, "stats");
-  const at::Tensor x = x_in.contiguous();
-  const auto shape = reduced_shape(x, dim);
-  const auto opts = x.options().dtype(state_dtype(x.scalar_type()));
-  at::Tensor m = at::empty(shape, opts);
-  at::Tensor d = at::empty(shape, opts);
+  const StatsArgs a = stats_args(x_in, dim, temperature);
+  at::Tensor m = at::empty(a.shape, a.options);
+  at::Tensor d = at::empty(a.shape, a.options);
   if (m.numel() == 0) return {m, d};
-  if (x.numel() == 0) {  // an empty softmax dim: the merge identity
+  if (a.x.numel() == 0) {  // an empty softmax dim: the merge identity
     m.fill_(-std::numeric_limits<double>::infinity());
     d.zero_();
     return {m, d};
   }
-  const RowGeometry g = row_geometry(x, dim);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.stats", [&] {
+  const RowGeometry g = row_geometry(a.x, a.dim);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "online_softmax.stats", [&] {
     using A = acc_t<scalar_t>;
-    stats_kernel(x.const_data_ptr<scalar_t>(), m.mutable_data_ptr<A>(), d.mutable_data_ptr<A>(), g,
+    stats_kernel(a.x.const_data_ptr<scalar_t>(), m.mutable_data_ptr<A>(), d.mutable_data_ptr<A>(), g,
                  static_cast<A>(1.0 / temperature));
   });
   return {m, d};

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/op_args.h"
 #include "cpu/huge_pages.h"
 #include "cpu/kernels.h"
 #include "cpu/online_state.h"
@@ -197,37 +198,24 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, 
 
 at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log,
                     double temperature, std::optional<at::ScalarType> input_dtype) {
-  check_floating(out, "out", "backward");
-  check_floating(grad_out, "grad_out", "backward");
-  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes(), "online_softmax.backward: grad_out has shape ",
-                    grad_out.sizes(), " but out has shape ", out.sizes());
-  TORCH_CHECK_VALUE(grad_out.device() == out.device(), "online_softmax.backward: grad_out is on ",
-                    grad_out.device(), " but out is on ", out.device());
-  dim = wrap_dim(dim, out, "backward");
-  check_temperature(temperature, "backward");
-  const at::ScalarType y_dtype = out.scalar_type();
-  const at::ScalarType x_dtype = input_dtype.value_or(y_dtype);
-  const at::Tensor y = out.contiguous();
-  const at::Tensor dy = grad_out.to(y_dtype).contiguous();
-  // Writes straight into the input's dtype for float32 results of float16/bfloat16 inputs.
-  const bool direct = x_dtype == y_dtype ||
-      (y_dtype == at::kFloat && (x_dtype == at::kHalf || x_dtype == at::kBFloat16));
-  at::Tensor dx = empty_output(y.sizes(), y.options().dtype(direct ? x_dtype : y_dtype));
-  if (y.numel() > 0) {
-    const RowGeometry g = row_geometry(y, dim);
+  const BackwardArgs a = backward_args(grad_out, out, dim, temperature, input_dtype);
+  const at::ScalarType y_dtype = a.y.scalar_type();
+  at::Tensor dx = empty_output(a.y.sizes(), a.y.options().dtype(a.dx_dtype));
+  if (a.y.numel() > 0) {
+    const RowGeometry g = row_geometry(a.y, a.dim);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_dtype, "online_softmax.backward", [&] {
-      if (dx.scalar_type() == y_dtype) {
-        backward_kernel<scalar_t, scalar_t>(dy, y, dx, g, temperature, log);
+      if (a.dx_dtype == y_dtype) {
+        backward_kernel<scalar_t, scalar_t>(a.dy, a.y, dx, g, temperature, log);
       } else if constexpr (std::is_same_v<scalar_t, float>) {
-        if (x_dtype == at::kHalf) {
-          backward_kernel<float, at::Half>(dy, y, dx, g, temperature, log);
+        if (a.dx_dtype == at::kHalf) {
+          backward_kernel<float, at::Half>(a.dy, a.y, dx, g, temperature, log);
         } else {
-          backward_kernel<float, at::BFloat16>(dy, y, dx, g, temperature, log);
+          backward_kernel<float, at::BFloat16>(a.dy, a.y, dx, g, temperature, log);
         }
       }
     });
   }
-  return direct ? dx : dx.to(x_dtype);
+  return a.dx_dtype == a.x_dtype ? dx : dx.to(a.x_dtype);
 }
 
 }  // namespace online_softmax::cpu

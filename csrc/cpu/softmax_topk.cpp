@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/op_args.h"
 #include "cpu/huge_pages.h"
 #include "cpu/kernels.h"
 #include "cpu/online_state.h"
@@ -231,86 +232,36 @@ void topk_backward_kernel(const T* g, const T* x, const int64_t* idx, const acc_
   });
 }
 
-// x viewed as [rows, n] with the softmax dim last (a 0-d x is one row of one element).
-at::Tensor rows_last(const at::Tensor& x, int64_t dim) {
-  if (x.dim() == 0) return x.reshape({1, 1});
-  return x.movedim(dim, -1).contiguous();
-}
-
-// Undo rows_last for a [..., k] result: put k back at dim, and shape like the input.
-at::Tensor restore_dim(const at::Tensor& t, const at::Tensor& like, int64_t dim) {
-  if (like.dim() == 0) return t.reshape({});
-  return t.movedim(-1, dim).contiguous();  // a fresh result, like the fake kernel's
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_topk(
     const at::Tensor& x_in, int64_t k, int64_t dim, bool log, double temperature) {
-  check_floating(x_in, "x", "softmax_topk");
-  dim = wrap_dim(dim, x_in, "softmax_topk");
-  check_temperature(temperature, "softmax_topk");
-  const int64_t n = x_in.dim() == 0 ? 1 : x_in.size(dim);
-  check_k(k, n, "softmax_topk");
-  const at::Tensor x = rows_last(x_in, dim);
-  const int64_t rows = n == 0 ? 0 : x.numel() / n;
-  auto batch = x.sizes().vec();
-  batch.pop_back();
-  auto vshape = batch;
-  vshape.push_back(k);
-  at::Tensor values = at::empty(vshape, x.options());
-  at::Tensor indices = at::empty(vshape, x.options().dtype(at::kLong));
-  const auto sopts = x.options().dtype(state_dtype(x.scalar_type()));
-  at::Tensor m = at::empty(batch, sopts);
-  at::Tensor d = at::empty(batch, sopts);
-  if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.softmax_topk", [&] {
+  TopKArgs a = topk_args(x_in, k, dim, temperature);
+  if (a.rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "online_softmax.softmax_topk", [&] {
       using A = acc_t<scalar_t>;
-      topk_kernel(x.const_data_ptr<scalar_t>(), rows, n, k, static_cast<A>(1.0 / temperature), log,
-                  values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(),
-                  m.mutable_data_ptr<A>(), d.mutable_data_ptr<A>());
+      topk_kernel(a.x.const_data_ptr<scalar_t>(), a.rows, a.n, k, static_cast<A>(1.0 / temperature), log,
+                  a.values.mutable_data_ptr<scalar_t>(), a.indices.mutable_data_ptr<int64_t>(),
+                  a.max.mutable_data_ptr<A>(), a.sumexp.mutable_data_ptr<A>());
     });
   }
-  if (x_in.dim() == 0) return {values.reshape({}), indices.reshape({}), m.reshape({}), d.reshape({})};
-  return {restore_dim(values, x_in, dim), restore_dim(indices, x_in, dim), m, d};
+  return topk_results(a, x_in);
 }
 
 at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor& x_in,
                                  const at::Tensor& indices_in, const at::Tensor& max,
                                  const at::Tensor& sumexp, int64_t dim, bool log, double temperature) {
-  const char* op = "softmax_topk_backward";
-  check_floating(x_in, "x", op);
-  check_floating(grad_values, "grad_values", op);
-  dim = wrap_dim(dim, x_in, op);
-  check_temperature(temperature, op);
-  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong, "online_softmax.", op,
-                   ": indices must be int64, got ", indices_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_values.sizes() == indices_in.sizes(), "online_softmax.", op,
-                    ": grad_values has shape ", grad_values.sizes(), " but indices has shape ",
-                    indices_in.sizes());
-  const at::Tensor x = rows_last(x_in, dim);
-  const int64_t n = x.size(-1);
-  const int64_t rows = n == 0 ? 0 : x.numel() / n;
-  const at::Tensor g = rows_last(grad_values, dim).to(x.scalar_type());
-  const at::Tensor idx = rows_last(indices_in, dim);
-  const int64_t k = idx.size(-1);
-  TORCH_CHECK_VALUE(idx.numel() == rows * k, "online_softmax.", op, ": indices do not match x");
-  const auto sdtype = state_dtype(x.scalar_type());
-  const at::Tensor mr = max.to(sdtype).contiguous();
-  const at::Tensor dr = sumexp.to(sdtype).contiguous();
-  TORCH_CHECK_VALUE(mr.numel() == rows && dr.numel() == rows, "online_softmax.", op,
-                    ": max and sumexp must hold one value per row (", rows, ")");
-  at::Tensor dx = empty_output(x.sizes(), x.options());
-  if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.softmax_topk_backward", [&] {
+  const TopKBackwardArgs a = topk_backward_args(grad_values, x_in, indices_in, max, sumexp, dim, temperature);
+  at::Tensor dx = empty_output(a.x.sizes(), a.x.options());
+  if (a.rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "online_softmax.softmax_topk_backward", [&] {
       using A = acc_t<scalar_t>;
-      topk_backward_kernel(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                           idx.const_data_ptr<int64_t>(), mr.const_data_ptr<A>(), dr.const_data_ptr<A>(),
-                           dx.mutable_data_ptr<scalar_t>(), rows, n, k, static_cast<A>(1.0 / temperature), log);
+      topk_backward_kernel(a.g.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
+                           a.idx.const_data_ptr<int64_t>(), a.max.const_data_ptr<A>(), a.sumexp.const_data_ptr<A>(),
+                           dx.mutable_data_ptr<scalar_t>(), a.rows, a.n, a.k, static_cast<A>(1.0 / temperature), log);
     });
   }
-  if (x_in.dim() == 0) return dx.reshape({});
-  return restore_dim(dx, x_in, dim);
+  return topk_backward_result(dx, x_in, a.dim);
 }
 
 }  // namespace online_softmax::cpu

@@ -1,0 +1,182 @@
+// Argument checking and input preparation shared by the CPU and CUDA bindings, so that both
+// backends accept, reject and reshape exactly the same inputs. Each function checks its op's
+// arguments (raising exceptions that name them) and returns the tensors the kernels read.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace online_softmax {
+
+// ---- forward ----
+
+struct ForwardArgs {
+  at::Tensor x;  // contiguous, in a dtype the kernels read (x's own, or cast first)
+  at::ScalarType out_dtype;
+  int64_t dim;
+};
+
+inline ForwardArgs forward_args(const at::Tensor& x_in, int64_t dim, double temperature,
+                                std::optional<at::ScalarType> dtype) {
+  ForwardArgs a;
+  a.out_dtype = result_dtype(x_in, dtype, "forward");
+  a.dim = wrap_dim(dim, x_in, "forward");
+  check_temperature(temperature, "forward");
+  // Casts on read: same dtype, or float16/bfloat16 read into a float32 result. Other casts
+  // (rarely used: downcasts, double) convert first, as torch.softmax(dtype=) does.
+  const at::ScalarType in = x_in.scalar_type();
+  const bool cast_on_read = in == a.out_dtype ||
+      (a.out_dtype == at::kFloat && (in == at::kHalf || in == at::kBFloat16));
+  a.x = (cast_on_read ? x_in : x_in.to(a.out_dtype)).contiguous();
+  return a;
+}
+
+// ---- stats ----
+
+struct StatsArgs {
+  at::Tensor x;  // contiguous
+  int64_t dim;
+  std::vector<int64_t> shape;  // of max and sumexp
+  at::TensorOptions options;   // of max and sumexp
+};
+
+inline StatsArgs stats_args(const at::Tensor& x_in, int64_t dim, double temperature) {
+  check_floating(x_in, "x", "stats");
+  StatsArgs a;
+  a.dim = wrap_dim(dim, x_in, "stats");
+  check_temperature(temperature, "stats");
+  a.x = x_in.contiguous();
+  a.shape = reduced_shape(a.x, a.dim);
+  a.options = a.x.options().dtype(state_dtype(a.x.scalar_type()));
+  return a;
+}
+
+// ---- backward ----
+
+struct BackwardArgs {
+  at::Tensor dy, y;          // contiguous, both in out's dtype
+  at::ScalarType x_dtype;    // the gradient's dtype
+  at::ScalarType dx_dtype;   // what the kernel writes: x_dtype, or y's dtype then a cast
+  int64_t dim;
+};
+
+inline BackwardArgs backward_args(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim,
+                                  double temperature, std::optional<at::ScalarType> input_dtype) {
+  check_floating(out, "out", "backward");
+  check_floating(grad_out, "grad_out", "backward");
+  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes(), "online_softmax.backward: grad_out has shape ",
+                    grad_out.sizes(), " but out has shape ", out.sizes());
+  TORCH_CHECK_VALUE(grad_out.device() == out.device(), "online_softmax.backward: grad_out is on ",
+                    grad_out.device(), " but out is on ", out.device());
+  BackwardArgs a;
+  a.dim = wrap_dim(dim, out, "backward");
+  check_temperature(temperature, "backward");
+  const at::ScalarType y_dtype = out.scalar_type();
+  a.x_dtype = input_dtype.value_or(y_dtype);
+  a.y = out.contiguous();
+  a.dy = grad_out.to(y_dtype).contiguous();
+  // Writes straight into the input's dtype for float32 results of float16/bfloat16 inputs.
+  const bool direct = a.x_dtype == y_dtype ||
+      (y_dtype == at::kFloat && (a.x_dtype == at::kHalf || a.x_dtype == at::kBFloat16));
+  a.dx_dtype = direct ? a.x_dtype : y_dtype;
+  return a;
+}
+
+// ---- top-k ----
+
+// x viewed as [rows, n] with the softmax dim last (a 0-d x is one row of one element).
+inline at::Tensor rows_last(const at::Tensor& x, int64_t dim) {
+  if (x.dim() == 0) return x.reshape({1, 1});
+  return x.movedim(dim, -1).contiguous();
+}
+
+// Undo rows_last for a [..., k] result: put k back at dim, and shape like the input.
+inline at::Tensor restore_dim(const at::Tensor& t, const at::Tensor& like, int64_t dim) {
+  if (like.dim() == 0) return t.reshape({});
+  return t.movedim(-1, dim).contiguous();  // a fresh result, like the fake kernel's
+}
+
+struct TopKArgs {
+  at::Tensor x;  // rows_last(x)
+  int64_t dim, n, rows;
+  at::Tensor values, indices, max, sumexp;  // allocated results, shaped for rows_last
+};
+
+inline TopKArgs topk_args(const at::Tensor& x_in, int64_t k, int64_t dim, double temperature) {
+  check_floating(x_in, "x", "softmax_topk");
+  TopKArgs a;
+  a.dim = wrap_dim(dim, x_in, "softmax_topk");
+  check_temperature(temperature, "softmax_topk");
+  a.n = x_in.dim() == 0 ? 1 : x_in.size(a.dim);
+  check_k(k, a.n, "softmax_topk");
+  a.x = rows_last(x_in, a.dim);
+  a.rows = a.n == 0 ? 0 : a.x.numel() / a.n;
+  auto batch = a.x.sizes().vec();
+  batch.pop_back();
+  auto vshape = batch;
+  vshape.push_back(k);
+  a.values = at::empty(vshape, a.x.options());
+  a.indices = at::empty(vshape, a.x.options().dtype(at::kLong));
+  const auto sopts = a.x.options().dtype(state_dtype(a.x.scalar_type()));
+  a.max = at::empty(batch, sopts);
+  a.sumexp = at::empty(batch, sopts);
+  return a;
+}
+
+// The op's results, shaped like x_in again.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_results(const TopKArgs& a,
+                                                                               const at::Tensor& x_in) {
+  if (x_in.dim() == 0) {
+    return {a.values.reshape({}), a.indices.reshape({}), a.max.reshape({}), a.sumexp.reshape({})};
+  }
+  return {restore_dim(a.values, x_in, a.dim), restore_dim(a.indices, x_in, a.dim), a.max, a.sumexp};
+}
+
+struct TopKBackwardArgs {
+  at::Tensor x, g, idx, max, sumexp;  // rows_last / contiguous; g in x's dtype; states in state dtype
+  int64_t dim, n, rows, k;
+};
+
+inline TopKBackwardArgs topk_backward_args(const at::Tensor& grad_values, const at::Tensor& x_in,
+                                           const at::Tensor& indices_in, const at::Tensor& max,
+                                           const at::Tensor& sumexp, int64_t dim, double temperature) {
+  const char* op = "softmax_topk_backward";
+  check_floating(x_in, "x", op);
+  check_floating(grad_values, "grad_values", op);
+  TopKBackwardArgs a;
+  a.dim = wrap_dim(dim, x_in, op);
+  check_temperature(temperature, op);
+  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong, "online_softmax.", op,
+                   ": indices must be int64, got ", indices_in.scalar_type());
+  TORCH_CHECK_VALUE(grad_values.sizes() == indices_in.sizes(), "online_softmax.", op,
+                    ": grad_values has shape ", grad_values.sizes(), " but indices has shape ",
+                    indices_in.sizes());
+  for (const at::Tensor* t : {&grad_values, &indices_in, &max, &sumexp}) {
+    TORCH_CHECK_VALUE(t->device() == x_in.device(), "online_softmax.", op, ": all tensors must be on ",
+                      x_in.device(), ", got one on ", t->device());
+  }
+  a.x = rows_last(x_in, a.dim);
+  a.n = a.x.size(-1);
+  a.rows = a.n == 0 ? 0 : a.x.numel() / a.n;
+  a.g = rows_last(grad_values, a.dim).to(a.x.scalar_type());
+  a.idx = rows_last(indices_in, a.dim);
+  a.k = a.idx.size(-1);
+  TORCH_CHECK_VALUE(a.idx.numel() == a.rows * a.k, "online_softmax.", op, ": indices do not match x");
+  const auto sdtype = state_dtype(a.x.scalar_type());
+  a.max = max.to(sdtype).contiguous();
+  a.sumexp = sumexp.to(sdtype).contiguous();
+  TORCH_CHECK_VALUE(a.max.numel() == a.rows && a.sumexp.numel() == a.rows, "online_softmax.", op,
+                    ": max and sumexp must hold one value per row (", a.rows, ")");
+  return a;
+}
+
+inline at::Tensor topk_backward_result(const at::Tensor& dx, const at::Tensor& x_in, int64_t dim) {
+  if (x_in.dim() == 0) return dx.reshape({});
+  return restore_dim(dx, x_in, dim);
+}
+
+}  // namespace online_softmax

@@ -1,0 +1,86 @@
+// Host launchers of the CUDA kernels: raw pointers, sizes and a stream in, cudaError_t out. No torch
+// header here or in any file of csrc/kernels, so the kernels compile (and their resource usage can
+// be checked) with nvcc alone; csrc/cuda/ is the thin layer that calls these from the op bindings.
+//
+// Element types are the CUDA ones: float, double, __half, __nv_bfloat16. A is the accumulation type
+// (float, or double for double) in which max/sumexp are reported.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace online_softmax::kernels {
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+// What the launchers need to know about the GPU (the binding reads it once per call).
+struct DeviceLimits {
+  int num_sms = 1;
+  int max_smem_per_block = 48 * 1024;  // the opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+};
+
+// A contiguous tensor seen as [outer, size, inner] around the softmax dim.
+struct RowLayout {
+  int64_t outer = 1;
+  int64_t size = 1;
+  int64_t inner = 1;
+};
+
+// ---- forward and stats (softmax_forward.cu) ----
+
+// Bytes of scratch `softmax_forward` needs for this shape (0 unless long rows are split across
+// blocks); the caller allocates it on the same stream.
+template <typename T>
+size_t forward_workspace_bytes(RowLayout layout, DeviceLimits limits);
+
+// y = softmax(x * scale) or log_softmax along the size dim (scale = 1 / temperature). Any of
+// y, max_out and sumexp_out may be null; max_out/sumexp_out receive the per-row state (the max is of
+// x * scale). Requires size >= 1.
+template <typename T, typename O>
+cudaError_t softmax_forward(const T* x, O* y, typename AccOf<T>::type* max_out,
+                            typename AccOf<T>::type* sumexp_out, RowLayout layout, double scale,
+                            bool log, void* workspace, DeviceLimits limits, cudaStream_t stream);
+
+// ---- backward (softmax_backward.cu) ----
+
+template <typename Y>
+size_t backward_workspace_bytes(RowLayout layout, DeviceLimits limits);
+
+// softmax:     dx = scale * y * (dy - sum(dy * y))
+// log_softmax: dx = scale * (dy - exp(y) * sum(dy))
+template <typename Y, typename X>
+cudaError_t softmax_backward(const Y* dy, const Y* y, X* dx, RowLayout layout, double scale, bool log,
+                             void* workspace, DeviceLimits limits, cudaStream_t stream);
+
+// ---- fused top-k (softmax_topk.cu) ----
+
+// The largest k the fused kernel handles; larger k take the sort-based path in the binding.
+template <typename T>
+int64_t topk_max_k();
+
+template <typename T>
+size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, DeviceLimits limits);
+
+// Rows are contiguous (the binding moves the softmax dim last). Writes the k best softmax (or
+// log-softmax) values per row sorted descending (NaN first, ties to the lower index), their int64
+// indices, and the row state (max of x * scale, sumexp).
+template <typename T>
+cudaError_t softmax_topk(const T* x, T* values, int64_t* indices, typename AccOf<T>::type* max_out,
+                         typename AccOf<T>::type* sumexp_out, int64_t rows, int64_t n, int64_t k,
+                         double scale, bool log, void* workspace, DeviceLimits limits,
+                         cudaStream_t stream);
+
+// Gradient of softmax_topk's values. `indices` must be sorted ascending within each row (the binding
+// sorts them, carrying grad_values along) and lie in [0, n).
+template <typename T>
+cudaError_t softmax_topk_backward(const T* grad_values, const T* x, const int64_t* indices,
+                                  const typename AccOf<T>::type* max_in,
+                                  const typename AccOf<T>::type* sumexp_in, T* dx, int64_t rows,
+                                  int64_t n, int64_t k, double scale, bool log, cudaStream_t stream);
+
+}  // namespace online_softmax::kernels

@@ -1,0 +1,32 @@
+// The CUDA implementations of the online_softmax ops (schemas in csrc/ops.cpp), one file each:
+//   forward, stats            csrc/cuda/softmax.cpp
+//   backward                  csrc/cuda/softmax_backward.cpp
+//   softmax_topk(_backward)   csrc/cuda/softmax_topk.cpp
+// Each checks its arguments (csrc/common/op_args.h, shared with the CPU backend), guards the device,
+// dispatches the dtype and makes one call into the framework-free launchers of csrc/kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace online_softmax::cuda {
+
+at::Tensor forward(const at::Tensor& x, int64_t dim, bool log, double temperature,
+                   std::optional<at::ScalarType> dtype);
+
+std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x, int64_t dim, double temperature);
+
+at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log,
+                    double temperature, std::optional<at::ScalarType> input_dtype);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_topk(
+    const at::Tensor& x, int64_t k, int64_t dim, bool log, double temperature);
+
+at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor& x,
+                                 const at::Tensor& indices, const at::Tensor& max,
+                                 const at::Tensor& sumexp, int64_t dim, bool log,
+                                 double temperature);
+
+}  // namespace online_softmax::cuda

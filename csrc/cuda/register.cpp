@@ -1,0 +1,12 @@
+// The CUDA backend: one TORCH_LIBRARY_IMPL block for every op.
+#include <torch/library.h>
+
+#include "cuda/kernels.h"
+
+TORCH_LIBRARY_IMPL(online_softmax, CUDA, m) {
+  m.impl("forward", &online_softmax::cuda::forward);
+  m.impl("stats", &online_softmax::cuda::stats);
+  m.impl("backward", &online_softmax::cuda::backward);
+  m.impl("softmax_topk", &online_softmax::cuda::softmax_topk);
+  m.impl("softmax_topk_backward", &online_softmax::cuda::softmax_topk_backward);
+}

@@ -1,0 +1,86 @@
+// CUDA fused top-k bindings: checks, device guard, current stream, dtype dispatch, then one call
+// into csrc/kernels/softmax_topk.cu. k beyond the fused kernel's buffer (topk_max_k: 1024 to 2048)
+// takes a sort-based path that is slower but gives the same answers.
+#include <ATen/Dispatch.h>
+
+#include "common/op_args.h"
+#include "cuda/binding.h"
+#include "cuda/kernels.h"
+
+namespace online_softmax::cuda {
+namespace {
+
+// Top-k by a stable descending sort (NaN first, ties to the lower index, like the fused kernel),
+// probabilities from the row state. (x - M) * s with M = the top-1, the raw row max, keeps
+// 1e4-scale logits exact, as the kernels do.
+void topk_by_sort(TopKArgs& a, int64_t k, bool log, double temperature) {
+  const auto sorted = at::sort(a.x, /*stable=*/true, /*dim=*/-1, /*descending=*/true);
+  const at::Tensor top = std::get<0>(sorted).narrow(-1, 0, k);
+  a.indices.copy_(std::get<1>(sorted).narrow(-1, 0, k));
+  const auto [m, d] = stats(a.x, -1, temperature);
+  a.max.copy_(m);
+  a.sumexp.copy_(d);
+  const at::Tensor t = top.to(a.max.scalar_type());
+  const at::Tensor z = (t - t.narrow(-1, 0, 1)) * (1.0 / temperature);
+  const at::Tensor d_col = d.unsqueeze(-1);
+  a.values.copy_(log ? z - d_col.log() : z.exp() / d_col);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_topk(
+    const at::Tensor& x_in, int64_t k, int64_t dim, bool log, double temperature) {
+  TopKArgs a = topk_args(x_in, k, dim, temperature);
+  if (a.rows == 0) return topk_results(a, x_in);
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const kernels::DeviceLimits limits = device_limits(a.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "online_softmax.softmax_topk", [&] {
+    using T = cuda_t<scalar_t>;
+    using A = typename kernels::AccOf<T>::type;
+    if (k > kernels::topk_max_k<T>()) {
+      topk_by_sort(a, k, log, temperature);
+      return;
+    }
+    at::Tensor ws = workspace(kernels::topk_workspace_bytes<T>(a.rows, a.n, k, limits), a.x);
+    check_launch(kernels::softmax_topk<T>(cptr<scalar_t>(a.x), mptr<scalar_t>(a.values),
+                                          a.indices.mutable_data_ptr<int64_t>(), a.max.mutable_data_ptr<A>(),
+                                          a.sumexp.mutable_data_ptr<A>(), a.rows, a.n, k, 1.0 / temperature, log,
+                                          workspace_ptr(ws), limits, stream),
+                 "softmax_topk");
+  });
+  return topk_results(a, x_in);
+}
+
+at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor& x_in,
+                                 const at::Tensor& indices_in, const at::Tensor& max,
+                                 const at::Tensor& sumexp, int64_t dim, bool log, double temperature) {
+  const TopKBackwardArgs a = topk_backward_args(grad_values, x_in, indices_in, max, sumexp, dim, temperature);
+  at::Tensor dx = at::empty(a.x.sizes(), a.x.options());
+  if (a.rows > 0 && a.k > 0) {
+    const c10::cuda::CUDAGuard guard(a.x.device());
+    // The kernel sums repeated indices as runs: sort each row's indices, carrying the gradients.
+    const auto sorted = at::sort(a.idx, /*stable=*/true, /*dim=*/-1, /*descending=*/false);
+    const at::Tensor idx = std::get<0>(sorted).contiguous();
+    const at::Tensor g = a.g.gather(-1, std::get<1>(sorted)).contiguous();
+    // One small reduction and a host read: a bad index must raise, not write out of bounds.
+    const bool out_of_range = at::logical_or(idx.select(-1, 0).lt(0), idx.select(-1, a.k - 1).ge(a.n))
+                                  .any().item<bool>();
+    TORCH_CHECK_INDEX(!out_of_range, "online_softmax.softmax_topk_backward: indices must lie in [0, ", a.n, ")");
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "online_softmax.softmax_topk_backward", [&] {
+      using T = cuda_t<scalar_t>;
+      using A = typename kernels::AccOf<T>::type;
+      check_launch(kernels::softmax_topk_backward<T>(cptr<scalar_t>(g), cptr<scalar_t>(a.x),
+                                                     idx.const_data_ptr<int64_t>(), a.max.const_data_ptr<A>(),
+                                                     a.sumexp.const_data_ptr<A>(), mptr<scalar_t>(dx), a.rows,
+                                                     a.n, a.k, 1.0 / temperature, log, stream),
+                   "softmax_topk_backward");
+    });
+  } else if (a.rows > 0) {
+    dx.zero_();
+  }
+  return topk_backward_result(dx, x_in, a.dim);
+}
+
+}  // namespace online_softmax::cuda

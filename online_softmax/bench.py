@@ -26,6 +26,11 @@ import torch
 DEFAULT_SHAPES = [(4096, 1024), (1024, 32768), (64, 131072), (8, 262144), (1, 4 * 1024 * 1024)]
 QUICK_SHAPES = [(1024, 1024), (64, 32768), (4, 262144)]
 DEFAULT_KS = [1, 8, 64]
+# On a GPU: rows x cols moving at least 1 GiB (float32 forward) for cols 256..262144, then 1-64 rows
+# with 128k-4M columns (a batch of decoder steps over a large vocabulary).
+GPU_SHAPES = [(524288, 256), (131072, 1024), (32768, 4096), (4096, 32768), (512, 262144),
+              (1, 131072), (1, 4194304), (8, 262144), (8, 1048576), (64, 131072), (64, 4194304)]
+GPU_QUICK_SHAPES = [(131072, 1024), (4096, 32768), (8, 262144), (1, 4194304)]
 
 
 def _sync(device):
@@ -100,7 +105,11 @@ def cases(op, x, ks, with_compile=True):
 def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    if device.type == "cuda":
+        defaults = GPU_QUICK_SHAPES if args.quick else GPU_SHAPES
+    else:
+        defaults = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
+    shapes = args.shapes or defaults
     records = []
     total = len(shapes) * len(args.ops)
     step = 0

@@ -1,0 +1,44 @@
+"""Small calls that reach every CUDA kernel once, for compute-sanitizer (memcheck, racecheck):
+
+    compute-sanitizer --tool memcheck python3 scripts/sanitize_cases.py
+
+Shapes are chosen by the row plan in csrc/kernels/row_plan.cuh: rows in registers (each
+sub-warp/warp/block size), rows cached in shared memory (enough rows to fill the SMs), rows split
+over blocks (few rows), strided dims, misaligned row starts, and the fused top-k with and without
+a split. Each result is checked against float64, so a kernel that runs clean but wrong fails too."""
+
+import torch
+
+import online_softmax as osm
+
+torch.manual_seed(0)
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+cases = [(3, 1), (5, 3), (7, 33), (9, 257), (4, 1000), (3, 4000), (2, 16000), (sms + 1, 20000),
+         (sms + 1, 40000), (2, 100000), (1, 300001)]
+checked = 0
+for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+    tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+    for rows, n in cases:
+        flat = torch.randn(rows * n + 1, device="cuda", dtype=dtype) * 3
+        for x in (flat[:-1].view(rows, n), flat[1:].view(rows, n)):  # aligned, then misaligned
+            xr = x.double()
+            y = osm.softmax(x, dim=-1)
+            torch.testing.assert_close(y.double(), torch.softmax(xr, -1), rtol=tol, atol=tol)
+            g = torch.randn_like(x)
+            xg = x.clone().requires_grad_()
+            osm.log_softmax(xg, dim=-1).backward(g)
+            xd = xr.clone().requires_grad_()
+            torch.log_softmax(xd, -1).backward(g.double())
+            torch.testing.assert_close(xg.grad.double(), xd.grad, rtol=10 * tol, atol=10 * tol)
+            k = min(n, 9)
+            xt = x.clone().requires_grad_()
+            v, i = osm.softmax_topk(xt, k)
+            v.sum().backward()
+            torch.testing.assert_close(v.double(), torch.softmax(xr, -1).topk(k).values, rtol=tol, atol=tol)
+            checked += 1
+    x3 = torch.randn(3, 50, 40, device="cuda", dtype=dtype)
+    torch.testing.assert_close(osm.softmax(x3, dim=1).double(), torch.softmax(x3.double(), 1), rtol=tol, atol=tol)
+    m, d = osm.softmax_stats(x3, dim=1)
+    checked += 1
+torch.cuda.synchronize()
+print(f"sanitize_cases: {checked} cases ran and matched float64")

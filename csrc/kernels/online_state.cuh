@@ -66,7 +66,9 @@ __device__ __forceinline__ A nan_max(A a, A b) { return (b > a || is_nan(b)) ? b
 template <typename A> struct Exp;
 template <> struct Exp<float> {
   static constexpr float kLog2e = 1.4426950408889634f;
-  __device__ static float scale(float s) { return s * kLog2e; }  // s2: exp((x-m)*s) = exp2((x-m)*s2)
+  // s2 with exp((x-m)*s) = exp2((x-m)*s2). Clamped: for 1/t above 2.36e38 the product would be
+  // +inf and 0 * inf = NaN at the row max; any finite huge s2 gives the same exp2 results.
+  __device__ static float scale(float s) { return fminf(s * kLog2e, FLT_MAX); }
   __device__ static float of(float z2) { return exp2f(z2); }
 };
 template <> struct Exp<double> {

@@ -55,7 +55,7 @@ inline RowPlan plan_rows(int64_t rows, int64_t n, int vec, DeviceLimits limits,
   const int64_t granules = row_granules(n, vec);
   const int64_t sms = std::max(1, limits.num_sms);
   // Few rows of real length: spread each row over several blocks so every SM has work.
-  const bool few_rows = rows < sms && granules >= 1024;
+  const bool few_rows = rows > 0 && rows < sms && granules >= 1024;
   if (!few_rows && granules <= max_register_granules) {
     plan.kind = RowKind::kRegisters;
     for (int c = 0; c < kNumRegisterConfigs; ++c) {
@@ -76,12 +76,16 @@ inline RowPlan plan_rows(int64_t rows, int64_t n, int vec, DeviceLimits limits,
   }
   plan.kind = RowKind::kSplit;
   plan.threads = 256;
-  // Chunks of 256..4096 granules; few rows are cut finer, to about 4 blocks per SM in total.
+  // Chunks of 256..4096 granules (more for huge rows); few rows are cut finer, to about 4 blocks
+  // per SM in total.
   int64_t chunk = 4096;
   if (few_rows) {
     const int64_t want_chunks = (4 * sms + rows - 1) / rows;
     chunk = std::clamp<int64_t>((granules + want_chunks - 1) / want_chunks, 256, 4096);
   }
+  // At most 1024 chunks per row: every block of the second kernel merges all of its row's partial
+  // states, so their number must stay small for rows of 2^31 elements too.
+  chunk = std::max(chunk, (granules + 1023) / 1024);
   plan.chunk_granules = chunk;
   plan.chunks = (granules + chunk - 1) / chunk;
   return plan;

@@ -99,11 +99,13 @@ struct CandidateBuffer {
   }
 
   // Collective, after every step: keeps the k best once the buffer could not take another step.
+  // Every thread reads count between two barriers, so all of them take the same branch (a thread
+  // that read it after a faster warp's next offers could otherwise prune alone).
   __device__ void end_step(int k) {
-    __syncthreads();
+    __syncthreads();  // the step's offers are all in
     const int n = count;
+    __syncthreads();  // everyone has read count before anyone offers again
     if (n > kCapacity - kStep || (!has_threshold && n >= kStep)) {
-      __syncthreads();  // everyone has read count
       sort();
       if (threadIdx.x == 0) {
         count = k;
@@ -308,7 +310,7 @@ TopKPlan plan_topk(int64_t rows, int64_t n, int64_t k, DeviceLimits limits) {
   const int64_t granules_min = (n + V - 1) / V;  // the fewest granules any row has
   const int64_t sms = std::max(1, limits.num_sms);
   int64_t chunk = granules_min + 1;  // one chunk: the whole row
-  if (rows < sms && granules_min >= 2048) {
+  if (rows > 0 && rows < sms && granules_min >= 2048) {
     // Few rows: about 4 blocks per SM. Every chunk, also the first (which may start mid-granule)
     // and the last (which runs to the row's end), holds at least k elements.
     const int64_t min_chunk = std::max<int64_t>(512, (k + V - 1) / V + 1);

@@ -12,6 +12,7 @@ from .api import log_softmax, softmax, softmax_topk
 from .modules import OnlineLogSoftmax, OnlineSoftmax
 from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
+from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,10 @@ __all__ = [
     "OnlineSoftmax",
     "OnlineLogSoftmax",
     "build_info",
+    "chunked_softmax",
+    "chunked_log_softmax",
+    "chunked_softmax_topk",
+    "chunk_state",
+    "ArrayChunks",
+    "FileChunks",
 ]

@@ -82,6 +82,18 @@ class SoftmaxState:
         return out.to(x_chunk.dtype)
 
 
+def merge_topk_candidates(values: torch.Tensor, indices: torch.Tensor, k: int, dim: int):
+    """The (at most) k best (value, index) pairs along ``dim``, in the library's top-k order: larger first,
+    NaN above every number, ties to the lower index. Used to merge the top-k lists of chunks or
+    ranks, whose candidates carry global indices."""
+    by_index = indices.argsort(dim=dim, stable=True)
+    v, i = values.gather(dim, by_index), indices.gather(dim, by_index)
+    v, order = torch.sort(v, dim=dim, descending=True, stable=True)  # NaN sorts first, ties keep index order
+    i = i.gather(dim, order)
+    k = min(k, v.shape[dim])
+    return v.narrow(dim, 0, k), i.narrow(dim, 0, k)
+
+
 def softmax_stats(x: torch.Tensor, dim: int = -1, *, temperature: float = 1.0) -> SoftmaxState:
     """The online state of x / temperature along dim, computed in one read of x."""
     if not isinstance(x, torch.Tensor):

@@ -1,0 +1,212 @@
+"""Vocabulary-parallel softmax over torch.distributed: each rank holds a shard of the softmax dim.
+
+    import online_softmax.distributed as osd
+    y_shard = osd.softmax(x_shard, dim=-1)                 # this rank's slice of softmax(full x)
+    lse = osd.logsumexp(x_shard, dim=-1)                   # the cross-entropy normalizer, every rank
+    top = osd.softmax_topk(x_shard, k=5)                   # global top-k, global indices, every rank
+
+Only per-row states travel, never the logits: the (max, sumexp) merge is two all-reduces of
+O(rows) values (a MAX of the maxima, then a SUM of the rescaled sums and a NaN count); the top-k
+all-gathers k candidates per row and rank, O(rows * k * world). The results equal the
+single-process ops on the concatenated tensor (NaN and inf rows included), and softmax,
+log_softmax and logsumexp are differentiable: their backward all-reduces one O(rows) sum.
+
+Shards may differ in length. Works with any backend that supports all_reduce(MAX/SUM) and
+all_gather: NCCL on GPUs, Gloo on CPUs.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from .api import SoftmaxTopK
+from .ops import check_temperature, wrap_dim
+from .state import merge_topk_candidates
+
+_ops = torch.ops.online_softmax
+
+
+class CommStats(NamedTuple):
+    """Bytes one rank sends for a call, against all-gathering its logits shard instead."""
+    state_bytes: int
+    gather_logits_bytes: int
+
+
+def global_state(x: torch.Tensor, dim: int, temperature: float = 1.0, group=None):
+    """The (max, sumexp) of x / temperature over the whole sharded dim, on every rank.
+
+    max is of x / temperature, as in :func:`online_softmax.softmax_stats`. Two all-reduces of the
+    per-row state; -inf rows, +inf and NaN behave as in the single-process op.
+    """
+    m, d = _ops.stats(x, dim, float(temperature))
+    return _merge_across_ranks(m, d, group)
+
+
+def _merge_across_ranks(m: torch.Tensor, d: torch.Tensor, group):
+    # all_reduce(MAX) does not order NaN; carry NaN as a count and reduce the rest.
+    nan = torch.isnan(m)
+    m_clean = torch.where(nan, torch.full_like(m, float("-inf")), m)
+    m_global = m_clean.clone()
+    dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
+    # Rescale the local sum to the global max; equal maxima (also -inf == -inf) scale by 1.
+    scale = torch.where(m_clean == m_global, torch.ones_like(m), torch.exp(m_clean - m_global))
+    packed = torch.stack([torch.where(nan, torch.zeros_like(d), d * scale), nan.to(d.dtype)])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    d_global, nan_count = packed[0], packed[1]
+    any_nan = nan_count > 0
+    m_global = torch.where(any_nan, torch.full_like(m_global, float("nan")), m_global)
+    # A +inf or NaN max makes the whole row NaN, as finalize() does in the kernels.
+    bad = any_nan | (m_global == float("inf"))
+    d_global = torch.where(bad, torch.full_like(d_global, float("nan")), d_global)
+    return m_global, d_global
+
+
+def _normalize(x, m, d, dim, temperature, log):
+    m = m.unsqueeze(dim)
+    d = d.unsqueeze(dim)
+    finite = torch.isfinite(m)
+    m = torch.where(finite, m, torch.zeros_like(m))
+    d = torch.where(finite, d, torch.full_like(d, float("nan")))
+    z = x.to(m.dtype) / temperature - m
+    out = z - torch.log(d) if log else torch.exp(z) / d
+    return out.to(x.dtype)
+
+
+class _ShardedSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, temperature, log, group):
+        m, d = global_state(x, dim, temperature, group)
+        y = _normalize(x, m, d, dim, temperature, log)
+        ctx.save_for_backward(y)
+        ctx.dim, ctx.temperature, ctx.log, ctx.group = dim, temperature, log, group
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        ya, ga = y.to(acc), g.to(acc)
+        local = ga.sum(ctx.dim, keepdim=True) if ctx.log else (ga * ya).sum(ctx.dim, keepdim=True)
+        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=ctx.group)
+        if ctx.log:
+            dx = (ga - torch.exp(ya) * local) / ctx.temperature
+        else:
+            dx = ya * (ga - local) / ctx.temperature
+        return dx.to(y.dtype), None, None, None, None
+
+
+class _ShardedLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, temperature, group):
+        m, d = global_state(x, dim, temperature, group)
+        lse = m + torch.log(d)
+        lse = torch.where(m == float("-inf"), m, lse)
+        lse = torch.where(m == float("inf"), m, lse)
+        ctx.save_for_backward(x, m, d)
+        ctx.dim, ctx.temperature = dim, temperature
+        return lse
+
+    @staticmethod
+    def backward(ctx, g):
+        x, m, d = ctx.saved_tensors
+        p = _normalize(x, m, d, ctx.dim, ctx.temperature, False).to(g.dtype)
+        return g.unsqueeze(ctx.dim) * p / ctx.temperature, None, None, None
+
+
+def _check(x, dim, temperature, op):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"online_softmax.distributed.{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"online_softmax.distributed.{op}: torch.distributed is not initialized "
+                           "(call torch.distributed.init_process_group first)")
+    if x.dim() == 0:
+        raise ValueError(f"online_softmax.distributed.{op}: x must have at least one dimension (the sharded dim)")
+    check_temperature(float(temperature), f"distributed.{op}")
+    return wrap_dim(dim, x, f"distributed.{op}")
+
+
+def softmax(x: torch.Tensor, dim: int = -1, *, temperature: float = 1.0, group=None) -> torch.Tensor:
+    """This rank's slice of softmax(x_full / temperature), where x_full concatenates every rank's
+    shard along ``dim`` in rank order. Differentiable."""
+    dim = _check(x, dim, temperature, "softmax")
+    return _ShardedSoftmax.apply(x, dim, float(temperature), False, group)
+
+
+def log_softmax(x: torch.Tensor, dim: int = -1, *, temperature: float = 1.0, group=None) -> torch.Tensor:
+    """This rank's slice of log_softmax(x_full / temperature). Differentiable."""
+    dim = _check(x, dim, temperature, "log_softmax")
+    return _ShardedSoftmax.apply(x, dim, float(temperature), True, group)
+
+
+def logsumexp(x: torch.Tensor, dim: int = -1, *, temperature: float = 1.0, group=None) -> torch.Tensor:
+    """logsumexp(x_full / temperature) along ``dim`` on every rank (the cross-entropy normalizer).
+    Differentiable: each rank receives the gradient of its own shard."""
+    dim = _check(x, dim, temperature, "logsumexp")
+    return _ShardedLogSumExp.apply(x, dim, float(temperature), group)
+
+
+def _shard_offset(n_local: int, device, group) -> int:
+    """Global index of this rank's first element: the lengths of the lower ranks' shards."""
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(n_local, dtype=torch.int64, device=device), group=group)
+    rank = dist.get_rank(group)
+    return int(sum(s.item() for s in sizes[:rank])), int(sum(s.item() for s in sizes))
+
+
+def softmax_topk(x: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, temperature: float = 1.0,
+                 group=None) -> SoftmaxTopK:
+    """The global top-k of softmax(x_full / temperature) (or log-softmax), with global indices along
+    ``dim``, on every rank. Each rank runs the fused top-k on its shard, then k candidates per row
+    and rank are all-gathered and merged (ties to the lower global index). Not differentiable."""
+    dim = _check(x, dim, temperature, "softmax_topk")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"online_softmax.distributed.softmax_topk: k must be a positive int, got {k!r}")
+    n_local = x.shape[dim]
+    offset, total = _shard_offset(n_local, x.device, group)
+    if k > total:
+        raise ValueError(f"online_softmax.distributed.softmax_topk: k={k} is larger than the sharded dim "
+                         f"({total} over all ranks)")
+    with torch.no_grad():
+        kc = min(k, n_local)
+        if kc > 0:
+            _v, idx, m, d = _ops.softmax_topk(x, kc, dim, False, float(temperature))
+            raw = x.gather(dim, idx)
+        else:  # an empty shard offers no candidates and the empty state
+            shape = list(x.shape)
+            shape[dim] = 0
+            idx = torch.zeros(shape, dtype=torch.int64, device=x.device)
+            raw = x.new_zeros(shape)
+            m, d = _ops.stats(x, dim, float(temperature))
+        m, d = _merge_across_ranks(m, d, group)
+        # Pad to k candidates so every rank sends the same shape; padding never wins (-inf, huge index).
+        pad = k - kc
+        if pad:
+            pshape = list(raw.shape)
+            pshape[dim] = pad
+            raw = torch.cat([raw, raw.new_full(pshape, float("-inf"))], dim)
+            idx = torch.cat([idx + offset, idx.new_full(pshape, torch.iinfo(torch.int64).max)], dim)
+        else:
+            idx = idx + offset
+        world = dist.get_world_size(group)
+        all_raw = [torch.empty_like(raw) for _ in range(world)]
+        all_idx = [torch.empty_like(idx) for _ in range(world)]
+        dist.all_gather(all_raw, raw.contiguous(), group=group)
+        dist.all_gather(all_idx, idx.contiguous(), group=group)
+        cand_x, cand_i = merge_topk_candidates(torch.cat(all_raw, dim), torch.cat(all_idx, dim), k, dim)
+        return SoftmaxTopK(_normalize(cand_x, m, d, dim, float(temperature), log), cand_i)
+
+
+def communication_bytes(x: torch.Tensor, dim: int = -1, k: Optional[int] = None, group=None) -> CommStats:
+    """What this rank sends for softmax (k=None) or softmax_topk (k given), against all-gathering
+    its shard of the logits (what an unfused implementation would need)."""
+    dim = wrap_dim(dim, x, "distributed.communication_bytes")
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    rows = x.numel() // max(1, x.shape[dim])
+    acc = 8 if x.dtype == torch.float64 else 4
+    state = rows * acc * 3  # MAX of m, then SUM of (d, NaN count)
+    if k is not None:
+        state += rows * k * (x.element_size() + 8) + 8  # candidates (value, int64 index), shard length
+    gather = x.numel() * x.element_size() * (world - 1)  # every other rank's shard, received
+    return CommStats(state, gather)

@@ -88,7 +88,7 @@ def want_cuda() -> bool:
 
 def build_extension():
     capability = cpu_capability()
-    cpp_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpp_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")
                           + glob.glob("csrc/kernels/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -23,6 +23,10 @@ TORCH_LIBRARY(online_softmax, m) {
   m.def("softmax_topk(Tensor x, int k, int dim, bool log=False, float temperature=1.0) -> (Tensor values, Tensor indices, Tensor max, Tensor sumexp)");
   // Gradient of softmax_topk's values with respect to x, recomputing probabilities from x and the state.
   m.def("softmax_topk_backward(Tensor grad_values, Tensor x, Tensor indices, Tensor max, Tensor sumexp, int dim, bool log=False, float temperature=1.0) -> Tensor");
+  // One beam-search step: log_softmax(logits / t) + beam_scores[..., None] over (batch, num_beams *
+  // vocab), its top num_candidates (ties to the lower flat index), split into token and beam ids.
+  // logits: (batch * num_beams, vocab); beam_scores: (batch, num_beams). Reads the logits once.
+  m.def("beam_search_step(Tensor logits, Tensor beam_scores, int num_beams, int num_candidates, float temperature=1.0) -> (Tensor scores, Tensor token_ids, Tensor beam_ids)");
 }
 
 // `import online_softmax._C` loads this shared object, which runs the registrations above.

@@ -186,5 +186,37 @@ torch.library.register_autograd("online_softmax::softmax_topk", _topk_backward,
                                 setup_context=_topk_setup_context)
 
 
+# ---- beam-search step ----
+
+@torch.library.register_fake("online_softmax::beam_search_step")
+def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, temperature=1.0):
+    op = "beam_search_step"
+    check_floating(logits, "logits", op)
+    check_floating(beam_scores, "beam_scores", op)
+    check_temperature(temperature, op)
+    if logits.dim() != 2:
+        raise ValueError(f"online_softmax.{op}: logits must be 2-D (batch * num_beams, vocab), got shape "
+                         f"{list(logits.shape)}")
+    if beam_scores.dim() != 2:
+        raise ValueError(f"online_softmax.{op}: beam_scores must be 2-D (batch, num_beams), got shape "
+                         f"{list(beam_scores.shape)}")
+    if num_beams < 1:
+        raise ValueError(f"online_softmax.{op}: num_beams must be >= 1, got {num_beams}")
+    if beam_scores.shape[1] != num_beams:
+        raise ValueError(f"online_softmax.{op}: beam_scores has {beam_scores.shape[1]} columns but num_beams "
+                         f"is {num_beams}")
+    batch, vocab = beam_scores.shape[0], logits.shape[1]
+    if logits.shape[0] != batch * num_beams:
+        raise ValueError(f"online_softmax.{op}: logits has {logits.shape[0]} rows but batch * num_beams is "
+                         f"{batch} * {num_beams}")
+    if not 1 <= num_candidates <= num_beams * vocab:
+        raise ValueError(f"online_softmax.{op}: num_candidates must satisfy 1 <= num_candidates <= num_beams * "
+                         f"vocab = {num_beams * vocab}, got {num_candidates}")
+    dt = torch.result_type(logits, beam_scores)
+    shape = (batch, num_candidates)
+    return (logits.new_empty(shape, dtype=dt), logits.new_empty(shape, dtype=torch.int64),
+            logits.new_empty(shape, dtype=torch.int64))
+
+
 def _defaults(inputs, i, default):
     return inputs[i] if len(inputs) > i else default

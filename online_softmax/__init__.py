@@ -12,7 +12,7 @@ from .api import log_softmax, softmax, softmax_topk
 from .modules import OnlineLogSoftmax, OnlineSoftmax
 from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
-from .beam_search import BeamStep, beam_search_step
+from .beam_search import BeamSearchDecoder, BeamSearchOutput, BeamStep, beam_search_step
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
 __version__ = "0.1.0"
@@ -29,6 +29,8 @@ __all__ = [
     "build_info",
     "beam_search_step",
     "BeamStep",
+    "BeamSearchDecoder",
+    "BeamSearchOutput",
     "chunked_softmax",
     "chunked_log_softmax",
     "chunked_softmax_topk",

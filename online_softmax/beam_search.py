@@ -51,3 +51,123 @@ def unfused_beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, nu
     scores = torch.log_softmax(logits / temperature, dim=-1).view(batch, num_beams, vocab) + beam_scores[..., None]
     top, flat = scores.view(batch, num_beams * vocab).topk(num_candidates, dim=-1)
     return BeamStep(top, flat % vocab, flat // vocab)
+
+
+class BeamSearchOutput(NamedTuple):
+    sequences: torch.Tensor        # (batch * num_return_sequences, prompt + generated), padded with pad_token_id
+    sequences_scores: torch.Tensor  # (batch * num_return_sequences,) length-penalized sum of log-probs
+
+
+class BeamSearchDecoder:
+    """Beam search over any next-token model, with the fused :func:`beam_search_step` at its core.
+
+    ``step_fn(input_ids, cache, beam_idx) -> (logits, cache)`` maps the running sequences
+    (batch * num_beams, cur_len) to next-token logits (batch * num_beams, vocab). ``beam_idx`` is
+    None on the first call, then the flat indices of the beams each new row continues, so a callable
+    that keeps a cache can reorder it (``cache.index_select(0, beam_idx)`` for tensors). A callable
+    without a cache can ignore both and return ``(logits, None)``.
+
+    The bookkeeping follows Hugging Face transformers' beam search (its vectorized form, 5.x):
+    2 * num_beams candidates per step (so that num_beams stay open when some end in EOS); a
+    candidate that ends in EOS among the top num_beams becomes a finished hypothesis with score
+    sum_logprobs / generated_length ** length_penalty; ``early_stopping`` is True (stop a batch
+    entry when num_beams hypotheses are finished), False (stop when no running beam can beat the
+    worst finished one at the current length) or "never" (the same with the best possible length).
+    ``generate`` returns the same sequences and scores as ``model.generate(num_beams=...,
+    do_sample=False)`` with the same settings (see tests/test_beam_search_decoder.py).
+    """
+
+    def __init__(self, num_beams: int, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
+                 pad_token_id: Optional[int] = None, length_penalty: float = 1.0,
+                 early_stopping=False, num_return_sequences: int = 1, temperature: float = 1.0):
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"BeamSearchDecoder: num_beams must be a positive int, got {num_beams!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"BeamSearchDecoder: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not 1 <= num_return_sequences <= num_beams:
+            raise ValueError(f"BeamSearchDecoder: num_return_sequences must be in [1, num_beams], got "
+                             f"{num_return_sequences}")
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"BeamSearchDecoder: early_stopping must be True, False or 'never', got {early_stopping!r}")
+        self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
+        self.eos_token_id, self.length_penalty, self.early_stopping = eos_token_id, float(length_penalty), early_stopping
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else -1)
+        self.num_return_sequences, self.temperature = num_return_sequences, float(temperature)
+
+    @staticmethod
+    def _gather_beams(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        while idx.dim() < t.dim():
+            idx = idx.unsqueeze(-1)
+        return torch.take_along_dim(t, idx, dim=1)
+
+    @torch.no_grad()
+    def generate(self, step_fn, input_ids: torch.Tensor) -> BeamSearchOutput:
+        """Beam search from prompts ``input_ids`` (batch, prompt_len), all of the same length."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+            raise ValueError("BeamSearchDecoder.generate: input_ids must be an int64 tensor of shape (batch, prompt_len)")
+        nb, dev = self.num_beams, input_ids.device
+        batch, prompt = input_ids.shape
+        max_length = prompt + self.max_new_tokens
+        keep = 2 * nb  # max(2, 1 + number of EOS ids) * num_beams, with at most one EOS id
+        top_mask = torch.arange(keep, device=dev) < nb
+        NEG = -1.0e9
+
+        running = torch.full((batch, nb, max_length), self.pad_token_id, dtype=torch.int64, device=dev)
+        running[:, :, :prompt] = input_ids[:, None, :]
+        finished = running.clone()
+        running_scores = torch.zeros(batch, nb, device=dev)
+        running_scores[:, 1:] = NEG
+        finished_scores = torch.full((batch, nb), NEG, device=dev)
+        is_finished = torch.zeros(batch, nb, dtype=torch.bool, device=dev)
+        improvable = torch.ones(batch, 1, dtype=torch.bool, device=dev)
+        gen_len = torch.zeros(batch, nb, dtype=torch.int64, device=dev)          # finished hypotheses' lengths
+        cache, beam_idx, cur_len = None, None, prompt
+        while True:
+            flat = running[:, :, :cur_len].reshape(batch * nb, cur_len)
+            logits, cache = step_fn(flat, cache, beam_idx)
+            step = beam_search_step(logits.float(), running_scores, nb, num_candidates=keep,
+                                    temperature=self.temperature)
+            cand_scores, cand_beams = step.scores, step.beam_ids
+            cand_seqs = self._gather_beams(running, cand_beams)
+            cand_seqs[:, :, cur_len] = step.token_ids
+            hits = torch.zeros(batch, keep, dtype=torch.bool, device=dev)
+            if self.eos_token_id is not None:
+                hits |= step.token_ids == self.eos_token_id
+            if cur_len + 1 >= max_length:
+                hits[:] = True
+            # Running beams for the next step: the best num_beams candidates that did not stop.
+            open_scores = cand_scores + hits.float() * NEG
+            next_idx = torch.topk(open_scores, k=nb)[1]
+            new_running = self._gather_beams(cand_seqs, next_idx)
+            new_running_scores = self._gather_beams(open_scores, next_idx)
+            beam_idx = (self._gather_beams(cand_beams, next_idx) + torch.arange(batch, device=dev)[:, None] * nb).reshape(-1)
+            # Finished hypotheses: candidates among the top num_beams that stopped, length-penalized.
+            just_done = hits & top_mask[None, :]
+            done_scores = cand_scores / float(cur_len + 1 - prompt) ** self.length_penalty
+            full = is_finished.all(-1, keepdim=True) & (self.early_stopping is True)
+            done_scores = done_scores + full.float() * NEG + (~improvable).float() * NEG + (~just_done).float() * NEG
+            merged_seqs = torch.cat([finished, cand_seqs], 1)
+            merged_scores = torch.cat([finished_scores, done_scores], 1)
+            merged_done = torch.cat([is_finished, just_done], 1)
+            merged_len = torch.cat([gen_len, torch.full_like(cand_beams, cur_len + 1 - prompt)], 1)
+            best = torch.topk(merged_scores, k=nb)[1]
+            finished, finished_scores = self._gather_beams(merged_seqs, best), self._gather_beams(merged_scores, best)
+            is_finished, gen_len = self._gather_beams(merged_done, best), self._gather_beams(merged_len, best)
+            running, running_scores = new_running, new_running_scores
+            cur_len += 1
+            # Can a running beam still beat the worst finished hypothesis?
+            if self.early_stopping == "never" and self.length_penalty > 0.0:
+                best_len = max_length - prompt
+            else:
+                best_len = cur_len - prompt
+            best_possible = running_scores[:, :1] / float(best_len) ** self.length_penalty
+            worst_done = torch.where(is_finished, finished_scores.min(1, keepdim=True)[0], torch.full_like(best_possible, NEG))
+            improvable = improvable & (best_possible > worst_done).any(-1, keepdim=True)
+            keep_going = improvable.any() & ~(is_finished.all() & (self.early_stopping is True)) & ~hits.all()
+            if not bool(keep_going):
+                break
+        r = self.num_return_sequences
+        seqs = finished[:, :r].reshape(batch * r, max_length)
+        scores = finished_scores[:, :r].reshape(batch * r)
+        out_len = prompt + int(gen_len[:, :r].max().item())
+        return BeamSearchOutput(seqs[:, :out_len], scores)

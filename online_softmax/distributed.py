@@ -210,3 +210,51 @@ def communication_bytes(x: torch.Tensor, dim: int = -1, k: Optional[int] = None,
         state += rows * k * (x.element_size() + 8) + 8  # candidates (value, int64 index), shard length
     gather = x.numel() * x.element_size() * (world - 1)  # every other rank's shard, received
     return CommStats(state, gather)
+
+
+def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams: int, *,
+                     num_candidates: Optional[int] = None, temperature: float = 1.0, group=None):
+    """:func:`online_softmax.beam_search_step` with the vocabulary sharded across ranks: ``logits`` is
+    this rank's (batch * num_beams, vocab_shard) slice. Every rank gets the same
+    (scores, token_ids, beam_ids) with global token ids. Sends O(rows) for the states and
+    num_candidates candidates per row."""
+    from .beam_search import BeamStep
+
+    dim = _check(logits, -1, temperature, "beam_search_step")
+    if logits.dim() != 2 or beam_scores.dim() != 2 or logits.shape[0] != beam_scores.shape[0] * num_beams:
+        raise ValueError("online_softmax.distributed.beam_search_step: logits must be (batch * num_beams, vocab_shard) "
+                         f"and beam_scores (batch, num_beams); got {list(logits.shape)} and {list(beam_scores.shape)}")
+    batch = beam_scores.shape[0]
+    C = 2 * num_beams if num_candidates is None else num_candidates
+    n_local = logits.shape[dim]
+    offset, vocab = _shard_offset(n_local, logits.device, group)
+    if not 1 <= C <= num_beams * vocab:
+        raise ValueError(f"online_softmax.distributed.beam_search_step: num_candidates must satisfy 1 <= "
+                         f"num_candidates <= num_beams * vocab = {num_beams * vocab}, got {C}")
+    with torch.no_grad():
+        kc = min(C, n_local)
+        if kc > 0:
+            _v, idx, m, d = _ops.softmax_topk(logits, kc, dim, False, float(temperature))
+            raw = logits.gather(dim, idx)
+        else:
+            idx = torch.zeros(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
+            raw = logits.new_zeros(logits.shape[0], 0)
+            m, d = _ops.stats(logits, dim, float(temperature))
+        m, d = _merge_across_ranks(m, d, group)
+        pad = C - kc  # same shape on every rank; padding never wins
+        raw = torch.cat([raw, raw.new_full((raw.shape[0], pad), float("-inf"))], dim)
+        idx = torch.cat([idx + offset, idx.new_full((idx.shape[0], pad), torch.iinfo(torch.int64).max // 2)], dim)
+        world = dist.get_world_size(group)
+        all_raw = [torch.empty_like(raw) for _ in range(world)]
+        all_idx = [torch.empty_like(idx) for _ in range(world)]
+        dist.all_gather(all_raw, raw.contiguous(), group=group)
+        dist.all_gather(all_idx, idx.contiguous(), group=group)
+        cand = torch.cat(all_raw, dim)                                  # (batch * beams, world * C)
+        tok = torch.cat(all_idx, dim)
+        out_dtype = torch.result_type(logits, beam_scores)
+        lp = _normalize(cand, m, d, dim, float(temperature), True).to(out_dtype)
+        scores = (lp.view(batch, num_beams, -1) + beam_scores.to(out_dtype)[..., None]).view(batch, -1)
+        beam_base = torch.arange(num_beams, device=logits.device).view(1, num_beams, 1) * vocab
+        flat = (tok.view(batch, num_beams, -1) + beam_base).view(batch, -1)
+        best, best_flat = merge_topk_candidates(scores, flat, C, dim)
+        return BeamStep(best, best_flat % vocab, best_flat // vocab)

@@ -75,6 +75,16 @@ def worker(rank, world, port):
                         want_v, want_i = osm.softmax_topk(x, k, dim=dim)
                         assert torch.equal(i, want_i), (rank, dtype, k, i, want_i)
                         close(v, want_v, dtype)
+        # The fused beam-search step with a sharded vocabulary: same ids and scores on every rank.
+        for beams, vocab, t in ((4, 1001, 1.0), (3, 64, 0.7), (2, 9, 1.0)):
+            logits = torch.randn(2 * beams, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+            logits[0, 5] = float("-inf")
+            scores = -torch.rand(2, beams, generator=torch.Generator().manual_seed(1))
+            shard_logits, _ = shard(logits, 1, rank, world)
+            got = osd.beam_search_step(shard_logits, scores, beams, temperature=t, num_candidates=min(2 * beams, vocab))
+            want = osm.beam_search_step(logits, scores, beams, temperature=t, num_candidates=min(2 * beams, vocab))
+            assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.beam_ids, want.beam_ids)
+            close(got.scores, want.scores, torch.float32)
         # Autograd through the sharded softmax, log-softmax and logsumexp (finite rows only).
         x = torch.randn(5, 97, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
         w = torch.randn(5, 97, dtype=torch.float64, generator=torch.Generator().manual_seed(8))

@@ -26,6 +26,7 @@ import torch
 DEFAULT_SHAPES = [(4096, 1024), (1024, 32768), (64, 131072), (8, 262144), (1, 4 * 1024 * 1024)]
 QUICK_SHAPES = [(1024, 1024), (64, 32768), (4, 262144)]
 DEFAULT_KS = [1, 8, 64]
+BEAMS = 4  # beams per batch entry for --ops beam (rows = batch * beams)
 # On a GPU: rows x cols moving at least 1 GiB (float32 forward) for cols 256..262144, then 1-64 rows
 # with 128k-4M columns (a batch of decoder steps over a large vocabulary).
 GPU_SHAPES = [(524288, 256), (131072, 1024), (32768, 4096), (4096, 32768), (512, 262144),
@@ -90,6 +91,16 @@ def cases(op, x, ks, with_compile=True):
             "online_softmax": lambda: ops.backward(dy, y, -1, False, 1.0, None),
             "torch": lambda: torch._softmax_backward_data(dy, y, -1, x.dtype),
             "torch.compile": comp(lambda g, out: out * (g - (g * out).sum(-1, keepdim=True)), dy, y),
+        }
+    elif op == "beam":
+        from .beam_search import unfused_beam_search_step
+
+        beams = BEAMS if x.shape[0] % BEAMS == 0 else 1
+        scores = torch.randn(x.shape[0] // beams, beams, device=x.device, dtype=torch.float32)
+        yield f"beam_search_step beams={beams}", n, {
+            "online_softmax": lambda: osm.beam_search_step(x, scores, beams),
+            "torch": lambda: unfused_beam_search_step(x, scores, beams),
+            "torch.compile": comp(lambda t, sc: unfused_beam_search_step(t, sc, beams), x, scores),
         }
     elif op == "topk":
         for k in ks:
@@ -275,8 +286,8 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="file name stem for the results")
     args = p.parse_args(argv)
     for op in args.ops:
-        if op not in ("forward", "backward", "topk"):
-            p.error(f"--ops: unknown op {op!r} (forward, backward, topk)")
+        if op not in ("forward", "backward", "topk", "beam"):
+            p.error(f"--ops: unknown op {op!r} (forward, backward, topk, beam)")
     return args
 
 

@@ -48,7 +48,7 @@ class ArrayChunks:
             index[self.dim] = slice(start, min(length, start + self.chunk_size))
             piece = self.array[tuple(index)]
             if isinstance(piece, np.ndarray):
-                piece = torch.from_numpy(np.ascontiguousarray(piece))  # one chunk-sized copy
+                piece = torch.from_numpy(np.array(piece, copy=True))  # one chunk-sized, writable copy
             yield piece.to(self.device) if self.device is not None else piece
 
 
@@ -109,7 +109,7 @@ def _as_tensor(chunk, op: str) -> torch.Tensor:
     if isinstance(chunk, torch.Tensor):
         return chunk
     if isinstance(chunk, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(chunk))
+        return torch.from_numpy(np.array(chunk, copy=True))
     raise TypeError(f"online_softmax.{op}: every chunk must be a torch.Tensor or numpy array, got "
                     f"{type(chunk).__name__}")
 

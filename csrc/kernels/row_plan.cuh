@@ -91,4 +91,24 @@ inline RowPlan plan_rows(int64_t rows, int64_t n, int vec, DeviceLimits limits,
   return plan;
 }
 
+// Grids are capped (kernels loop over their work) so that huge row counts never exceed grid limits.
+inline int64_t capped_grid(int64_t blocks, DeviceLimits limits) {
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(limits.num_sms) * 64));
+}
+
+// The strided kernels' block: up to 32 neighbouring rows (x) times threads along the dim (y), <= 256.
+struct StridedBlock {
+  int x = 1;
+  int y = 1;
+  int64_t tiles = 1;  // blocks per outer index
+};
+
+inline StridedBlock strided_block(RowLayout layout) {
+  StridedBlock b;
+  while (b.x < 32 && b.x < layout.inner) b.x *= 2;
+  while (b.x * b.y < 256 && b.y < layout.size) b.y *= 2;
+  b.tiles = (layout.inner + b.x - 1) / b.x;
+  return b;
+}
+
 }  // namespace online_softmax::kernels

@@ -232,10 +232,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-int64_t capped_grid(int64_t blocks, DeviceLimits limits) {
-  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(limits.num_sms) * 64));
-}
-
 template <typename Y, typename X, int C>
 cudaError_t launch_register(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n, A_t<Y> s, bool log,
                             DeviceLimits limits, cudaStream_t stream) {
@@ -274,12 +270,8 @@ cudaError_t softmax_backward(const Y* dy, const Y* y, X* dx, RowLayout layout, d
   const A s = static_cast<A>(scale);
   if (layout.outer == 0 || layout.inner == 0 || layout.size == 0) return cudaSuccess;
   if (layout.inner > 1) {
-    int bx = 1;
-    while (bx < 32 && bx < layout.inner) bx *= 2;
-    int by = 1;
-    while (bx * by < 256 && by < layout.size) by *= 2;
-    const int64_t tiles = (layout.inner + bx - 1) / bx;
-    strided_backward_kernel<Y, X><<<capped_grid(layout.outer * tiles, limits), dim3(bx, by), 0, stream>>>(
+    const StridedBlock blk = strided_block(layout);
+    strided_backward_kernel<Y, X><<<capped_grid(layout.outer * blk.tiles, limits), dim3(blk.x, blk.y), 0, stream>>>(
         dy, y, dx, layout.outer, layout.size, layout.inner, s, log);
     return cudaGetLastError();
   }

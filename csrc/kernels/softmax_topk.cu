@@ -10,6 +10,7 @@
 
 #include "kernels/launchers.h"
 #include "kernels/online_state.cuh"
+#include "kernels/row_plan.cuh"
 #include "kernels/vec_io.cuh"
 
 namespace online_softmax::kernels {
@@ -321,10 +322,6 @@ TopKPlan plan_topk(int64_t rows, int64_t n, int64_t k, DeviceLimits limits) {
   plan.chunks = std::max<int64_t>(1, granules_min / chunk);
   plan.chunk_granules = plan.chunks == 1 ? granules_min + 1 : chunk;
   return plan;
-}
-
-int64_t capped_grid(int64_t blocks, DeviceLimits limits) {
-  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(limits.num_sms) * 64));
 }
 
 template <typename T>

@@ -155,6 +155,33 @@ def _shard_offset(n_local: int, device, group) -> int:
     return int(sum(s.item() for s in sizes[:rank])), int(sum(s.item() for s in sizes))
 
 
+def _global_candidates(x, k, dim, offset, temperature, group):
+    """Every rank's k best raw values along dim (fewer on short shards, padded with -inf and a huge
+    index that never wins), with global indices, concatenated in rank order; and the global state."""
+    n_local = x.shape[dim]
+    kc = min(k, n_local)
+    if kc > 0:
+        _v, idx, m, d = _ops.softmax_topk(x, kc, dim, False, temperature)
+        raw = x.gather(dim, idx)
+    else:  # an empty shard offers no candidates and the empty state
+        shape = list(x.shape)
+        shape[dim] = 0
+        idx = torch.zeros(shape, dtype=torch.int64, device=x.device)
+        raw = x.new_zeros(shape)
+        m, d = _ops.stats(x, dim, temperature)
+    m, d = _merge_across_ranks(m, d, group)
+    pshape = list(raw.shape)
+    pshape[dim] = k - kc  # every rank sends the same shape
+    raw = torch.cat([raw, raw.new_full(pshape, float("-inf"))], dim)
+    idx = torch.cat([idx + offset, idx.new_full(pshape, torch.iinfo(torch.int64).max // 2)], dim)
+    world = dist.get_world_size(group)
+    all_raw = [torch.empty_like(raw) for _ in range(world)]
+    all_idx = [torch.empty_like(idx) for _ in range(world)]
+    dist.all_gather(all_raw, raw.contiguous(), group=group)
+    dist.all_gather(all_idx, idx.contiguous(), group=group)
+    return torch.cat(all_raw, dim), torch.cat(all_idx, dim), m, d
+
+
 def softmax_topk(x: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, temperature: float = 1.0,
                  group=None) -> SoftmaxTopK:
     """The global top-k of softmax(x_full / temperature) (or log-softmax), with global indices along
@@ -169,32 +196,8 @@ def softmax_topk(x: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, t
         raise ValueError(f"online_softmax.distributed.softmax_topk: k={k} is larger than the sharded dim "
                          f"({total} over all ranks)")
     with torch.no_grad():
-        kc = min(k, n_local)
-        if kc > 0:
-            _v, idx, m, d = _ops.softmax_topk(x, kc, dim, False, float(temperature))
-            raw = x.gather(dim, idx)
-        else:  # an empty shard offers no candidates and the empty state
-            shape = list(x.shape)
-            shape[dim] = 0
-            idx = torch.zeros(shape, dtype=torch.int64, device=x.device)
-            raw = x.new_zeros(shape)
-            m, d = _ops.stats(x, dim, float(temperature))
-        m, d = _merge_across_ranks(m, d, group)
-        # Pad to k candidates so every rank sends the same shape; padding never wins (-inf, huge index).
-        pad = k - kc
-        if pad:
-            pshape = list(raw.shape)
-            pshape[dim] = pad
-            raw = torch.cat([raw, raw.new_full(pshape, float("-inf"))], dim)
-            idx = torch.cat([idx + offset, idx.new_full(pshape, torch.iinfo(torch.int64).max)], dim)
-        else:
-            idx = idx + offset
-        world = dist.get_world_size(group)
-        all_raw = [torch.empty_like(raw) for _ in range(world)]
-        all_idx = [torch.empty_like(idx) for _ in range(world)]
-        dist.all_gather(all_raw, raw.contiguous(), group=group)
-        dist.all_gather(all_idx, idx.contiguous(), group=group)
-        cand_x, cand_i = merge_topk_candidates(torch.cat(all_raw, dim), torch.cat(all_idx, dim), k, dim)
+        cand_x, cand_i, m, d = _global_candidates(x, k, dim, offset, float(temperature), group)
+        cand_x, cand_i = merge_topk_candidates(cand_x, cand_i, k, dim)
         return SoftmaxTopK(_normalize(cand_x, m, d, dim, float(temperature), log), cand_i)
 
 
@@ -232,25 +235,7 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams:
         raise ValueError(f"online_softmax.distributed.beam_search_step: num_candidates must satisfy 1 <= "
                          f"num_candidates <= num_beams * vocab = {num_beams * vocab}, got {C}")
     with torch.no_grad():
-        kc = min(C, n_local)
-        if kc > 0:
-            _v, idx, m, d = _ops.softmax_topk(logits, kc, dim, False, float(temperature))
-            raw = logits.gather(dim, idx)
-        else:
-            idx = torch.zeros(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
-            raw = logits.new_zeros(logits.shape[0], 0)
-            m, d = _ops.stats(logits, dim, float(temperature))
-        m, d = _merge_across_ranks(m, d, group)
-        pad = C - kc  # same shape on every rank; padding never wins
-        raw = torch.cat([raw, raw.new_full((raw.shape[0], pad), float("-inf"))], dim)
-        idx = torch.cat([idx + offset, idx.new_full((idx.shape[0], pad), torch.iinfo(torch.int64).max // 2)], dim)
-        world = dist.get_world_size(group)
-        all_raw = [torch.empty_like(raw) for _ in range(world)]
-        all_idx = [torch.empty_like(idx) for _ in range(world)]
-        dist.all_gather(all_raw, raw.contiguous(), group=group)
-        dist.all_gather(all_idx, idx.contiguous(), group=group)
-        cand = torch.cat(all_raw, dim)                                  # (batch * beams, world * C)
-        tok = torch.cat(all_idx, dim)
+        cand, tok, m, d = _global_candidates(logits, C, dim, offset, float(temperature), group)  # (rows, world * C)
         out_dtype = torch.result_type(logits, beam_scores)
         lp = _normalize(cand, m, d, dim, float(temperature), True).to(out_dtype)
         scores = (lp.view(batch, num_beams, -1) + beam_scores.to(out_dtype)[..., None]).view(batch, -1)

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -53,6 +54,18 @@ inline StatsArgs stats_args(const at::Tensor& x_in, int64_t dim, double temperat
   a.shape = reduced_shape(a.x, a.dim);
   a.options = a.x.options().dtype(state_dtype(a.x.scalar_type()));
   return a;
+}
+
+// Results that need no kernel: no rows at all, or an empty softmax dim (the merge identity,
+// max = -inf and sumexp = 0). Returns true when m and d are final.
+inline bool stats_without_kernel(at::Tensor& m, at::Tensor& d, const at::Tensor& x) {
+  if (m.numel() == 0) return true;
+  if (x.numel() == 0) {
+    m.fill_(-std::numeric_limits<double>::infinity());
+    d.zero_();
+    return true;
+  }
+  return false;
 }
 
 // ---- backward ----

@@ -224,12 +224,7 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x_in, int64_t dim, do
   const StatsArgs a = stats_args(x_in, dim, temperature);
   at::Tensor m = at::empty(a.shape, a.options);
   at::Tensor d = at::empty(a.shape, a.options);
-  if (m.numel() == 0) return {m, d};
-  if (a.x.numel() == 0) {  // an empty softmax dim: the merge identity
-    m.fill_(-std::numeric_limits<double>::infinity());
-    d.zero_();
-    return {m, d};
-  }
+  if (stats_without_kernel(m, d, a.x)) return {m, d};
   const RowGeometry g = row_geometry(a.x, a.dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "online_softmax.stats", [&] {
     using A = acc_t<scalar_t>;

@@ -24,7 +24,8 @@ TORCH_LIBRARY(online_softmax, m) {
   // Gradient of softmax_topk's values with respect to x, recomputing probabilities from x and the state.
   m.def("softmax_topk_backward(Tensor grad_values, Tensor x, Tensor indices, Tensor max, Tensor sumexp, int dim, bool log=False, float temperature=1.0) -> Tensor");
   // One beam-search step: log_softmax(logits / t) + beam_scores[..., None] over (batch, num_beams *
-  // vocab), its top num_candidates (ties to the lower flat index), split into token and beam ids.
+  // vocab), its top num_candidates, split into token and beam ids. Equal scores go to the lower
+  // beam * vocab + token among each beam's own best num_candidates log-probabilities.
   // logits: (batch * num_beams, vocab); beam_scores: (batch, num_beams). Reads the logits once.
   m.def("beam_search_step(Tensor logits, Tensor beam_scores, int num_beams, int num_candidates, float temperature=1.0) -> (Tensor scores, Tensor token_ids, Tensor beam_ids)");
 }

@@ -29,8 +29,10 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams:
                      num_candidates: Optional[int] = None, temperature: float = 1.0) -> BeamStep:
     """One fused beam-search step. ``logits``: (batch * num_beams, vocab), beam-major within a
     batch entry; ``beam_scores``: (batch, num_beams). Returns the best ``num_candidates`` (default
-    2 * num_beams) continuations per batch entry, sorted descending, ties to the lower
-    ``beam * vocab + token``. Banned tokens are -inf logits; they score -inf."""
+    2 * num_beams) continuations per batch entry, sorted descending. Equal scores go to the lower
+    ``beam * vocab + token`` among each beam's own best ``num_candidates`` log-probabilities (when
+    adding the beam score rounds distinct log-probabilities to equal scores, a token that lost
+    within its beam is not brought back). Banned tokens are -inf logits; they score -inf."""
     for name, t in (("logits", logits), ("beam_scores", beam_scores)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"online_softmax.beam_search_step: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -74,7 +76,11 @@ class BeamSearchDecoder:
     entry when num_beams hypotheses are finished), False (stop when no running beam can beat the
     worst finished one at the current length) or "never" (the same with the best possible length).
     ``generate`` returns the same sequences and scores as ``model.generate(num_beams=...,
-    do_sample=False)`` with the same settings (see tests/test_beam_search_decoder.py).
+    do_sample=False)`` with the same settings (see tests/test_beam_search_decoder.py), with two
+    caveats: transformers ignores ``temperature`` without sampling, where this decoder applies it
+    (leave it at 1.0 to match), and logits processors (n-gram blocking, minimum lengths) act on
+    log-probabilities there, which ``step_fn`` cannot reproduce by editing logits.
+    With ``num_beams=1`` it runs greedy search, as transformers does.
     """
 
     def __init__(self, num_beams: int, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
@@ -91,7 +97,11 @@ class BeamSearchDecoder:
             raise ValueError(f"BeamSearchDecoder: early_stopping must be True, False or 'never', got {early_stopping!r}")
         self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
         self.eos_token_id, self.length_penalty, self.early_stopping = eos_token_id, float(length_penalty), early_stopping
-        self.pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else -1)
+        # What finished beams are padded with, exactly as transformers computes it: a pad id of 0 (or
+        # None) falls back to EOS, and without an EOS id the fill is -1.
+        self.fill_token_id = (pad_token_id or eos_token_id) if eos_token_id is not None else -1
+        # Greedy search (num_beams == 1) pads with the pad id itself, or EOS when there is none.
+        self.pad_token_id = pad_token_id if pad_token_id is not None else eos_token_id
         self.num_return_sequences, self.temperature = num_return_sequences, float(temperature)
 
     @staticmethod
@@ -99,6 +109,30 @@ class BeamSearchDecoder:
         while idx.dim() < t.dim():
             idx = idx.unsqueeze(-1)
         return torch.take_along_dim(t, idx, dim=1)
+
+    def _greedy(self, step_fn, input_ids: torch.Tensor) -> BeamSearchOutput:
+        """One beam is greedy search, as in transformers (early_stopping and length_penalty play no
+        part): each row takes its best token until it emits EOS, then pads. The score is the sum
+        of the generated tokens' log-probabilities (transformers reports none for greedy)."""
+        batch, dev = input_ids.shape[0], input_ids.device
+        seqs, cache, beam_idx = input_ids, None, None
+        unfinished = torch.ones(batch, dtype=torch.bool, device=dev)
+        score = torch.zeros(batch, device=dev)
+        zeros = torch.zeros(batch, 1, device=dev)
+        for _ in range(self.max_new_tokens):
+            logits, cache = step_fn(seqs, cache, beam_idx)
+            step = beam_search_step(logits.float(), zeros, 1, num_candidates=1, temperature=self.temperature)
+            tok, lp = step.token_ids[:, 0], step.scores[:, 0]
+            if self.pad_token_id is not None:
+                tok = torch.where(unfinished, tok, torch.full_like(tok, self.pad_token_id))
+            score = score + torch.where(unfinished, lp, torch.zeros_like(lp))
+            seqs = torch.cat([seqs, tok[:, None]], 1)
+            beam_idx = torch.arange(batch, device=dev)
+            if self.eos_token_id is not None:
+                unfinished &= tok != self.eos_token_id
+            if not bool(unfinished.any()):
+                break
+        return BeamSearchOutput(seqs, score)
 
     @torch.no_grad()
     def generate(self, step_fn, input_ids: torch.Tensor) -> BeamSearchOutput:
@@ -112,7 +146,9 @@ class BeamSearchDecoder:
         top_mask = torch.arange(keep, device=dev) < nb
         NEG = -1.0e9
 
-        running = torch.full((batch, nb, max_length), self.pad_token_id, dtype=torch.int64, device=dev)
+        if nb == 1:
+            return self._greedy(step_fn, input_ids)
+        running = torch.full((batch, nb, max_length), self.fill_token_id, dtype=torch.int64, device=dev)
         running[:, :, :prompt] = input_ids[:, None, :]
         finished = running.clone()
         running_scores = torch.zeros(batch, nb, device=dev)

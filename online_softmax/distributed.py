@@ -12,7 +12,9 @@ single-process ops on the concatenated tensor (NaN and inf rows included), and s
 log_softmax and logsumexp are differentiable: their backward all-reduces one O(rows) sum.
 
 Shards may differ in length. Works with any backend that supports all_reduce(MAX/SUM) and
-all_gather: NCCL on GPUs, Gloo on CPUs.
+all_gather: NCCL on GPUs, Gloo on CPUs. Like every collective, the calls (and the backward of
+softmax / log_softmax, which all-reduces one sum per row) must run on every rank of the group:
+a backward that runs on some ranks only waits for the others forever.
 """
 
 from typing import NamedTuple, Optional
@@ -105,7 +107,7 @@ class _ShardedLogSumExp(torch.autograd.Function):
         lse = torch.where(m == float("inf"), m, lse)
         ctx.save_for_backward(x, m, d)
         ctx.dim, ctx.temperature = dim, temperature
-        return lse
+        return lse.to(x.dtype)  # like torch.logsumexp
 
     @staticmethod
     def backward(ctx, g):

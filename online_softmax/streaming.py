@@ -87,8 +87,14 @@ class FileChunks:
             os.close(fd)
 
 
-def _passes(source: ChunkSource, op: str) -> Callable[[], Iterator]:
+def _passes(source: ChunkSource, op: str, dim: int) -> Callable[[], Iterator]:
     """A function that starts a fresh pass over the source's chunks."""
+    if isinstance(source, (ArrayChunks, FileChunks)):
+        ndim = len(source.array.shape) if isinstance(source, ArrayChunks) else len(source.shape)
+        cut = source.dim if isinstance(source, ArrayChunks) else ndim - 1
+        if not -ndim <= dim < ndim or dim % ndim != cut:
+            raise ValueError(f"online_softmax.{op}: the source cuts its chunks along dim {cut}, but the softmax "
+                             f"dim is {dim}; they must be the same dim")
     if callable(source) and not isinstance(source, (ArrayChunks, FileChunks, torch.Tensor)):
         return lambda: iter(source())
     if isinstance(source, torch.Tensor):
@@ -140,7 +146,7 @@ class _ShapeCheck:
 def chunk_state(source: ChunkSource, dim: int = -1, *, temperature: float = 1.0) -> SoftmaxState:
     """The merged (max, sumexp) state of all chunks: one read of each."""
     state, check = None, _ShapeCheck("chunk_state", dim)
-    for chunk in _passes(source, "chunk_state")():
+    for chunk in _passes(source, "chunk_state", dim)():
         x = _as_tensor(chunk, "chunk_state")
         check(x)
         st = softmax_stats(x, dim, temperature=temperature)
@@ -151,22 +157,29 @@ def chunk_state(source: ChunkSource, dim: int = -1, *, temperature: float = 1.0)
 
 
 def _chunked(source: ChunkSource, dim: int, temperature: float, log: bool, op: str) -> Iterator[torch.Tensor]:
-    passes = _passes(source, op)  # validated before the generator starts
+    passes = _passes(source, op, dim)  # validated before the generator starts
     check = _ShapeCheck(op, dim)
 
     def generate():
-        state = None
+        state, lengths = None, []
         for chunk in passes():
             x = _as_tensor(chunk, op)
-            check(x)
+            lengths.append(x.shape[check(x)])
             st = softmax_stats(x, dim, temperature=temperature)
             state = st if state is None else state.merge(st)
         if state is None:
             raise ValueError(f"online_softmax.{op}: chunks is empty")
+        seen = []
         for chunk in passes():
             x = _as_tensor(chunk, op)
-            check(x)
+            seen.append(x.shape[check(x)])
+            if seen != lengths[:len(seen)]:
+                break
             yield state.normalize(x, log=log)
+        if seen != lengths:
+            raise ValueError(f"online_softmax.{op}: the second pass over chunks saw lengths {seen[:8]}..., the "
+                             f"first {lengths[:8]}...: a source must yield the same chunks each time it is "
+                             "iterated (a callable returning the same generator twice does not)")
 
     return generate()
 
@@ -186,14 +199,20 @@ def chunked_softmax_topk(source: ChunkSource, k: int, dim: int = -1, *, log: boo
                          temperature: float = 1.0) -> SoftmaxTopK:
     """The k largest softmax (or log-softmax) values of the concatenated chunks and their global
     indices along ``dim``: one read of each chunk (fused top-k + state per chunk, then merged).
-    Ties go to the lower global index, as in :func:`online_softmax.softmax_topk`."""
+    Ties go to the lower global index, as in :func:`online_softmax.softmax_topk`. Not
+    differentiable: the results are computed without autograd."""
+    with torch.no_grad():
+        return _chunked_softmax_topk(source, k, dim, log, temperature)
+
+
+def _chunked_softmax_topk(source, k, dim, log, temperature) -> SoftmaxTopK:
     op = "chunked_softmax_topk"
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"online_softmax.{op}: k must be a positive int, got {k!r}")
     check = _ShapeCheck(op, dim)
     state, cand_x, cand_i, offset = None, None, None, 0
     d = None
-    for chunk in _passes(source, op)():
+    for chunk in _passes(source, op, dim)():
         x = _as_tensor(chunk, op)
         d = check(x)
         n = x.shape[d]

@@ -105,3 +105,27 @@ def test_one_beam_is_greedy_search():
     got = BeamSearchDecoder(1, 6, eos_token_id=EOS).generate(step_fn(model), input_ids)
     # Greedy pads a finished row with pad_token_id (= EOS here); beam search does the same.
     assert torch.equal(got.sequences, want.sequences)
+
+
+@pytest.mark.parametrize("early_stopping,length_penalty", [("never", 2.0), (True, 1.0), ("never", 1.0)])
+def test_one_beam_ignores_early_stopping_like_transformers(early_stopping, length_penalty):
+    for seed in (0, 1, 2):
+        model = tiny_gpt2(seed)
+        input_ids = torch.randint(4, 48, (3, 5), generator=torch.Generator().manual_seed(seed))
+        want = hf_generate(model, input_ids, num_beams=1, max_new_tokens=8, early_stopping=early_stopping,
+                           length_penalty=length_penalty)
+        got = BeamSearchDecoder(1, 8, eos_token_id=EOS, early_stopping=early_stopping,
+                                length_penalty=length_penalty).generate(step_fn(model), input_ids)
+        assert torch.equal(got.sequences, want.sequences)
+
+
+def test_pad_zero_falls_back_to_eos_like_transformers():
+    model = tiny_gpt2(0)
+    input_ids = torch.randint(4, 48, (3, 5), generator=torch.Generator().manual_seed(100))
+    want = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, use_cache=False,
+                          num_beams=4, num_return_sequences=2, max_new_tokens=8, eos_token_id=EOS, pad_token_id=0,
+                          return_dict_in_generate=True, output_scores=True)
+    got = BeamSearchDecoder(4, 8, eos_token_id=EOS, pad_token_id=0, num_return_sequences=2).generate(
+        step_fn(model), input_ids)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-5, atol=1e-5)

@@ -150,3 +150,21 @@ def test_row_larger_than_the_memory_it_may_use(tmp_path):
     assert os.path.getsize(out_path) == 4 * n
     # The ramp's maximum 9.99 first occurs at index 999, then every 1000 elements.
     assert idx.strip() == "[[999, 1999]]"
+
+
+def test_source_dim_must_match_and_passes_must_agree():
+    x = random_logits((6, 9), torch.float32)
+    with pytest.raises(ValueError, match="cuts its chunks along dim 0"):
+        list(osm.chunked_softmax(osm.ArrayChunks(x, 3, dim=0), dim=-1))
+    got = torch.cat(list(osm.chunked_softmax(osm.ArrayChunks(x, 4, dim=0), dim=0)), 0)
+    torch.testing.assert_close(got, torch.softmax(x, 0))
+    pieces = split(x, [4, 5], -1)
+    g = iter(pieces)
+    with pytest.raises(ValueError, match="second pass"):
+        list(osm.chunked_softmax(lambda: g))  # the same generator twice: the second pass is empty
+
+
+def test_chunked_topk_is_not_differentiable():
+    x = random_logits((2, 7), torch.float32).requires_grad_()
+    v, i = osm.chunked_softmax_topk([x[:, :3], x[:, 3:]], 2)
+    assert not v.requires_grad

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .api import SoftmaxTopK
 from .ops import check_temperature, wrap_dim
-from .state import merge_topk_candidates
+from .state import SoftmaxState, merge_topk_candidates
 
 _ops = torch.ops.online_softmax
 
@@ -64,22 +64,11 @@ def _merge_across_ranks(m: torch.Tensor, d: torch.Tensor, group):
     return m_global, d_global
 
 
-def _normalize(x, m, d, dim, temperature, log):
-    m = m.unsqueeze(dim)
-    d = d.unsqueeze(dim)
-    finite = torch.isfinite(m)
-    m = torch.where(finite, m, torch.zeros_like(m))
-    d = torch.where(finite, d, torch.full_like(d, float("nan")))
-    z = x.to(m.dtype) / temperature - m
-    out = z - torch.log(d) if log else torch.exp(z) / d
-    return out.to(x.dtype)
-
-
 class _ShardedSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, temperature, log, group):
         m, d = global_state(x, dim, temperature, group)
-        y = _normalize(x, m, d, dim, temperature, log)
+        y = SoftmaxState(m, d, dim, temperature).normalize(x, log=log)
         ctx.save_for_backward(y)
         ctx.dim, ctx.temperature, ctx.log, ctx.group = dim, temperature, log, group
         return y
@@ -102,9 +91,7 @@ class _ShardedLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, temperature, group):
         m, d = global_state(x, dim, temperature, group)
-        lse = m + torch.log(d)
-        lse = torch.where(m == float("-inf"), m, lse)
-        lse = torch.where(m == float("inf"), m, lse)
+        lse = SoftmaxState(m, d, dim, temperature).logsumexp()
         ctx.save_for_backward(x, m, d)
         ctx.dim, ctx.temperature = dim, temperature
         return lse.to(x.dtype)  # like torch.logsumexp
@@ -112,7 +99,7 @@ class _ShardedLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, m, d = ctx.saved_tensors
-        p = _normalize(x, m, d, ctx.dim, ctx.temperature, False).to(g.dtype)
+        p = SoftmaxState(m, d, ctx.dim, ctx.temperature).normalize(x).to(g.dtype)
         return g.unsqueeze(ctx.dim) * p / ctx.temperature, None, None, None
 
 
@@ -200,7 +187,7 @@ def softmax_topk(x: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, t
     with torch.no_grad():
         cand_x, cand_i, m, d = _global_candidates(x, k, dim, offset, float(temperature), group)
         cand_x, cand_i = merge_topk_candidates(cand_x, cand_i, k, dim)
-        return SoftmaxTopK(_normalize(cand_x, m, d, dim, float(temperature), log), cand_i)
+        return SoftmaxTopK(SoftmaxState(m, d, dim, float(temperature)).normalize(cand_x, log=log), cand_i)
 
 
 def communication_bytes(x: torch.Tensor, dim: int = -1, k: Optional[int] = None, group=None) -> CommStats:
@@ -239,7 +226,7 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams:
     with torch.no_grad():
         cand, tok, m, d = _global_candidates(logits, C, dim, offset, float(temperature), group)  # (rows, world * C)
         out_dtype = torch.result_type(logits, beam_scores)
-        lp = _normalize(cand, m, d, dim, float(temperature), True).to(out_dtype)
+        lp = SoftmaxState(m, d, dim, float(temperature)).normalize(cand, log=True).to(out_dtype)
         scores = (lp.view(batch, num_beams, -1) + beam_scores.to(out_dtype)[..., None]).view(batch, -1)
         beam_base = torch.arange(num_beams, device=logits.device).view(1, num_beams, 1) * vocab
         flat = (tok.view(batch, num_beams, -1) + beam_base).view(batch, -1)

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(512)
     const Y* yr = y + row * n;
     const Y* gr = dy + row * n;
     const int head = row_head(yr);
-    const int64_t granules = (head + n + V - 1) / V;
+    const int64_t granules = granule_count<Y>(head, n);
     Y* cache_y = reinterpret_cast<Y*>(cache_bytes);
     Y* cache_g = cache_y + granules * V;
     A total = sum_granules(gr, yr, n, head, 0, granules, log,
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(256)
     const int64_t row = b / chunks, c = b % chunks;
     const Y* yr = y + row * n;
     const int head = row_head(yr);
-    const int64_t granules = (head + n + V - 1) / V;
+    const int64_t granules = granule_count<Y>(head, n);
     const A total = sum_granules(dy + row * n, yr, n, head, c * chunk_granules,
                                  imin(granules, (c + 1) * chunk_granules), log,
                                  [](int64_t, const A(&)[V], const A(&)[V]) {});
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(256)
     const Y* gr = dy + row * n;
     X* xr = dx + row * n;
     const int head = row_head(yr);
-    const int64_t granules = (head + n + V - 1) / V;
+    const int64_t granules = granule_count<Y>(head, n);
     const int64_t g_end = imin(granules, (c + 1) * chunk_granules);
     for (int64_t g = c * chunk_granules + threadIdx.x; g < g_end; g += blockDim.x) {
       A vg[V], vy[V];

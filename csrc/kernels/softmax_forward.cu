@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(512)
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + row * n;
     const int head = row_head(xr);
-    const int64_t granules = (head + n + V - 1) / V;
+    const int64_t granules = granule_count<T>(head, n);
     State<A> st = scan_granules(xr, n, head, 0, granules, s2, [&](int64_t g, const A(&v)[V]) {
 #pragma unroll
       for (int j = 0; j < V; ++j) cache[g * V + j] = from_acc<T>(v[j]);
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(256)
     const int64_t row = b / chunks, c = b % chunks;
     const T* xr = x + row * n;
     const int head = row_head(xr);
-    const int64_t granules = (head + n + V - 1) / V;
+    const int64_t granules = granule_count<T>(head, n);
     const int64_t g_end = imin(granules, (c + 1) * chunk_granules);
     const State<A> st = scan_granules(xr, n, head, c * chunk_granules, g_end, s2, [](int64_t, const A(&)[V]) {});
     const State<A> merged = block_merge(st, s2, scratch);
@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(256)
     const T* xr = x + row * n;
     O* yr = y + row * n;
     const int head = row_head(xr);
-    const int64_t granules = (head + n + V - 1) / V;
+    const int64_t granules = granule_count<T>(head, n);
     const int64_t g_end = imin(granules, (c + 1) * chunk_granules);
     for (int64_t g = c * chunk_granules + threadIdx.x; g < g_end; g += blockDim.x) {
       A v[V];

@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = b / chunks, c = b % chunks;
     const T* xr = x + row * n;
     const int head = row_head(xr);
-    const int64_t granules = (head + n + V - 1) / V;
+    const int64_t granules = granule_count<T>(head, n);
     const int64_t g_begin = c * chunk_granules, g_end = chunk_end(c, chunks, chunk_granules, granules);
     const int64_t base = g_begin * V - head;  // element index of ref 0
     buf.reset();
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     C = block_sum(C, scratch);
     const int head = row_head(xr);
-    const int64_t granules = (head + n + V - 1) / V;
+    const int64_t granules = granule_count<T>(head, n);
     for (int64_t g = threadIdx.x; g < granules; g += blockDim.x) {
       A v[V];
       load_elems(xr, g * V - head, n, v, A(0));
@@ -324,7 +324,6 @@ TopKPlan plan_topk(int64_t rows, int64_t n, int64_t k, DeviceLimits limits) {
   return plan;
 }
 
-template <typename T>
 size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 }  // namespace
@@ -339,7 +338,7 @@ size_t topk_workspace_bytes(int64_t rows, int64_t n, int64_t k, DeviceLimits lim
   const TopKPlan plan = plan_topk<T>(rows, n, k, limits);
   if (plan.chunks == 1) return 0;
   const size_t blocks = size_t(rows * plan.chunks);
-  return align256<T>(blocks * sizeof(State<A_t<T>>)) + align256<T>(blocks * k * sizeof(A_t<T>)) +
+  return align256(blocks * sizeof(State<A_t<T>>)) + align256(blocks * k * sizeof(A_t<T>)) +
          blocks * k * sizeof(int64_t);
 }
 
@@ -362,9 +361,9 @@ cudaError_t softmax_topk(const T* x, T* values, int64_t* indices, A_t<T>* max_ou
   const size_t blocks = size_t(rows * plan.chunks);
   char* ws = static_cast<char*>(workspace);
   auto* ws_state = reinterpret_cast<State<A>*>(ws);
-  ws += align256<T>(blocks * sizeof(State<A>));
+  ws += align256(blocks * sizeof(State<A>));
   auto* ws_value = reinterpret_cast<A*>(ws);
-  ws += align256<T>(blocks * k * sizeof(A));
+  ws += align256(blocks * k * sizeof(A));
   auto* ws_index = reinterpret_cast<int64_t*>(ws);
   topk_scan_kernel<T><<<capped_grid(rows * plan.chunks, limits), kThreads, 0, stream>>>(
       x, values, indices, max_out, sumexp_out, ws_state, ws_value, ws_index, rows, n, static_cast<int>(k),

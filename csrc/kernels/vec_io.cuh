@@ -22,6 +22,12 @@ __device__ __forceinline__ int row_head(const T* row) {
   return static_cast<int>((reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T));
 }
 
+// Granules covering a row of n elements that starts `head` elements past a 16-byte boundary.
+template <typename T>
+__device__ __forceinline__ int64_t granule_count(int head, int64_t n) {
+  return (head + n + Granule<T>::kVec - 1) / Granule<T>::kVec;
+}
+
 template <typename T>
 __device__ __forceinline__ bool aligned16(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;

@@ -12,14 +12,66 @@ Environment variables:
                                   for. Defaults to avx2 when this machine has AVX2+FMA, else default.
   ONLINE_SOFTMAX_DEBUG=1          -O0 -g build.
   ONLINE_SOFTMAX_PTXAS_VERBOSE=1  print ptxas's per-kernel resource report while building CUDA.
+  CUDA_HOME                       the CUDA toolkit; found from nvcc when unset (also when nvcc on PATH is
+                                  a wrapper script outside the toolkit).
 """
 
 import glob
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
+
+
+def _has_cuda_headers(home):
+    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _toolkit_of_nvcc(nvcc):
+    """The toolkit folder of an nvcc, asked of nvcc itself: nvcc on PATH may be a wrapper script
+    outside the toolkit (/usr/local/bin/nvcc here), from which torch would guess CUDA_HOME=/usr/local."""
+    real = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if _has_cuda_headers(real):
+        return real
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.cu")
+            open(src, "w").close()
+            out = subprocess.run([nvcc, "-dryrun", "-c", src, "-o", os.path.join(tmp, "probe.o")],
+                                 capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.M)
+    home = os.path.dirname(match.group(1).strip()) if match else None
+    return home if _has_cuda_headers(home) else None
+
+
+def _resolve_cuda_home():
+    """Sets CUDA_HOME (before torch.utils.cpp_extension reads it) when the user has not, and the
+    toolkit can be found: next to the real nvcc, or where a wrapper nvcc runs it from."""
+    if os.environ.get("USE_CUDA", "").strip() == "0":
+        return
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home:
+            if not _has_cuda_headers(home) and os.environ.get("FORCE_CUDA", "").strip().lower() in ("1", "true", "yes", "on"):
+                sys.exit(f"online_softmax: {var}={home} has no include/cuda_runtime.h; set it to the CUDA toolkit's "
+                         "folder (the one holding bin/nvcc and include/)")
+            return
+    nvcc = shutil.which("nvcc")
+    home = _toolkit_of_nvcc(nvcc) if nvcc else None
+    if home is None and _has_cuda_headers("/usr/local/cuda"):
+        home = "/usr/local/cuda"
+    if home is not None:
+        os.environ["CUDA_HOME"] = home
+
+
+_resolve_cuda_home()
 
 try:
     import torch
@@ -81,6 +133,9 @@ def want_cuda() -> bool:
     if os.environ.get("USE_CUDA", "").strip() == "0":
         return False
     if _env_flag("FORCE_CUDA"):
+        if not _has_cuda_headers(CUDA_HOME):
+            sys.exit(f"online_softmax: FORCE_CUDA=1 but no CUDA toolkit was found (CUDA_HOME={CUDA_HOME!r} has no "
+                     "include/cuda_runtime.h). Set CUDA_HOME to the toolkit's folder, e.g. /usr/local/cuda.")
         return True
     # A CUDA toolkit and a CUDA build of torch, never merely a visible GPU.
     return CUDA_HOME is not None and torch.version.cuda is not None

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "kernels/launchers.h"
+#include "kernels/seam.cuh"
 
 namespace online_softmax::kernels {
 

@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(512)
                                int64_t rows, int64_t n, A_t<Y> s, bool log) {
   using A = A_t<Y>;
   constexpr int V = Granule<Y>::kVec;
-  extern __shared__ __align__(16) unsigned char cache_bytes[];
+  OSM_DYNAMIC_SHARED(cache_bytes);
   __shared__ A scratch[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const Y* yr = y + row * n;
@@ -238,7 +238,8 @@ cudaError_t launch_register(const Y* dy, const Y* y, X* dx, int64_t rows, int64_
   constexpr RegisterConfig cfg = kRegisterConfigs[C];
   const int64_t rows_per_block = cfg.block / cfg.group;
   const int64_t blocks = capped_grid((rows + rows_per_block - 1) / rows_per_block, limits);
-  register_rows_backward_kernel<Y, X, cfg.group, cfg.vecs, cfg.block><<<blocks, cfg.block, 0, stream>>>(dy, y, dx, rows, n, s, log);
+  OSM_LAUNCH(blocks, cfg.block, 0, stream, register_rows_backward_kernel<Y, X, cfg.group, cfg.vecs, cfg.block>)(
+      dy, y, dx, rows, n, s, log);
   return cudaGetLastError();
 }
 
@@ -271,7 +272,7 @@ cudaError_t softmax_backward(const Y* dy, const Y* y, X* dx, RowLayout layout, d
   if (layout.outer == 0 || layout.inner == 0 || layout.size == 0) return cudaSuccess;
   if (layout.inner > 1) {
     const StridedBlock blk = strided_block(layout);
-    strided_backward_kernel<Y, X><<<capped_grid(layout.outer * blk.tiles, limits), dim3(blk.x, blk.y), 0, stream>>>(
+    OSM_LAUNCH(capped_grid(layout.outer * blk.tiles, limits), dim3(blk.x, blk.y), 0, stream, strided_backward_kernel<Y, X>)(
         dy, y, dx, layout.outer, layout.size, layout.inner, s, log);
     return cudaGetLastError();
   }
@@ -282,22 +283,22 @@ cudaError_t softmax_backward(const Y* dy, const Y* y, X* dx, RowLayout layout, d
       return dispatch_register(plan.config, std::make_integer_sequence<int, kNumRegisterConfigs - 1>{}, dy, y,
                                dx, rows, n, s, log, limits, stream);
     case RowKind::kShared: {
-      auto kernel = shared_row_backward_kernel<Y, X>;
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      cudaError_t err = cudaFuncSetAttribute(shared_row_backward_kernel<Y, X>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(plan.smem_bytes));
       if (err != cudaSuccess) return err;
-      kernel<<<capped_grid(rows, limits), plan.threads, plan.smem_bytes, stream>>>(dy, y, dx, rows, n, s, log);
+      OSM_LAUNCH(capped_grid(rows, limits), plan.threads, plan.smem_bytes, stream, shared_row_backward_kernel<Y, X>)(
+          dy, y, dx, rows, n, s, log);
       return cudaGetLastError();
     }
     case RowKind::kSplit: {
       auto* partial = static_cast<A*>(workspace);
       if (partial == nullptr) return cudaErrorInvalidValue;
       const int64_t blocks = capped_grid(rows * plan.chunks, limits);
-      partial_sums_kernel<Y><<<blocks, plan.threads, 0, stream>>>(dy, y, partial, rows, n, plan.chunks,
+      OSM_LAUNCH(blocks, plan.threads, 0, stream, partial_sums_kernel<Y>)(dy, y, partial, rows, n, plan.chunks,
                                                                   plan.chunk_granules, log);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
-      split_backward_kernel<Y, X><<<blocks, plan.threads, 0, stream>>>(dy, y, dx, partial, rows, n, plan.chunks,
+      OSM_LAUNCH(blocks, plan.threads, 0, stream, split_backward_kernel<Y, X>)(dy, y, dx, partial, rows, n, plan.chunks,
                                                                        plan.chunk_granules, s, log);
       return cudaGetLastError();
     }

@@ -15,6 +15,13 @@ namespace {
 template <typename T>
 using A_t = acc_t<T>;
 
+// The row state as the op reports it (the max of x * s); either output may be null.
+template <typename A>
+__device__ __forceinline__ void store_state(A* max_out, A* sumexp_out, int64_t row, State<A> st, A s) {
+  if (max_out != nullptr) max_out[row] = st.m * s;
+  if (sumexp_out != nullptr) sumexp_out[row] = st.d;
+}
+
 // Granules each thread loads before it computes, so that several 16-byte loads are in flight.
 constexpr int kUnroll = 4;
 
@@ -67,10 +74,7 @@ __global__ void __launch_bounds__(kBlock)
     }
     st = finalize(st);
     if (!active) continue;
-    if (max_out != nullptr && t == 0) {
-      max_out[row] = st.m * s;
-      sumexp_out[row] = st.d;
-    }
+    if (t == 0) store_state(max_out, sumexp_out, row, st, s);
     if (y == nullptr) continue;
     const Normalizer<A> nz(st, s);
     O* yr = y + row * n;
@@ -119,7 +123,7 @@ __global__ void __launch_bounds__(512)
                       A_t<T>* __restrict__ sumexp_out, int64_t rows, int64_t n, A_t<T> s, bool log) {
   using A = A_t<T>;
   constexpr int V = Granule<T>::kVec;
-  extern __shared__ __align__(16) unsigned char cache_bytes[];
+  OSM_DYNAMIC_SHARED(cache_bytes);
   T* cache = reinterpret_cast<T*>(cache_bytes);
   __shared__ State<A> scratch[32];
   const A s2 = Exp<A>::scale(s);
@@ -132,10 +136,7 @@ __global__ void __launch_bounds__(512)
       for (int j = 0; j < V; ++j) cache[g * V + j] = from_acc<T>(v[j]);
     });
     st = finalize(block_merge(st, s2, scratch));  // its barriers also publish the cache
-    if (max_out != nullptr && threadIdx.x == 0) {
-      max_out[row] = st.m * s;
-      sumexp_out[row] = st.d;
-    }
+    if (threadIdx.x == 0) store_state(max_out, sumexp_out, row, st, s);
     if (y != nullptr) {
       const Normalizer<A> nz(st, s);
       O* yr = y + row * n;
@@ -194,10 +195,7 @@ __global__ void __launch_bounds__(256)
   for (int64_t b = blockIdx.x; b < rows * blocks_per_row; b += gridDim.x) {
     const int64_t row = b / blocks_per_row, c = b % blocks_per_row;
     const State<A> st = merge_partials(partial + row * chunks, chunks, s2, scratch);
-    if (max_out != nullptr && c == 0 && threadIdx.x == 0) {
-      max_out[row] = st.m * s;
-      sumexp_out[row] = st.d;
-    }
+    if (c == 0 && threadIdx.x == 0) store_state(max_out, sumexp_out, row, st, s);
     if (y == nullptr) continue;
     const Normalizer<A> nz(st, s);
     const T* xr = x + row * n;
@@ -249,10 +247,7 @@ __global__ void __launch_bounds__(256)
     st = states[threadIdx.x];
     __syncthreads();  // states[] is rewritten by the next tile
     if (!active) continue;
-    if (max_out != nullptr && threadIdx.y == 0) {
-      max_out[o * inner + i] = st.m * s;
-      sumexp_out[o * inner + i] = st.d;
-    }
+    if (threadIdx.y == 0) store_state(max_out, sumexp_out, o * inner + i, st, s);
     if (y == nullptr) continue;
     const Normalizer<A> nz(st, s);
     O* yc = y + o * size * inner + i;
@@ -266,7 +261,8 @@ cudaError_t launch_register(const T* x, O* y, A_t<T>* mo, A_t<T>* so, int64_t ro
   constexpr RegisterConfig cfg = kRegisterConfigs[C];
   const int64_t rows_per_block = cfg.block / cfg.group;
   const int64_t blocks = capped_grid((rows + rows_per_block - 1) / rows_per_block, limits);
-  register_rows_kernel<T, O, cfg.group, cfg.vecs, cfg.block><<<blocks, cfg.block, 0, stream>>>(x, y, mo, so, rows, n, s, log);
+  OSM_LAUNCH(blocks, cfg.block, 0, stream, register_rows_kernel<T, O, cfg.group, cfg.vecs, cfg.block>)(
+      x, y, mo, so, rows, n, s, log);
   return cudaGetLastError();
 }
 
@@ -296,7 +292,7 @@ cudaError_t softmax_forward(const T* x, O* y, A_t<T>* max_out, A_t<T>* sumexp_ou
   if (layout.outer == 0 || layout.inner == 0 || layout.size == 0) return cudaSuccess;
   if (layout.inner > 1) {
     const StridedBlock blk = strided_block(layout);
-    strided_kernel<T, O><<<capped_grid(layout.outer * blk.tiles, limits), dim3(blk.x, blk.y), 0, stream>>>(
+    OSM_LAUNCH(capped_grid(layout.outer * blk.tiles, limits), dim3(blk.x, blk.y), 0, stream, strided_kernel<T, O>)(
         x, y, max_out, sumexp_out, layout.outer, layout.size, layout.inner, s, log);
     return cudaGetLastError();
   }
@@ -307,23 +303,22 @@ cudaError_t softmax_forward(const T* x, O* y, A_t<T>* max_out, A_t<T>* sumexp_ou
       return dispatch_register(plan.config, std::make_integer_sequence<int, kNumRegisterConfigs>{}, x, y,
                                max_out, sumexp_out, rows, n, s, log, limits, stream);
     case RowKind::kShared: {
-      auto kernel = shared_row_kernel<T, O>;
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      cudaError_t err = cudaFuncSetAttribute(shared_row_kernel<T, O>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(plan.smem_bytes));
       if (err != cudaSuccess) return err;
-      kernel<<<capped_grid(rows, limits), plan.threads, plan.smem_bytes, stream>>>(x, y, max_out, sumexp_out,
-                                                                                  rows, n, s, log);
+      OSM_LAUNCH(capped_grid(rows, limits), plan.threads, plan.smem_bytes, stream, shared_row_kernel<T, O>)(
+          x, y, max_out, sumexp_out, rows, n, s, log);
       return cudaGetLastError();
     }
     case RowKind::kSplit: {
       auto* partial = static_cast<State<A>*>(workspace);
       if (partial == nullptr) return cudaErrorInvalidValue;
-      partial_states_kernel<T><<<capped_grid(rows * plan.chunks, limits), plan.threads, 0, stream>>>(
+      OSM_LAUNCH(capped_grid(rows * plan.chunks, limits), plan.threads, 0, stream, partial_states_kernel<T>)(
           x, partial, rows, n, plan.chunks, plan.chunk_granules, s);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
       const int64_t blocks_per_row = y != nullptr ? plan.chunks : 1;
-      split_output_kernel<T, O><<<capped_grid(rows * blocks_per_row, limits), plan.threads, 0, stream>>>(
+      OSM_LAUNCH(capped_grid(rows * blocks_per_row, limits), plan.threads, 0, stream, split_output_kernel<T, O>)(
           x, y, max_out, sumexp_out, partial, rows, n, plan.chunks, plan.chunk_granules, blocks_per_row, s, log);
       return cudaGetLastError();
     }

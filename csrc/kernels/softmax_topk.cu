@@ -352,7 +352,7 @@ cudaError_t softmax_topk(const T* x, T* values, int64_t* indices, A_t<T>* max_ou
   if (k < 1 || k > n || k > topk_max_k<T>()) return cudaErrorInvalidValue;
   const TopKPlan plan = plan_topk<T>(rows, n, k, limits);
   if (plan.chunks == 1) {
-    topk_scan_kernel<T><<<capped_grid(rows, limits), kThreads, 0, stream>>>(
+    OSM_LAUNCH(capped_grid(rows, limits), kThreads, 0, stream, topk_scan_kernel<T>)(
         x, values, indices, max_out, sumexp_out, nullptr, nullptr, nullptr, rows, n, static_cast<int>(k), 1,
         plan.chunk_granules, s, log);
     return cudaGetLastError();
@@ -365,12 +365,12 @@ cudaError_t softmax_topk(const T* x, T* values, int64_t* indices, A_t<T>* max_ou
   auto* ws_value = reinterpret_cast<A*>(ws);
   ws += align256(blocks * k * sizeof(A));
   auto* ws_index = reinterpret_cast<int64_t*>(ws);
-  topk_scan_kernel<T><<<capped_grid(rows * plan.chunks, limits), kThreads, 0, stream>>>(
+  OSM_LAUNCH(capped_grid(rows * plan.chunks, limits), kThreads, 0, stream, topk_scan_kernel<T>)(
       x, values, indices, max_out, sumexp_out, ws_state, ws_value, ws_index, rows, n, static_cast<int>(k),
       plan.chunks, plan.chunk_granules, s, log);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  topk_merge_kernel<T><<<capped_grid(rows, limits), kThreads, 0, stream>>>(
+  OSM_LAUNCH(capped_grid(rows, limits), kThreads, 0, stream, topk_merge_kernel<T>)(
       values, indices, max_out, sumexp_out, ws_state, ws_value, ws_index, rows, static_cast<int>(k), plan.chunks,
       s, log);
   return cudaGetLastError();
@@ -381,7 +381,7 @@ cudaError_t softmax_topk_backward(const T* grad_values, const T* x, const int64_
                                   const A_t<T>* sumexp_in, T* dx, int64_t rows, int64_t n, int64_t k,
                                   double scale, bool log, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  topk_backward_kernel<T><<<std::max<int64_t>(1, std::min<int64_t>(rows, 65536)), kThreads, 0, stream>>>(
+  OSM_LAUNCH(std::max<int64_t>(1, std::min<int64_t>(rows, 65536)), kThreads, 0, stream, topk_backward_kernel<T>)(
       grad_values, x, indices, max_in, sumexp_in, dx, rows, n, k, static_cast<A_t<T>>(scale), log);
   return cudaGetLastError();
 }

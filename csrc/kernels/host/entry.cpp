@@ -1,0 +1,153 @@
+// C entry points over the launchers of launchers.h, for the host-executed kernel tests
+// (tests/host_kernels.py loads them with ctypes). Test-only. Every pointer is a host buffer; dtype
+// codes: 0 float32, 1 float64, 2 float16, 3 bfloat16. Each call returns the launcher's cudaError_t.
+#include "kernels/launchers.h"
+
+#include <cstdint>
+
+using namespace online_softmax::kernels;
+namespace hr = online_softmax::host_runtime;
+
+namespace {
+
+enum Dtype { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
+
+DeviceLimits limits_of(int num_sms, int max_smem_per_block) {
+  DeviceLimits limits;
+  limits.num_sms = num_sms;
+  limits.max_smem_per_block = max_smem_per_block;
+  return limits;
+}
+
+RowLayout layout_of(int64_t outer, int64_t size, int64_t inner) {
+  RowLayout layout;
+  layout.outer = outer;
+  layout.size = size;
+  layout.inner = inner;
+  return layout;
+}
+
+// Calls fn(T{}) with T the element type of `dtype`; unknown codes are an invalid value.
+template <typename Fn>
+auto with_dtype(int dtype, Fn&& fn) -> decltype(fn(float{})) {
+  switch (dtype) {
+    case kFloat: return fn(float{});
+    case kDouble: return fn(double{});
+    case kHalf: return fn(__half{});
+    case kBFloat16: return fn(__nv_bfloat16{});
+  }
+  return decltype(fn(float{}))(cudaErrorInvalidValue);
+}
+
+template <typename T>
+using Acc = typename AccOf<T>::type;
+
+}  // namespace
+
+extern "C" {
+
+size_t osm_host_forward_workspace_bytes(int dtype, int64_t outer, int64_t size, int64_t inner, int num_sms,
+                                        int max_smem) {
+  return with_dtype(dtype, [&](auto t) -> size_t {
+    using T = decltype(t);
+    return forward_workspace_bytes<T>(layout_of(outer, size, inner), limits_of(num_sms, max_smem));
+  });
+}
+
+// out_dtype: the same as dtype, or float32 for float16/bfloat16 input (forward's dtype= cast).
+int osm_host_forward(int dtype, int out_dtype, const void* x, void* y, void* max_out, void* sumexp_out,
+                     int64_t outer, int64_t size, int64_t inner, double scale, int log, void* workspace,
+                     int num_sms, int max_smem) {
+  const RowLayout layout = layout_of(outer, size, inner);
+  const DeviceLimits limits = limits_of(num_sms, max_smem);
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    auto* mo = static_cast<Acc<T>*>(max_out);
+    auto* so = static_cast<Acc<T>*>(sumexp_out);
+    if (out_dtype == dtype) {
+      return softmax_forward<T, T>(static_cast<const T*>(x), static_cast<T*>(y), mo, so, layout, scale, log != 0,
+                                   workspace, limits, nullptr);
+    }
+    if constexpr (sizeof(T) == 2) {
+      if (out_dtype == kFloat) {
+        return softmax_forward<T, float>(static_cast<const T*>(x), static_cast<float*>(y), mo, so, layout, scale,
+                                         log != 0, workspace, limits, nullptr);
+      }
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
+size_t osm_host_backward_workspace_bytes(int dtype, int64_t outer, int64_t size, int64_t inner, int num_sms,
+                                         int max_smem) {
+  return with_dtype(dtype, [&](auto t) -> size_t {
+    using T = decltype(t);
+    return backward_workspace_bytes<T>(layout_of(outer, size, inner), limits_of(num_sms, max_smem));
+  });
+}
+
+// y_dtype: of dy and y; dx_dtype: the same, or float16/bfloat16 for float32 y (backward of dtype=).
+int osm_host_backward(int y_dtype, int dx_dtype, const void* dy, const void* y, void* dx, int64_t outer,
+                      int64_t size, int64_t inner, double scale, int log, void* workspace, int num_sms,
+                      int max_smem) {
+  const RowLayout layout = layout_of(outer, size, inner);
+  const DeviceLimits limits = limits_of(num_sms, max_smem);
+  return with_dtype(y_dtype, [&](auto t) -> int {
+    using Y = decltype(t);
+    if (dx_dtype == y_dtype) {
+      return softmax_backward<Y, Y>(static_cast<const Y*>(dy), static_cast<const Y*>(y), static_cast<Y*>(dx),
+                                    layout, scale, log != 0, workspace, limits, nullptr);
+    }
+    if constexpr (sizeof(Y) == 4) {
+      return with_dtype(dx_dtype, [&](auto u) -> int {
+        using X = decltype(u);
+        if constexpr (sizeof(X) == 2) {
+          return softmax_backward<Y, X>(static_cast<const Y*>(dy), static_cast<const Y*>(y), static_cast<X*>(dx),
+                                        layout, scale, log != 0, workspace, limits, nullptr);
+        }
+        return cudaErrorInvalidValue;
+      });
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
+int64_t osm_host_topk_max_k(int dtype) {
+  return with_dtype(dtype, [&](auto t) -> int64_t { return topk_max_k<decltype(t)>(); });
+}
+
+size_t osm_host_topk_workspace_bytes(int dtype, int64_t rows, int64_t n, int64_t k, int num_sms, int max_smem) {
+  return with_dtype(dtype, [&](auto t) -> size_t {
+    return topk_workspace_bytes<decltype(t)>(rows, n, k, limits_of(num_sms, max_smem));
+  });
+}
+
+int osm_host_topk(int dtype, const void* x, void* values, int64_t* indices, void* max_out, void* sumexp_out,
+                  int64_t rows, int64_t n, int64_t k, double scale, int log, void* workspace, int num_sms,
+                  int max_smem) {
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    return softmax_topk<T>(static_cast<const T*>(x), static_cast<T*>(values), indices,
+                           static_cast<Acc<T>*>(max_out), static_cast<Acc<T>*>(sumexp_out), rows, n, k, scale,
+                           log != 0, workspace, limits_of(num_sms, max_smem), nullptr);
+  });
+}
+
+int osm_host_topk_backward(int dtype, const void* grad_values, const void* x, const int64_t* indices,
+                           const void* max_in, const void* sumexp_in, void* dx, int64_t rows, int64_t n, int64_t k,
+                           double scale, int log) {
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    return softmax_topk_backward<T>(static_cast<const T*>(grad_values), static_cast<const T*>(x), indices,
+                                    static_cast<const Acc<T>*>(max_in), static_cast<const Acc<T>*>(sumexp_in),
+                                    static_cast<T*>(dx), rows, n, k, scale, log != 0, nullptr);
+  });
+}
+
+// 0 in order, 1 reversed, 2 seeded random (runtime.h).
+void osm_host_set_schedule(int schedule, uint64_t seed) { hr::set_schedule(hr::Schedule(schedule), seed); }
+const char* osm_host_last_error() { return hr::last_error_message(); }
+const char* osm_host_launch_log() { return hr::launch_log(); }
+void osm_host_clear_launch_log() { hr::clear_launch_log(); }
+
+}  // extern "C"

@@ -1,0 +1,259 @@
+"""The CUDA kernels of csrc/kernels, compiled for the CPU against the project's host runtime
+(csrc/kernels/host/), and called from Python through ctypes on torch CPU tensors.
+
+The library is built from the sources of the checkout this file sits in, once per content: the
+cache key hashes every file under csrc/kernels, the flags and the compiler's version, so a re-run
+does not rebuild and a changed kernel always does. `HostKernels.forward(...)` and friends take
+tensors and plain numbers, poison every output and workspace before the launch, call the launcher
+and raise `HostKernelError` (with the runtime's description: kernel, block, thread) when it fails.
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+KERNELS = CSRC / "kernels"
+HOST = KERNELS / "host"
+CACHE = ROOT / "build" / "host_kernels"
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+SCHEDULES = {"in_order": 0, "reversed": 1, "random": 2}
+
+# -fno-strict-aliasing: the kernels read 16-byte vectors through pointers to the element type, as
+# CUDA code does; nvcc allows it, and g++'s aliasing rules must not turn it into a miscompile.
+COMMON_FLAGS = ["-std=c++17", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
+                "-Wno-sign-compare", "-Wno-unused-function", "-DONLINE_SOFTMAX_HOST_KERNELS",
+                "-include", "kernels/host/runtime.h"]
+VARIANTS = {
+    "release": ["-O2"],
+    # UBSan and ASan. ASan needs its runtime loaded first, so this variant is an executable
+    # (host/sanitize_main.cpp), not a library for Python.
+    "sanitize": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                 "-fno-sanitize-recover=undefined"],
+}
+
+
+class HostKernelError(RuntimeError):
+    """A launcher returned an error; the message is the host runtime's description."""
+
+    def __init__(self, code, message):
+        super().__init__(f"cudaError {code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def find_cxx():
+    for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def find_cuda_include():
+    """The CUDA toolkit's include folder (for cuda_fp16.h, cuda_bf16.h and the runtime's types)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(str(Path(nvcc).resolve().parent.parent))
+    for home in homes:
+        if not home:
+            continue
+        for inc in (Path(home) / "include", Path(home) / "targets" / "x86_64-linux" / "include"):
+            if (inc / "cuda_runtime.h").exists() and (inc / "cuda_fp16.h").exists():
+                return inc
+    return None
+
+
+def sources():
+    return sorted(KERNELS.glob("*.cu")) + [HOST / "runtime.cpp", HOST / "entry.cpp", HOST / "selftest.cpp"]
+
+
+def _content_key(cxx, flags, extra_files=()):
+    h = hashlib.sha256()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    h.update(version.encode())
+    h.update(" ".join(flags).encode())
+    for path in sorted(set(KERNELS.rglob("*")) | {Path(p) for p in extra_files}):
+        if path.is_file():
+            h.update(str(path.relative_to(ROOT)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def _compile_all(cxx, flags, srcs, out_dir, link_args, target):
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(src):
+        obj = out_dir / (src.name + ".o")
+        lang = ["-x", "c++"] if src.suffix == ".cu" else []
+        cmd = [cxx, *flags, *lang, "-c", str(src), "-o", str(obj)]
+        proc = subprocess.run(cmd, cwd=CSRC, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"host kernel build failed: {' '.join(cmd)}\n{proc.stderr[-6000:]}")
+        return obj
+
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        objs = list(pool.map(one, srcs))
+    tmp = target.with_suffix(".tmp")
+    proc = subprocess.run([cxx, *flags, *[str(o) for o in objs], *link_args, "-o", str(tmp)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"host kernel link failed:\n{proc.stderr[-6000:]}")
+    os.replace(tmp, target)  # atomic: a concurrent run sees the whole file or none
+    for o in objs:
+        o.unlink()
+
+
+def build(variant="release"):
+    """Path of the built library (release) or sanitizer executable, building it when missing."""
+    cxx, inc = find_cxx(), find_cuda_include()
+    if cxx is None or inc is None:
+        raise FileNotFoundError("no C++ compiler" if cxx is None else "no CUDA headers (cuda_fp16.h)")
+    flags = COMMON_FLAGS + [f"-I{CSRC}", f"-I{inc}"] + VARIANTS[variant]
+    srcs = sources()
+    if variant == "sanitize":
+        srcs = srcs + [HOST / "sanitize_main.cpp"]
+    key = _content_key(cxx, flags, srcs)
+    out_dir = CACHE / f"{variant}-{key}"
+    target = out_dir / ("libosm_host_kernels.so" if variant == "release" else "sanitize_main")
+    if not target.exists():
+        link = ["-shared", "-ldl", "-lpthread"] if variant == "release" else ["-ldl", "-lpthread"]
+        _compile_all(cxx, flags, srcs, out_dir, link, target)
+    return target
+
+
+@dataclass(frozen=True)
+class Limits:
+    """DeviceLimits as the launchers see them. Small values make the split paths run on small data."""
+    num_sms: int = 1
+    max_smem_per_block: int = 48 * 1024
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def _poison(t):
+    if t is not None:
+        t.view(torch.uint8).fill_(0xFF) if t.dtype != torch.int64 else t.fill_(-(2 ** 62))
+    return t
+
+
+def _workspace(nbytes):
+    return _poison(torch.empty(max(int(nbytes), 1), dtype=torch.uint8)) if nbytes else None
+
+
+class HostKernels:
+    """ctypes front of the host-built launchers (csrc/kernels/host/entry.cpp)."""
+
+    def __init__(self, path=None):
+        self.path = Path(path) if path else build("release")
+        lib = ctypes.CDLL(str(self.path))
+        i64, i32, f64, vp, sz = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p, ctypes.c_size_t
+        lib.osm_host_forward_workspace_bytes.argtypes = [i32, i64, i64, i64, i32, i32]
+        lib.osm_host_forward_workspace_bytes.restype = sz
+        lib.osm_host_forward.argtypes = [i32, i32, vp, vp, vp, vp, i64, i64, i64, f64, i32, vp, i32, i32]
+        lib.osm_host_backward_workspace_bytes.argtypes = [i32, i64, i64, i64, i32, i32]
+        lib.osm_host_backward_workspace_bytes.restype = sz
+        lib.osm_host_backward.argtypes = [i32, i32, vp, vp, vp, i64, i64, i64, f64, i32, vp, i32, i32]
+        lib.osm_host_topk_max_k.argtypes = [i32]
+        lib.osm_host_topk_max_k.restype = i64
+        lib.osm_host_topk_workspace_bytes.argtypes = [i32, i64, i64, i64, i32, i32]
+        lib.osm_host_topk_workspace_bytes.restype = sz
+        lib.osm_host_topk.argtypes = [i32, vp, vp, vp, vp, vp, i64, i64, i64, f64, i32, vp, i32, i32]
+        lib.osm_host_topk_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, i64, i64, i64, f64, i32]
+        lib.osm_host_set_schedule.argtypes = [i32, ctypes.c_uint64]
+        lib.osm_host_last_error.restype = ctypes.c_char_p
+        lib.osm_host_launch_log.restype = ctypes.c_char_p
+        lib.osm_host_selftest.argtypes = [i32, vp, vp, i32, i32, i32]
+        self.lib = lib
+
+    # ---- runtime controls ----
+    def set_schedule(self, name, seed=0):
+        self.lib.osm_host_set_schedule(SCHEDULES[name], seed)
+
+    def launches(self):
+        """Kernel names launched since the last call (as the launch spells them, e.g.
+        'register_rows_kernel<T, O, cfg.group, cfg.vecs, cfg.block>')."""
+        log = self.lib.osm_host_launch_log().decode()
+        self.lib.osm_host_clear_launch_log()
+        return [line.split("<")[0] for line in log.splitlines()]
+
+    def selftest(self, which, inp=None, out=None, a=0, b=0, c=0):
+        """Runs one of host/selftest.cpp's kernels; returns (cudaError code, runtime message)."""
+        code = self.lib.osm_host_selftest(which, _ptr(inp), _ptr(out), a, b, c)
+        return code, (self.lib.osm_host_last_error().decode() if code else "")
+
+    def _check(self, code):
+        if code != 0:
+            raise HostKernelError(code, self.lib.osm_host_last_error().decode())
+
+    # ---- launchers ----
+    def forward(self, x, layout, scale=1.0, log=False, out_dtype=None, limits=Limits(), y=True, max_out=True,
+                sumexp_out=True):
+        """softmax_forward over a contiguous x seen as layout = (outer, size, inner). Returns
+        (y, max, sumexp), None for each output not asked for (passed to the launcher as null)."""
+        assert x.is_contiguous()
+        outer, size, inner = layout
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out_dtype = out_dtype or x.dtype
+        yt = _poison(torch.empty(x.shape, dtype=out_dtype)) if y else None
+        mo = _poison(torch.empty(outer * inner, dtype=acc)) if max_out else None
+        so = _poison(torch.empty(outer * inner, dtype=acc)) if sumexp_out else None
+        code = DTYPE_CODES[x.dtype]
+        ws = _workspace(self.lib.osm_host_forward_workspace_bytes(code, outer, size, inner, limits.num_sms,
+                                                                   limits.max_smem_per_block))
+        self._check(self.lib.osm_host_forward(code, DTYPE_CODES[out_dtype], _ptr(x), _ptr(yt), _ptr(mo), _ptr(so),
+                                              outer, size, inner, scale, int(log), _ptr(ws), limits.num_sms,
+                                              limits.max_smem_per_block))
+        return yt, mo, so
+
+    def backward(self, dy, y, layout, scale=1.0, log=False, dx_dtype=None, limits=Limits()):
+        assert dy.is_contiguous() and y.is_contiguous() and dy.dtype == y.dtype
+        outer, size, inner = layout
+        dx = _poison(torch.empty(y.shape, dtype=dx_dtype or y.dtype))
+        code = DTYPE_CODES[y.dtype]
+        ws = _workspace(self.lib.osm_host_backward_workspace_bytes(code, outer, size, inner, limits.num_sms,
+                                                                    limits.max_smem_per_block))
+        self._check(self.lib.osm_host_backward(code, DTYPE_CODES[dx.dtype], _ptr(dy), _ptr(y), _ptr(dx), outer, size,
+                                               inner, scale, int(log), _ptr(ws), limits.num_sms,
+                                               limits.max_smem_per_block))
+        return dx
+
+    def topk_max_k(self, dtype):
+        return self.lib.osm_host_topk_max_k(DTYPE_CODES[dtype])
+
+    def softmax_topk(self, x, k, scale=1.0, log=False, limits=Limits()):
+        """Rows of a contiguous 2-d x. Returns (values, indices, max, sumexp)."""
+        assert x.is_contiguous() and x.dim() == 2
+        rows, n = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        values = _poison(torch.empty(rows, k, dtype=x.dtype))
+        indices = _poison(torch.empty(rows, k, dtype=torch.int64))
+        mo = _poison(torch.empty(rows, dtype=acc))
+        so = _poison(torch.empty(rows, dtype=acc))
+        code = DTYPE_CODES[x.dtype]
+        ws = _workspace(self.lib.osm_host_topk_workspace_bytes(code, rows, n, k, limits.num_sms,
+                                                                limits.max_smem_per_block))
+        self._check(self.lib.osm_host_topk(code, _ptr(x), _ptr(values), _ptr(indices), _ptr(mo), _ptr(so), rows, n,
+                                           k, scale, int(log), _ptr(ws), limits.num_sms, limits.max_smem_per_block))
+        return values, indices, mo, so
+
+    def softmax_topk_backward(self, grad_values, x, indices, max_in, sumexp_in, scale=1.0, log=False):
+        """indices sorted ascending per row (the binding's contract); grad_values in the same order."""
+        rows, n = x.shape
+        k = indices.shape[1]
+        dx = _poison(torch.empty_like(x))
+        self._check(self.lib.osm_host_topk_backward(DTYPE_CODES[x.dtype], _ptr(grad_values), _ptr(x), _ptr(indices),
+                                                    _ptr(max_in), _ptr(sumexp_in), _ptr(dx), rows, n, k, scale,
+                                                    int(log)))
+        return dx

@@ -96,6 +96,39 @@ torch.library.register_autograd("online_softmax::forward", _forward_backward,
                                 setup_context=_forward_setup_context)
 
 
+def _backward_setup_context(ctx, inputs, output):
+    grad_out, out, dim = inputs[0], inputs[1], inputs[2]
+    ctx.save_for_backward(grad_out, out)
+    ctx.dim, ctx.log, ctx.temperature = dim, _defaults(inputs, 3, False), _defaults(inputs, 4, 1.0)
+
+
+def _backward_backward(ctx, h):
+    # Double backward, in plain (differentiable) torch ops. With s = 1 / t, g = grad_out, y = out:
+    #   softmax: dx = s y (g - sum(g y))   ->  dg = s y (h - sum(h y)),  dy = s (h (g - sum(g y)) - g sum(h y))
+    #   log:     dx = s (g - e^y sum(g))   ->  dg = s (h - sum(h e^y)),  dy = -s h e^y sum(g)
+    g, y = ctx.saved_tensors
+    scalar = y.dim() == 0
+    acc = state_dtype(y.dtype)
+    g64, y64, h64 = (t.to(acc).reshape(1) if scalar else t.to(acc) for t in (g, y, h))
+    dim = 0 if scalar else wrap_dim(ctx.dim, y, "backward")
+    s = 1.0 / ctx.temperature
+    if ctx.log:
+        e = torch.exp(y64)
+        dg = s * (h64 - (h64 * e).sum(dim, keepdim=True))
+        dy = -s * h64 * e * g64.sum(dim, keepdim=True)
+    else:
+        hy = (h64 * y64).sum(dim, keepdim=True)
+        dg = s * y64 * (h64 - hy)
+        dy = s * (h64 * (g64 - (g64 * y64).sum(dim, keepdim=True)) - g64 * hy)
+    if scalar:
+        dg, dy = dg.reshape(()), dy.reshape(())
+    return dg.to(g.dtype), dy.to(y.dtype), None, None, None, None
+
+
+torch.library.register_autograd("online_softmax::backward", _backward_backward,
+                                setup_context=_backward_setup_context)
+
+
 # ---- stats ----
 
 @torch.library.register_fake("online_softmax::stats")
@@ -184,6 +217,15 @@ def _topk_backward(ctx, grad_values, _grad_indices, _grad_m, _grad_d):
 
 torch.library.register_autograd("online_softmax::softmax_topk", _topk_backward,
                                 setup_context=_topk_setup_context)
+
+
+def _topk_backward_backward(ctx, *grads):
+    # Without this registration PyTorch's fallback would return zeros with a warning: say so instead.
+    raise NotImplementedError("online_softmax.softmax_topk: double backward (the gradient of its backward) is "
+                              "not supported; differentiate softmax(x).gather(...) for second derivatives")
+
+
+torch.library.register_autograd("online_softmax::softmax_topk_backward", _topk_backward_backward)
 
 
 # ---- beam-search step ----

@@ -1,9 +1,9 @@
 """The CUDA kernels of csrc/kernels, compiled for the CPU against the project's host runtime
 (csrc/kernels/host/), and called from Python through ctypes on torch CPU tensors.
 
-The library is built from the sources of the checkout this file sits in, once per content: the
-cache key hashes every file under csrc/kernels, the flags and the compiler's version, so a re-run
-does not rebuild and a changed kernel always does. `HostKernels.forward(...)` and friends take
+The library is built from the sources of the checkout this file sits in, once per content: each
+object's cache key hashes its source, every header under csrc/kernels, the flags and the compiler's
+version (build/host_kernels/), so a re-run does not rebuild and a changed kernel always does. `HostKernels.forward(...)` and friends take
 tensors and plain numbers, poison every output and workspace before the launch, call the launcher
 and raise `HostKernelError` (with the runtime's description: kernel, block, thread) when it fails.
 """
@@ -77,58 +77,66 @@ def sources():
     return sorted(KERNELS.glob("*.cu")) + [HOST / "runtime.cpp", HOST / "entry.cpp", HOST / "selftest.cpp"]
 
 
-def _content_key(cxx, flags, extra_files=()):
+def _digest(*parts):
     h = hashlib.sha256()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h.update(version.encode())
-    h.update(" ".join(flags).encode())
-    for path in sorted(set(KERNELS.rglob("*")) | {Path(p) for p in extra_files}):
-        if path.is_file():
-            h.update(str(path.relative_to(ROOT)).encode())
-            h.update(path.read_bytes())
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
     return h.hexdigest()[:20]
 
 
-def _compile_all(cxx, flags, srcs, out_dir, link_args, target):
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _headers_digest():
+    headers = sorted(p for p in KERNELS.rglob("*") if p.suffix in (".h", ".cuh") and p.is_file())
+    return _digest(*[x for p in headers for x in (str(p.relative_to(ROOT)), p.read_bytes())])
 
-    def one(src):
-        obj = out_dir / (src.name + ".o")
+
+def _compile_all(cxx, flags, srcs, variant, link_args, target_name):
+    """Objects are cached one by one (a changed .cu rebuilds only itself; a changed header, all),
+    then linked into CACHE/<variant>-<digest of the objects>/<target_name>."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    common = _digest(version, " ".join(flags), _headers_digest())
+    obj_dir = CACHE / "objects" / variant
+    obj_dir.mkdir(parents=True, exist_ok=True)
+    objs = [obj_dir / f"{src.name}-{_digest(common, src.read_bytes())}.o" for src in srcs]
+    target = CACHE / f"{variant}-{_digest(*[o.name for o in objs], ' '.join(link_args))}" / target_name
+    if target.exists():
+        return target
+
+    def one(job):
+        src, obj = job
+        if obj.exists():
+            return
         lang = ["-x", "c++"] if src.suffix == ".cu" else []
-        cmd = [cxx, *flags, *lang, "-c", str(src), "-o", str(obj)]
+        tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [cxx, *flags, *lang, "-c", str(src), "-o", str(tmp)]
         proc = subprocess.run(cmd, cwd=CSRC, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"host kernel build failed: {' '.join(cmd)}\n{proc.stderr[-6000:]}")
-        return obj
+        os.replace(tmp, obj)  # atomic: a concurrent run sees the whole file or none
 
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        objs = list(pool.map(one, srcs))
-    tmp = target.with_suffix(".tmp")
+        list(pool.map(one, zip(srcs, objs)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
     proc = subprocess.run([cxx, *flags, *[str(o) for o in objs], *link_args, "-o", str(tmp)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"host kernel link failed:\n{proc.stderr[-6000:]}")
-    os.replace(tmp, target)  # atomic: a concurrent run sees the whole file or none
-    for o in objs:
-        o.unlink()
+    os.replace(tmp, target)
+    return target
 
 
 def build(variant="release"):
-    """Path of the built library (release) or sanitizer executable, building it when missing."""
+    """Path of the built library (release) or sanitizer executable, building what is missing."""
     cxx, inc = find_cxx(), find_cuda_include()
     if cxx is None or inc is None:
         raise FileNotFoundError("no C++ compiler" if cxx is None else "no CUDA headers (cuda_fp16.h)")
     flags = COMMON_FLAGS + [f"-I{CSRC}", f"-I{inc}"] + VARIANTS[variant]
     srcs = sources()
-    if variant == "sanitize":
-        srcs = srcs + [HOST / "sanitize_main.cpp"]
-    key = _content_key(cxx, flags, srcs)
-    out_dir = CACHE / f"{variant}-{key}"
-    target = out_dir / ("libosm_host_kernels.so" if variant == "release" else "sanitize_main")
-    if not target.exists():
-        link = ["-shared", "-ldl", "-lpthread"] if variant == "release" else ["-ldl", "-lpthread"]
-        _compile_all(cxx, flags, srcs, out_dir, link, target)
-    return target
+    if variant == "release":
+        return _compile_all(cxx, flags, srcs, variant, ["-shared", "-ldl", "-lpthread"], "libosm_host_kernels.so")
+    return _compile_all(cxx, flags, srcs + [HOST / "sanitize_main.cpp"], variant, ["-ldl", "-lpthread"],
+                        "sanitize_main")
 
 
 @dataclass(frozen=True)

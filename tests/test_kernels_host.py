@@ -30,12 +30,22 @@ REGISTER_CAPACITIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096] 
 INVALID_VALUE = 1  # cudaErrorInvalidValue
 
 
+# The schedule every test runs under: in_order (default), reversed, or random:SEED
+# (scripts/barrier_mutants.py runs the module under each).
+SCHEDULE = os.environ.get("ONLINE_SOFTMAX_HOST_SCHEDULE", "in_order")
+
+
+def default_schedule(kernels):
+    name, _, seed = SCHEDULE.partition(":")
+    kernels.set_schedule(name, int(seed or 0))
+
+
 @pytest.fixture(scope="module")
 def hk():
     kernels = HostKernels()
-    kernels.set_schedule("in_order")
+    default_schedule(kernels)
     yield kernels
-    kernels.set_schedule("in_order")
+    default_schedule(kernels)
 
 
 def vec(dtype):
@@ -485,7 +495,7 @@ def test_results_do_not_depend_on_the_schedule(hk, case):
             got = run(hk)
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"{case} differs under {schedule}/{seed}"
     finally:
-        hk.set_schedule("in_order")
+        default_schedule(hk)
         hk.launches()
 
 
@@ -524,7 +534,7 @@ def test_runtime_exposes_a_missing_barrier(hk):
         torch.testing.assert_close(out, x.view(3, 256).sum(-1), rtol=1e-5, atol=1e-4)
         assert hk.selftest(2, x, out, a=3)[0] == 0
         assert not torch.allclose(out, x.view(3, 256).sum(-1), rtol=1e-3, atol=1e-3), schedule
-    hk.set_schedule("in_order")
+    default_schedule(hk)
     hk.launches()
 
 

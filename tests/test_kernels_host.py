@@ -89,6 +89,7 @@ def softmax_ref(x, dim, scale, log):
 
 
 def check_forward(hk, x, layout, dim, *, scale=1.0, log=False, limits=Limits(), expect=None, out_dtype=None):
+    hk.launches()  # forget earlier launches
     y, m, d = hk.forward(x, layout, scale=scale, log=log, limits=limits, out_dtype=out_dtype)
     ran = hk.launches()
     if expect is not None:
@@ -153,6 +154,19 @@ def test_forward_split_for_few_rows_and_long_rows(hk, dtype, log):
     n = 2 * 4096 * v + 77
     x = logits((2, n), dtype, seed=2)
     check_forward(hk, x, (2, n, 1), -1, log=log, limits=Limits(num_sms=1, max_smem_per_block=16 * 1024), expect=split)
+
+
+def test_backward_grids_smaller_than_the_row_count(hk):
+    x = logits((9000, 3), torch.float32, seed=3)
+    dy, y = grads_for(x, -1, False, torch.float32)
+    check_backward(hk, dy, y, (9000, 3, 1), expect=["register_rows_backward_kernel"])
+    x = logits((70, 3), torch.float32, seed=3)  # topk backward: one block per row, 70 rows
+    _, indices, m, d = hk.softmax_topk(x, 2)
+    g = logits((70, 2), torch.float32, seed=1)
+    indices, order = indices.sort(-1)
+    g = g.gather(-1, order).contiguous()
+    dx = hk.softmax_topk_backward(g, x, indices.contiguous(), m, d)
+    assert_close_to(dx, topk_backward_ref(g, x, indices, 1.0, False), torch.float32, what="70-row top-k dx")
 
 
 def test_forward_grids_smaller_than_the_row_count(hk):
@@ -293,6 +307,7 @@ def backward_ref(dy, y, scale, log):
 
 
 def check_backward(hk, dy, y, layout, *, scale=1.0, log=False, limits=Limits(), expect=None, dx_dtype=None):
+    hk.launches()  # forget earlier launches
     dx = hk.backward(dy, y, layout, scale=scale, log=log, limits=limits, dx_dtype=dx_dtype)
     ran = hk.launches()
     if expect is not None:
@@ -368,6 +383,7 @@ def topk_ref_indices(x, k):
 
 
 def check_topk(hk, x, k, *, scale=1.0, log=False, limits=Limits(), expect=None):
+    hk.launches()  # forget earlier launches
     values, indices, m, d = hk.softmax_topk(x, k, scale=scale, log=log, limits=limits)
     ran = hk.launches()
     if expect is not None:
@@ -387,8 +403,9 @@ def check_topk(hk, x, k, *, scale=1.0, log=False, limits=Limits(), expect=None):
 def test_topk_single_chunk_paths(hk, dtype):
     scan = ["topk_scan_kernel"]
     max_k = hk.topk_max_k(dtype)
+    # ... (300, 50, 3): more rows than the 64-block grid of one SM, so blocks loop over rows.
     for rows, n, k in [(3, 1, 1), (4, 37, 1), (4, 37, 36), (4, 37, 37), (2, 1000, 8), (2, 5003, 64),
-                       (2, max_k + 1, max_k), (3, 3 * max_k + 7, 100)]:
+                       (2, max_k + 1, max_k), (3, 3 * max_k + 7, 100), (300, 50, 3)]:
         for log in (False, True):
             x = logits((rows, n), dtype, seed=n + k, offset=1)
             check_topk(hk, x, k, log=log, scale=1.3, expect=scan)
@@ -417,6 +434,21 @@ def test_topk_ties_nan_and_infinities(hk, dtype):
         x[4, ::3] = -inf
         x[5, n - 2] = inf
         check_topk(hk, x, 5, limits=limits)
+        if dtype != torch.float16:
+            big = logits((2, n), dtype, seed=3) * 3333  # 1e4-scale logits
+            check_topk(hk, big, 5, limits=limits)
+            check_topk(hk, big, 5, log=True, scale=0.5, limits=limits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_topk_temperatures_near_the_limits(hk, dtype):
+    x = logits((3, 500), dtype, seed=4)
+    x[0, 9] = x[0, 20] = x[0].max()
+    for temperature in (3.4e-39, 1e30):
+        values, indices, _, _ = hk.softmax_topk(x, 4, scale=1 / temperature)
+        assert torch.equal(indices, topk_ref_indices(x, 4))
+        ref = softmax_ref(x, -1, 1 / temperature, False).gather(-1, indices).to(dtype).double()
+        assert_close_to(values, ref, dtype, what=f"t={temperature}")
 
 
 def test_topk_refuses_k_beyond_the_fused_kernel(hk):

@@ -8,8 +8,9 @@ Environment variables:
   FORCE_CUDA=1                    build the CUDA sources even without a visible GPU (needs nvcc and a
                                   CUDA build of torch).
   TORCH_CUDA_ARCH_LIST            CUDA architectures; defaults to "8.0;9.0" when no GPU is visible.
-  ONLINE_SOFTMAX_CPU_CAPABILITY   avx512 | avx2 | default: the vector ISA the CPU kernels are compiled
-                                  for. Defaults to avx2 when this machine has AVX2+FMA, else default.
+  ONLINE_SOFTMAX_CPU_CAPABILITY   avx512 | avx2 | default: the highest vector ISA to compile the CPU
+                                  kernels for (every lower one is compiled too). Default: all three on
+                                  x86-64, DEFAULT elsewhere. The one torch runs is chosen at load time.
   ONLINE_SOFTMAX_DEBUG=1          -O0 -g build.
   ONLINE_SOFTMAX_PTXAS_VERBOSE=1  print ptxas's per-kernel resource report while building CUDA.
   CUDA_HOME                       the CUDA toolkit; found from nvcc when unset (also when nvcc on PATH is
@@ -90,42 +91,30 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]  # each nests the one before it
 
 
-def cpu_capability() -> str:
-    """The vector ISA to compile the CPU kernels for (ATen's CPU_CAPABILITY naming)."""
-    requested = os.environ.get("ONLINE_SOFTMAX_CPU_CAPABILITY", "").strip().lower()
+def cpu_capabilities() -> list:
+    """The vector ISAs to compile the CPU kernels for (ATen's CPU_CAPABILITY names). Each is compiled
+    from the same sources (csrc/cpu/isa/<name>.cpp); the one torch runs is chosen at load time."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "DEFAULT"
-    flags = _cpu_flags()
-    if requested:
-        if requested not in ("avx512", "avx2", "default"):
-            sys.exit(f"online_softmax: ONLINE_SOFTMAX_CPU_CAPABILITY={requested!r}; use avx512, avx2 or default")
-        return requested.upper()
-    # AVX2 is the ISA torch's own CPU kernels use on most machines; AVX-512 only on request.
-    if {"avx2", "fma", "f16c"} <= flags:
-        return "AVX2"
-    return "DEFAULT"
+        return ["DEFAULT"]
+    requested = os.environ.get("ONLINE_SOFTMAX_CPU_CAPABILITY", "").strip().upper()
+    if not requested:
+        return list(CAPABILITIES)
+    if requested not in CAPABILITIES:
+        sys.exit(f"online_softmax: ONLINE_SOFTMAX_CPU_CAPABILITY={requested.lower()!r}; use default, avx2 or avx512 "
+                 "(the highest capability to compile; every lower one is compiled too)")
+    return CAPABILITIES[: CAPABILITIES.index(requested) + 1]
 
 
-def cpu_compile_args(capability: str) -> list:
+def cpu_compile_args(capabilities: list) -> list:
     args = ["-O0", "-g"] if _env_flag("ONLINE_SOFTMAX_DEBUG") else ["-O3"]
     # at::parallel_for's OpenMP backend is a header template: this object must be built with OpenMP
     # (it then shares the libgomp.so.1 that torch has already loaded).
-    args += [f"-DCPU_CAPABILITY={capability}", "-fopenmp"]
-    if capability == "AVX2":
-        args += ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
-    elif capability == "AVX512":
-        args += ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+    args.append("-fopenmp")
+    # No -m flag here: csrc/cpu/isa/<name>.cpp raise the ISA for their own kernels only.
+    args += [f"-DONLINE_SOFTMAX_CPU_{c}" for c in capabilities if c != "DEFAULT"]
     return args
 
 
@@ -142,12 +131,15 @@ def want_cuda() -> bool:
 
 
 def build_extension():
-    capability = cpu_capability()
-    cpp_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    capabilities = cpu_capabilities()
+    # The per-ISA kernels link last and lowest ISA first: an inline function that several objects
+    # define is taken from the first, which then is one built for the baseline ISA.
+    cpp_sources = (["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+                   + [f"csrc/cpu/isa/{c.lower()}.cpp" for c in capabilities])
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")
                           + glob.glob("csrc/kernels/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    extra = {"cxx": cpu_compile_args(capability)}
+    extra = {"cxx": cpu_compile_args(capabilities)}
     if want_cuda() and cuda_sources:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

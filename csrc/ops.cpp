@@ -4,8 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#define ONLINE_SOFTMAX_STR2(x) #x
-#define ONLINE_SOFTMAX_STR(x) ONLINE_SOFTMAX_STR2(x)
+#include "cpu/dispatch.h"
 
 TORCH_LIBRARY(online_softmax, m) {
   // softmax(x / temperature) or log_softmax(x / temperature) along dim; dtype casts on read.
@@ -30,13 +29,48 @@ TORCH_LIBRARY(online_softmax, m) {
   m.def("beam_search_step(Tensor logits, Tensor beam_scores, int num_beams, int num_candidates, float temperature=1.0) -> (Tensor scores, Tensor token_ids, Tensor beam_ids)");
 }
 
-// `import online_softmax._C` loads this shared object, which runs the registrations above.
-static PyModuleDef online_softmax_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// `import online_softmax._C` loads this shared object, which runs the registrations above. The
+// module also reports the CPU kernel dispatch (csrc/cpu/dispatch.h) and, for tests, overrides it.
+namespace {
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(online_softmax::cpu::kernels().capability);
+}
+
+PyObject* cpu_capabilities(PyObject*, PyObject*) {
+  const auto names = online_softmax::cpu::compiled_capabilities();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(names.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < names.size(); ++i) PyList_SET_ITEM(list, i, PyUnicode_FromString(names[i].c_str()));
+  return list;
+}
+
+PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  if (!online_softmax::cpu::override_capability(name)) {
+    PyErr_Format(PyExc_ValueError, "online_softmax: CPU capability %R is not compiled into this build or not "
+                 "supported by this CPU", arg);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The capability whose CPU kernels run now."},
+    {"cpu_capabilities", cpu_capabilities, METH_NOARGS, "The capabilities compiled into this build."},
+    {"_set_cpu_capability", set_cpu_capability, METH_O,
+     "Test-only: run the CPU kernels of this capability ('' for the automatic choice)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef online_softmax_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+}  // namespace
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&online_softmax_module);
   if (module == nullptr) return nullptr;
-  PyModule_AddStringConstant(module, "cpu_capability", ONLINE_SOFTMAX_STR(CPU_CAPABILITY));
 #ifdef ONLINE_SOFTMAX_WITH_CUDA
   PyModule_AddIntConstant(module, "with_cuda", 1);
 #else

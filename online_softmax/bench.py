@@ -84,6 +84,11 @@ def cases(op, x, ks, with_compile=True):
             "torch": lambda: torch.softmax(x, -1),
             "torch.compile": comp(lambda t: torch.softmax(t, -1), x),
         }
+        yield "log_softmax", 2 * n, {
+            "online_softmax": lambda: osm.log_softmax(x, -1),
+            "torch": lambda: torch.log_softmax(x, -1),
+            "torch.compile": comp(lambda t: torch.log_softmax(t, -1), x),
+        }
     elif op == "backward":
         y = torch.softmax(x, -1)
         dy = torch.randn_like(y)
@@ -121,6 +126,7 @@ def run(args):
     else:
         defaults = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
     shapes = args.shapes or defaults
+    print(machine_line(machine_info(device)), flush=True)
     records = []
     total = len(shapes) * len(args.ops)
     step = 0
@@ -201,6 +207,17 @@ def machine_info(device):
 
     info["build"] = online_softmax.build_info()
     return info
+
+
+def machine_line(info):
+    """One line naming what the numbers depend on: CPU model, cores, both ISAs, threads, torch."""
+    build = info.get("build", {})
+    cpu = info.get("cpu", "unknown CPU")
+    if info.get("gpu"):
+        return f"device: {info['gpu']} (CUDA {info.get('cuda')}), torch {info['torch']}"
+    return (f"machine: {cpu}, {os.cpu_count()} cores, {info['threads']} threads; online_softmax CPU kernels "
+            f"{build.get('cpu_capability')} (compiled: {','.join(build.get('cpu_capabilities', []))}), torch's "
+            f"{build.get('torch_cpu_capability')}; torch {info['torch']}")
 
 
 def write_results(records, info, out_dir, tag):

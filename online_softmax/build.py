@@ -10,13 +10,15 @@ def _has_kernel(op: str, key: str) -> bool:
 
 
 def build_info() -> dict:
-    """Backends compiled into this build and the CPU vector ISA its kernels were compiled for."""
+    """Backends compiled into this build, the CPU vector ISAs its kernels were compiled for
+    (``cpu_capabilities``) and the one running now (``cpu_capability``), beside torch's own."""
     return {
         "version": "0.1.0",
         "torch": torch.__version__,
         "cpu": _has_kernel("forward", "CPU"),
         "cuda": bool(_C.with_cuda) and _has_kernel("forward", "CUDA"),
         "cuda_available": torch.cuda.is_available(),
-        "cpu_capability": _C.cpu_capability,
+        "cpu_capability": _C.cpu_capability(),
+        "cpu_capabilities": _C.cpu_capabilities(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }

@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# The benchmark's plot needs matplotlib (the package's "bench" extra).
+"${PYTHON:-python3}" -m pip install -q matplotlib
 "${PYTHON:-python3}" -m online_softmax "$@"

@@ -157,9 +157,15 @@ def test_forward_split_for_few_rows_and_long_rows(hk, dtype, log):
 
 
 def test_backward_grids_smaller_than_the_row_count(hk):
-    x = logits((9000, 3), torch.float32, seed=3)
-    dy, y = grads_for(x, -1, False, torch.float32)
-    check_backward(hk, dy, y, (9000, 3, 1), expect=["register_rows_backward_kernel"])
+    """More rows than the 64-block grid: a block's next row must not overwrite shared memory that
+    slower warps still read (the trailing barriers of block_sum and of the shared-memory kernel)."""
+    for rows, n, limits, kernel in [(9000, 3, Limits(), "register_rows_backward_kernel"),
+                                    (70, 3000, Limits(), "register_rows_backward_kernel"),  # 256-thread rows
+                                    (70, 2048 * 4 + 3, Limits(1, 200 * 1024), "shared_row_backward_kernel")]:
+        for log in (False, True):
+            x = logits((rows, n), torch.float32, seed=3)
+            dy, y = grads_for(x, -1, log, torch.float32)
+            check_backward(hk, dy, y, (rows, n, 1), log=log, limits=limits, expect=[kernel])
     x = logits((70, 3), torch.float32, seed=3)  # topk backward: one block per row, 70 rows
     _, indices, m, d = hk.softmax_topk(x, 2)
     g = logits((70, 2), torch.float32, seed=1)

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "common/row_geometry.h"
+
 #include <cmath>
 #include <optional>
 
@@ -61,13 +63,6 @@ inline at::ScalarType result_dtype(const at::Tensor& x, std::optional<at::Scalar
 }
 
 // A contiguous tensor seen as [outer, size, inner] around the softmax dim.
-struct RowGeometry {
-  int64_t outer = 1;
-  int64_t size = 1;
-  int64_t inner = 1;
-  int64_t rows() const { return outer * inner; }
-};
-
 inline RowGeometry row_geometry(const at::Tensor& x, int64_t dim) {
   RowGeometry g;
   if (x.dim() == 0) return g;

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 namespace online_softmax::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per ISA (csrc/cpu/kernels/common.h)
 
 using at::vec::Vectorized;
 
@@ -238,4 +239,5 @@ inline void write_contiguous(const T* x, O* y, int64_t n, const Normalizer<acc_t
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace online_softmax::cpu

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 namespace online_softmax::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per ISA (csrc/cpu/kernels/common.h)
 
 // Below this many elements a task is not worth a thread.
 constexpr int64_t kMinTaskElements = 16384;
@@ -37,4 +38,5 @@ inline int64_t row_grain(int64_t n) {
   return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(n, 1));
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace online_softmax::cpu

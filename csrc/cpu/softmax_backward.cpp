@@ -1,200 +1,14 @@
-// CPU backward of forward, from its output y alone (s = 1 / temperature):
-//   softmax:     dx = s * y * (dy - sum(dy * y))
-//   log_softmax: dx = s * (dy - exp(y) * sum(dy))
-// One pass reduces the row, one pass writes dx; long rows are split across threads and their
-// partial sums added.
+// The backward op on the CPU: checks, output allocation, then the kernel of the capability in use
+// (csrc/cpu/kernels/softmax_backward.h, through dispatch.h).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
-#include <vector>
 
 #include "common/checks.h"
 #include "common/op_args.h"
+#include "cpu/dispatch.h"
 #include "cpu/huge_pages.h"
 #include "cpu/kernels.h"
-#include "cpu/online_state.h"
-#include "cpu/row_split.h"
 
 namespace online_softmax::cpu {
-namespace {
-
-// exp that keeps NaN (log-softmax outputs of NaN rows must give NaN gradients, as in torch).
-template <typename A>
-inline Vectorized<A> vexp_keep_nan(Vectorized<A> v) {
-  return Vectorized<A>::blendv(vexp(v), v, v.isnan());
-}
-
-template <typename Y>
-inline acc_t<Y> reduce_contiguous(const Y* dy, const Y* y, int64_t n, bool log) {
-  using A = acc_t<Y>;
-  using V = Vectorized<A>;
-  using IO = VecIO<Y>;
-  const int64_t vec_end = n - n % IO::kStep;
-  double total = 0;  // blocks of kLaneBlock summed in double: the error does not grow with n
-  for (int64_t block = 0; block < vec_end; block += kLaneBlock) {
-    const int64_t block_end = std::min(vec_end, block + kLaneBlock);
-    V acc0(A(0)), acc1(A(0));
-    for (int64_t i = block; i < block_end; i += IO::kStep) {
-      V g0, g1;
-      IO::load2(dy + i, g0, g1);
-      if (log) {
-        acc0 = acc0 + g0;
-        acc1 = acc1 + g1;
-      } else {
-        V y0, y1;
-        IO::load2(y + i, y0, y1);
-        acc0 = at::vec::fmadd(g0, y0, acc0);
-        acc1 = at::vec::fmadd(g1, y1, acc1);
-      }
-    }
-    total += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc0 + acc1);
-  }
-  for (int64_t i = vec_end; i < n; ++i) {
-    total += log ? static_cast<double>(dy[i]) : static_cast<double>(dy[i]) * static_cast<double>(y[i]);
-  }
-  return static_cast<A>(total);
-}
-
-template <typename Y, typename X>
-inline void write_contiguous_grad(const Y* dy, const Y* y, X* dx, int64_t n, acc_t<Y> total,
-                                  acc_t<Y> s, bool log) {
-  using A = acc_t<Y>;
-  using V = Vectorized<A>;
-  using IO = VecIO<Y>;
-  const V vt(total), vs(s);
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    V g0, g1, y0, y1;
-    IO::load2(dy + i, g0, g1);
-    IO::load2(y + i, y0, y1);
-    if (log) {
-      VecIO<X>::store2(dx + i, (g0 - vexp_keep_nan(y0) * vt) * vs, (g1 - vexp_keep_nan(y1) * vt) * vs);
-    } else {
-      VecIO<X>::store2(dx + i, y0 * (g0 - vt) * vs, y1 * (g1 - vt) * vs);
-    }
-  }
-  for (; i < n; ++i) {
-    const A g = static_cast<A>(dy[i]), yv = static_cast<A>(y[i]);
-    dx[i] = static_cast<X>(log ? (g - std::exp(yv) * total) * s : yv * (g - total) * s);
-  }
-}
-
-template <typename Y, typename X>
-void backward_contiguous(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n, acc_t<Y> s, bool log) {
-  using A = acc_t<Y>;
-  const RowSplit split = plan_row_split(rows, n);
-  if (split.chunks == 1) {
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const A total = reduce_contiguous(dy + r * n, y + r * n, n, log);
-        write_contiguous_grad(dy + r * n, y + r * n, dx + r * n, n, total, s, log);
-      }
-    });
-    return;
-  }
-  std::vector<A> partial(rows * split.chunks);
-  at::parallel_for(0, rows * split.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t off = (t / split.chunks) * n + (t % split.chunks) * split.chunk;
-      partial[t] = reduce_contiguous(dy + off, y + off, split.length(t % split.chunks, n), log);
-    }
-  });
-  std::vector<A> totals(rows, A(0));
-  for (int64_t t = 0; t < rows * split.chunks; ++t) totals[t / split.chunks] += partial[t];
-  at::parallel_for(0, rows * split.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t off = (t / split.chunks) * n + (t % split.chunks) * split.chunk;
-      write_contiguous_grad(dy + off, y + off, dx + off, split.length(t % split.chunks, n),
-                            totals[t / split.chunks], s, log);
-    }
-  });
-}
-
-// Softmax dim with stride inner > 1: each vector lane is a different row (see softmax.cpp).
-template <typename Y, typename X>
-void backward_strided(const Y* dy, const Y* y, X* dx, const RowGeometry& g, acc_t<Y> s, bool log) {
-  using A = acc_t<Y>;
-  using V = Vectorized<A>;
-  using IO = VecIO<Y>;
-  const int64_t blocks = (g.inner + IO::kStep - 1) / IO::kStep;
-  const int64_t grain = row_grain(g.size * IO::kStep);  // a task is a block of kStep rows
-  at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t / blocks, i0 = (t % blocks) * IO::kStep;
-      const int64_t lanes = std::min<int64_t>(IO::kStep, g.inner - i0);
-      const int64_t base = o * g.size * g.inner + i0;
-      if (lanes == IO::kStep) {
-        // Per-lane sums (one row each), flushed into double every kStridedBlock positions.
-        constexpr int64_t kStridedBlock = 1024;
-        double sums[IO::kStep] = {};
-        alignas(64) A part[IO::kStep];
-        for (int64_t j0 = 0; j0 < g.size; j0 += kStridedBlock) {
-          V p0(A(0)), p1(A(0));
-          for (int64_t j = j0; j < std::min(g.size, j0 + kStridedBlock); ++j) {
-            V g0, g1;
-            IO::load2(dy + base + j * g.inner, g0, g1);
-            if (log) {
-              p0 = p0 + g0;
-              p1 = p1 + g1;
-            } else {
-              V y0, y1;
-              IO::load2(y + base + j * g.inner, y0, y1);
-              p0 = at::vec::fmadd(g0, y0, p0);
-              p1 = at::vec::fmadd(g1, y1, p1);
-            }
-          }
-          p0.store(part);
-          p1.store(part + IO::kWidth);
-          for (int64_t l = 0; l < IO::kStep; ++l) sums[l] += part[l];
-        }
-        for (int64_t l = 0; l < IO::kStep; ++l) part[l] = static_cast<A>(sums[l]);
-        const V t0 = V::loadu(part), t1 = V::loadu(part + IO::kWidth);
-        const V vs(s);
-        for (int64_t j = 0; j < g.size; ++j) {
-          const int64_t at = base + j * g.inner;
-          V g0, g1, y0, y1;
-          IO::load2(dy + at, g0, g1);
-          IO::load2(y + at, y0, y1);
-          if (log) {
-            VecIO<X>::store2(dx + at, (g0 - vexp_keep_nan(y0) * t0) * vs, (g1 - vexp_keep_nan(y1) * t1) * vs);
-          } else {
-            VecIO<X>::store2(dx + at, y0 * (g0 - t0) * vs, y1 * (g1 - t1) * vs);
-          }
-        }
-      } else {
-        for (int64_t l = 0; l < lanes; ++l) {
-          double sum = 0;  // one long scalar sum per row: accumulate in double
-          for (int64_t j = 0; j < g.size; ++j) {
-            const int64_t at = base + j * g.inner + l;
-            sum += log ? static_cast<double>(dy[at]) : static_cast<double>(dy[at]) * static_cast<double>(y[at]);
-          }
-          const A total = static_cast<A>(sum);
-          for (int64_t j = 0; j < g.size; ++j) {
-            const int64_t at = base + j * g.inner + l;
-            const A gv = static_cast<A>(dy[at]), yv = static_cast<A>(y[at]);
-            dx[at] = static_cast<X>(log ? (gv - std::exp(yv) * total) * s : yv * (gv - total) * s);
-          }
-        }
-      }
-    }
-  });
-}
-
-template <typename Y, typename X>
-void backward_kernel(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, const RowGeometry& g,
-                     double temperature, bool log) {
-  using A = acc_t<Y>;
-  const A s = static_cast<A>(1.0 / temperature);
-  if (g.inner == 1) {
-    backward_contiguous(dy.const_data_ptr<Y>(), y.const_data_ptr<Y>(), dx.mutable_data_ptr<X>(),
-                        g.outer, g.size, s, log);
-  } else {
-    backward_strided(dy.const_data_ptr<Y>(), y.const_data_ptr<Y>(), dx.mutable_data_ptr<X>(), g, s, log);
-  }
-}
-
-}  // namespace
 
 at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log,
                     double temperature, std::optional<at::ScalarType> input_dtype) {
@@ -202,18 +16,8 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t d
   const at::ScalarType y_dtype = a.y.scalar_type();
   at::Tensor dx = empty_output(a.y.sizes(), a.y.options().dtype(a.dx_dtype));
   if (a.y.numel() > 0) {
-    const RowGeometry g = row_geometry(a.y, a.dim);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_dtype, "online_softmax.backward", [&] {
-      if (a.dx_dtype == y_dtype) {
-        backward_kernel<scalar_t, scalar_t>(a.dy, a.y, dx, g, temperature, log);
-      } else if constexpr (std::is_same_v<scalar_t, float>) {
-        if (a.dx_dtype == at::kHalf) {
-          backward_kernel<float, at::Half>(a.dy, a.y, dx, g, temperature, log);
-        } else {
-          backward_kernel<float, at::BFloat16>(a.dy, a.y, dx, g, temperature, log);
-        }
-      }
-    });
+    kernels().backward(BackwardCall{y_dtype, a.dx_dtype, a.dy.const_data_ptr(), a.y.const_data_ptr(),
+                                    dx.mutable_data_ptr(), row_geometry(a.y, a.dim), temperature, log});
   }
   return a.dx_dtype == a.x_dtype ? dx : dx.to(a.x_dtype);
 }

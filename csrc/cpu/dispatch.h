@@ -1,0 +1,95 @@
+// Runtime ISA dispatch of the CPU kernels, the way ATen dispatches its own: the kernel sources
+// (csrc/cpu/kernels/) are compiled once per capability (csrc/cpu/isa/: DEFAULT, AVX2, AVX512 on
+// x86-64; DEFAULT elsewhere), each into a namespace of its own, and one table of entry points is
+// chosen at first use: the capability torch itself runs (at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY), or the best compiled one below it. One build therefore runs on any x86-64
+// CPU and matches torch's vector width on each.
+//
+// The op layer (csrc/cpu/*.cpp: checks, allocation, layout) is compiled once, without ISA flags,
+// and calls the kernels only through this table, with raw pointers.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/row_geometry.h"
+
+namespace online_softmax::cpu {
+
+struct ForwardCall {
+  at::ScalarType x_dtype, y_dtype;  // y_dtype: x_dtype, or float32 for float16/bfloat16 x
+  const void* x;
+  void* y;
+  RowGeometry g;
+  double temperature;
+  bool log;
+};
+
+struct StatsCall {
+  at::ScalarType x_dtype;
+  const void* x;
+  void* max;     // accumulation type: float32, or float64 for float64 x
+  void* sumexp;
+  RowGeometry g;
+  double temperature;
+};
+
+struct BackwardCall {
+  at::ScalarType y_dtype, dx_dtype;  // dx_dtype: y_dtype, or float16/bfloat16 for float32 y
+  const void* dy;
+  const void* y;
+  void* dx;
+  RowGeometry g;
+  double temperature;
+  bool log;
+};
+
+struct TopKCall {  // rows contiguous (the op layer moves the dim last)
+  at::ScalarType x_dtype;
+  const void* x;
+  int64_t rows, n, k;
+  double temperature;
+  bool log;
+  void* values;
+  int64_t* indices;
+  void* max;
+  void* sumexp;
+};
+
+struct TopKBackwardCall {
+  at::ScalarType x_dtype;
+  const void* grad_values;
+  const void* x;
+  const int64_t* indices;
+  const void* max;
+  const void* sumexp;
+  void* dx;
+  int64_t rows, n, k;
+  double temperature;
+  bool log;
+};
+
+struct KernelTable {
+  const char* capability;  // "DEFAULT", "AVX2", "AVX512"
+  void (*forward)(const ForwardCall&);
+  void (*stats)(const StatsCall&);
+  void (*backward)(const BackwardCall&);
+  void (*softmax_topk)(const TopKCall&);
+  void (*softmax_topk_backward)(const TopKBackwardCall&);
+};
+
+// The table in use.
+const KernelTable& kernels();
+
+// The capabilities this build has kernels for, lowest first.
+std::vector<std::string> compiled_capabilities();
+
+// Test-only: run the kernels of `capability` (one of compiled_capabilities(), or "" for the
+// automatic choice) from now on. Returns false, changing nothing, for a capability not compiled
+// or one this CPU cannot run.
+bool override_capability(const std::string& capability);
+
+}  // namespace online_softmax::cpu

@@ -1,0 +1,250 @@
+// CPU fused online softmax + top-k: one read of x. While the online (m, d) runs over a row, a
+// vector compare against the k-th best value so far sends only the rare candidates to a min-heap;
+// the softmax of the k winners is computed from the final (m, d). Long rows are split across
+// threads, each piece with its own heap and state, then merged (concatenate, keep the k best).
+// Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
+#pragma once
+
+#include <algorithm>
+
+#include "cpu/kernels/common.h"
+
+namespace online_softmax::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <typename A>
+struct Candidate {
+  A value;
+  int64_t index;
+};
+
+// The top-k order: larger first, NaN above every number (like torch.topk), ties to the lower index.
+template <typename A>
+inline bool better(const Candidate<A>& a, const Candidate<A>& b) {
+  const bool a_nan = std::isnan(a.value), b_nan = std::isnan(b.value);
+  if (a_nan || b_nan) return a_nan && (!b_nan || a.index < b.index);
+  if (a.value != b.value) return a.value > b.value;
+  return a.index < b.index;
+}
+
+// The k best candidates seen so far. Candidates are appended to a buffer of about 2k; when it
+// fills, nth_element keeps the k best and their worst becomes the threshold the vector filter
+// compares against. That is amortized O(1) per candidate, where a heap pays O(log k) per insertion
+// (a heap made k = 64 on 1024-wide rows slower than torch.softmax + torch.topk).
+template <typename A>
+class TopK {
+ public:
+  explicit TopK(int64_t k) : k_(k), capacity_(std::max<int64_t>(2 * k, k + 64)) { buf_.reserve(capacity_); }
+
+  // Values not above this can never enter (ties lose to the earlier index): valid once full().
+  A threshold() const { return kth_.value; }
+  bool full() const { return has_threshold_; }
+
+  void offer(A value, int64_t index) {
+    const Candidate<A> c{value, index};
+    if (has_threshold_ && !better(c, kth_)) return;
+    buf_.push_back(c);
+    // The first prune comes as soon as k candidates exist, so the filter gets a threshold early.
+    const int64_t size = static_cast<int64_t>(buf_.size());
+    if (size == capacity_ || (!has_threshold_ && size == k_)) prune();
+  }
+
+  void reset() {
+    buf_.clear();
+    has_threshold_ = false;
+  }
+
+  // At least min(k, offered) best candidates, in no particular order.
+  std::vector<Candidate<A>>& candidates() {
+    if (static_cast<int64_t>(buf_.size()) > k_) prune();
+    return buf_;
+  }
+
+ private:
+  void prune() {
+    std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), better<A>);
+    buf_.resize(k_);
+    kth_ = buf_[k_ - 1];  // the worst of the k best after nth_element
+    has_threshold_ = true;
+  }
+
+  int64_t k_;
+  int64_t capacity_;
+  std::vector<Candidate<A>> buf_;
+  Candidate<A> kth_{};
+  bool has_threshold_ = false;
+};
+
+// State and top-k of n contiguous elements whose first element has index `first`.
+template <typename T>
+State<acc_t<T>> scan_topk(const T* x, int64_t n, int64_t first, acc_t<T> s, TopK<acc_t<T>>& topk) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  return scan_contiguous(
+      x, n, s,
+      [&](V a, V b, int64_t offset) {
+        // 64-bit: two vectors of 16 floats (AVX-512) make a 32-lane mask.
+        uint64_t mask = (uint64_t(1) << (2 * W)) - 1;
+        if (topk.full()) {
+          // Lanes that are not <= the threshold: greater, or NaN.
+          const V thr(topk.threshold());
+          mask = uint64_t(uint32_t((a <= thr).zero_mask())) |
+                 (uint64_t(uint32_t((b <= thr).zero_mask())) << W);
+        }
+        if (mask == 0) return;
+        alignas(64) A lanes[2 * W];
+        a.store(lanes);
+        b.store(lanes + W);
+        for (int64_t l = 0; l < 2 * W; ++l) {
+          if (mask & (uint64_t(1) << l)) topk.offer(lanes[l], first + offset + l);
+        }
+      },
+      [&](A v, int64_t offset) { topk.offer(v, first + offset); });
+}
+
+template <typename T>
+void topk_kernel(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool log, T* values,
+                 int64_t* indices, acc_t<T>* m_out, acc_t<T>* d_out) {
+  using A = acc_t<T>;
+  const RowSplit split = plan_row_split(rows, n);
+  // Pieces shorter than k would only pad the merge; keep whole rows then.
+  const RowSplit plan = split.chunk >= k ? split : RowSplit{1, n};
+
+  auto emit = [&](int64_t r, State<A> st, std::vector<Candidate<A>>& cands) {
+    st = finalize(st);
+    std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), better<A>);
+    const Normalizer<A> nz(st);
+    for (int64_t j = 0; j < k; ++j) {
+      const A z = (cands[j].value - nz.m) * s;
+      values[r * k + j] = static_cast<T>(log ? z - nz.log_d : std::exp(z) * nz.inv_d);
+      indices[r * k + j] = cands[j].index;
+    }
+    m_out[r] = st.m * s;
+    d_out[r] = st.d;
+  };
+
+  if (plan.chunks == 1) {
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      TopK<A> topk(k);
+      for (int64_t r = begin; r < end; ++r) {
+        topk.reset();  // keeps the buffer's allocation
+        const State<A> st = scan_topk(x + r * n, n, 0, s, topk);
+        emit(r, st, topk.candidates());
+      }
+    });
+    return;
+  }
+  std::vector<State<A>> states(rows * plan.chunks);
+  std::vector<std::vector<Candidate<A>>> pieces(rows * plan.chunks);
+  at::parallel_for(0, rows * plan.chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / plan.chunks, c = t % plan.chunks;
+      TopK<A> topk(k);
+      states[t] = scan_topk(x + r * n + c * plan.chunk, plan.length(c, n), c * plan.chunk, s, topk);
+      pieces[t] = std::move(topk.candidates());
+    }
+  });
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      State<A> st = states[r * plan.chunks];
+      std::vector<Candidate<A>> cands = std::move(pieces[r * plan.chunks]);
+      for (int64_t c = 1; c < plan.chunks; ++c) {
+        st = merge(st, states[r * plan.chunks + c], s);
+        auto& more = pieces[r * plan.chunks + c];
+        cands.insert(cands.end(), more.begin(), more.end());
+      }
+      emit(r, st, cands);
+    }
+  });
+}
+
+// dx = s * (G * w - p * C) with p = softmax(x / t) recomputed from (m, d), G the scatter-add of the
+// value gradients g at the top-k indices, and
+//   softmax values:     w = p, C = sum_j g_j p_{i_j}
+//   log-softmax values: w = 1, C = sum_j g_j.
+// Written as one pass of dx = -s * p * C, then one correction per distinct index.
+//
+// The exponent is (x - M) * s with M the raw row max, as in the forward, so 1e4-scale logits keep
+// their digits. M is the largest x among the top-k (the top-1 is the row max); where the indices
+// did not come from the forward and that disagrees with the state's max, the offset M*s - m makes
+// the formula exact anyway.
+template <typename T>
+void topk_backward_kernel(const T* g, const T* x, const int64_t* idx, const acc_t<T>* m_in,
+                          const acc_t<T>* d_in, T* dx, int64_t rows, int64_t n, int64_t k,
+                          acc_t<T> s, bool log) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  using IO = VecIO<T>;
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<int64_t, A>> grads;
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * n;
+      T* dxr = dx + r * n;
+      const int64_t* ir = idx + r * k;
+      // Checked here rather than by a separate pass over the indices (exceptions leave parallel_for).
+      for (int64_t j = 0; j < k; ++j) {
+        TORCH_CHECK_INDEX(ir[j] >= 0 && ir[j] < n, "online_softmax.softmax_topk_backward: indices must "
+                          "lie in [0, ", n, "), got ", ir[j]);
+      }
+      A M = static_cast<A>(xr[ir[0]]);
+      for (int64_t j = 1; j < k; ++j) M = nan_max(M, static_cast<A>(xr[ir[j]]));
+      const Normalizer<A> nz(State<A>{m_in[r], d_in[r]});
+      const A offset = (static_cast<A>(M * s) == m_in[r]) ? A(0) : M * s - m_in[r];
+      auto prob = [&](A xv) { return std::exp((xv - M) * s + offset) * nz.inv_d; };
+      // Sum the gradients of repeated indices (the forward never repeats one; a direct call may).
+      grads.clear();
+      for (int64_t j = 0; j < k; ++j) grads.emplace_back(ir[j], static_cast<A>(g[r * k + j]));
+      std::sort(grads.begin(), grads.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+      int64_t unique = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        if (unique > 0 && grads[unique - 1].first == grads[j].first) {
+          grads[unique - 1].second += grads[j].second;
+        } else {
+          grads[unique++] = grads[j];
+        }
+      }
+      A C = 0;
+      for (int64_t j = 0; j < unique; ++j) {
+        C += log ? grads[j].second : grads[j].second * prob(static_cast<A>(xr[grads[j].first]));
+      }
+      const V vs(s), vM(M), voff(offset), vcoef(-s * C * nz.inv_d);
+      int64_t i = 0;
+      for (; i + IO::kStep <= n; i += IO::kStep) {
+        V a, b;
+        IO::load2(xr + i, a, b);
+        IO::store2(dxr + i, vexp((a - vM) * vs + voff) * vcoef, vexp((b - vM) * vs + voff) * vcoef);
+      }
+      for (; i < n; ++i) dxr[i] = static_cast<T>(-s * prob(static_cast<A>(xr[i])) * C);
+      for (int64_t j = 0; j < unique; ++j) {
+        const int64_t at = grads[j].first;
+        const A p = prob(static_cast<A>(xr[at]));
+        dxr[at] = static_cast<T>(s * (grads[j].second * (log ? A(1) : p) - p * C));
+      }
+    }
+  });
+}
+
+void topk_entry(const TopKCall& c) {
+  with_dtype(c.x_dtype, "softmax_topk", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    topk_kernel(static_cast<const T*>(c.x), c.rows, c.n, c.k, static_cast<A>(1.0 / c.temperature), c.log,
+                static_cast<T*>(c.values), c.indices, static_cast<A*>(c.max), static_cast<A*>(c.sumexp));
+  });
+}
+
+void topk_backward_entry(const TopKBackwardCall& c) {
+  with_dtype(c.x_dtype, "softmax_topk_backward", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    topk_backward_kernel(static_cast<const T*>(c.grad_values), static_cast<const T*>(c.x), c.indices,
+                         static_cast<const A*>(c.max), static_cast<const A*>(c.sumexp), static_cast<T*>(c.dx), c.rows,
+                         c.n, c.k, static_cast<A>(1.0 / c.temperature), c.log);
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace online_softmax::cpu

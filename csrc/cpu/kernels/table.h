@@ -1,0 +1,20 @@
+// The entry points of one capability's kernels, as dispatch.cpp finds them:
+// online_softmax::cpu::<CPU_CAPABILITY>::kKernels. Included once, by csrc/cpu/isa/<capability>.cpp.
+#pragma once
+
+#include "cpu/kernels/softmax.h"
+#include "cpu/kernels/softmax_backward.h"
+#include "cpu/kernels/softmax_topk.h"
+
+#define ONLINE_SOFTMAX_CPU_STR2(x) #x
+#define ONLINE_SOFTMAX_CPU_STR(x) ONLINE_SOFTMAX_CPU_STR2(x)
+
+namespace online_softmax::cpu {
+inline namespace CPU_CAPABILITY {
+
+extern const KernelTable kKernels;
+const KernelTable kKernels = {ONLINE_SOFTMAX_CPU_STR(CPU_CAPABILITY), &forward_entry, &stats_entry, &backward_entry,
+                              &topk_entry, &topk_backward_entry};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace online_softmax::cpu

@@ -1,0 +1,187 @@
+"""Runtime ISA dispatch of the CPU kernels (csrc/cpu/dispatch.h).
+
+Every CPU kernel runs under every compiled capability this CPU supports, in one process, through
+the test-only override; the results are compared with float64 torch and with each other. The
+DEFAULT kernels must load and run (as on a CPU without AVX2), and no AVX instruction may sit
+outside the AVX2/AVX512 kernels in the built library (the link keeps one copy of each inline
+function; it must not be an AVX-compiled one).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import online_softmax as osm
+from online_softmax import _C
+from conftest import random_logits
+
+COMPILED = _C.cpu_capabilities()
+
+
+def cpu_runs(capability):
+    try:
+        _C._set_cpu_capability(capability)
+        return True
+    except ValueError:
+        return False
+    finally:
+        _C._set_cpu_capability("")
+
+
+RUNNABLE = [c for c in COMPILED if cpu_runs(c)]
+
+
+@pytest.fixture(params=RUNNABLE)
+def capability(request):
+    _C._set_cpu_capability(request.param)
+    yield request.param
+    _C._set_cpu_capability("")
+
+
+def test_build_reports_compiled_and_active_capabilities():
+    info = osm.build_info()
+    assert info["cpu_capabilities"] == COMPILED
+    assert COMPILED[0] == "DEFAULT"
+    if os.uname().machine in ("x86_64", "AMD64") and not os.environ.get("ONLINE_SOFTMAX_CPU_CAPABILITY"):
+        assert COMPILED == ["DEFAULT", "AVX2", "AVX512"]
+    # The automatic choice is torch's capability, or the best compiled one below it.
+    torch_cap = torch.backends.cpu.get_cpu_capability()
+    rank = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+    want = max((c for c in COMPILED if rank[c] <= rank.get(torch_cap, 0)), key=rank.get)
+    assert info["cpu_capability"] == want
+
+
+def test_override_refuses_what_is_not_compiled_or_not_supported():
+    with pytest.raises(ValueError, match="not compiled"):
+        _C._set_cpu_capability("AVX1024")
+    for c in COMPILED:
+        if c not in RUNNABLE:
+            with pytest.raises(ValueError):
+                _C._set_cpu_capability(c)
+    assert _C.cpu_capability() == osm.build_info()["cpu_capability"]
+
+
+CASES = [((7, 1000), -1), ((3, 40001), -1), ((1, 300001), -1), ((6, 33, 5), 1), ((40, 3), 0), ((5, 17), -1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_every_kernel_under_each_capability(capability, dtype):
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10}.get(dtype, torch.finfo(dtype).eps)
+    for shape, dim in CASES:
+        x = random_logits(shape, dtype, seed=sum(shape))
+        x.view(-1)[3] = float("-inf")
+        x64 = x.double()
+        for log in (False, True):
+            y = (osm.log_softmax if log else osm.softmax)(x, dim=dim, temperature=0.8)
+            ref = (torch.log_softmax if log else torch.softmax)(x64 / 0.8, dim)
+            atol = 4 * tol * float(ref[torch.isfinite(ref)].abs().max()) if log else tol * 1e-2
+            torch.testing.assert_close(y.double(), ref, rtol=tol, atol=max(atol, 1e-7), equal_nan=True)
+            g = random_logits(shape, dtype, seed=1, scale=1.0)
+            dx = torch.ops.online_softmax.backward(g, y, dim, log, 0.8, None)
+            g64, y64 = g.double(), y.double()
+            want = ((g64 - y64.exp() * g64.sum(dim, keepdim=True)) if log
+                    else y64 * (g64 - (g64 * y64).sum(dim, keepdim=True))) / 0.8
+            torch.testing.assert_close(dx.double(), want, rtol=tol, atol=1e-5 if dtype != torch.float64 else 1e-10)
+        state = osm.softmax_stats(x, dim=dim)
+        torch.testing.assert_close(state.logsumexp().double(), torch.logsumexp(x64, dim), rtol=1e-5, atol=1e-5)
+        k = min(5, x.shape[dim])
+        values, indices = osm.softmax_topk(x, k, dim=dim)
+        want_idx = torch.sort(x64, dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+        assert torch.equal(indices, want_idx)
+        torch.testing.assert_close(values.double(), torch.softmax(x64, dim).gather(dim, want_idx), rtol=tol,
+                                   atol=1e-7)
+
+
+def test_capabilities_agree_with_each_other():
+    """The same op, run by each capability's kernels, gives the same answers within rounding and
+    identical top-k indices."""
+    x = random_logits((9, 20001), torch.float32, seed=5)
+    x[2, 7] = float("nan")
+    results = {}
+    for c in RUNNABLE:
+        _C._set_cpu_capability(c)
+        try:
+            results[c] = (osm.softmax(x, dim=-1), osm.log_softmax(x, dim=0), osm.softmax_topk(x, 64))
+        finally:
+            _C._set_cpu_capability("")
+    base = results[RUNNABLE[0]]
+    for c, (y, ly, (v, i)) in results.items():
+        torch.testing.assert_close(y, base[0], rtol=1e-5, atol=1e-7, equal_nan=True, msg=c)
+        torch.testing.assert_close(ly, base[1], rtol=1e-5, atol=1e-5, equal_nan=True, msg=c)
+        assert torch.equal(i, base[2][1]), c
+        torch.testing.assert_close(v, base[2][0], rtol=1e-5, atol=1e-7, equal_nan=True, msg=c)
+
+
+def test_default_kernels_load_and_run_as_on_a_cpu_without_avx2():
+    """ATEN_CPU_CAPABILITY=default makes torch and these kernels run their portable builds."""
+    code = ("import torch, online_softmax as osm; x = torch.randn(4, 3000);"
+            "assert osm.build_info()['cpu_capability'] == 'DEFAULT', osm.build_info();"
+            "torch.testing.assert_close(osm.softmax(x, dim=-1), torch.softmax(x, -1));"
+            "v, i = osm.softmax_topk(x, 3); assert torch.equal(i, torch.softmax(x, -1).topk(3).indices);"
+            "print('ok')")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+AVX_FUNCTION = re.compile(r"AVX2|AVX512|Sleef")
+
+
+def test_no_avx_instruction_outside_the_avx_kernels():
+    """A baseline-ISA function that carried a VEX/EVEX instruction would crash a CPU without AVX."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) not found")
+    proc = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    offenders, current = {}, None
+    for line in proc.stdout.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            current = head.group(1)
+            continue
+        if current is None or AVX_FUNCTION.search(current):
+            continue
+        fields = line.split("\t")
+        mnemonic = fields[1].split()[0] if len(fields) > 1 and fields[1].split() else ""
+        if mnemonic.startswith("v") or "%ymm" in line or "%zmm" in line:
+            offenders.setdefault(current, mnemonic)
+    assert not offenders, f"AVX instructions outside the AVX kernels: {list(offenders.items())[:10]}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_one_exp_softmax_blocks_and_hostile_values(capability, dtype):
+    """The in-cache softmax (one exp per element, blocks of 1024 rescaled afterwards): block
+    edges, a block that is all -inf, NaN/+inf in one block, 1e4-scale logits, and rows on both
+    sides of the one-exp size limit (1M float32 / 512k float64 elements)."""
+    inf, nan = float("inf"), float("nan")
+    limit = (4 << 20) // (8 if dtype == torch.float64 else 4)
+    for n in (1023, 1024, 1025, 3 * 1024 + 7, limit, limit + 1):
+        rows = 6 if n < 100_000 else 2
+        x = random_logits((rows, n), dtype, seed=n)
+        if n > 2048:
+            x[0, 1024:2048] = -inf      # a whole block banned
+        x[1 % rows, n // 2] = nan if rows > 2 else x[1, n // 2]
+        if rows > 2:
+            x[2, n - 1] = inf
+            x[3] = -inf
+            if dtype != torch.float16:
+                x[4] = x[4] * 3333
+            x[5, 5] = 80.0
+        for t in (1.0, 0.5):
+            y = osm.softmax(x, dim=-1, temperature=t)
+            ref = torch.softmax(x.double() / t, -1)
+            assert torch.equal(torch.isnan(y), torch.isnan(ref)), (n, t)
+            rtol = {torch.float32: 1e-5, torch.float64: 1e-10}.get(dtype, torch.finfo(dtype).eps)
+            torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=1e-7 if dtype != torch.float64 else 1e-14,
+                                       equal_nan=True)
+        if dtype in (torch.float16, torch.bfloat16):  # float32 output of half input: one rounding
+            y = osm.softmax(x, dim=-1, dtype=torch.float32)
+            torch.testing.assert_close(y.double(), torch.softmax(x.double(), -1), rtol=1e-5, atol=1e-8,
+                                       equal_nan=True)

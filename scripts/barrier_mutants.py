@@ -35,13 +35,17 @@ def scratch_copy(dest):
 
 
 def barriers(root, only):
+    """(path, line index) of every barrier; `only` keeps one file ("softmax_topk.cu") or one line
+    ("softmax_topk.cu:54"), comma-separated."""
+    wanted = [w.partition(":") for w in only.split(",") if w]
     found = []
     for path in sorted((root / "csrc" / "kernels").glob("*.cu*")):
-        if only and path.name != only:
-            continue
         for i, line in enumerate(path.read_text().splitlines()):
-            if BARRIER.search(line) and not line.strip().startswith("//"):
-                found.append((path, i))
+            if not BARRIER.search(line) or line.strip().startswith("//"):
+                continue
+            if wanted and not any(name == path.name and (not ln or int(ln) == i + 1) for name, _, ln in wanted):
+                continue
+            found.append((path, i))
     return found
 
 
@@ -71,7 +75,7 @@ def run_tests(root, schedule):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schedules", default="in_order,reversed,random:1")
-    ap.add_argument("--only", default="", help="one kernel file, e.g. online_state.cuh")
+    ap.add_argument("--only", default="", help="files or file:line, e.g. online_state.cuh,softmax_topk.cu:54")
     ap.add_argument("--out", default="", help="also write the table to this file")
     args = ap.parse_args()
     schedules = args.schedules.split(",")

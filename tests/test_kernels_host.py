@@ -190,8 +190,9 @@ def test_forward_grids_smaller_than_the_row_count(hk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+# (70, 5, 3): more tiles than the 64-block grid, so a block reuses its shared states for a next tile.
 @pytest.mark.parametrize("shape,dim", [((3, 7, 5), 1), ((2, 300, 33), 1), ((1, 1, 2), 1), ((4, 5, 64), 1),
-                                       ((65, 3), 0), ((2, 1000, 3), 1)])
+                                       ((65, 3), 0), ((2, 1000, 3), 1), ((70, 5, 3), 1)])
 def test_forward_strided(hk, dtype, shape, dim):
     x = logits(shape, dtype, seed=sum(shape))
     outer = 1
@@ -364,7 +365,7 @@ def test_backward_register_configs_and_shared_and_split(hk, dtype, log):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_strided(hk, dtype):
-    for shape in [(3, 7, 5), (2, 301, 33), (1, 2, 64)]:
+    for shape in [(3, 7, 5), (2, 301, 33), (1, 2, 64), (70, 5, 3)]:
         x = logits(shape, dtype, seed=shape[1])
         for log in (False, True):
             y = softmax_ref(x, 1, 1.0, log).to(dtype).contiguous()

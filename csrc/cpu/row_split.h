@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/row_geometry.h"
+
 namespace online_softmax::cpu {
 inline namespace CPU_CAPABILITY {  // one copy per ISA (csrc/cpu/kernels/common.h)
 
@@ -36,6 +38,19 @@ inline RowSplit plan_row_split(int64_t rows, int64_t n) {
 // Rows per task so that a task holds at least kMinTaskElements elements.
 inline int64_t row_grain(int64_t n) {
   return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(n, 1));
+}
+
+// A strided layout (inner > 1) in tasks of `step` neighbouring rows, in parallel: fn(o, i0, lanes)
+// for each outer index o and each block of rows [i0, i0 + lanes) along inner.
+template <typename Fn>
+inline void for_each_row_block(const RowGeometry& g, int64_t step, Fn&& fn) {
+  const int64_t blocks = (g.inner + step - 1) / step;
+  at::parallel_for(0, g.outer * blocks, row_grain(g.size * step), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t / blocks, i0 = (t % blocks) * step;
+      fn(o, i0, std::min<int64_t>(step, g.inner - i0));
+    }
+  });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -169,55 +169,49 @@ void strided_states(const T* x, const RowGeometry& g, acc_t<T> s, Sink&& sink) {
   using A = acc_t<T>;
   using IO = VecIO<T>;
   using V = Vectorized<A>;
-  const int64_t blocks = (g.inner + IO::kStep - 1) / IO::kStep;
-  const int64_t grain = row_grain(g.size * IO::kStep);  // a task is a block of kStep rows
-  at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
+  for_each_row_block(g, IO::kStep, [&](int64_t o, int64_t i0, int64_t lanes) {
     alignas(64) A ms[IO::kStep];
     alignas(64) A ds[IO::kStep];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t / blocks, i0 = (t % blocks) * IO::kStep;
-      const int64_t lanes = std::min<int64_t>(IO::kStep, g.inner - i0);
-      const T* base = x + o * g.size * g.inner + i0;
-      if (lanes == IO::kStep) {
-        // Lanes flush into double-precision states every kStridedBlock positions: here one lane
-        // sums one row alone, so the block must be short (see kLaneBlock in scan_contiguous).
-        constexpr int64_t kStridedBlock = 1024;
-        State<double> rows[IO::kStep];
-        const V vs(s);
-        for (int64_t j0 = 0; j0 < g.size; j0 += kStridedBlock) {
-          LaneState<A> lo, hi;
-          for (int64_t j = j0; j < std::min(g.size, j0 + kStridedBlock); ++j) {
-            V a, b;
-            IO::load2(base + j * g.inner, a, b);
-            lo.update(a, vs);
-            hi.update(b, vs);
-          }
-          lo.lanes(ms, ds);
-          hi.lanes(ms + IO::kWidth, ds + IO::kWidth);
-          for (int64_t l = 0; l < IO::kStep; ++l) {
-            rows[l] = merge(rows[l], State<double>{ms[l], ds[l]}, static_cast<double>(s));
-          }
+    const T* base = x + o * g.size * g.inner + i0;
+    if (lanes == IO::kStep) {
+      // Lanes flush into double-precision states every kStridedBlock positions: here one lane
+      // sums one row alone, so the block must be short (see kLaneBlock in scan_contiguous).
+      constexpr int64_t kStridedBlock = 1024;
+      State<double> rows[IO::kStep];
+      const V vs(s);
+      for (int64_t j0 = 0; j0 < g.size; j0 += kStridedBlock) {
+        LaneState<A> lo, hi;
+        for (int64_t j = j0; j < std::min(g.size, j0 + kStridedBlock); ++j) {
+          V a, b;
+          IO::load2(base + j * g.inner, a, b);
+          lo.update(a, vs);
+          hi.update(b, vs);
         }
+        lo.lanes(ms, ds);
+        hi.lanes(ms + IO::kWidth, ds + IO::kWidth);
         for (int64_t l = 0; l < IO::kStep; ++l) {
-          ms[l] = static_cast<A>(rows[l].m);
-          ds[l] = static_cast<A>(rows[l].d);
-        }
-      } else {
-        // One scalar sum per row runs long (no lanes share it): accumulate in double.
-        for (int64_t l = 0; l < lanes; ++l) {
-          State<double> st;
-          for (int64_t j = 0; j < g.size; ++j) update(st, static_cast<double>(base[j * g.inner + l]), double(s));
-          ms[l] = st.d == 0 ? std::numeric_limits<A>::lowest() : static_cast<A>(st.m);
-          ds[l] = static_cast<A>(st.d);
+          rows[l] = merge(rows[l], State<double>{ms[l], ds[l]}, static_cast<double>(s));
         }
       }
+      for (int64_t l = 0; l < IO::kStep; ++l) {
+        ms[l] = static_cast<A>(rows[l].m);
+        ds[l] = static_cast<A>(rows[l].d);
+      }
+    } else {
+      // One scalar sum per row runs long (no lanes share it): accumulate in double.
       for (int64_t l = 0; l < lanes; ++l) {
-        const State<A> st = finalize(State<A>{ms[l], ds[l]});
-        ms[l] = st.m;
-        ds[l] = st.d;
+        State<double> st;
+        for (int64_t j = 0; j < g.size; ++j) update(st, static_cast<double>(base[j * g.inner + l]), double(s));
+        ms[l] = st.d == 0 ? std::numeric_limits<A>::lowest() : static_cast<A>(st.m);
+        ds[l] = static_cast<A>(st.d);
       }
-      sink(o, i0, lanes, ms, ds);
     }
+    for (int64_t l = 0; l < lanes; ++l) {
+      const State<A> st = finalize(State<A>{ms[l], ds[l]});
+      ms[l] = st.m;
+      ds[l] = st.d;
+    }
+    sink(o, i0, lanes, ms, ds);
   });
 }
 

@@ -116,70 +116,64 @@ void backward_contiguous(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n
   });
 }
 
-// Softmax dim with stride inner > 1: each vector lane is a different row (see softmax.cpp).
+// Softmax dim with stride inner > 1: each vector lane is a different row (see kernels/softmax.h).
 template <typename Y, typename X>
 void backward_strided(const Y* dy, const Y* y, X* dx, const RowGeometry& g, acc_t<Y> s, bool log) {
   using A = acc_t<Y>;
   using V = Vectorized<A>;
   using IO = VecIO<Y>;
-  const int64_t blocks = (g.inner + IO::kStep - 1) / IO::kStep;
-  const int64_t grain = row_grain(g.size * IO::kStep);  // a task is a block of kStep rows
-  at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t / blocks, i0 = (t % blocks) * IO::kStep;
-      const int64_t lanes = std::min<int64_t>(IO::kStep, g.inner - i0);
-      const int64_t base = o * g.size * g.inner + i0;
-      if (lanes == IO::kStep) {
-        // Per-lane sums (one row each), flushed into double every kStridedBlock positions.
-        constexpr int64_t kStridedBlock = 1024;
-        double sums[IO::kStep] = {};
-        alignas(64) A part[IO::kStep];
-        for (int64_t j0 = 0; j0 < g.size; j0 += kStridedBlock) {
-          V p0(A(0)), p1(A(0));
-          for (int64_t j = j0; j < std::min(g.size, j0 + kStridedBlock); ++j) {
-            V g0, g1;
-            IO::load2(dy + base + j * g.inner, g0, g1);
-            if (log) {
-              p0 = p0 + g0;
-              p1 = p1 + g1;
-            } else {
-              V y0, y1;
-              IO::load2(y + base + j * g.inner, y0, y1);
-              p0 = at::vec::fmadd(g0, y0, p0);
-              p1 = at::vec::fmadd(g1, y1, p1);
-            }
-          }
-          p0.store(part);
-          p1.store(part + IO::kWidth);
-          for (int64_t l = 0; l < IO::kStep; ++l) sums[l] += part[l];
-        }
-        for (int64_t l = 0; l < IO::kStep; ++l) part[l] = static_cast<A>(sums[l]);
-        const V t0 = V::loadu(part), t1 = V::loadu(part + IO::kWidth);
-        const V vs(s);
-        for (int64_t j = 0; j < g.size; ++j) {
-          const int64_t at = base + j * g.inner;
-          V g0, g1, y0, y1;
-          IO::load2(dy + at, g0, g1);
-          IO::load2(y + at, y0, y1);
+  for_each_row_block(g, IO::kStep, [&](int64_t o, int64_t i0, int64_t lanes) {
+    const int64_t base = o * g.size * g.inner + i0;
+    if (lanes == IO::kStep) {
+      // Per-lane sums (one row each), flushed into double every kStridedBlock positions.
+      constexpr int64_t kStridedBlock = 1024;
+      double sums[IO::kStep] = {};
+      alignas(64) A part[IO::kStep];
+      for (int64_t j0 = 0; j0 < g.size; j0 += kStridedBlock) {
+        V p0(A(0)), p1(A(0));
+        for (int64_t j = j0; j < std::min(g.size, j0 + kStridedBlock); ++j) {
+          V g0, g1;
+          IO::load2(dy + base + j * g.inner, g0, g1);
           if (log) {
-            VecIO<X>::store2(dx + at, (g0 - vexp_keep_nan(y0) * t0) * vs, (g1 - vexp_keep_nan(y1) * t1) * vs);
+            p0 = p0 + g0;
+            p1 = p1 + g1;
           } else {
-            VecIO<X>::store2(dx + at, y0 * (g0 - t0) * vs, y1 * (g1 - t1) * vs);
+            V y0, y1;
+            IO::load2(y + base + j * g.inner, y0, y1);
+            p0 = at::vec::fmadd(g0, y0, p0);
+            p1 = at::vec::fmadd(g1, y1, p1);
           }
         }
-      } else {
-        for (int64_t l = 0; l < lanes; ++l) {
-          double sum = 0;  // one long scalar sum per row: accumulate in double
-          for (int64_t j = 0; j < g.size; ++j) {
-            const int64_t at = base + j * g.inner + l;
-            sum += log ? static_cast<double>(dy[at]) : static_cast<double>(dy[at]) * static_cast<double>(y[at]);
-          }
-          const A total = static_cast<A>(sum);
-          for (int64_t j = 0; j < g.size; ++j) {
-            const int64_t at = base + j * g.inner + l;
-            const A gv = static_cast<A>(dy[at]), yv = static_cast<A>(y[at]);
-            dx[at] = static_cast<X>(log ? (gv - std::exp(yv) * total) * s : yv * (gv - total) * s);
-          }
+        p0.store(part);
+        p1.store(part + IO::kWidth);
+        for (int64_t l = 0; l < IO::kStep; ++l) sums[l] += part[l];
+      }
+      for (int64_t l = 0; l < IO::kStep; ++l) part[l] = static_cast<A>(sums[l]);
+      const V t0 = V::loadu(part), t1 = V::loadu(part + IO::kWidth);
+      const V vs(s);
+      for (int64_t j = 0; j < g.size; ++j) {
+        const int64_t at = base + j * g.inner;
+        V g0, g1, y0, y1;
+        IO::load2(dy + at, g0, g1);
+        IO::load2(y + at, y0, y1);
+        if (log) {
+          VecIO<X>::store2(dx + at, (g0 - vexp_keep_nan(y0) * t0) * vs, (g1 - vexp_keep_nan(y1) * t1) * vs);
+        } else {
+          VecIO<X>::store2(dx + at, y0 * (g0 - t0) * vs, y1 * (g1 - t1) * vs);
+        }
+      }
+    } else {
+      for (int64_t l = 0; l < lanes; ++l) {
+        double sum = 0;  // one long scalar sum per row: accumulate in double
+        for (int64_t j = 0; j < g.size; ++j) {
+          const int64_t at = base + j * g.inner + l;
+          sum += log ? static_cast<double>(dy[at]) : static_cast<double>(dy[at]) * static_cast<double>(y[at]);
+        }
+        const A total = static_cast<A>(sum);
+        for (int64_t j = 0; j < g.size; ++j) {
+          const int64_t at = base + j * g.inner + l;
+          const A gv = static_cast<A>(dy[at]), yv = static_cast<A>(y[at]);
+          dx[at] = static_cast<X>(log ? (gv - std::exp(yv) * total) * s : yv * (gv - total) * s);
         }
       }
     }

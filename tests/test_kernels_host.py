@@ -495,6 +495,18 @@ def test_topk_backward(hk, dtype, log):
         assert_close_to(dx, ref, dtype, what=f"top-k dx n={n}", atol=1e-6 if dtype != torch.float64 else 1e-12)
 
 
+def test_topk_backward_large_logits_use_the_top_max(hk):
+    """With 1e4-scale logits the exponent (x - M) s + (M s - max) keeps its digits only with M the
+    row max that every thread agrees on (block_max, then block_sum, reuse one scratch)."""
+    x = logits((3, 3000), torch.float32, seed=8) * 3333
+    _, indices, m, d = hk.softmax_topk(x, 5)
+    g = logits((3, 5), torch.float32, seed=2, scale=1.0)
+    indices, order = indices.sort(-1)
+    g = g.gather(-1, order).contiguous()
+    dx = hk.softmax_topk_backward(g, x, indices.contiguous(), m, d)
+    assert_close_to(dx, topk_backward_ref(g, x, indices, 1.0, False), torch.float32, what="1e4-scale top-k dx")
+
+
 def test_topk_backward_sums_repeated_indices(hk):
     x = logits((2, 100), torch.float32)
     _, _, m, d = hk.softmax_topk(x, 1)

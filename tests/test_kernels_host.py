@@ -498,13 +498,17 @@ def test_topk_backward(hk, dtype, log):
 def test_topk_backward_large_logits_use_the_top_max(hk):
     """With 1e4-scale logits the exponent (x - M) s + (M s - max) keeps its digits only with M the
     row max that every thread agrees on (block_max, then block_sum, reuse one scratch)."""
-    x = logits((3, 3000), torch.float32, seed=8) * 3333
-    _, indices, m, d = hk.softmax_topk(x, 5)
-    g = logits((3, 5), torch.float32, seed=2, scale=1.0)
-    indices, order = indices.sort(-1)
-    g = g.gather(-1, order).contiguous()
-    dx = hk.softmax_topk_backward(g, x, indices.contiguous(), m, d)
-    assert_close_to(dx, topk_backward_ref(g, x, indices, 1.0, False), torch.float32, what="1e4-scale top-k dx")
+    # 1e4-scale; shifted by 1e4 (every probability matters); shifted, narrow and short, so that
+    # warps other than the first hold elements of sizeable probability (log: C = sum of g, O(1)).
+    for x, log in ((logits((3, 3000), torch.float32, seed=8) * 3333, False),
+                   (logits((3, 3000), torch.float32, seed=8) + 1e4, False),
+                   (logits((3, 200), torch.float32, seed=8, scale=0.1) + 1e4, True)):
+        _, indices, m, d = hk.softmax_topk(x, 5, log=log)
+        g = logits((3, 5), torch.float32, seed=2, scale=1.0)
+        indices, order = indices.sort(-1)
+        g = g.gather(-1, order).contiguous()
+        dx = hk.softmax_topk_backward(g, x, indices.contiguous(), m, d, log=log)
+        assert_close_to(dx, topk_backward_ref(g, x, indices, 1.0, log), torch.float32, what="large-logit top-k dx")
 
 
 def test_topk_backward_sums_repeated_indices(hk):

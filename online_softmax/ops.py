@@ -109,17 +109,17 @@ def _backward_backward(ctx, h):
     g, y = ctx.saved_tensors
     scalar = y.dim() == 0
     acc = state_dtype(y.dtype)
-    g64, y64, h64 = (t.to(acc).reshape(1) if scalar else t.to(acc) for t in (g, y, h))
+    ga, ya, ha = (t.to(acc).reshape(1) if scalar else t.to(acc) for t in (g, y, h))
     dim = 0 if scalar else wrap_dim(ctx.dim, y, "backward")
     s = 1.0 / ctx.temperature
     if ctx.log:
-        e = torch.exp(y64)
-        dg = s * (h64 - (h64 * e).sum(dim, keepdim=True))
-        dy = -s * h64 * e * g64.sum(dim, keepdim=True)
+        e = torch.exp(ya)
+        dg = s * (ha - (ha * e).sum(dim, keepdim=True))
+        dy = -s * ha * e * ga.sum(dim, keepdim=True)
     else:
-        hy = (h64 * y64).sum(dim, keepdim=True)
-        dg = s * y64 * (h64 - hy)
-        dy = s * (h64 * (g64 - (g64 * y64).sum(dim, keepdim=True)) - g64 * hy)
+        hy = (ha * ya).sum(dim, keepdim=True)
+        dg = s * ya * (ha - hy)
+        dy = s * (ha * (ga - (ga * ya).sum(dim, keepdim=True)) - ga * hy)
     if scalar:
         dg, dy = dg.reshape(()), dy.reshape(())
     return dg.to(g.dtype), dy.to(y.dtype), None, None, None, None

@@ -51,3 +51,21 @@ def assert_matches_reference(ours, x, reference_fn, torch_fn=None):
         scale = ref[finite].abs().max().item() if finite.any() else 0.0
         atol = max(1e-6, 4 * torch.finfo(torch.float32).eps * scale)
         torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=atol, equal_nan=True)
+
+
+def backward_ref(g, y, log, dim=-1, scale=1.0):
+    """The backward of softmax (or log_softmax) in float64, from the same rounded y and g the op
+    receives: softmax dx = s y (g - sum(g y)), log dx = s (g - exp(y) sum(g))."""
+    g64, y64 = g.double(), y.double()
+    if log:
+        return (g64 - torch.exp(y64) * g64.sum(dim, keepdim=True)) * scale
+    return y64 * (g64 - (g64 * y64).sum(dim, keepdim=True)) * scale
+
+
+def backward_atol(g, y, log, dim=-1, scale=1.0):
+    """The absolute error the backward may add to its output's rounding: the row sum is accumulated
+    in float32 (float64 for double), and its rounding error is multiplied by |y| (|exp(y)| for log)."""
+    acc_eps = 1e-13 if y.dtype == torch.float64 else 1e-6
+    terms = (g.double() if log else g.double() * y.double()).abs().sum(dim, keepdim=True)
+    factor = (y.double().exp() if log else y.double()).abs()
+    return float((acc_eps * terms * factor).max()) * abs(scale) + 1e-30

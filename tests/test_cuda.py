@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import online_softmax as osm
-from conftest import DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_matches_reference, random_logits
+from conftest import (DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_matches_reference, backward_atol, backward_ref,
+                      random_logits)
 
 needs_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU and a CUDA build of online_softmax")
 CPU_MAX_ELEMENTS = 2_000_000
@@ -33,23 +34,12 @@ def f64(x):
     return x.detach().to(torch.float64, copy=True)
 
 
-def rounded_backward_ref(g, y, log, dim=-1):
-    """The backward computed in float64 from the same rounded y and g the op receives."""
-    g64, y64 = g.double(), y.double()
-    if log:
-        return g64 - torch.exp(y64) * g64.sum(dim, keepdim=True)
-    return y64 * (g64 - (g64 * y64).sum(dim, keepdim=True))
-
-
 def assert_backward_close(dx, g, y, log, dim=-1):
     """dx against the float64 backward of the same rounded inputs, rounded to dx's dtype: one unit
     in the last place, plus the float32 (float64) accumulation error of the row sum times |y|."""
-    ref = rounded_backward_ref(g, y, log, dim)
-    acc_eps = 1e-13 if y.dtype == torch.float64 else 1e-6
-    terms = (g.double() if log else g.double() * y.double()).abs().sum(dim, keepdim=True)
-    atol = float((acc_eps * terms * (y.double().exp() if log else y.double()).abs()).max()) + 1e-30
     rtol = {torch.float32: 1e-5, torch.float64: 1e-10}.get(dx.dtype, torch.finfo(dx.dtype).eps)
-    torch.testing.assert_close(dx.double(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dx.double(), backward_ref(g, y, log, dim), rtol=rtol, atol=backward_atol(g, y, log, dim))
+
 
 REFS = {
     "softmax": (lambda x: torch.softmax(x, -1), osm.softmax),

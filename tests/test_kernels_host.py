@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import host_kernels as hkmod
+from conftest import backward_atol, backward_ref
 from host_kernels import HostKernelError, HostKernels, Limits
 
 CXX, CUDA_INCLUDE = hkmod.find_cxx(), hkmod.find_cuda_include()
@@ -306,29 +307,16 @@ def test_forward_refuses_split_plan_without_workspace(hk):
 
 # ---- backward ----
 
-def backward_ref(dy, y, scale, log):
-    dy64, y64 = dy.double(), y.double()
-    if log:
-        return (dy64 - torch.exp(y64) * dy64.sum(-1, keepdim=True)) * scale
-    return y64 * (dy64 - (dy64 * y64).sum(-1, keepdim=True)) * scale
-
-
 def check_backward(hk, dy, y, layout, *, scale=1.0, log=False, limits=Limits(), expect=None, dx_dtype=None):
     hk.launches()  # forget earlier launches
     dx = hk.backward(dy, y, layout, scale=scale, log=log, limits=limits, dx_dtype=dx_dtype)
     ran = hk.launches()
     if expect is not None:
         assert ran == expect, f"expected kernels {expect}, ran {ran}"
-    outer, size, inner = layout
-    # The reference on the same rounded y and dy, in float64, with the dim last.
-    dy3, y3 = dy.reshape(outer, size, inner).transpose(1, 2), y.reshape(outer, size, inner).transpose(1, 2)
-    ref = backward_ref(dy3, y3, scale, log).transpose(1, 2).reshape(dx.shape)
-    # The row sum is accumulated in float32 (float64 for double): its rounding error, times |y|,
-    # bounds the absolute error on top of the output's own rounding.
-    acc_eps = 1e-13 if y.dtype == torch.float64 else 1e-6
-    terms = (dy3.double() if log else dy3.double() * y3.double()).abs().sum(-1, keepdim=True)
-    scale_y = (y3.double().exp() if log else y3.double()).abs()
-    atol = float((acc_eps * terms * scale_y).max()) * abs(scale) + 1e-30
+    # The reference on the same rounded y and dy, in float64, along the size dim of the layout.
+    dy3, y3 = dy.reshape(layout), y.reshape(layout)
+    ref = backward_ref(dy3, y3, log, dim=1, scale=scale).reshape(dx.shape)
+    atol = backward_atol(dy3, y3, log, dim=1, scale=scale)
     assert_close_to(dx, ref, dx_dtype or y.dtype, what=f"dx {tuple(y.shape)} log={log}", atol=atol)
 
 

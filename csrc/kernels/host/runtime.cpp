@@ -97,20 +97,15 @@ enum class Wait { kRunnable, kBarrier, kShuffle, kDone };
 
 struct Fiber {
   ThreadContext ctx;
-  int linear = 0;
   int warp = 0;
   int lane = 0;
   Wait wait = Wait::kRunnable;
   const char* file = nullptr;  // where it waits
   int line = 0;
-  // a pending shuffle
-  ShuffleKind kind = ShuffleKind::kXor;
-  unsigned mask = 0;
+  // a pending shuffle (its mask, kind and width are the PendingShuffle's)
   uint64_t bits = 0;
   int arg = 0;
-  int width = 32;
   uint64_t result = 0;
-  bool started = false;
 #if defined(__x86_64__)
   void* sp = nullptr;
 #else
@@ -536,7 +531,6 @@ bool run_block(Runtime& r) {
   for (auto& w : r.shuffles) w.clear();
   for (int i = 0; i < r.threads; ++i) {
     Fiber& f = r.fibers[i];
-    f.linear = i;
     f.warp = i / 32;
     f.lane = i % 32;
     f.wait = Wait::kRunnable;
@@ -654,11 +648,8 @@ uint64_t shuffle(ShuffleKind kind, unsigned mask, uint64_t bits, int arg, int wi
     pending.push_back(PendingShuffle{mask, 0u, kind, width, file, line});
     mine = &pending.back();
   }
-  f.kind = kind;
-  f.mask = mask;
   f.bits = bits;
   f.arg = arg;
-  f.width = width;
   f.file = file;
   f.line = line;
   mine->arrived |= 1u << f.lane;

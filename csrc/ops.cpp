@@ -29,6 +29,10 @@ TORCH_LIBRARY(online_softmax, m) {
   m.def("beam_search_step(Tensor logits, Tensor beam_scores, int num_beams, int num_candidates, float temperature=1.0) -> (Tensor scores, Tensor token_ids, Tensor beam_ids)");
 }
 
+namespace online_softmax {
+PyObject* cuda_plan(PyObject*, PyObject* args);  // csrc/common/cuda_plan.cpp
+}
+
 // `import online_softmax._C` loads this shared object, which runs the registrations above. The
 // module also reports the CPU kernel dispatch (csrc/cpu/dispatch.h) and, for tests, overrides it.
 namespace {
@@ -61,6 +65,8 @@ PyMethodDef methods[] = {
     {"cpu_capabilities", cpu_capabilities, METH_NOARGS, "The capabilities compiled into this build."},
     {"_set_cpu_capability", set_cpu_capability, METH_O,
      "Test-only: run the CPU kernels of this capability ('' for the automatic choice)."},
+    {"_cuda_plan", online_softmax::cuda_plan, METH_VARARGS,
+     "The CUDA launch plan of a shape (online_softmax.cuda_plan is the documented front)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

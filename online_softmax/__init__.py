@@ -12,6 +12,7 @@ from .api import log_softmax, softmax, softmax_topk
 from .modules import OnlineLogSoftmax, OnlineSoftmax
 from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
+from .cuda_plan import CudaPlan, cuda_plan
 from .beam_search import BeamSearchDecoder, BeamSearchOutput, BeamStep, beam_search_step
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
@@ -27,6 +28,8 @@ __all__ = [
     "OnlineSoftmax",
     "OnlineLogSoftmax",
     "build_info",
+    "cuda_plan",
+    "CudaPlan",
     "beam_search_step",
     "BeamStep",
     "BeamSearchDecoder",

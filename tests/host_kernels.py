@@ -178,7 +178,7 @@ class HostKernels:
         lib.osm_host_topk_workspace_bytes.argtypes = [i32, i64, i64, i64, i32, i32]
         lib.osm_host_topk_workspace_bytes.restype = sz
         lib.osm_host_topk.argtypes = [i32, vp, vp, vp, vp, vp, i64, i64, i64, f64, i32, vp, i32, i32]
-        lib.osm_host_topk_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, i64, i64, i64, f64, i32]
+        lib.osm_host_topk_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, i64, i64, i64, f64, i32, vp, i32, i32]
         lib.osm_host_set_schedule.argtypes = [i32, ctypes.c_uint64]
         lib.osm_host_last_error.restype = ctypes.c_char_p
         lib.osm_host_launch_log.restype = ctypes.c_char_p
@@ -192,9 +192,18 @@ class HostKernels:
     def launches(self):
         """Kernel names launched since the last call (as the launch spells them, e.g.
         'register_rows_kernel<T, O, cfg.group, cfg.vecs, cfg.block>')."""
+        return [launch[0] for launch in self.launch_configs()]
+
+    def launch_configs(self):
+        """(kernel, grid, block_x, block_y, dynamic smem) of each launch since the last call."""
         log = self.lib.osm_host_launch_log().decode()
         self.lib.osm_host_clear_launch_log()
-        return [line.split("<")[0] for line in log.splitlines()]
+        out = []
+        for line in log.splitlines():
+            name, grid, block, smem = line.rsplit(" ", 3)
+            bx, by = block.split("=")[1].split("x")
+            out.append((name.split("<")[0], int(grid.split("=")[1]), int(bx), int(by), int(smem.split("=")[1])))
+        return out
 
     def selftest(self, which, inp=None, out=None, a=0, b=0, c=0):
         """Runs one of host/selftest.cpp's kernels; returns (cudaError code, runtime message)."""
@@ -256,12 +265,16 @@ class HostKernels:
                                            k, scale, int(log), _ptr(ws), limits.num_sms, limits.max_smem_per_block))
         return values, indices, mo, so
 
-    def softmax_topk_backward(self, grad_values, x, indices, max_in, sumexp_in, scale=1.0, log=False):
-        """indices sorted ascending per row (the binding's contract); grad_values in the same order."""
+    def softmax_topk_backward(self, grad_values, x, indices, max_in, sumexp_in, scale=1.0, log=False,
+                              limits=Limits(), return_error=False):
+        """indices sorted ascending per row (the binding's contract); grad_values in the same order.
+        With return_error, returns (dx, error flag) — the flag is 1 when an index was out of range."""
         rows, n = x.shape
         k = indices.shape[1]
         dx = _poison(torch.empty_like(x))
+        error = torch.zeros(1, dtype=torch.int32)
         self._check(self.lib.osm_host_topk_backward(DTYPE_CODES[x.dtype], _ptr(grad_values), _ptr(x), _ptr(indices),
                                                     _ptr(max_in), _ptr(sumexp_in), _ptr(dx), rows, n, k, scale,
-                                                    int(log)))
-        return dx
+                                                    int(log), _ptr(error), limits.num_sms,
+                                                    limits.max_smem_per_block))
+        return (dx, int(error.item())) if return_error else dx

@@ -232,8 +232,46 @@ def test_topk_backward_sums_repeated_indices_and_rejects_bad_ones(dev):
     xr = f64(x).requires_grad_()
     (torch.softmax(xr, -1).gather(-1, idx) * g.double()).sum().backward()
     torch.testing.assert_close(got.double(), xr.grad, rtol=1e-5, atol=1e-7)
-    with pytest.raises(IndexError, match="indices"):
-        torch.ops.online_softmax.softmax_topk_backward(g, x, idx + 100, m, d, -1, False, 1.0)
+    if dev == "cpu":
+        with pytest.raises(IndexError, match="indices"):
+            torch.ops.online_softmax.softmax_topk_backward(g, x, idx + 100, m, d, -1, False, 1.0)
+
+
+CUDA_BAD_INDEX = """
+import torch, online_softmax
+x = torch.randn(2, 100, device="cuda")
+m, d = torch.ops.online_softmax.stats(x, -1)
+idx = torch.tensor([[3, 3, 7], [0, 199, 0]], device="cuda")
+torch.ops.online_softmax.softmax_topk_backward(torch.ones(2, 3, device="cuda"), x, idx, m, d, -1, False, 1.0)
+torch.cuda.synchronize()
+"""
+
+
+@needs_cuda
+def test_cuda_topk_backward_bad_index_is_a_device_side_assert():
+    """On CUDA the index check is asynchronous (the kernel flags, torch._assert_async raises), as
+    torch.gather's is; it poisons the CUDA context, so it runs in a child process."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", CUDA_BAD_INDEX], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "indices must lie in [0, n)" in run.stderr or "device-side assert" in run.stderr, run.stderr[-2000:]
+
+
+@needs_cuda
+def test_cuda_topk_backward_is_captured_by_a_cuda_graph():
+    """No host synchronization in the top-k backward: it records into a CUDA graph and replays."""
+    x = random_logits((4, 50000), torch.float32, "cuda")
+    values, idx, m, d = torch.ops.online_softmax.softmax_topk(x, 8, -1)
+    g = torch.randn(4, 8, device="cuda")
+    torch.ops.online_softmax.softmax_topk_backward(g, x, idx, m, d, -1, False, 1.0)  # warm up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dx = torch.ops.online_softmax.softmax_topk_backward(g, x, idx, m, d, -1, False, 1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = torch.ops.online_softmax.softmax_topk_backward(g, x, idx, m, d, -1, False, 1.0)
+    torch.testing.assert_close(dx, want)
 
 
 def test_backward_boundaries_and_dtypes(dev):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import host_kernels as hkmod
+import online_softmax as osm
 from conftest import backward_atol, backward_ref
 from host_kernels import HostKernelError, HostKernels, Limits
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"host-executed ker
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LOW = (torch.float16, torch.bfloat16)
-REGISTER_CAPACITIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]  # granules (row_plan.cuh)
+REGISTER_CAPACITIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]  # granules (launch_plan.h)
 INVALID_VALUE = 1  # cudaErrorInvalidValue
 
 
@@ -89,12 +90,27 @@ def softmax_ref(x, dim, scale, log):
     return torch.log_softmax(x64, dim) if log else torch.softmax(x64, dim)
 
 
+def plan_for(op, shape, dtype, limits, *, dim=-1, k=None, out_dtype=None):
+    """online_softmax.cuda_plan (the extension's copy of launch_plan.h) for the limits a host test uses."""
+    device = {"sm_count": limits.num_sms, "max_smem_per_block": limits.max_smem_per_block, "l2_bytes": 0,
+              "cc": (9, 0)}
+    return osm.cuda_plan(op, shape, dtype, dim, k=k, device=device, out_dtype=out_dtype)
+
+
+def assert_ran(hk, plan, expect=None):
+    """The launches since the last call are exactly the plan's (kernel, grid, block, shared memory),
+    and, when given, `expect` names its kernels."""
+    ran = hk.launch_configs()
+    want = [(l.kernel, l.grid, l.block[0], l.block[1], l.smem) for l in plan.launches]
+    assert ran == want, f"cuda_plan says {want}, the launcher ran {ran}"
+    if expect is not None:
+        assert [r[0] for r in ran] == expect, f"expected kernels {expect}, ran {ran}"
+
+
 def check_forward(hk, x, layout, dim, *, scale=1.0, log=False, limits=Limits(), expect=None, out_dtype=None):
     hk.launches()  # forget earlier launches
     y, m, d = hk.forward(x, layout, scale=scale, log=log, limits=limits, out_dtype=out_dtype)
-    ran = hk.launches()
-    if expect is not None:
-        assert ran == expect, f"expected kernels {expect}, ran {ran}"
+    assert_ran(hk, plan_for("forward", layout, x.dtype, limits, dim=1, out_dtype=out_dtype), expect)
     ref = softmax_ref(x, dim, scale, log)
     out_dtype = out_dtype or x.dtype
     assert_close_to(y, ref, out_dtype, what=f"y {tuple(x.shape)} {x.dtype} log={log}",
@@ -206,6 +222,45 @@ def test_forward_strided(hk, dtype, shape, dim):
         check_forward(hk, x, (outer, shape[dim], inner), dim, log=log, expect=["strided_kernel"])
 
 
+STRIDED = ["strided_kernel"]
+STRIDED_SPLIT = ["strided_partial_states_kernel", "strided_split_output_kernel"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_strided_vector_columns_split_and_register_cache(hk, dtype):
+    """inner a multiple of a granule: a thread reads its columns as one 16-byte vector (odd inner:
+    one column each); columns of up to blockDim.y * kStridedCache positions are read once, longer
+    ones twice; few columns of many positions are split along the dim (partial states, merge)."""
+    v = vec(dtype)
+    cases = [((2, 50, 2 * v), Limits(), STRIDED),             # vector columns, cached
+             ((2, 50, 2 * v + 1), Limits(), STRIDED),         # scalar columns
+             ((1, 1500, v), Limits(64), STRIDED),             # not cached (> y * 8), not split
+             ((1, 9000, v), Limits(4), STRIDED_SPLIT),        # split, vector columns
+             ((3, 7001, 3), Limits(8), STRIDED_SPLIT),        # split, scalar columns, ragged last chunk
+             ((40, 3, 4 * v), Limits(1), STRIDED)]            # tiles x outer beyond the 64-block grid
+    for shape, limits, expect in cases:
+        for offset in (0, 1):                                 # aligned, and off a 16-byte boundary
+            x = logits(shape, dtype, seed=shape[1], offset=offset)
+            for log in (False, True):
+                check_forward(hk, x, shape, 1, log=log, scale=0.7, limits=limits, expect=expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_strided_vector_columns_split_and_register_cache(hk, dtype):
+    v = vec(dtype)
+    for shape, limits, expect in [((2, 30, 2 * v), Limits(), ["strided_backward_kernel"]),
+                                  ((1, 1500, v), Limits(64), ["strided_backward_kernel"]),
+                                  ((1, 9000, v), Limits(4), ["strided_partial_sums_kernel",
+                                                             "strided_split_backward_kernel"]),
+                                  ((2, 5001, 3), Limits(8), ["strided_partial_sums_kernel",
+                                                             "strided_split_backward_kernel"])]:
+        x = logits(shape, dtype, seed=shape[1])
+        for log in (False, True):
+            y = softmax_ref(x, 1, 1.0, log).to(dtype).contiguous()
+            dy = logits(shape, dtype, seed=3, scale=1.0)
+            check_backward(hk, dy, y, shape, log=log, scale=1.5, limits=limits, expect=expect)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_forward_half_input_float_output(hk, dtype):
     v = vec(dtype)
@@ -248,9 +303,12 @@ def test_forward_special_values(hk, dtype, path):
     x = hostile_rows(n, dtype)
     for log in (False, True):
         check_forward(hk, x, (8, n, 1), -1, log=log, limits=limits)
-    # Strided, with the same rows along dim 0.
+    # Strided, with the same rows along dim 0 (long columns are split: the plan decides).
     xt = x.t().contiguous()
-    check_forward(hk, xt, (1, n, 8), 0, expect=["strided_kernel"])
+    check_forward(hk, xt, (1, n, 8), 0)
+    # And short columns (n = 40), read once: every hostile row's kind, as columns.
+    xs = hostile_rows(40, dtype).t().contiguous()
+    check_forward(hk, xs, (1, 40, 8), 0, expect=["strided_kernel"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -269,12 +327,14 @@ def test_forward_temperatures_near_the_limits(hk, dtype, temperature):
             assert_close_to(y, ref, dtype, what=f"t={temperature}")
 
 
-@pytest.mark.parametrize("path", ["register", "shared", "split", "strided"])
+@pytest.mark.parametrize("path", ["register", "shared", "split", "strided", "strided_split"])
 def test_forward_optional_outputs_may_each_be_null(hk, path):
     """launchers.h: any of y, max_out and sumexp_out may be null; the others are still written."""
     dtype = torch.float32
     if path == "strided":
         x, layout, limits, dim = logits((3, 50, 4), dtype), (3, 50, 4), Limits(), 1
+    elif path == "strided_split":
+        x, layout, limits, dim = logits((1, 3000, 5), dtype), (1, 3000, 5), Limits(4), 1
     else:
         length, limits = FORWARD_PATHS[path]
         n = length(vec(dtype))
@@ -282,11 +342,14 @@ def test_forward_optional_outputs_may_each_be_null(hk, path):
     y_ref = softmax_ref(x, dim, 1.0, False)
     m_ref = x.double().amax(dim).flatten()
     lse_ref = torch.logsumexp(x.double(), dim).flatten()
+    hk.launches()  # forget earlier launches
     for want_y in (True, False):
         for want_m in (True, False):
             for want_d in (True, False):
                 y, m, d = hk.forward(x, layout, limits=limits, y=want_y, max_out=want_m, sumexp_out=want_d)
-                hk.launches()
+                plan = plan_for("forward" if want_y else "stats", layout, dtype, limits, dim=1)
+                assert_ran(hk, plan)
+                assert plan.path == path.replace("register", "registers")
                 if want_y:
                     assert_close_to(y, y_ref, dtype, what="y")
                 if want_m:
@@ -310,9 +373,7 @@ def test_forward_refuses_split_plan_without_workspace(hk):
 def check_backward(hk, dy, y, layout, *, scale=1.0, log=False, limits=Limits(), expect=None, dx_dtype=None):
     hk.launches()  # forget earlier launches
     dx = hk.backward(dy, y, layout, scale=scale, log=log, limits=limits, dx_dtype=dx_dtype)
-    ran = hk.launches()
-    if expect is not None:
-        assert ran == expect, f"expected kernels {expect}, ran {ran}"
+    assert_ran(hk, plan_for("backward", layout, y.dtype, limits, dim=1, out_dtype=dx_dtype), expect)
     # The reference on the same rounded y and dy, in float64, along the size dim of the layout.
     dy3, y3 = dy.reshape(layout), y.reshape(layout)
     ref = backward_ref(dy3, y3, log, dim=1, scale=scale).reshape(dx.shape)
@@ -380,9 +441,7 @@ def topk_ref_indices(x, k):
 def check_topk(hk, x, k, *, scale=1.0, log=False, limits=Limits(), expect=None):
     hk.launches()  # forget earlier launches
     values, indices, m, d = hk.softmax_topk(x, k, scale=scale, log=log, limits=limits)
-    ran = hk.launches()
-    if expect is not None:
-        assert ran == expect, f"expected kernels {expect}, ran {ran}"
+    assert_ran(hk, plan_for("softmax_topk", tuple(x.shape), x.dtype, limits, k=k), expect)
     want_idx = topk_ref_indices(x, k)
     assert torch.equal(indices, want_idx), f"indices differ for {tuple(x.shape)} k={k} {x.dtype}"
     ref = softmax_ref(x, -1, scale, log).gather(-1, want_idx)
@@ -396,14 +455,55 @@ def check_topk(hk, x, k, *, scale=1.0, log=False, limits=Limits(), expect=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_single_chunk_paths(hk, dtype):
-    scan = ["topk_scan_kernel"]
     max_k = hk.topk_max_k(dtype)
-    # ... (300, 50, 3): more rows than the 64-block grid of one SM, so blocks loop over rows.
-    for rows, n, k in [(3, 1, 1), (4, 37, 1), (4, 37, 36), (4, 37, 37), (2, 1000, 8), (2, 5003, 64),
-                       (2, max_k + 1, max_k), (3, 3 * max_k + 7, 100), (300, 50, 3)]:
+    # k > 32 or rows beyond a warp's 32 elements per lane take the block kernel.
+    # (300, 50, 33): more rows than the 64-block grid of one SM, so blocks loop over rows.
+    for rows, n, k in [(4, 37, 36), (4, 37, 37), (2, 5003, 64), (2, 5003, 8), (2, max_k + 1, max_k),
+                       (3, 3 * max_k + 7, 100), (300, 50, 33)]:
         for log in (False, True):
             x = logits((rows, n), dtype, seed=n + k, offset=1)
-            check_topk(hk, x, k, log=log, scale=1.3, expect=scan)
+            check_topk(hk, x, k, log=log, scale=1.3, expect=["topk_scan_kernel"])
+
+
+def warp_topk_lengths(dtype):
+    """Row lengths at and around the capacity of each warp top-k configuration (launch_plan.h:
+    group * vecs * vec elements, at most 32 per lane)."""
+    v = vec(dtype)
+    caps = sorted({g * q * v for g, q in [(1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (32, 1), (32, 2), (32, 4), (32, 8)]
+                   if q * v <= 32})
+    return sorted({n for c in caps for n in (c - 1, c, c + 1) if 1 <= n <= caps[-1]})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("log", [False, True])
+def test_topk_warp_kernel_at_and_around_each_capacity(hk, dtype, log):
+    for n in warp_topk_lengths(dtype):
+        for k in sorted({1, min(n, 2), min(n, 8), min(n, 32)}):
+            # Aligned rows, and rows a few elements off a 16-byte boundary (scalar loads).
+            for offset in (0, 1):
+                x = logits((5, n), dtype, seed=n * 7 + k, offset=offset)
+                check_topk(hk, x, k, log=log, scale=0.9, expect=["topk_warp_kernel"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_warp_kernel_ties_nan_infinities_and_grid_loops(hk, dtype):
+    inf, nan = float("inf"), float("nan")
+    n = 64  # the MoE-router shape: 16 lanes (fp32) per row
+    x = logits((7, n), dtype, seed=1)
+    x[0] = 1.0                          # all tied: indices 0..k-1
+    x[1, [60, 3, 33]] = 50.0            # ties at the top, on different lanes
+    x[2, 17] = nan                      # NaN first; the row's values NaN
+    x[2, 5] = nan
+    x[3] = -inf                         # all -inf: indices 0..k-1, values NaN
+    x[4, ::3] = -inf
+    x[5, 62] = inf
+    x[6, 1:] = -inf                     # one finite element: k > 1 takes -inf ones by index
+    for k in (1, 5, 32):
+        check_topk(hk, x, k, expect=["topk_warp_kernel"])
+    if dtype != torch.float16:
+        check_topk(hk, logits((3, n), dtype, seed=3) * 3333, 4, expect=["topk_warp_kernel"])  # 1e4-scale
+    # 1000 rows of 8: more rows than the grid of one SM holds, so blocks loop over rows.
+    check_topk(hk, logits((1000, 8), dtype, seed=5), 2, expect=["topk_warp_kernel"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -499,6 +599,73 @@ def test_topk_backward_large_logits_use_the_top_max(hk):
         assert_close_to(dx, topk_backward_ref(g, x, indices, 1.0, log), torch.float32, what="large-logit top-k dx")
 
 
+def sorted_pairs(indices, g):
+    indices, order = indices.sort(-1)
+    return indices.contiguous(), g.gather(-1, order).contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("log", [False, True])
+def test_topk_backward_split_across_blocks(hk, dtype, log):
+    """Few long rows: each row is cut into chunks of whole granules, one block each; a block writes
+    the corrections of the indices inside its chunk only (indices at chunk edges, repeated ones)."""
+    v = vec(dtype)
+    n = 40000 + 3
+    for offset in (0, 1):
+        x = logits((2, n), dtype, seed=9, offset=offset)
+        _, _, m, d = hk.softmax_topk(x.contiguous(), 1, scale=0.8)
+        plan = plan_for("softmax_topk_backward", (2, n), dtype, Limits(8), k=9)
+        assert plan.chunks > 2
+        edge = plan.chunk * v  # the first chunk boundary (in elements, for an aligned row)
+        indices = torch.tensor([[0, edge - 1, edge, edge, edge + 1, n // 2, n - 2, n - 1, 5],
+                                [n - 1, n - 1, 1, 2 * edge, 2 * edge - 1, 77, 3, 4, 5]])
+        g = logits((2, 9), dtype, seed=4, scale=1.0)
+        indices, g = sorted_pairs(indices, g)
+        hk.launches()
+        dx, error = hk.softmax_topk_backward(g, x.contiguous(), indices, m, d, scale=0.8, log=log,
+                                             limits=Limits(8), return_error=True)
+        assert_ran(hk, plan, ["topk_backward_kernel"])
+        assert error == 0
+        ref = topk_backward_ref(g, x, indices, 0.8, log)
+        assert_close_to(dx, ref, dtype, what="split top-k dx", atol=1e-6 if dtype != torch.float64 else 1e-12)
+
+
+@pytest.mark.parametrize("limits", [Limits(), Limits(8)])
+def test_topk_backward_flags_bad_indices_and_never_touches_them(hk, limits):
+    n = 20000
+    x = logits((2, n), torch.float32, seed=1)
+    _, _, m, d = hk.softmax_topk(x, 1)
+    g = torch.ones(2, 3)
+    for bad in (-1, n, n + 10 ** 6):
+        indices = torch.tensor([[3, 7, 9], [0, 5, 6]])
+        indices[1, 2] = bad
+        indices, gg = sorted_pairs(indices, g)
+        dx, error = hk.softmax_topk_backward(gg, x, indices, m, d, limits=limits, return_error=True)
+        assert error == 1
+        # The valid row is exact; the bad index was skipped (the buffers are exact-size tensors).
+        ref = topk_backward_ref(gg[:1], x[:1], indices[:1], 1.0, False)
+        assert_close_to(dx[:1], ref, torch.float32, what="valid row beside a bad one")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("log", [False, True])
+def test_topk_backward_indices_at_minus_inf_entries(hk, dtype, log):
+    """Every given index at a -inf entry: softmax dx is 0 (those p are 0), log-softmax dx is the
+    unfused gradient; never NaN (the exponent's reference max would be -inf)."""
+    inf = float("inf")
+    x = logits((2, 300), dtype, seed=2)
+    x[:, 10:20] = -inf
+    _, _, m, d = hk.softmax_topk(x, 1)
+    indices = torch.tensor([[10, 11, 19], [12, 12, 15]])
+    g = logits((2, 3), dtype, seed=5, scale=1.0)
+    dx = hk.softmax_topk_backward(g, x, indices, m, d, log=log)
+    assert not torch.isnan(dx).any()
+    ref = topk_backward_ref(g, x, indices, 1.0, log)
+    assert_close_to(dx, ref, dtype, what="dx at -inf indices", atol=1e-6 if dtype != torch.float64 else 1e-12)
+    if not log:
+        assert torch.count_nonzero(dx) == 0
+
+
 def test_topk_backward_sums_repeated_indices(hk):
     x = logits((2, 100), torch.float32)
     _, _, m, d = hk.softmax_topk(x, 1)
@@ -522,6 +689,12 @@ SCHEDULE_CASES = {
                                              (2, 6000, 1), limits=Limits(8, 4096)),
     "topk": lambda hk: torch.cat([t.double().flatten() for t in
                                   hk.softmax_topk(logits((2, 20000), torch.float32), 300)[:2]]),
+    "topk_warp": lambda hk: torch.cat([t.double().flatten() for t in
+                                       hk.softmax_topk(logits((300, 500), torch.float32), 17)[:2]]),
+    "strided_split": lambda hk: hk.forward(logits((1, 9000, 4), torch.float32), (1, 9000, 4), limits=Limits(4))[0],
+    "topk_backward_split": lambda hk: hk.softmax_topk_backward(
+        torch.ones(2, 3), logits((2, 20000), torch.float32), torch.tensor([[1, 9000, 19999], [0, 5000, 5001]]),
+        torch.zeros(2), torch.full((2,), 1e4), limits=Limits(8)),
     "topk_split": lambda hk: torch.cat([t.double().flatten() for t in
                                         hk.softmax_topk(logits((2, 20000), torch.float32), 40, limits=Limits(8))[:2]]),
 }

@@ -192,3 +192,24 @@ def test_backward_op_adds_gradients_of_repeated_indices():
     x64 = x.clone().requires_grad_()
     (ref,) = torch.autograd.grad((torch.softmax(x64, -1)[0, [2, 2]] * g[0]).sum(), x64)
     torch.testing.assert_close(dx, ref)
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_with_every_index_at_minus_inf_is_not_nan(device, log, dtype):
+    """Indices that all point at -inf entries (a caller's own, or k beyond the finite entries):
+    softmax's gradient is 0 there and everywhere, log-softmax's the unfused one; never NaN."""
+    inf = float("inf")
+    x = random_logits((3, 50), dtype, device)
+    x[:, :5] = -inf
+    m, d = torch.ops.online_softmax.stats(x, -1)
+    idx = torch.tensor([[0, 1, 4], [2, 2, 3], [4, 0, 1]], device=device)
+    g = random_logits((3, 3), dtype, device)
+    dx = torch.ops.online_softmax.softmax_topk_backward(g, x, idx, m, d, -1, log)
+    x64 = x.double().requires_grad_()
+    full = (torch.log_softmax if log else torch.softmax)(x64, -1)
+    (ref,) = torch.autograd.grad((full.gather(-1, idx) * g.double()).sum(), x64)
+    assert not torch.isnan(dx).any()
+    torch.testing.assert_close(dx.double(), ref, rtol=1e-5, atol=1e-7)
+    if not log:
+        assert torch.count_nonzero(dx) == 0

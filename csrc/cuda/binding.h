@@ -10,8 +10,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <mutex>
+
 #include "common/checks.h"
 #include "kernels/launchers.h"
+#include "kernels/smem_opt_in.cuh"
 
 namespace online_softmax::cuda {
 
@@ -26,12 +29,27 @@ inline const cuda_t<T>* cptr(const at::Tensor& t) { return reinterpret_cast<cons
 template <typename T>
 inline cuda_t<T>* mptr(at::Tensor& t) { return reinterpret_cast<cuda_t<T>*>(t.mutable_data_ptr<T>()); }
 
+// Read once per device: attributes never change, and cudaDeviceGetAttribute per call is not free.
 inline kernels::DeviceLimits device_limits(const at::Tensor& t) {
-  kernels::DeviceLimits limits;
+  static std::once_flag once[kernels::kMaxDevices];
+  static kernels::DeviceLimits cached[kernels::kMaxDevices];
   const int device = t.device().index();
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.num_sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.max_smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return limits;
+  TORCH_CHECK(device >= 0 && device < kernels::kMaxDevices, "online_softmax: CUDA device index ", device,
+              " beyond the ", kernels::kMaxDevices, " supported");
+  std::call_once(once[device], [device] {
+    kernels::DeviceLimits limits;
+    int l2 = 0, major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.num_sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.max_smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    limits.l2_bytes = l2;
+    limits.cc = major * 10 + minor;
+    limits.device = device;
+    cached[device] = limits;
+  });
+  return cached[device];
 }
 
 // Scratch bytes on t's device, from the caching allocator (ordered on the current stream).

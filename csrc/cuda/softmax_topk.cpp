@@ -63,20 +63,23 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
     const auto sorted = at::sort(a.idx, /*stable=*/true, /*dim=*/-1, /*descending=*/false);
     const at::Tensor idx = std::get<0>(sorted).contiguous();
     const at::Tensor g = a.g.gather(-1, std::get<1>(sorted)).contiguous();
-    // One small reduction and a host read: a bad index must raise, not write out of bounds.
-    const bool out_of_range = at::logical_or(idx.select(-1, 0).lt(0), idx.select(-1, a.k - 1).ge(a.n))
-                                  .any().item<bool>();
-    TORCH_CHECK_INDEX(!out_of_range, "online_softmax.softmax_topk_backward: indices must lie in [0, ", a.n, ")");
+    // A bad index is skipped by the kernel and flagged on the device; the check is an asynchronous
+    // device-side assert, as torch.gather's, so the op never waits for the GPU and can be captured
+    // in a CUDA graph.
+    at::Tensor error = at::zeros({1}, a.x.options().dtype(at::kInt));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const kernels::DeviceLimits limits = device_limits(a.x);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "online_softmax.softmax_topk_backward", [&] {
       using T = cuda_t<scalar_t>;
       using A = typename kernels::AccOf<T>::type;
       check_launch(kernels::softmax_topk_backward<T>(cptr<scalar_t>(g), cptr<scalar_t>(a.x),
                                                      idx.const_data_ptr<int64_t>(), a.max.const_data_ptr<A>(),
                                                      a.sumexp.const_data_ptr<A>(), mptr<scalar_t>(dx), a.rows,
-                                                     a.n, a.k, 1.0 / temperature, log, stream),
+                                                     a.n, a.k, 1.0 / temperature, log,
+                                                     error.mutable_data_ptr<int>(), limits, stream),
                    "softmax_topk_backward");
     });
+    at::_assert_async(error.eq(0), "online_softmax.softmax_topk_backward: indices must lie in [0, n) along dim");
   } else if (a.rows > 0) {
     dx.zero_();
   }

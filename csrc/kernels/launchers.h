@@ -13,23 +13,18 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/launch_plan.h"
+
 namespace online_softmax::kernels {
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-// What the launchers need to know about the GPU (the binding reads it once per call).
-struct DeviceLimits {
-  int num_sms = 1;
-  int max_smem_per_block = 48 * 1024;  // the opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin)
-};
-
-// A contiguous tensor seen as [outer, size, inner] around the softmax dim.
-struct RowLayout {
-  int64_t outer = 1;
-  int64_t size = 1;
-  int64_t inner = 1;
-};
+// The element sizes launch_plan.h plans with: input T, output O, accumulation AccOf<T>.
+template <typename T, typename O = T>
+constexpr ElemBytes elem_bytes() {
+  return {int(sizeof(T)), int(sizeof(O)), int(sizeof(typename AccOf<T>::type))};
+}
 
 // ---- forward and stats (softmax_forward.cu) ----
 
@@ -76,11 +71,13 @@ cudaError_t softmax_topk(const T* x, T* values, int64_t* indices, typename AccOf
                          cudaStream_t stream);
 
 // Gradient of softmax_topk's values. `indices` must be sorted ascending within each row (the binding
-// sorts them, carrying grad_values along) and lie in [0, n).
+// sorts them, carrying grad_values along). An index outside [0, n) is skipped (never read or
+// written) and sets *error to 1 when error is not null; the caller zeroes it and checks it.
 template <typename T>
 cudaError_t softmax_topk_backward(const T* grad_values, const T* x, const int64_t* indices,
                                   const typename AccOf<T>::type* max_in,
                                   const typename AccOf<T>::type* sumexp_in, T* dx, int64_t rows,
-                                  int64_t n, int64_t k, double scale, bool log, cudaStream_t stream);
+                                  int64_t n, int64_t k, double scale, bool log, int* error,
+                                  DeviceLimits limits, cudaStream_t stream);
 
 }  // namespace online_softmax::kernels

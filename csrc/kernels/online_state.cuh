@@ -131,6 +131,7 @@ struct Normalizer {
   A s2;     // the exp scale (see Exp)
   A inv_d;  // softmax factor
   A log_d;  // log-softmax offset
+  Normalizer() = default;
   __device__ Normalizer(State<A> st, A s_) : s(s_), s2(Exp<A>::scale(s_)) {
     const bool finite = st.m > -Limits<A>::inf() && st.m < Limits<A>::inf();
     m = finite ? st.m : A(0);

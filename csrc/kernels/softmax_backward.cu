@@ -1,14 +1,15 @@
 // CUDA backward of forward, from its output y alone (s = 1 / temperature):
 //   softmax:     dx = s * y * (dy - sum(dy * y))
 //   log_softmax: dx = s * (dy - exp(y) * sum(dy))
-// The same row mapping as the forward (row_plan.cuh): dy and y held in registers or shared memory
+// The same row mapping as the forward (launch_plan.h): dy and y held in registers or shared memory
 // between the reduction and the write (2 reads + 1 write), or split over blocks with a workspace of
 // partial sums for long rows and few rows.
 #include <utility>
 
 #include "kernels/launchers.h"
 #include "kernels/online_state.cuh"
-#include "kernels/row_plan.cuh"
+#include "kernels/smem_opt_in.cuh"
+#include "kernels/strided_io.cuh"
 #include "kernels/vec_io.cuh"
 
 namespace online_softmax::kernels {
@@ -196,72 +197,215 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Softmax dim with stride inner > 1: blockDim.x neighbouring rows x blockDim.y threads along the dim.
-template <typename Y, typename X>
-__global__ void __launch_bounds__(256)
-    strided_backward_kernel(const Y* __restrict__ dy, const Y* __restrict__ y, X* __restrict__ dx,
-                            int64_t outer, int64_t size, int64_t inner, A_t<Y> s, bool log) {
-  using A = A_t<Y>;
-  __shared__ A sums[256];
-  const int64_t tiles = (inner + blockDim.x - 1) / blockDim.x;
-  for (int64_t b = blockIdx.x; b < outer * tiles; b += gridDim.x) {
-    const int64_t o = b / tiles;
-    const int64_t i = (b % tiles) * blockDim.x + threadIdx.x;
-    const bool active = i < inner;
-    const int64_t base = o * size * inner + (active ? i : 0);
-    A total = 0;
-    if (active) {
-      for (int64_t j = threadIdx.y; j < size; j += blockDim.y) {
-        total += reduce_term(to_acc(dy[base + j * inner]), to_acc(y[base + j * inner]), log);
-      }
+// ---- softmax dim with stride inner > 1 (layout as in the forward: strided_io.cuh) ----
+
+// dy and y per thread and column: half the forward's register cache.
+constexpr int kStridedBackwardCache = kStridedCache / 2;
+
+// This thread's column sums over positions j_begin + threadIdx.y + r * blockDim.y of
+// [j_begin, j_end). With kKeep the caller guarantees one group covers the range, and dy and y stay
+// in the caches.
+template <bool kKeep, int kCols, typename Y, typename A>
+__device__ __forceinline__ void sum_columns(const Y* gc, const Y* yc, int64_t inner, int count, int64_t j_begin,
+                                            int64_t j_end, bool log, A (&total)[kCols],
+                                            A (&cache_g)[kStridedBackwardCache][kCols],
+                                            A (&cache_y)[kStridedBackwardCache][kCols]) {
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) total[c] = 0;
+  const int64_t step = blockDim.y;
+  for (int64_t j0 = j_begin + threadIdx.y; j0 < j_end; j0 += step * kStridedBackwardCache) {
+    A vg[kStridedBackwardCache][kCols], vy[kStridedBackwardCache][kCols];
+#pragma unroll
+    for (int r = 0; r < kStridedBackwardCache; ++r) {
+      const int64_t j = j0 + r * step;
+      const int64_t at = (j < j_end ? j : j_begin) * inner;
+      load_columns<kCols>(gc + at, j < j_end ? count : 0, vg[r], A(0));
+      load_columns<kCols>(yc + at, j < j_end ? count : 0, vy[r], A(0));
     }
-    sums[threadIdx.y * blockDim.x + threadIdx.x] = total;
-    __syncthreads();
-    if (threadIdx.y == 0) {
-      for (int r = 1; r < blockDim.y; ++r) total += sums[r * blockDim.x + threadIdx.x];
-      sums[threadIdx.x] = total;
-    }
-    __syncthreads();
-    total = sums[threadIdx.x];
-    __syncthreads();
-    if (!active) continue;
-    for (int64_t j = threadIdx.y; j < size; j += blockDim.y) {
-      const int64_t at = base + j * inner;
-      dx[at] = from_acc<X>(grad(to_acc(dy[at]), to_acc(y[at]), total, s, log));
+#pragma unroll
+    for (int r = 0; r < kStridedBackwardCache; ++r)
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) total[c] += reduce_term(vg[r][c], vy[r][c], log);
+    if constexpr (kKeep) {
+#pragma unroll
+      for (int r = 0; r < kStridedBackwardCache; ++r)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          cache_g[r][c] = vg[r][c];
+          cache_y[r][c] = vy[r][c];
+        }
     }
   }
 }
 
+// Sums over the blockDim.y threads of each column group; every thread gets its group's sums.
+template <int kCols, typename A>
+__device__ __forceinline__ void sum_over_y(A (&total)[kCols], A* sums) {
+  A* mine = sums + (threadIdx.y * blockDim.x + threadIdx.x) * kCols;
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) mine[c] = total[c];
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    for (int r = 1; r < blockDim.y; ++r) {
+      const A* other = sums + (r * blockDim.x + threadIdx.x) * kCols;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) total[c] += other[c];
+    }
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) mine[c] = total[c];
+  }
+  __syncthreads();
+  const A* merged = sums + threadIdx.x * kCols;
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) total[c] = merged[c];
+  __syncthreads();  // sums[] is rewritten by the next tile
+}
+
+template <bool kKept, int kCols, typename Y, typename X, typename A>
+__device__ __forceinline__ void write_grad_columns(const Y* gc, const Y* yc, X* xc, int64_t inner, int count,
+                                                   int64_t j_begin, int64_t j_end, const A (&total)[kCols], A s,
+                                                   bool log, const A (&cache_g)[kStridedBackwardCache][kCols],
+                                                   const A (&cache_y)[kStridedBackwardCache][kCols]) {
+  if constexpr (kKept) {
+#pragma unroll
+    for (int r = 0; r < kStridedBackwardCache; ++r) {
+      const int64_t j = j_begin + threadIdx.y + r * int64_t(blockDim.y);
+      if (j >= j_end) break;
+      A out[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) out[c] = grad(cache_g[r][c], cache_y[r][c], total[c], s, log);
+      store_columns<kCols>(xc + j * inner, count, out);
+    }
+  } else {
+    for (int64_t j = j_begin + threadIdx.y; j < j_end; j += blockDim.y) {
+      A vg[kCols], vy[kCols];
+      load_columns<kCols>(gc + j * inner, count, vg, A(0));
+      load_columns<kCols>(yc + j * inner, count, vy, A(0));
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) vg[c] = grad(vg[c], vy[c], total[c], s, log);
+      store_columns<kCols>(xc + j * inner, count, vg);
+    }
+  }
+}
+
+template <typename Y, typename X, int kCols, bool kCached>
+__global__ void __launch_bounds__(kStridedThreads)
+    strided_backward_kernel(const Y* __restrict__ dy, const Y* __restrict__ y, X* __restrict__ dx, int64_t outer,
+                            int64_t size, int64_t inner, int64_t tiles, A_t<Y> s, bool log) {
+  using A = A_t<Y>;
+  __shared__ A sums[kStridedThreads * kCols];
+  for (int64_t b = blockIdx.x; b < outer * tiles; b += gridDim.x) {
+    const StridedColumns g = strided_columns<kCols>(b, tiles, inner);
+    const int64_t base = g.o * size * inner + (g.count > 0 ? g.col : 0);
+    A cache_g[kStridedBackwardCache][kCols], cache_y[kStridedBackwardCache][kCols], total[kCols];
+    sum_columns<kCached, kCols>(dy + base, y + base, inner, g.count, 0, size, log, total, cache_g, cache_y);
+    sum_over_y<kCols>(total, sums);
+    if (g.count == 0) continue;
+    write_grad_columns<kCached, kCols>(dy + base, y + base, dx + base, inner, g.count, 0, size, total, s, log,
+                                       cache_g, cache_y);
+  }
+}
+
+// Block (o, tile, c) sums piece c (`chunk` positions) of its columns into partial[slice * chunks + c].
+template <typename Y, int kCols>
+__global__ void __launch_bounds__(kStridedThreads)
+    strided_partial_sums_kernel(const Y* __restrict__ dy, const Y* __restrict__ y, A_t<Y>* __restrict__ partial,
+                                int64_t outer, int64_t size, int64_t inner, int64_t tiles, int64_t chunks,
+                                int64_t chunk, bool log) {
+  using A = A_t<Y>;
+  __shared__ A sums[kStridedThreads * kCols];
+  for (int64_t b = blockIdx.x; b < outer * tiles * chunks; b += gridDim.x) {
+    const int64_t c = b % chunks;
+    const StridedColumns g = strided_columns<kCols>(b / chunks, tiles, inner);
+    const int64_t base = g.o * size * inner + (g.count > 0 ? g.col : 0);
+    A unused_g[kStridedBackwardCache][kCols], unused_y[kStridedBackwardCache][kCols], total[kCols];
+    sum_columns<false, kCols>(dy + base, y + base, inner, g.count, c * chunk, imin(size, (c + 1) * chunk), log,
+                              total, unused_g, unused_y);
+    sum_over_y<kCols>(total, sums);
+    if (threadIdx.y != 0) continue;
+#pragma unroll
+    for (int k = 0; k < kCols; ++k)
+      if (k < g.count) partial[(g.o * inner + g.col + k) * chunks + c] = total[k];
+  }
+}
+
+template <typename Y, typename X, int kCols>
+__global__ void __launch_bounds__(kStridedThreads)
+    strided_split_backward_kernel(const Y* __restrict__ dy, const Y* __restrict__ y, X* __restrict__ dx,
+                                  const A_t<Y>* __restrict__ partial, int64_t outer, int64_t size, int64_t inner,
+                                  int64_t tiles, int64_t chunks, int64_t chunk, A_t<Y> s, bool log) {
+  using A = A_t<Y>;
+  __shared__ A sums[kStridedThreads * kCols];
+  for (int64_t b = blockIdx.x; b < outer * tiles * chunks; b += gridDim.x) {
+    const int64_t c = b % chunks;
+    const StridedColumns g = strided_columns<kCols>(b / chunks, tiles, inner);
+    A total[kCols];
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      total[k] = 0;
+      if (k < g.count) {
+        const A* p = partial + (g.o * inner + g.col + k) * chunks;
+        for (int64_t q = threadIdx.y; q < chunks; q += blockDim.y) total[k] += p[q];
+      }
+    }
+    sum_over_y<kCols>(total, sums);
+    if (g.count == 0) continue;
+    const int64_t base = g.o * size * inner + g.col;
+    const A unused[kStridedBackwardCache][kCols] = {};
+    write_grad_columns<false, kCols>(dy + base, y + base, dx + base, inner, g.count, c * chunk,
+                                     imin(size, (c + 1) * chunk), total, s, log, unused, unused);
+  }
+}
+
+template <typename Y, typename X, int kCols>
+cudaError_t launch_strided(const LaunchPlan& plan, const Y* dy, const Y* y, X* dx, RowLayout layout, A_t<Y> s,
+                           bool log, void* workspace, cudaStream_t stream) {
+  const Launch& l0 = plan.launch[0];
+  const dim3 block(l0.block_x, l0.block_y);
+  if (plan.path == Path::kStrided) {
+    if (plan.strided_cached) {
+      OSM_LAUNCH(l0.grid, block, 0, stream, strided_backward_kernel<Y, X, kCols, true>)(
+          dy, y, dx, layout.outer, layout.size, layout.inner, plan.strided_tiles, s, log);
+    } else {
+      OSM_LAUNCH(l0.grid, block, 0, stream, strided_backward_kernel<Y, X, kCols, false>)(
+          dy, y, dx, layout.outer, layout.size, layout.inner, plan.strided_tiles, s, log);
+    }
+    return cudaGetLastError();
+  }
+  auto* partial = static_cast<A_t<Y>*>(workspace);
+  if (partial == nullptr) return cudaErrorInvalidValue;
+  OSM_LAUNCH(l0.grid, block, 0, stream, strided_partial_sums_kernel<Y, kCols>)(
+      dy, y, partial, layout.outer, layout.size, layout.inner, plan.strided_tiles, plan.chunks, plan.chunk, log);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  OSM_LAUNCH(plan.launch[1].grid, block, 0, stream, strided_split_backward_kernel<Y, X, kCols>)(
+      dy, y, dx, partial, layout.outer, layout.size, layout.inner, plan.strided_tiles, plan.chunks, plan.chunk, s,
+      log);
+  return cudaGetLastError();
+}
+
 template <typename Y, typename X, int C>
-cudaError_t launch_register(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n, A_t<Y> s, bool log,
-                            DeviceLimits limits, cudaStream_t stream) {
+cudaError_t launch_register(const Launch& l, const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n, A_t<Y> s,
+                            bool log, cudaStream_t stream) {
   constexpr RegisterConfig cfg = kRegisterConfigs[C];
-  const int64_t rows_per_block = cfg.block / cfg.group;
-  const int64_t blocks = capped_grid((rows + rows_per_block - 1) / rows_per_block, limits);
-  OSM_LAUNCH(blocks, cfg.block, 0, stream, register_rows_backward_kernel<Y, X, cfg.group, cfg.vecs, cfg.block>)(
+  OSM_LAUNCH(l.grid, l.block_x, 0, stream, register_rows_backward_kernel<Y, X, cfg.group, cfg.vecs, cfg.block>)(
       dy, y, dx, rows, n, s, log);
   return cudaGetLastError();
 }
 
 template <typename Y, typename X, int... Cs>
-cudaError_t dispatch_register(int config, std::integer_sequence<int, Cs...>, const Y* dy, const Y* y, X* dx,
-                              int64_t rows, int64_t n, A_t<Y> s, bool log, DeviceLimits limits,
-                              cudaStream_t stream) {
+cudaError_t dispatch_register(int config, std::integer_sequence<int, Cs...>, const Launch& l, const Y* dy,
+                              const Y* y, X* dx, int64_t rows, int64_t n, A_t<Y> s, bool log, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
-  ((config == Cs ? (err = launch_register<Y, X, Cs>(dy, y, dx, rows, n, s, log, limits, stream), 0) : 0), ...);
+  ((config == Cs ? (err = launch_register<Y, X, Cs>(l, dy, y, dx, rows, n, s, log, stream), 0) : 0), ...);
   return err;
 }
-
-// Two rows (dy and y) live on chip per row: registers hold half as many granules as the forward's.
-constexpr int64_t kBackwardRegisterGranules = kMaxRegisterGranules / 2;
 
 }  // namespace
 
 template <typename Y>
 size_t backward_workspace_bytes(RowLayout layout, DeviceLimits limits) {
-  if (layout.inner != 1 || layout.size == 0) return 0;
-  return plan_rows(layout.outer, layout.size, Granule<Y>::kVec, limits, 32, kBackwardRegisterGranules)
-      .workspace_bytes(layout.outer, sizeof(A_t<Y>));
+  return plan_backward(layout, elem_bytes<Y>(), limits).workspace_bytes;
 }
 
 template <typename Y, typename X>
@@ -269,41 +413,41 @@ cudaError_t softmax_backward(const Y* dy, const Y* y, X* dx, RowLayout layout, d
                              void* workspace, DeviceLimits limits, cudaStream_t stream) {
   using A = A_t<Y>;
   const A s = static_cast<A>(scale);
-  if (layout.outer == 0 || layout.inner == 0 || layout.size == 0) return cudaSuccess;
-  if (layout.inner > 1) {
-    const StridedBlock blk = strided_block(layout);
-    OSM_LAUNCH(capped_grid(layout.outer * blk.tiles, limits), dim3(blk.x, blk.y), 0, stream, strided_backward_kernel<Y, X>)(
-        dy, y, dx, layout.outer, layout.size, layout.inner, s, log);
-    return cudaGetLastError();
-  }
+  const LaunchPlan plan = plan_backward(layout, elem_bytes<Y, X>(), limits);
   const int64_t rows = layout.outer, n = layout.size;
-  const RowPlan plan = plan_rows(rows, n, Granule<Y>::kVec, limits, 32, kBackwardRegisterGranules);
-  switch (plan.kind) {
-    case RowKind::kRegisters:
-      return dispatch_register(plan.config, std::make_integer_sequence<int, kNumRegisterConfigs - 1>{}, dy, y,
-                               dx, rows, n, s, log, limits, stream);
-    case RowKind::kShared: {
-      cudaError_t err = cudaFuncSetAttribute(shared_row_backward_kernel<Y, X>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(plan.smem_bytes));
+  switch (plan.path) {
+    case Path::kNothing:
+      return cudaSuccess;
+    case Path::kStrided:
+    case Path::kStridedSplit:
+      return plan.strided_cols == 1
+                 ? launch_strided<Y, X, 1>(plan, dy, y, dx, layout, s, log, workspace, stream)
+                 : launch_strided<Y, X, Granule<Y>::kVec>(plan, dy, y, dx, layout, s, log, workspace, stream);
+    case Path::kRegisters:
+      return dispatch_register(plan.config, std::make_integer_sequence<int, kNumBackwardRegisterConfigs>{},
+                               plan.launch[0], dy, y, dx, rows, n, s, log, stream);
+    case Path::kShared: {
+      const cudaError_t err = opt_in_max_dynamic_smem<shared_row_backward_kernel<Y, X>>(limits);
       if (err != cudaSuccess) return err;
-      OSM_LAUNCH(capped_grid(rows, limits), plan.threads, plan.smem_bytes, stream, shared_row_backward_kernel<Y, X>)(
-          dy, y, dx, rows, n, s, log);
+      const Launch& l = plan.launch[0];
+      OSM_LAUNCH(l.grid, l.block_x, l.smem, stream, shared_row_backward_kernel<Y, X>)(dy, y, dx, rows, n, s, log);
       return cudaGetLastError();
     }
-    case RowKind::kSplit: {
+    case Path::kSplit: {
       auto* partial = static_cast<A*>(workspace);
       if (partial == nullptr) return cudaErrorInvalidValue;
-      const int64_t blocks = capped_grid(rows * plan.chunks, limits);
-      OSM_LAUNCH(blocks, plan.threads, 0, stream, partial_sums_kernel<Y>)(dy, y, partial, rows, n, plan.chunks,
-                                                                  plan.chunk_granules, log);
-      cudaError_t err = cudaGetLastError();
+      const Launch& l0 = plan.launch[0];
+      OSM_LAUNCH(l0.grid, l0.block_x, 0, stream, partial_sums_kernel<Y>)(dy, y, partial, rows, n, plan.chunks,
+                                                                        plan.chunk, log);
+      const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
-      OSM_LAUNCH(blocks, plan.threads, 0, stream, split_backward_kernel<Y, X>)(dy, y, dx, partial, rows, n, plan.chunks,
-                                                                       plan.chunk_granules, s, log);
+      OSM_LAUNCH(plan.launch[1].grid, plan.launch[1].block_x, 0, stream, split_backward_kernel<Y, X>)(
+          dy, y, dx, partial, rows, n, plan.chunks, plan.chunk, s, log);
       return cudaGetLastError();
     }
+    default:
+      return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
 }
 
 #define ONLINE_SOFTMAX_BACKWARD(Y, X)                                                                 \

@@ -1,12 +1,13 @@
 // CUDA forward (softmax / log-softmax) and stats. Every kernel computes the online state (m, d) of
 // its piece of a row, merges it (warp butterfly, shared memory, or a workspace of partial states),
 // then writes y from the values it still holds on chip. Which kernel runs is decided by
-// plan_rows (row_plan.cuh); rows whose softmax dim is not the last go to the strided kernel.
+// plan_forward (launch_plan.h); rows whose softmax dim is not the last go to the strided kernels.
 #include <utility>
 
 #include "kernels/launchers.h"
 #include "kernels/online_state.cuh"
-#include "kernels/row_plan.cuh"
+#include "kernels/smem_opt_in.cuh"
+#include "kernels/strided_io.cuh"
 #include "kernels/vec_io.cuh"
 
 namespace online_softmax::kernels {
@@ -214,74 +215,249 @@ __global__ void __launch_bounds__(256)
 }
 
 // ---- softmax dim with stride inner > 1 ----
-// A block is blockDim.x neighbouring rows (adjacent in memory at each position, so loads coalesce)
-// times blockDim.y threads that split the softmax dim; the y-threads merge through shared memory.
-template <typename T, typename O>
-__global__ void __launch_bounds__(256)
+// A block is blockDim.x neighbouring column groups (adjacent in memory at each position along the
+// dim, so loads coalesce; a group is kCols columns, one 16-byte load when inner allows) times
+// blockDim.y threads that split the dim and merge their states through shared memory.
+
+// The states of this thread's columns over positions j_begin + threadIdx.y + r * blockDim.y of
+// [j_begin, j_end), kStridedCache positions per group so that each group costs one rescale. With
+// kKeep the caller guarantees one group covers the range, and its values stay in `cache`.
+template <bool kKeep, int kCols, typename T, typename A>
+__device__ __forceinline__ void scan_columns(const T* xc, int64_t inner, int count, int64_t j_begin, int64_t j_end,
+                                             A s2, State<A> (&st)[kCols], A (&cache)[kStridedCache][kCols]) {
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) st[c] = State<A>::empty();
+  const int64_t step = blockDim.y;
+  for (int64_t j0 = j_begin + threadIdx.y; j0 < j_end; j0 += step * kStridedCache) {
+    A v[kStridedCache][kCols];
+#pragma unroll
+    for (int r = 0; r < kStridedCache; ++r) {
+      const int64_t j = j0 + r * step;
+      load_columns<kCols>(xc + (j < j_end ? j : j_begin) * inner, j < j_end ? count : 0, v[r], -Limits<A>::inf());
+    }
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      A col[kStridedCache];
+#pragma unroll
+      for (int r = 0; r < kStridedCache; ++r) col[r] = v[r][c];
+      update(st[c], col, s2);
+    }
+    if constexpr (kKeep) {
+#pragma unroll
+      for (int r = 0; r < kStridedCache; ++r)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) cache[r][c] = v[r][c];
+    }
+  }
+}
+
+// Merges the states of the blockDim.y threads of each column group; every thread gets its
+// group's states. `states` holds blockDim.x * blockDim.y * kCols states.
+template <int kCols, typename A>
+__device__ __forceinline__ void merge_over_y(State<A> (&st)[kCols], A s2, State<A>* states) {
+  State<A>* mine = states + (threadIdx.y * blockDim.x + threadIdx.x) * kCols;
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) mine[c] = st[c];
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    for (int r = 1; r < blockDim.y; ++r) {
+      const State<A>* other = states + (r * blockDim.x + threadIdx.x) * kCols;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) st[c] = merge(st[c], other[c], s2);
+    }
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) mine[c] = st[c];
+  }
+  __syncthreads();
+  const State<A>* merged = states + threadIdx.x * kCols;
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) st[c] = merged[c];
+  __syncthreads();  // states[] is rewritten by the next tile
+}
+
+// y for positions j_begin + threadIdx.y + r * blockDim.y of [j_begin, j_end) of this thread's
+// columns, from `cache` (kKept: one group) or re-read from x.
+template <bool kKept, int kCols, typename T, typename O, typename A>
+__device__ __forceinline__ void write_columns(const T* xc, O* yc, int64_t inner, int count, int64_t j_begin,
+                                              int64_t j_end, const Normalizer<A> (&nz)[kCols], bool log,
+                                              const A (&cache)[kStridedCache][kCols]) {
+  if constexpr (kKept) {
+#pragma unroll
+    for (int r = 0; r < kStridedCache; ++r) {
+      const int64_t j = j_begin + threadIdx.y + r * int64_t(blockDim.y);
+      if (j >= j_end) break;
+      A v[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) v[c] = nz[c].out(cache[r][c], log);
+      store_columns<kCols>(yc + j * inner, count, v);
+    }
+  } else {
+    for (int64_t j = j_begin + threadIdx.y; j < j_end; j += blockDim.y) {
+      A v[kCols];
+      load_columns<kCols>(xc + j * inner, count, v, A(0));
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) v[c] = nz[c].out(v[c], log);
+      store_columns<kCols>(yc + j * inner, count, v);
+    }
+  }
+}
+
+template <int kCols, typename A>
+__device__ __forceinline__ void store_column_states(A* max_out, A* sumexp_out, int64_t slice,
+                                                    const State<A> (&st)[kCols], int count, A s) {
+#pragma unroll
+  for (int c = 0; c < kCols; ++c)
+    if (c < count) store_state(max_out, sumexp_out, slice + c, st[c], s);
+}
+
+template <int kCols, typename A>
+__device__ __forceinline__ void finalize_columns(State<A> (&st)[kCols]) {
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) st[c] = finalize(st[c]);
+}
+
+// One block per (outer index, tile of column groups): the whole column. kCached: the column fits
+// one group per thread, so x is read once.
+template <typename T, typename O, int kCols, bool kCached>
+__global__ void __launch_bounds__(kStridedThreads)
     strided_kernel(const T* __restrict__ x, O* __restrict__ y, A_t<T>* __restrict__ max_out,
-                   A_t<T>* __restrict__ sumexp_out, int64_t outer, int64_t size, int64_t inner, A_t<T> s,
-                   bool log) {
+                   A_t<T>* __restrict__ sumexp_out, int64_t outer, int64_t size, int64_t inner, int64_t tiles,
+                   A_t<T> s, bool log) {
   using A = A_t<T>;
-  __shared__ State<A> states[256];
+  __shared__ State<A> states[kStridedThreads * kCols];
   const A s2 = Exp<A>::scale(s);
-  const int64_t tiles = (inner + blockDim.x - 1) / blockDim.x;
   for (int64_t b = blockIdx.x; b < outer * tiles; b += gridDim.x) {
-    const int64_t o = b / tiles;
-    const int64_t i = (b % tiles) * blockDim.x + threadIdx.x;
-    const bool active = i < inner;
-    const T* xc = x + o * size * inner + (active ? i : 0);
-    State<A> st = State<A>::empty();
-    if (active) {
-      for (int64_t j = threadIdx.y; j < size; j += blockDim.y) {
-        const A v[1] = {to_acc(xc[j * inner])};
-        update(st, v, s2);
+    const StridedColumns g = strided_columns<kCols>(b, tiles, inner);
+    const int64_t base = g.o * size * inner + (g.count > 0 ? g.col : 0);
+    A cache[kStridedCache][kCols];
+    State<A> st[kCols];
+    scan_columns<kCached, kCols>(x + base, inner, g.count, 0, size, s2, st, cache);
+    merge_over_y<kCols>(st, s2, states);
+    finalize_columns<kCols>(st);
+    if (g.count == 0) continue;
+    if (threadIdx.y == 0) store_column_states<kCols>(max_out, sumexp_out, g.o * inner + g.col, st, g.count, s);
+    if (y == nullptr) continue;
+    Normalizer<A> nz[kCols];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) nz[c] = Normalizer<A>(st[c], s);
+    write_columns<kCached, kCols>(x + base, y + base, inner, g.count, 0, size, nz, log, cache);
+  }
+}
+
+// Columns split into `chunks` pieces of `chunk` positions along the dim: block (o, tile, c) writes
+// the states of piece c to partial[(slice * chunks) + c].
+template <typename T, int kCols>
+__global__ void __launch_bounds__(kStridedThreads)
+    strided_partial_states_kernel(const T* __restrict__ x, State<A_t<T>>* __restrict__ partial, int64_t outer,
+                                  int64_t size, int64_t inner, int64_t tiles, int64_t chunks, int64_t chunk,
+                                  A_t<T> s) {
+  using A = A_t<T>;
+  __shared__ State<A> states[kStridedThreads * kCols];
+  const A s2 = Exp<A>::scale(s);
+  for (int64_t b = blockIdx.x; b < outer * tiles * chunks; b += gridDim.x) {
+    const int64_t c = b % chunks;
+    const StridedColumns g = strided_columns<kCols>(b / chunks, tiles, inner);
+    const int64_t base = g.o * size * inner + (g.count > 0 ? g.col : 0);
+    State<A> st[kCols];
+    A unused[kStridedCache][kCols];
+    scan_columns<false, kCols>(x + base, inner, g.count, c * chunk, imin(size, (c + 1) * chunk), s2, st, unused);
+    merge_over_y<kCols>(st, s2, states);
+    if (threadIdx.y != 0) continue;
+#pragma unroll
+    for (int k = 0; k < kCols; ++k)
+      if (k < g.count) partial[(g.o * inner + g.col + k) * chunks + c] = st[k];
+  }
+}
+
+// Block (o, tile, c) merges its columns' partial states and writes piece c of y (c = 0 only, for
+// stats: blocks_per_column = 1).
+template <typename T, typename O, int kCols>
+__global__ void __launch_bounds__(kStridedThreads)
+    strided_split_output_kernel(const T* __restrict__ x, O* __restrict__ y, A_t<T>* __restrict__ max_out,
+                                A_t<T>* __restrict__ sumexp_out, const State<A_t<T>>* __restrict__ partial,
+                                int64_t outer, int64_t size, int64_t inner, int64_t tiles, int64_t chunks,
+                                int64_t chunk, int64_t blocks_per_column, A_t<T> s, bool log) {
+  using A = A_t<T>;
+  __shared__ State<A> states[kStridedThreads * kCols];
+  const A s2 = Exp<A>::scale(s);
+  for (int64_t b = blockIdx.x; b < outer * tiles * blocks_per_column; b += gridDim.x) {
+    const int64_t c = b % blocks_per_column;
+    const StridedColumns g = strided_columns<kCols>(b / blocks_per_column, tiles, inner);
+    State<A> st[kCols];
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      st[k] = State<A>::empty();
+      if (k < g.count) {
+        const State<A>* p = partial + (g.o * inner + g.col + k) * chunks;
+        for (int64_t q = threadIdx.y; q < chunks; q += blockDim.y) st[k] = merge(st[k], p[q], s2);
       }
     }
-    states[threadIdx.y * blockDim.x + threadIdx.x] = st;
-    __syncthreads();
-    if (threadIdx.y == 0) {
-      for (int r = 1; r < blockDim.y; ++r) st = merge(st, states[r * blockDim.x + threadIdx.x], s2);
-      states[threadIdx.x] = finalize(st);
-    }
-    __syncthreads();
-    st = states[threadIdx.x];
-    __syncthreads();  // states[] is rewritten by the next tile
-    if (!active) continue;
-    if (threadIdx.y == 0) store_state(max_out, sumexp_out, o * inner + i, st, s);
+    merge_over_y<kCols>(st, s2, states);
+    finalize_columns<kCols>(st);
+    if (g.count == 0) continue;
+    if (c == 0 && threadIdx.y == 0) store_column_states<kCols>(max_out, sumexp_out, g.o * inner + g.col, st, g.count, s);
     if (y == nullptr) continue;
-    const Normalizer<A> nz(st, s);
-    O* yc = y + o * size * inner + i;
-    for (int64_t j = threadIdx.y; j < size; j += blockDim.y) yc[j * inner] = from_acc<O>(nz.out(to_acc(xc[j * inner]), log));
+    Normalizer<A> nz[kCols];
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) nz[k] = Normalizer<A>(st[k], s);
+    const int64_t base = g.o * size * inner + g.col;
+    const A unused[kStridedCache][kCols] = {};
+    write_columns<false, kCols>(x + base, y + base, inner, g.count, c * chunk, imin(size, (c + 1) * chunk), nz, log,
+                                unused);
   }
 }
 
 template <typename T, typename O, int C>
-cudaError_t launch_register(const T* x, O* y, A_t<T>* mo, A_t<T>* so, int64_t rows, int64_t n, A_t<T> s,
-                            bool log, DeviceLimits limits, cudaStream_t stream) {
+cudaError_t launch_register(const Launch& l, const T* x, O* y, A_t<T>* mo, A_t<T>* so, int64_t rows, int64_t n,
+                            A_t<T> s, bool log, cudaStream_t stream) {
   constexpr RegisterConfig cfg = kRegisterConfigs[C];
-  const int64_t rows_per_block = cfg.block / cfg.group;
-  const int64_t blocks = capped_grid((rows + rows_per_block - 1) / rows_per_block, limits);
-  OSM_LAUNCH(blocks, cfg.block, 0, stream, register_rows_kernel<T, O, cfg.group, cfg.vecs, cfg.block>)(
+  OSM_LAUNCH(l.grid, l.block_x, 0, stream, register_rows_kernel<T, O, cfg.group, cfg.vecs, cfg.block>)(
       x, y, mo, so, rows, n, s, log);
   return cudaGetLastError();
 }
 
 template <typename T, typename O, int... Cs>
-cudaError_t dispatch_register(int config, std::integer_sequence<int, Cs...>, const T* x, O* y, A_t<T>* mo,
-                              A_t<T>* so, int64_t rows, int64_t n, A_t<T> s, bool log, DeviceLimits limits,
+cudaError_t dispatch_register(int config, std::integer_sequence<int, Cs...>, const Launch& l, const T* x, O* y,
+                              A_t<T>* mo, A_t<T>* so, int64_t rows, int64_t n, A_t<T> s, bool log,
                               cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
-  ((config == Cs ? (err = launch_register<T, O, Cs>(x, y, mo, so, rows, n, s, log, limits, stream), 0) : 0), ...);
+  ((config == Cs ? (err = launch_register<T, O, Cs>(l, x, y, mo, so, rows, n, s, log, stream), 0) : 0), ...);
   return err;
+}
+
+template <typename T, typename O, int kCols>
+cudaError_t launch_strided(const LaunchPlan& plan, const T* x, O* y, A_t<T>* mo, A_t<T>* so, RowLayout layout,
+                           A_t<T> s, bool log, void* workspace, cudaStream_t stream) {
+  const Launch& l0 = plan.launch[0];
+  const dim3 block(l0.block_x, l0.block_y);
+  if (plan.path == Path::kStrided) {
+    if (plan.strided_cached) {
+      OSM_LAUNCH(l0.grid, block, 0, stream, strided_kernel<T, O, kCols, true>)(
+          x, y, mo, so, layout.outer, layout.size, layout.inner, plan.strided_tiles, s, log);
+    } else {
+      OSM_LAUNCH(l0.grid, block, 0, stream, strided_kernel<T, O, kCols, false>)(
+          x, y, mo, so, layout.outer, layout.size, layout.inner, plan.strided_tiles, s, log);
+    }
+    return cudaGetLastError();
+  }
+  auto* partial = static_cast<State<A_t<T>>*>(workspace);
+  if (partial == nullptr) return cudaErrorInvalidValue;
+  OSM_LAUNCH(l0.grid, block, 0, stream, strided_partial_states_kernel<T, kCols>)(
+      x, partial, layout.outer, layout.size, layout.inner, plan.strided_tiles, plan.chunks, plan.chunk, s);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const Launch& l1 = plan.launch[1];
+  OSM_LAUNCH(l1.grid, block, 0, stream, strided_split_output_kernel<T, O, kCols>)(
+      x, y, mo, so, partial, layout.outer, layout.size, layout.inner, plan.strided_tiles, plan.chunks, plan.chunk,
+      y != nullptr ? plan.chunks : 1, s, log);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
 template <typename T>
 size_t forward_workspace_bytes(RowLayout layout, DeviceLimits limits) {
-  if (layout.inner != 1 || layout.size == 0) return 0;
-  return plan_rows(layout.outer, layout.size, Granule<T>::kVec, limits, 16)
-      .workspace_bytes(layout.outer, sizeof(State<A_t<T>>));
+  return plan_forward(layout, elem_bytes<T>(), true, 0, limits).workspace_bytes;
 }
 
 template <typename T, typename O>
@@ -289,41 +465,46 @@ cudaError_t softmax_forward(const T* x, O* y, A_t<T>* max_out, A_t<T>* sumexp_ou
                             double scale, bool log, void* workspace, DeviceLimits limits, cudaStream_t stream) {
   using A = A_t<T>;
   const A s = static_cast<A>(scale);
-  if (layout.outer == 0 || layout.inner == 0 || layout.size == 0) return cudaSuccess;
-  if (layout.inner > 1) {
-    const StridedBlock blk = strided_block(layout);
-    OSM_LAUNCH(capped_grid(layout.outer * blk.tiles, limits), dim3(blk.x, blk.y), 0, stream, strided_kernel<T, O>)(
-        x, y, max_out, sumexp_out, layout.outer, layout.size, layout.inner, s, log);
-    return cudaGetLastError();
-  }
+  const int state_outputs = (max_out != nullptr) + (sumexp_out != nullptr);
+  const LaunchPlan plan = plan_forward(layout, elem_bytes<T, O>(), y != nullptr, state_outputs, limits);
   const int64_t rows = layout.outer, n = layout.size;
-  const RowPlan plan = plan_rows(rows, n, Granule<T>::kVec, limits, 16);
-  switch (plan.kind) {
-    case RowKind::kRegisters:
-      return dispatch_register(plan.config, std::make_integer_sequence<int, kNumRegisterConfigs>{}, x, y,
-                               max_out, sumexp_out, rows, n, s, log, limits, stream);
-    case RowKind::kShared: {
-      cudaError_t err = cudaFuncSetAttribute(shared_row_kernel<T, O>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(plan.smem_bytes));
+  switch (plan.path) {
+    case Path::kNothing:
+      return cudaSuccess;
+    case Path::kStrided:
+    case Path::kStridedSplit:
+      return plan.strided_cols == 1
+                 ? launch_strided<T, O, 1>(plan, x, y, max_out, sumexp_out, layout, s, log, workspace, stream)
+                 : launch_strided<T, O, Granule<T>::kVec>(plan, x, y, max_out, sumexp_out, layout, s, log, workspace,
+                                                          stream);
+    case Path::kRegisters:
+      return dispatch_register(plan.config, std::make_integer_sequence<int, kNumRegisterConfigs>{}, plan.launch[0],
+                               x, y, max_out, sumexp_out, rows, n, s, log, stream);
+    case Path::kShared: {
+      const cudaError_t err = opt_in_max_dynamic_smem<shared_row_kernel<T, O>>(limits);
       if (err != cudaSuccess) return err;
-      OSM_LAUNCH(capped_grid(rows, limits), plan.threads, plan.smem_bytes, stream, shared_row_kernel<T, O>)(
-          x, y, max_out, sumexp_out, rows, n, s, log);
+      const Launch& l = plan.launch[0];
+      OSM_LAUNCH(l.grid, l.block_x, l.smem, stream, shared_row_kernel<T, O>)(x, y, max_out, sumexp_out, rows, n, s,
+                                                                             log);
       return cudaGetLastError();
     }
-    case RowKind::kSplit: {
+    case Path::kSplit: {
       auto* partial = static_cast<State<A>*>(workspace);
       if (partial == nullptr) return cudaErrorInvalidValue;
-      OSM_LAUNCH(capped_grid(rows * plan.chunks, limits), plan.threads, 0, stream, partial_states_kernel<T>)(
-          x, partial, rows, n, plan.chunks, plan.chunk_granules, s);
-      cudaError_t err = cudaGetLastError();
+      const Launch& l0 = plan.launch[0];
+      OSM_LAUNCH(l0.grid, l0.block_x, 0, stream, partial_states_kernel<T>)(x, partial, rows, n, plan.chunks,
+                                                                          plan.chunk, s);
+      const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
       const int64_t blocks_per_row = y != nullptr ? plan.chunks : 1;
-      OSM_LAUNCH(capped_grid(rows * blocks_per_row, limits), plan.threads, 0, stream, split_output_kernel<T, O>)(
-          x, y, max_out, sumexp_out, partial, rows, n, plan.chunks, plan.chunk_granules, blocks_per_row, s, log);
+      const Launch& l1 = plan.launch[1];
+      OSM_LAUNCH(l1.grid, l1.block_x, 0, stream, split_output_kernel<T, O>)(
+          x, y, max_out, sumexp_out, partial, rows, n, plan.chunks, plan.chunk, blocks_per_row, s, log);
       return cudaGetLastError();
     }
+    default:
+      return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
 }
 
 #define ONLINE_SOFTMAX_FORWARD(T, O)                                                                  \

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "cpu/kernels/common.h"
 
@@ -215,7 +217,7 @@ void topk_kernel(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, boo
 // The exponent is (x - M) * s with M the raw row max, as in the forward, so 1e4-scale logits keep
 // their digits. M is the largest x among the top-k (the top-1 is the row max); where the indices
 // did not come from the forward and that disagrees with the state's max, the offset M*s - m makes
-// the formula exact anyway.
+// the formula exact anyway. When every index points at a -inf entry, M is the row max itself.
 template <typename T>
 void topk_backward_kernel(const T* g, const T* x, const int64_t* idx, const acc_t<T>* m_in,
                           const acc_t<T>* d_in, T* dx, int64_t rows, int64_t n, int64_t k,
@@ -237,6 +239,9 @@ void topk_backward_kernel(const T* g, const T* x, const int64_t* idx, const acc_
       A M = static_cast<A>(xr[ir[0]]);
       for (int64_t j = 1; j < k; ++j) M = nan_max(M, static_cast<A>(xr[ir[j]]));
       const Normalizer<A> nz(State<A>{m_in[r], d_in[r]});
+      // Every index at a -inf entry: their p are 0; take the exponent against the row max instead
+      // (-inf - -inf would make every p NaN).
+      if (M == -std::numeric_limits<A>::infinity() && std::isfinite(m_in[r])) M = m_in[r] / s;
       const A offset = (static_cast<A>(M * s) == m_in[r]) ? A(0) : M * s - m_in[r];
       auto prob = [&](A xv) { return std::exp((xv - M) * s + offset) * nz.inv_d; };
       // Sum the gradients of repeated indices (the forward never repeats one; a direct call may).

@@ -133,14 +133,16 @@ int osm_host_topk(int dtype, const void* x, void* values, int64_t* indices, void
   });
 }
 
+// error: an int the launcher sets to 1 on an index outside [0, n) (may be null).
 int osm_host_topk_backward(int dtype, const void* grad_values, const void* x, const int64_t* indices,
                            const void* max_in, const void* sumexp_in, void* dx, int64_t rows, int64_t n, int64_t k,
-                           double scale, int log) {
+                           double scale, int log, int* error, int num_sms, int max_smem) {
   return with_dtype(dtype, [&](auto t) -> int {
     using T = decltype(t);
     return softmax_topk_backward<T>(static_cast<const T*>(grad_values), static_cast<const T*>(x), indices,
                                     static_cast<const Acc<T>*>(max_in), static_cast<const Acc<T>*>(sumexp_in),
-                                    static_cast<T*>(dx), rows, n, k, scale, log != 0, nullptr);
+                                    static_cast<T*>(dx), rows, n, k, scale, log != 0, error,
+                                    limits_of(num_sms, max_smem), nullptr);
   });
 }
 

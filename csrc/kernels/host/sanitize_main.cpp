@@ -148,8 +148,11 @@ void topk_case(const char* name, int64_t rows, int64_t n, int64_t k, DeviceLimit
   Exact<T> grad(size_t(rows * k), 0), dx(size_t(rows * n), offset);
   fill(grad.p, size_t(rows * k));
   for (int64_t r = 0; r < rows; ++r) std::sort(indices.p + r * k, indices.p + (r + 1) * k);
-  err = softmax_topk_backward<T>(grad.p, x.p, indices.p, mo.p, so.p, dx.p, rows, n, k, 1.0, false, nullptr);
+  int error = 0;
+  err = softmax_topk_backward<T>(grad.p, x.p, indices.p, mo.p, so.p, dx.p, rows, n, k, 1.0, false, &error, limits,
+                                 nullptr);
   check(err == cudaSuccess, "topk backward launch", name, n, k);
+  check(error == 0, "topk backward: no index flagged", name, n, k);
   double worst = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const std::vector<double> p = reference_softmax(x.p + r * n, RowLayout{1, n, 1});

@@ -1,0 +1,90 @@
+// online_softmax.cuda_plan's core: the launch plans of csrc/kernels/launch_plan.h (the header the
+// CUDA launchers run) as Python dicts. Compiled into every build, CPU-only ones included, so a plan
+// can be read, and tested, on a machine without a GPU.
+#include <Python.h>
+
+#include <cstring>
+
+#include "kernels/launch_plan.h"
+
+namespace online_softmax {
+namespace {
+
+using kernels::LaunchPlan;
+
+// Adds key: value to dict, dropping the reference to value; false if anything failed.
+bool put(PyObject* dict, const char* key, PyObject* value) {
+  if (value == nullptr) return false;
+  const int rc = PyDict_SetItemString(dict, key, value);
+  Py_DECREF(value);
+  return rc == 0;
+}
+
+PyObject* to_dict(const LaunchPlan& plan) {
+  PyObject* out = PyDict_New();
+  PyObject* launches = PyList_New(0);
+  if (out == nullptr || launches == nullptr) {
+    Py_XDECREF(out);
+    Py_XDECREF(launches);
+    return nullptr;
+  }
+  bool ok = true;
+  for (int i = 0; ok && i < plan.count; ++i) {
+    const kernels::Launch& l = plan.launch[i];
+    PyObject* d = PyDict_New();
+    ok = d != nullptr && put(d, "kernel", PyUnicode_FromString(l.kernel)) && put(d, "grid", PyLong_FromLongLong(l.grid)) &&
+         put(d, "block", Py_BuildValue("(ii)", l.block_x, l.block_y)) && put(d, "smem", PyLong_FromSize_t(l.smem)) &&
+         put(d, "threads_per_row", PyLong_FromLongLong(l.threads_per_row)) &&
+         put(d, "rows_per_block", PyLong_FromLongLong(l.rows_per_block)) &&
+         put(d, "bytes_read", PyLong_FromLongLong(l.bytes_read)) &&
+         put(d, "bytes_written", PyLong_FromLongLong(l.bytes_written)) &&
+         put(d, "bytes_reread", PyLong_FromLongLong(l.bytes_reread)) && PyList_Append(launches, d) == 0;
+    Py_XDECREF(d);
+  }
+  ok = ok && put(out, "launches", launches) && put(out, "path", PyUnicode_FromString(kernels::path_name(plan.path))) &&
+       put(out, "workspace_bytes", PyLong_FromSize_t(plan.workspace_bytes)) &&
+       put(out, "chunks", PyLong_FromLongLong(plan.chunks)) && put(out, "chunk", PyLong_FromLongLong(plan.chunk));
+  if (!ok) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
+}  // namespace
+
+// _C._cuda_plan(op, outer, size, inner, in_bytes, out_bytes, acc_bytes, k, has_y, state_outputs,
+//               num_sms, max_smem_per_block, l2_bytes, cc) -> dict. Python checks the arguments
+// (online_softmax/cuda_plan.py); this only computes.
+PyObject* cuda_plan(PyObject*, PyObject* args) {
+  const char* op = nullptr;
+  long long outer = 0, size = 0, inner = 0, k = 0, l2 = 0;
+  int in_bytes = 0, out_bytes = 0, acc_bytes = 0, has_y = 0, state_outputs = 0, sms = 0, smem = 0, cc = 0;
+  if (!PyArg_ParseTuple(args, "sLLLiiiLpiiiLi", &op, &outer, &size, &inner, &in_bytes, &out_bytes, &acc_bytes, &k,
+                        &has_y, &state_outputs, &sms, &smem, &l2, &cc)) {
+    return nullptr;
+  }
+  kernels::DeviceLimits limits;
+  limits.num_sms = sms;
+  limits.max_smem_per_block = smem;
+  limits.l2_bytes = l2;
+  limits.cc = cc;
+  const kernels::ElemBytes e{in_bytes, out_bytes, acc_bytes};
+  const kernels::RowLayout layout{outer, size, inner};
+  LaunchPlan plan;
+  if (std::strcmp(op, "forward") == 0 || std::strcmp(op, "stats") == 0) {
+    plan = kernels::plan_forward(layout, e, has_y != 0, state_outputs, limits);
+  } else if (std::strcmp(op, "backward") == 0) {
+    plan = kernels::plan_backward(layout, e, limits);
+  } else if (std::strcmp(op, "softmax_topk") == 0) {
+    plan = kernels::plan_topk(outer * inner, size, k, e, limits);
+  } else if (std::strcmp(op, "softmax_topk_backward") == 0) {
+    plan = kernels::plan_topk_backward(outer * inner, size, k, e, limits);
+  } else {
+    PyErr_Format(PyExc_ValueError, "online_softmax.cuda_plan: unknown op %s", op);
+    return nullptr;
+  }
+  return to_dict(plan);
+}
+
+}  // namespace online_softmax

@@ -1,0 +1,545 @@
+// The launch plans of the CUDA kernels: which kernels run for a shape, with what grid, block and
+// shared memory, and the global bytes each one moves (a model: every byte a kernel loads or stores,
+// counted once). Plain C++17, no CUDA header: the launchers in csrc/kernels/*.cu run exactly these
+// plans, and every build of the extension (CPU-only ones too) compiles this header for
+// online_softmax.cuda_plan, so a plan can be read and tested on any machine.
+//
+// How a contiguous row of n elements is mapped onto the GPU, by its length in 16-byte granules:
+//   registers  a sub-warp, warp or block per row, the row held in registers (1 read + 1 write)
+//   shared     a block per row, the row cached in shared memory up to the opt-in limit
+//   split      the row cut into chunks of whole granules, one block each: a partial-state kernel,
+//              then a kernel that merges the row's partial states and writes its chunk. Used when
+//              the row does not fit on chip, or when there are too few rows to fill the GPU.
+// Rows whose softmax dim is not the last (stride `inner` > 1) go to the strided kernels, which are
+// split the same way when outer * inner is too small to fill the GPU.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+namespace online_softmax::kernels {
+
+// What the launchers need to know about the GPU (the binding reads it once per device).
+struct DeviceLimits {
+  int num_sms = 1;
+  int max_smem_per_block = 48 * 1024;  // the opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+  int64_t l2_bytes = 0;                // 0: unknown
+  int cc = 0;                          // compute capability, major * 10 + minor (0: unknown)
+  int device = 0;                      // the CUDA device index (per-device attributes)
+};
+
+// A contiguous tensor seen as [outer, size, inner] around the softmax dim.
+struct RowLayout {
+  int64_t outer = 1;
+  int64_t size = 1;
+  int64_t inner = 1;
+};
+
+// Element sizes of one call: the input, the output (forward's dtype=, backward's dx), and the
+// accumulation type (float, or double for double), in which the row states are reported.
+struct ElemBytes {
+  int in = 4;
+  int out = 4;
+  int acc = 4;
+  int vec() const { return 16 / in; }          // elements per 16-byte granule of the input
+  int state() const { return 2 * acc; }        // one (m, d)
+};
+
+// Granules a row of n elements can touch, whatever its alignment (head < kVec elements).
+inline int64_t row_granules(int64_t n, int vec) { return (n + vec - 1 + vec - 1) / vec; }
+
+// The register-resident configurations: kGroup threads per row, kVecs granules per thread.
+struct RegisterConfig {
+  int group;
+  int vecs;
+  int block;
+  constexpr int64_t capacity() const { return int64_t(group) * vecs; }  // granules per row
+};
+
+constexpr RegisterConfig kRegisterConfigs[] = {
+    {1, 1, 128},  {2, 1, 128},  {4, 1, 128},   {8, 1, 128},   {16, 1, 128},
+    {32, 1, 128}, {32, 2, 128}, {32, 4, 128},  {32, 8, 128},  {256, 2, 256},
+    {256, 4, 256}, {512, 4, 512}, {512, 8, 512},
+};
+constexpr int kNumRegisterConfigs = sizeof(kRegisterConfigs) / sizeof(kRegisterConfigs[0]);
+constexpr int64_t kMaxRegisterGranules = 512 * 8;
+// The backward keeps two rows (dy and y) on chip: half the forward's register capacity.
+constexpr int64_t kBackwardRegisterGranules = kMaxRegisterGranules / 2;
+constexpr int kNumBackwardRegisterConfigs = kNumRegisterConfigs - 1;
+
+// Static shared memory the shared-row kernels keep beside the row cache (merge scratch).
+constexpr size_t kSharedRowReserve = 2048;
+constexpr int kSharedRowThreads = 512;
+constexpr int kSplitThreads = 256;
+
+// The strided kernels: a thread keeps up to kStridedCache values of each of its columns in
+// registers, so rows of up to blockDim.y * kStridedCache elements are read once.
+constexpr int kStridedCache = 8;
+constexpr int kStridedThreads = 256;
+
+// The fused top-k: the block kernel's block, and the largest k its buffer holds (2048 elements a
+// step, 1024 for double). The warp kernel keeps each lane's elements (at most 32) in registers.
+constexpr int kTopKThreads = 256;
+inline int64_t topk_max_k_for(int in_bytes) { return in_bytes == 8 ? 1024 : 2048; }
+constexpr int64_t kTopKWarpMaxK = 32;
+constexpr int kTopKWarpMaxElems = 32;  // per lane: a 32-bit mask marks the taken ones
+constexpr int kTopKBackwardThreads = 256;
+
+enum class Path {
+  kNothing,        // an empty tensor: no launch
+  kRegisters,      // rows in registers
+  kShared,         // a block per row, the row in shared memory
+  kSplit,          // rows split over blocks: partial states, then merge + write
+  kStrided,        // softmax dim not last
+  kStridedSplit,   // softmax dim not last, each column split over blocks
+  kTopKWarp,       // fused top-k, a (sub-)warp per row
+  kTopKBlock,      // fused top-k, a block per row
+  kTopKSplit,      // fused top-k, rows split over blocks, then a merge
+  kTopKSort,       // k beyond the fused kernels: the binding sorts (ATen kernels, not modelled)
+  kTopKBackward,   // top-k backward, rows split over kTopKBackwardThreads-blocks
+};
+
+inline const char* path_name(Path p) {
+  switch (p) {
+    case Path::kNothing: return "nothing";
+    case Path::kRegisters: return "registers";
+    case Path::kShared: return "shared";
+    case Path::kSplit: return "split";
+    case Path::kStrided: return "strided";
+    case Path::kStridedSplit: return "strided_split";
+    case Path::kTopKWarp: return "topk_warp";
+    case Path::kTopKBlock: return "topk_block";
+    case Path::kTopKSplit: return "topk_split";
+    case Path::kTopKSort: return "topk_sort";
+    case Path::kTopKBackward: return "topk_backward";
+  }
+  return "?";
+}
+
+// One kernel launch of a plan.
+struct Launch {
+  const char* kernel = "";     // the __global__ function
+  int64_t grid = 0;            // blocks (1-D grids; kernels loop when the work exceeds the cap)
+  int block_x = 1;
+  int block_y = 1;
+  size_t smem = 0;             // dynamic shared memory
+  int64_t threads_per_row = 0; // threads that share one row (one softmax slice)
+  int64_t rows_per_block = 0;  // rows a block works on at once (0: a row spans several blocks)
+  int64_t bytes_read = 0;      // the model of its global traffic
+  int64_t bytes_written = 0;
+  int64_t bytes_reread = 0;    // of bytes_read, what an earlier launch of the plan read already
+};
+
+constexpr int kMaxLaunches = 2;
+
+struct LaunchPlan {
+  Path path = Path::kNothing;
+  int count = 0;
+  Launch launch[kMaxLaunches];
+  size_t workspace_bytes = 0;
+  // Path parameters the launchers read.
+  int config = 0;              // kRegisters / kTopKWarp: index into kRegisterConfigs
+  int64_t chunks = 1;          // blocks per row (split paths) or per column (kStridedSplit)
+  int64_t chunk = 0;           // granules per chunk (row paths), elements along the dim (strided)
+  int strided_cols = 1;        // strided: columns per thread (1, or a granule's worth)
+  int64_t strided_tiles = 1;   // strided: blocks across inner, per outer index
+  bool strided_cached = false; // strided: the whole column stays in registers (1 read)
+
+  Launch& add(const char* kernel) {
+    Launch& l = launch[count++];
+    l.kernel = kernel;
+    return l;
+  }
+};
+
+// Grids are capped (kernels loop over their work) so that huge row counts never exceed grid limits.
+inline int64_t capped_grid(int64_t blocks, DeviceLimits limits) {
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(std::max(1, limits.num_sms)) * 64));
+}
+
+inline int first_register_config(int64_t granules, int configs = kNumRegisterConfigs) {
+  for (int c = 0; c < configs; ++c) {
+    if (kRegisterConfigs[c].capacity() >= granules) return c;
+  }
+  return -1;
+}
+
+// ---- contiguous rows (forward, stats, backward) ----
+
+// `bytes_per_granule_on_chip` is what one granule costs in shared memory (16 for the forward, 32 for
+// the backward, which keeps two rows); 0 disables the shared-memory kind. Sets path, config,
+// chunks, chunk; the caller adds the launches.
+inline LaunchPlan plan_rows(int64_t rows, int64_t n, int vec, DeviceLimits limits, int bytes_per_granule_on_chip,
+                            int64_t max_register_granules) {
+  LaunchPlan plan;
+  const int64_t granules = row_granules(n, vec);
+  const int64_t sms = std::max(1, limits.num_sms);
+  // Few rows of real length: spread each row over several blocks so every SM has work.
+  const bool few_rows = rows > 0 && rows < sms && granules >= 1024;
+  if (!few_rows && granules <= max_register_granules) {
+    plan.path = Path::kRegisters;
+    plan.config = first_register_config(granules);
+    return plan;
+  }
+  const size_t cache = size_t(granules) * bytes_per_granule_on_chip;
+  if (!few_rows && bytes_per_granule_on_chip > 0 &&
+      cache + kSharedRowReserve <= size_t(limits.max_smem_per_block)) {
+    plan.path = Path::kShared;
+    return plan;
+  }
+  plan.path = Path::kSplit;
+  // Chunks of 256..4096 granules (more for huge rows); few rows are cut finer, to about 4 blocks
+  // per SM in total.
+  int64_t chunk = 4096;
+  if (few_rows) {
+    const int64_t want_chunks = (4 * sms + rows - 1) / rows;
+    chunk = std::clamp<int64_t>((granules + want_chunks - 1) / want_chunks, 256, 4096);
+  }
+  // At most 1024 chunks per row: every block of the second kernel merges all of its row's partial
+  // states, so their number must stay small for rows of 2^31 elements too.
+  chunk = std::max(chunk, (granules + 1023) / 1024);
+  plan.chunk = chunk;
+  plan.chunks = (granules + chunk - 1) / chunk;
+  return plan;
+}
+
+// ---- softmax dim with stride inner > 1 ----
+
+// A block is x neighbouring column groups (adjacent in memory, so loads coalesce; a group is
+// strided_cols columns read as one 16-byte vector where inner allows) times y threads along the
+// softmax dim. When outer * tiles blocks cannot fill the GPU, each column is split into chunks
+// along the dim: partial states, then a merge + write kernel, as for long contiguous rows.
+inline void plan_strided(LaunchPlan& plan, RowLayout layout, int vec, DeviceLimits limits) {
+  plan.strided_cols = layout.inner % vec == 0 ? vec : 1;
+  const int64_t groups = (layout.inner + plan.strided_cols - 1) / plan.strided_cols;
+  int x = 1, y = 1;
+  while (x < 32 && x < groups) x *= 2;
+  while (x * y < kStridedThreads && y < layout.size) y *= 2;
+  plan.strided_tiles = (groups + x - 1) / x;
+  const int64_t sms = std::max(1, limits.num_sms);
+  const int64_t blocks = layout.outer * plan.strided_tiles;
+  // Split when the blocks would leave SMs idle and each chunk still gives its y threads >= 16
+  // elements each.
+  if (blocks < 2 * sms && layout.size >= int64_t(y) * 32) {
+    const int64_t want = (4 * sms + blocks - 1) / blocks;
+    int64_t chunk = std::max<int64_t>(int64_t(y) * 16, (layout.size + want - 1) / want);
+    chunk = std::max(chunk, (layout.size + 1023) / 1024);
+    plan.path = Path::kStridedSplit;
+    plan.chunk = chunk;
+    plan.chunks = (layout.size + chunk - 1) / chunk;
+  } else {
+    plan.path = Path::kStrided;
+    plan.strided_cached = layout.size <= int64_t(y) * kStridedCache;
+  }
+  plan.launch[0].block_x = x;
+  plan.launch[0].block_y = y;
+}
+
+// ---- the plans the launchers run ----
+
+// forward / stats: `has_y` false for stats; `state_outputs` is how many of max/sumexp are written.
+inline LaunchPlan plan_forward(RowLayout layout, ElemBytes e, bool has_y, int state_outputs, DeviceLimits limits) {
+  const int64_t numel = layout.outer * layout.size * layout.inner;
+  const int64_t x_bytes = numel * e.in;
+  const int64_t y_bytes = has_y ? numel * e.out : 0;
+  const int64_t slices = layout.outer * layout.inner;
+  const int64_t state_bytes = slices * state_outputs * e.acc;
+  if (numel == 0) return LaunchPlan{};
+  LaunchPlan plan;
+  if (layout.inner > 1) {
+    plan_strided(plan, layout, e.vec(), limits);
+    const int bx = plan.launch[0].block_x, by = plan.launch[0].block_y;
+    if (plan.path == Path::kStrided) {
+      Launch& l = plan.add("strided_kernel");
+      l.block_x = bx;
+      l.block_y = by;
+      l.grid = capped_grid(layout.outer * plan.strided_tiles, limits);
+      l.threads_per_row = by;
+      l.rows_per_block = int64_t(bx) * plan.strided_cols;
+      const bool reread = has_y && !plan.strided_cached;
+      l.bytes_read = x_bytes * (reread ? 2 : 1);
+      l.bytes_reread = reread ? x_bytes : 0;
+      l.bytes_written = y_bytes + state_bytes;
+    } else {
+      const int64_t partial_bytes = slices * plan.chunks * e.state();
+      plan.workspace_bytes = size_t(partial_bytes);
+      Launch& p = plan.add("strided_partial_states_kernel");
+      p.block_x = bx;
+      p.block_y = by;
+      p.grid = capped_grid(layout.outer * plan.strided_tiles * plan.chunks, limits);
+      p.threads_per_row = by;
+      p.bytes_read = x_bytes;
+      p.bytes_written = partial_bytes;
+      const int64_t blocks_per_column = has_y ? plan.chunks : 1;
+      Launch& o = plan.add("strided_split_output_kernel");
+      o.block_x = bx;
+      o.block_y = by;
+      o.grid = capped_grid(layout.outer * plan.strided_tiles * blocks_per_column, limits);
+      o.threads_per_row = by;
+      o.bytes_read = (has_y ? x_bytes : 0) + partial_bytes * blocks_per_column;
+      o.bytes_reread = (has_y ? x_bytes : 0) + partial_bytes * blocks_per_column;
+      o.bytes_written = y_bytes + state_bytes;
+    }
+    return plan;
+  }
+  const int64_t rows = layout.outer, n = layout.size;
+  plan = plan_rows(rows, n, e.vec(), limits, 16, kMaxRegisterGranules);
+  switch (plan.path) {
+    case Path::kRegisters: {
+      const RegisterConfig cfg = kRegisterConfigs[plan.config];
+      Launch& l = plan.add("register_rows_kernel");
+      l.block_x = cfg.block;
+      l.rows_per_block = cfg.block / cfg.group;
+      l.grid = capped_grid((rows + l.rows_per_block - 1) / l.rows_per_block, limits);
+      l.threads_per_row = cfg.group;
+      l.bytes_read = x_bytes;
+      l.bytes_written = y_bytes + state_bytes;
+      break;
+    }
+    case Path::kShared: {
+      Launch& l = plan.add("shared_row_kernel");
+      l.block_x = kSharedRowThreads;
+      l.smem = size_t(row_granules(n, e.vec())) * 16;
+      l.grid = capped_grid(rows, limits);
+      l.threads_per_row = kSharedRowThreads;
+      l.rows_per_block = 1;
+      l.bytes_read = x_bytes;
+      l.bytes_written = y_bytes + state_bytes;
+      break;
+    }
+    case Path::kSplit: {
+      const int64_t partial_bytes = rows * plan.chunks * e.state();
+      plan.workspace_bytes = size_t(partial_bytes);
+      Launch& p = plan.add("partial_states_kernel");
+      p.block_x = kSplitThreads;
+      p.grid = capped_grid(rows * plan.chunks, limits);
+      p.threads_per_row = kSplitThreads * plan.chunks;
+      p.bytes_read = x_bytes;
+      p.bytes_written = partial_bytes;
+      const int64_t blocks_per_row = has_y ? plan.chunks : 1;
+      Launch& o = plan.add("split_output_kernel");
+      o.block_x = kSplitThreads;
+      o.grid = capped_grid(rows * blocks_per_row, limits);
+      o.threads_per_row = kSplitThreads * blocks_per_row;
+      o.bytes_read = (has_y ? x_bytes : 0) + partial_bytes * blocks_per_row;
+      o.bytes_reread = o.bytes_read;
+      o.bytes_written = y_bytes + state_bytes;
+      break;
+    }
+    default: break;
+  }
+  return plan;
+}
+
+// backward: dy and y of e.in bytes, dx of e.out bytes.
+inline LaunchPlan plan_backward(RowLayout layout, ElemBytes e, DeviceLimits limits) {
+  const int64_t numel = layout.outer * layout.size * layout.inner;
+  if (numel == 0) return LaunchPlan{};
+  const int64_t in_bytes = 2 * numel * e.in;  // dy and y
+  const int64_t dx_bytes = numel * e.out;
+  const int64_t slices = layout.outer * layout.inner;
+  LaunchPlan plan;
+  if (layout.inner > 1) {
+    plan_strided(plan, layout, e.vec(), limits);
+    const int bx = plan.launch[0].block_x, by = plan.launch[0].block_y;
+    if (plan.path == Path::kStrided) {
+      // Two columns (dy, y) per thread: half the cache of the forward.
+      plan.strided_cached = layout.size <= int64_t(by) * (kStridedCache / 2);
+      Launch& l = plan.add("strided_backward_kernel");
+      l.block_x = bx;
+      l.block_y = by;
+      l.grid = capped_grid(layout.outer * plan.strided_tiles, limits);
+      l.threads_per_row = by;
+      l.rows_per_block = int64_t(bx) * plan.strided_cols;
+      l.bytes_read = in_bytes * (plan.strided_cached ? 1 : 2);
+      l.bytes_reread = plan.strided_cached ? 0 : in_bytes;
+      l.bytes_written = dx_bytes;
+    } else {
+      const int64_t partial_bytes = slices * plan.chunks * e.acc;
+      plan.workspace_bytes = size_t(partial_bytes);
+      Launch& p = plan.add("strided_partial_sums_kernel");
+      p.block_x = bx;
+      p.block_y = by;
+      p.grid = capped_grid(layout.outer * plan.strided_tiles * plan.chunks, limits);
+      p.threads_per_row = by;
+      p.bytes_read = in_bytes;
+      p.bytes_written = partial_bytes;
+      Launch& o = plan.add("strided_split_backward_kernel");
+      o.block_x = bx;
+      o.block_y = by;
+      o.grid = p.grid;
+      o.threads_per_row = by;
+      o.bytes_read = in_bytes + partial_bytes * plan.chunks;
+      o.bytes_reread = o.bytes_read;
+      o.bytes_written = dx_bytes;
+    }
+    return plan;
+  }
+  const int64_t rows = layout.outer, n = layout.size;
+  plan = plan_rows(rows, n, e.vec(), limits, 32, kBackwardRegisterGranules);
+  switch (plan.path) {
+    case Path::kRegisters: {
+      const RegisterConfig cfg = kRegisterConfigs[plan.config];
+      Launch& l = plan.add("register_rows_backward_kernel");
+      l.block_x = cfg.block;
+      l.rows_per_block = cfg.block / cfg.group;
+      l.grid = capped_grid((rows + l.rows_per_block - 1) / l.rows_per_block, limits);
+      l.threads_per_row = cfg.group;
+      l.bytes_read = in_bytes;
+      l.bytes_written = dx_bytes;
+      break;
+    }
+    case Path::kShared: {
+      Launch& l = plan.add("shared_row_backward_kernel");
+      l.block_x = kSharedRowThreads;
+      l.smem = size_t(row_granules(n, e.vec())) * 32;
+      l.grid = capped_grid(rows, limits);
+      l.threads_per_row = kSharedRowThreads;
+      l.rows_per_block = 1;
+      l.bytes_read = in_bytes;
+      l.bytes_written = dx_bytes;
+      break;
+    }
+    case Path::kSplit: {
+      const int64_t partial_bytes = rows * plan.chunks * e.acc;
+      plan.workspace_bytes = size_t(partial_bytes);
+      Launch& p = plan.add("partial_sums_kernel");
+      p.block_x = kSplitThreads;
+      p.grid = capped_grid(rows * plan.chunks, limits);
+      p.threads_per_row = kSplitThreads * plan.chunks;
+      p.bytes_read = in_bytes;
+      p.bytes_written = partial_bytes;
+      Launch& o = plan.add("split_backward_kernel");
+      o.block_x = kSplitThreads;
+      o.grid = p.grid;
+      o.threads_per_row = p.threads_per_row;
+      o.bytes_read = in_bytes + partial_bytes * plan.chunks;
+      o.bytes_reread = o.bytes_read;
+      o.bytes_written = dx_bytes;
+      break;
+    }
+    default: break;
+  }
+  return plan;
+}
+
+// The warp top-k's configuration for rows of n elements: the first of <= 32 threads per row whose
+// lanes hold at most kTopKWarpMaxElems elements each; -1 if none holds the row.
+inline int topk_warp_config(int64_t n, int vec) {
+  for (int c = 0; c < kNumRegisterConfigs && kRegisterConfigs[c].group <= 32; ++c) {
+    const RegisterConfig cfg = kRegisterConfigs[c];
+    if (cfg.vecs * vec <= kTopKWarpMaxElems && cfg.capacity() * vec >= n) return c;
+  }
+  return -1;
+}
+
+inline size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Fused top-k over rows of n contiguous elements: values (e.in bytes), int64 indices, row state.
+inline LaunchPlan plan_topk(int64_t rows, int64_t n, int64_t k, ElemBytes e, DeviceLimits limits) {
+  LaunchPlan plan;
+  if (rows == 0 || n == 0) return plan;
+  const int vec = e.vec();
+  const int64_t x_bytes = rows * n * e.in;
+  const int64_t out_bytes = rows * k * (e.in + 8) + rows * e.state();
+  if (k > topk_max_k_for(e.in)) {
+    plan.path = Path::kTopKSort;
+    return plan;
+  }
+  // Short rows: a sub-warp or warp per row, each lane's elements in registers, no block barrier.
+  // Lanes take elements by their index in the row (16-byte loads where the row is aligned), so a
+  // configuration holds exactly group * vecs * vec elements.
+  const int warp_config = topk_warp_config(n, vec);
+  if (k <= kTopKWarpMaxK && warp_config >= 0) {
+    const RegisterConfig cfg = kRegisterConfigs[warp_config];
+    plan.path = Path::kTopKWarp;
+    plan.config = warp_config;
+    Launch& l = plan.add("topk_warp_kernel");
+    l.block_x = cfg.block;
+    l.rows_per_block = cfg.block / cfg.group;
+    l.grid = capped_grid((rows + l.rows_per_block - 1) / l.rows_per_block, limits);
+    l.threads_per_row = cfg.group;
+    l.bytes_read = x_bytes;
+    l.bytes_written = out_bytes;
+    return plan;
+  }
+  // Candidates carry int32 refs within their chunk: no chunk may reach 2^30 elements.
+  const int64_t max_chunk_granules = (int64_t(1) << 30) / vec;
+  const int64_t granules_min = (n + vec - 1) / vec;  // the fewest granules any row has
+  const int64_t sms = std::max(1, limits.num_sms);
+  int64_t chunk = granules_min + 1;  // one chunk: the whole row
+  if (rows < sms && granules_min >= 2048) {
+    // Few rows: about 4 blocks per SM. Every chunk, also the first (which may start mid-granule)
+    // and the last (which runs to the row's end), holds at least k elements.
+    const int64_t min_chunk = std::max<int64_t>(256, (k + vec - 1) / vec + 1);
+    const int64_t want = (4 * sms + rows - 1) / rows;
+    chunk = std::max(min_chunk, (granules_min + want - 1) / want);
+  }
+  chunk = std::min(chunk, max_chunk_granules);
+  plan.chunks = std::max<int64_t>(1, granules_min / chunk);
+  plan.chunk = plan.chunks == 1 ? granules_min + 1 : chunk;
+  if (plan.chunks == 1) {
+    plan.path = Path::kTopKBlock;
+    Launch& l = plan.add("topk_scan_kernel");
+    l.block_x = kTopKThreads;
+    l.grid = capped_grid(rows, limits);
+    l.threads_per_row = kTopKThreads;
+    l.rows_per_block = 1;
+    l.bytes_read = x_bytes;
+    l.bytes_written = out_bytes;
+    return plan;
+  }
+  plan.path = Path::kTopKSplit;
+  const int64_t blocks = rows * plan.chunks;
+  const int64_t ws_state = blocks * e.state(), ws_values = blocks * k * e.acc, ws_index = blocks * k * 8;
+  plan.workspace_bytes = align256(size_t(ws_state)) + align256(size_t(ws_values)) + size_t(ws_index);
+  Launch& s = plan.add("topk_scan_kernel");
+  s.block_x = kTopKThreads;
+  s.grid = capped_grid(blocks, limits);
+  s.threads_per_row = kTopKThreads * plan.chunks;
+  s.bytes_read = x_bytes;
+  s.bytes_written = ws_state + ws_values + ws_index;
+  Launch& m = plan.add("topk_merge_kernel");
+  m.block_x = kTopKThreads;
+  m.grid = capped_grid(rows, limits);
+  m.threads_per_row = kTopKThreads;
+  m.rows_per_block = 1;
+  m.bytes_read = ws_state + ws_values + k * 8 * rows;  // indices are read for the k winners only
+  m.bytes_reread = m.bytes_read;
+  m.bytes_written = out_bytes;
+  return plan;
+}
+
+// Top-k backward: every block recomputes its row's two scalars from the k (index, gradient) pairs,
+// writes dx for its chunk of the row, then the corrections at the indices inside that chunk.
+inline LaunchPlan plan_topk_backward(int64_t rows, int64_t n, int64_t k, ElemBytes e, DeviceLimits limits) {
+  LaunchPlan plan;
+  if (rows == 0 || n == 0) return plan;
+  plan.path = Path::kTopKBackward;
+  // Few rows: chunks of whole granules, about 4 blocks per SM in all, each at least 1024 elements
+  // and 8 k (every block re-reads the row's k pairs); the last chunk runs to the row's end (rows
+  // differ by a granule in their count).
+  const int vec = e.vec();
+  const int64_t granules_min = (n + vec - 1) / vec;
+  const int64_t sms = std::max(1, limits.num_sms);
+  int64_t chunk = granules_min + 1;
+  if (rows < 4 * sms && n > 8192) {
+    const int64_t want = (4 * sms + rows - 1) / rows;
+    chunk = std::max<int64_t>(std::max<int64_t>(1024, 8 * k) / vec, (granules_min + want - 1) / want);
+  }
+  plan.chunks = std::max<int64_t>(1, granules_min / chunk);
+  plan.chunk = plan.chunks == 1 ? granules_min + 1 : chunk;
+  Launch& l = plan.add("topk_backward_kernel");
+  l.block_x = kTopKBackwardThreads;
+  l.grid = capped_grid(rows * plan.chunks, limits);
+  l.threads_per_row = kTopKBackwardThreads * plan.chunks;
+  l.rows_per_block = plan.chunks == 1 ? 1 : 0;
+  // Each block reads the row's k indices and gradients, and x at each of them.
+  l.bytes_read = rows * n * e.in + rows * plan.chunks * k * (8 + 2 * e.in) + rows * e.state();
+  l.bytes_reread = rows * (plan.chunks - 1) * k * (8 + 2 * e.in);
+  l.bytes_written = rows * n * e.in;
+  return plan;
+}
+
+}  // namespace online_softmax::kernels

@@ -1,0 +1,187 @@
+"""The CUDA launch plan of a shape, readable on any machine.
+
+``cuda_plan(op, shape, dtype)`` returns what the CUDA launchers would run for that call: each
+kernel launch with its grid, block, dynamic shared memory, how many threads share a row, and the
+global bytes it reads and writes — a model that counts every byte a kernel loads or stores once.
+The plan comes from ``csrc/kernels/launch_plan.h``, the very header the launchers run, compiled into
+every build of the extension (CPU-only ones too); nothing here re-implements its rules.
+
+The model's time is ``dram_bytes / hbm_bytes_per_s``: a roofline, not a measurement. ``dram_bytes``
+counts a re-read (the split paths read x twice) as served by L2 when the input fits in L2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _C
+
+OPS = ("forward", "stats", "backward", "softmax_topk", "softmax_topk_backward")
+
+# Public figures of the SXM parts: SMs, the opt-in shared memory per block, L2, compute capability,
+# HBM bandwidth.
+PRESETS = {
+    "h100": {"sm_count": 132, "max_smem_per_block": 227 * 1024, "l2_bytes": 50 * 2**20, "cc": (9, 0),
+             "hbm_bytes_per_s": 3.35e12},
+    "h200": {"sm_count": 132, "max_smem_per_block": 227 * 1024, "l2_bytes": 50 * 2**20, "cc": (9, 0),
+             "hbm_bytes_per_s": 4.8e12},
+    "a100": {"sm_count": 108, "max_smem_per_block": 163 * 1024, "l2_bytes": 40 * 2**20, "cc": (8, 0),
+             "hbm_bytes_per_s": 2.039e12},
+}
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    grid: int
+    block: tuple
+    smem: int
+    threads_per_row: int
+    rows_per_block: int
+    bytes_read: int
+    bytes_written: int
+    bytes_reread: int
+
+
+@dataclass(frozen=True)
+class CudaPlan:
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    dim: int
+    k: int | None
+    device: dict
+    path: str
+    launches: list = field(default_factory=list)
+    workspace_bytes: int = 0
+    chunks: int = 1
+    chunk: int = 0
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(launch.bytes_read for launch in self.launches)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(launch.bytes_written for launch in self.launches)
+
+    @property
+    def input_bytes(self) -> int:
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        per = self.dtype.itemsize
+        return numel * per * (2 if self.op == "backward" else 1)
+
+    @property
+    def dram_bytes(self) -> int:
+        """Modelled HBM traffic: a re-read is served by L2 when the input fits in it."""
+        reread = sum(launch.bytes_reread for launch in self.launches)
+        fits_l2 = self.input_bytes <= self.device.get("l2_bytes", 0)
+        return self.bytes_read + self.bytes_written - (reread if fits_l2 else 0)
+
+    @property
+    def roofline_seconds(self) -> float | None:
+        """dram_bytes at the device's HBM bandwidth (None when the bandwidth is not known)."""
+        bw = self.device.get("hbm_bytes_per_s")
+        return self.dram_bytes / bw if bw else None
+
+    def summary(self) -> str:
+        """One line per launch: kernel, grid x block, shared memory, threads per row, bytes."""
+        lines = [f"{self.op} {tuple(self.shape)} {str(self.dtype).replace('torch.', '')} dim={self.dim}"
+                 + (f" k={self.k}" if self.k is not None else "") + f": path {self.path}"]
+        for launch in self.launches:
+            lines.append(f"  {launch.kernel}: grid {launch.grid} x block {launch.block[0]}x{launch.block[1]}, "
+                         f"smem {launch.smem} B, {launch.threads_per_row} threads/row, "
+                         f"reads {launch.bytes_read / 1e6:.3f} MB, writes {launch.bytes_written / 1e6:.3f} MB")
+        t = self.roofline_seconds
+        if t is not None:
+            lines.append(f"  model: {self.dram_bytes / 1e6:.3f} MB of HBM traffic, {t * 1e6:.2f} us at "
+                         f"{self.device['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
+        return "\n".join(lines)
+
+
+def _device_limits(device) -> dict:
+    if device is None:
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            limits = {"sm_count": props.multi_processor_count,
+                      "max_smem_per_block": getattr(props, "shared_memory_per_block_optin", 48 * 1024),
+                      "l2_bytes": getattr(props, "L2_cache_size", 0), "cc": (props.major, props.minor)}
+            for name, preset in PRESETS.items():  # a known part: borrow its bandwidth for the model
+                if name in props.name.lower():
+                    limits["hbm_bytes_per_s"] = preset["hbm_bytes_per_s"]
+            return limits
+        device = "h100"
+    if isinstance(device, str):
+        if device.lower() not in PRESETS:
+            raise ValueError(f"online_softmax.cuda_plan: device preset {device!r} is not one of {sorted(PRESETS)}")
+        return dict(PRESETS[device.lower()])
+    if isinstance(device, dict):
+        missing = [key for key in ("sm_count", "max_smem_per_block", "l2_bytes", "cc") if key not in device]
+        if missing:
+            raise ValueError(f"online_softmax.cuda_plan: device dict lacks {missing}")
+        for key in ("sm_count", "max_smem_per_block"):
+            if not isinstance(device[key], int) or device[key] < 1:
+                raise ValueError(f"online_softmax.cuda_plan: device[{key!r}] must be a positive int, got {device[key]!r}")
+        return dict(device)
+    raise TypeError(f"online_softmax.cuda_plan: device must be None, a preset name or a dict, got {type(device).__name__}")
+
+
+def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1, *, k: int | None = None,
+              device=None, out_dtype: torch.dtype | None = None) -> CudaPlan:
+    """The launch plan the CUDA kernels would run for ``op`` on a contiguous tensor of ``shape``.
+
+    op: "forward", "stats", "backward", "softmax_topk" or "softmax_topk_backward". ``dtype`` is the
+    input's (for backward: the forward output's); ``out_dtype`` is forward's ``dtype=`` cast (float32
+    output of float16/bfloat16 input) or backward's ``input_dtype``. ``k`` is required for the top-k
+    ops. ``device`` is a preset name ("h100", "h200", "a100"), a dict of limits (sm_count,
+    max_smem_per_block, l2_bytes, cc; optional hbm_bytes_per_s), or None: the current GPU, else h100.
+    """
+    if op not in OPS:
+        raise ValueError(f"online_softmax.cuda_plan: op must be one of {OPS}, got {op!r}")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"online_softmax.cuda_plan: dtype must be a floating dtype, got {dtype}")
+    if isinstance(shape, int):
+        shape = (shape,)
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"online_softmax.cuda_plan: shape {shape} has a negative size")
+    view = shape if shape else (1,)  # a 0-d tensor is one row of one element
+    if not -len(view) <= dim < len(view):
+        raise IndexError(f"online_softmax.cuda_plan: dim={dim} is out of range for shape {shape}")
+    d = dim % len(view)
+    outer = 1
+    for s in view[:d]:
+        outer *= s
+    inner = 1
+    for s in view[d + 1:]:
+        inner *= s
+    size = view[d]
+    limits = _device_limits(device)
+    topk = op.startswith("softmax_topk")
+    if topk:
+        if k is None:
+            raise ValueError(f"online_softmax.cuda_plan: op {op!r} needs k")
+        if not 0 <= k <= size:
+            raise ValueError(f"online_softmax.cuda_plan: k={k} must lie in [0, {size}] (the size of dim {dim})")
+        # The binding moves the softmax dim last: rows of `size` contiguous elements.
+        outer, inner = outer * inner, 1
+    elif k is not None:
+        raise ValueError(f"online_softmax.cuda_plan: k is only for the top-k ops, not {op!r}")
+    out = out_dtype or dtype
+    acc = 8 if dtype == torch.float64 else 4
+    cc = limits["cc"]
+    cc_int = cc[0] * 10 + cc[1] if isinstance(cc, tuple) else int(cc)
+    raw = _C._cuda_plan(op, outer, size, inner, dtype.itemsize, out.itemsize, acc, k or 0, op != "stats",
+                        2 if op == "stats" else 0, limits["sm_count"], limits["max_smem_per_block"],
+                        int(limits["l2_bytes"]), cc_int)
+    if topk and k == 0:  # nothing to select: the binding writes zeros / empty results, no launch
+        raw = {"path": "nothing", "launches": [], "workspace_bytes": 0, "chunks": 1, "chunk": 0}
+    return CudaPlan(op=op, shape=shape, dtype=dtype, dim=dim, k=k, device=limits, path=raw["path"],
+                    launches=[Launch(**launch) for launch in raw["launches"]],
+                    workspace_bytes=raw["workspace_bytes"], chunks=raw["chunks"], chunk=raw["chunk"])

@@ -1,0 +1,143 @@
+"""online_softmax.cuda_plan: the launch plans of csrc/kernels/launch_plan.h, read on any machine.
+
+That the launchers run exactly these plans is tested in test_kernels_host.py (every host-executed
+launch is compared with cuda_plan's kernels, grids, blocks and shared memory). Here: the plans of
+the shapes the second-pass review named, on the h100 preset, fill the GPU and move the bytes the
+model says; bad arguments raise.
+"""
+
+import pytest
+import torch
+
+import online_softmax as osm
+
+H100_SMS = 132
+
+
+def x_bytes(shape, dtype):
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtype.itemsize
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_moe_router_uses_a_sub_warp_per_row_and_reads_once(k):
+    shape = (1 << 20, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        plan = osm.cuda_plan("softmax_topk", shape, dtype, k=k, device="h100")
+        assert plan.path == "topk_warp"
+        (launch,) = plan.launches
+        assert launch.threads_per_row <= 32
+        assert launch.grid >= H100_SMS
+        assert launch.bytes_read == x_bytes(shape, dtype)
+        assert plan.bytes_written == shape[0] * (k * (dtype.itemsize + 8) + 8)
+
+
+def test_softmax_over_a_long_dim_zero_fills_the_gpu():
+    """(1M, 8) over dim 0: one tile of columns, so each column is split along the dim. (Stats'
+    second launch only merges each column's partial states: one block.)"""
+    for op in ("forward", "stats", "backward"):
+        plan = osm.cuda_plan(op, (1 << 20, 8), torch.float32, dim=0, device="h100")
+        assert plan.path == "strided_split"
+        launches = plan.launches[:1] if op == "stats" else plan.launches
+        assert all(launch.grid >= H100_SMS for launch in launches)
+        assert plan.launches[0].block[0] * plan.launches[0].block[1] == 256
+        assert plan.launches[0].bytes_read == (2 if op == "backward" else 1) * x_bytes((1 << 20, 8), torch.float32)
+
+
+def test_strided_rows_that_fit_are_read_once():
+    """Short columns stay in registers: forward and stats read x once (up to 8 positions per thread
+    along the dim), backward dy and y once (up to 4: it keeps two values per position)."""
+    for op, reads, shape in (("forward", 1, (4096, 64, 128)), ("stats", 1, (4096, 64, 128)),
+                             ("backward", 2, (4096, 32, 128))):
+        plan = osm.cuda_plan(op, shape, torch.float32, dim=1, device="h100")
+        assert plan.path == "strided"
+        assert plan.bytes_read == reads * x_bytes(shape, torch.float32)
+        assert plan.launches[0].grid >= H100_SMS
+
+
+@pytest.mark.parametrize("op", ["forward", "stats", "softmax_topk"])
+@pytest.mark.parametrize("shape", [(4096, 1024), (132, 16384), (264, 56000), (1 << 20, 64)])
+def test_rows_that_fit_on_chip_read_x_once(op, shape):
+    plan = osm.cuda_plan(op, shape, torch.float32, k=8 if op == "softmax_topk" else None, device="h100")
+    assert plan.path in ("registers", "shared", "topk_warp", "topk_block")
+    assert plan.bytes_read == x_bytes(shape, torch.float32)
+    assert all(launch.grid >= min(H100_SMS, shape[0]) for launch in plan.launches)
+
+
+def test_few_long_rows_are_split_to_fill_the_gpu():
+    for op, k in (("forward", None), ("stats", None), ("softmax_topk", 64), ("softmax_topk_backward", 8)):
+        for shape in ((1, 262144), (4, 262144), (64, 32768)):
+            plan = osm.cuda_plan(op, shape, torch.float32, k=k, device="h100")
+            assert plan.chunks > 1, (op, shape)
+            assert plan.launches[0].grid >= H100_SMS, (op, shape, plan.launches[0])
+            # The first launch reads x once (the top-k backward's blocks each re-read the row's k
+            # index/gradient pairs: a small fraction).
+            assert plan.launches[0].bytes_reread <= plan.launches[0].bytes_read // 16
+
+
+def test_topk_backward_is_one_launch_without_a_host_sync_in_its_plan():
+    plan = osm.cuda_plan("softmax_topk_backward", (4, 262144), torch.float32, k=8, device="h100")
+    assert [launch.kernel for launch in plan.launches] == ["topk_backward_kernel"]
+    assert plan.launches[0].bytes_written == x_bytes((4, 262144), torch.float32)
+
+
+def test_presets_and_device_dicts():
+    h100 = osm.cuda_plan("forward", (8, 1 << 20), torch.float32, device="h100")
+    h200 = osm.cuda_plan("forward", (8, 1 << 20), torch.float32, device="h200")
+    assert h100.dram_bytes == h200.dram_bytes
+    assert h200.roofline_seconds < h100.roofline_seconds
+    a100 = osm.cuda_plan("forward", (8, 1 << 20), torch.float32, device="a100")
+    assert a100.device["sm_count"] == 108
+    custom = osm.cuda_plan("forward", (2, 40000), torch.float32,
+                           device={"sm_count": 1, "max_smem_per_block": 48 * 1024, "l2_bytes": 0, "cc": 90})
+    assert custom.path == "split"  # 160 KB rows cannot be cached in 48 KB
+    assert custom.roofline_seconds is None
+    if not torch.cuda.is_available():
+        assert osm.cuda_plan("forward", (3, 5), torch.float32).device["sm_count"] == H100_SMS
+
+
+def test_the_summary_names_every_launch():
+    plan = osm.cuda_plan("forward", (2, 262144), torch.float16, device="h100")
+    text = plan.summary()
+    for launch in plan.launches:
+        assert launch.kernel in text
+    assert "us at 3.35 TB/s" in text
+
+
+def test_split_rows_count_their_second_read_as_l2_when_the_input_fits():
+    small = osm.cuda_plan("forward", (4, 262144), torch.float32, device="h100")  # 4 MB: fits in L2
+    assert small.path == "split"
+    # x read once and y written once; the partial states written once (their reads hit L2 too).
+    assert small.dram_bytes == 2 * x_bytes((4, 262144), torch.float32) + small.workspace_bytes
+    huge = osm.cuda_plan("forward", (4, 1 << 25), torch.float32, device="h100")  # 512 MB: does not
+    assert huge.dram_bytes == huge.bytes_read + huge.bytes_written
+
+
+def test_empty_and_zero_d_shapes():
+    assert osm.cuda_plan("forward", (0, 5), torch.float32, device="h100").launches == []
+    assert osm.cuda_plan("forward", (), torch.float32, device="h100").path == "registers"
+    assert osm.cuda_plan("softmax_topk", (3, 5), torch.float32, k=0, device="h100").launches == []
+    assert osm.cuda_plan("softmax_topk", (3, 4096), torch.float32, k=3000, device="h100").path == "topk_sort"
+
+
+def test_bad_arguments_raise_naming_them():
+    with pytest.raises(ValueError, match="op"):
+        osm.cuda_plan("softmax2", (3, 5), torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        osm.cuda_plan("forward", (3, 5), torch.int32)
+    with pytest.raises(IndexError, match="dim"):
+        osm.cuda_plan("forward", (3, 5), torch.float32, dim=2)
+    with pytest.raises(ValueError, match="needs k"):
+        osm.cuda_plan("softmax_topk", (3, 5), torch.float32)
+    with pytest.raises(ValueError, match="k=6"):
+        osm.cuda_plan("softmax_topk", (3, 5), torch.float32, k=6)
+    with pytest.raises(ValueError, match="only for the top-k"):
+        osm.cuda_plan("forward", (3, 5), torch.float32, k=2)
+    with pytest.raises(ValueError, match="preset"):
+        osm.cuda_plan("forward", (3, 5), torch.float32, device="v100")
+    with pytest.raises(ValueError, match="lacks"):
+        osm.cuda_plan("forward", (3, 5), torch.float32, device={"sm_count": 4})
+    with pytest.raises(ValueError, match="negative"):
+        osm.cuda_plan("forward", (3, -5), torch.float32)

@@ -118,6 +118,38 @@ def cases(op, x, ks, with_compile=True):
             }
 
 
+# The shapes of the CUDA second-pass review (issue 9): (op, shape, dim, k).
+PLAN_SHAPES = [
+    ("softmax_topk", (1 << 20, 64), -1, 2), ("softmax_topk", (1 << 20, 64), -1, 8),
+    ("forward", (1 << 20, 8), 0, None), ("backward", (1 << 20, 8), 0, None),
+    ("softmax_topk", (1, 262144), -1, 64), ("softmax_topk_backward", (4, 262144), -1, 8),
+    ("forward", (132, 16384), -1, None), ("forward", (264, 56000), -1, None),
+    ("forward", (4096, 1024), -1, None), ("forward", (4, 262144), -1, None), ("softmax_topk", (4096, 1024), -1, 8),
+]
+
+
+def _plan_of_case(label, shape, dtype, device):
+    """cuda_plan for a benchmark case on the current GPU, or None (beam search: not one launcher)."""
+    from .cuda_plan import cuda_plan
+
+    name = label.split(" ")[0]
+    if name in ("softmax", "log_softmax"):
+        return cuda_plan("forward", shape, dtype)
+    if name == "softmax_backward":
+        return cuda_plan("backward", shape, dtype)
+    if name == "softmax_topk":
+        return cuda_plan("softmax_topk", shape, dtype, k=int(label.split("k=")[1]))
+    return None
+
+
+def print_plans(device="h100", dtype=torch.float32):
+    """The launch plans and their modelled roofline times for PLAN_SHAPES (no GPU needed)."""
+    from .cuda_plan import cuda_plan
+
+    for op, shape, dim, k in PLAN_SHAPES:
+        print(cuda_plan(op, shape, dtype, dim, k=k, device=device).summary())
+
+
 def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -148,13 +180,23 @@ def run(args):
                     t = median_time(call, device)
                     if impl == "torch":
                         base = t
-                    records.append({
+                    record = {
                         "op": label, "rows": shape[0], "cols": shape[1], "dtype": args.dtype,
                         "device": str(device), "impl": impl, "time_ms": t * 1e3,
                         "bytes": moved, "gbps": moved / t / 1e9,
                         "copy_gbps": 2 * nbytes / copy_t / 1e9,
                         "copy_into_gbps": 2 * nbytes / copy_into_t / 1e9,
-                    })
+                    }
+                    plan = _plan_of_case(label, shape, dtype, device) if (
+                        device.type == "cuda" and impl == "online_softmax") else None
+                    if plan is not None:
+                        # The plan beside the time: where the bytes go, and how far from the model.
+                        record["plan"] = plan.path + ": " + ", ".join(
+                            f"{l.kernel} {l.grid}x{l.block[0] * l.block[1]}" for l in plan.launches)
+                        record["model_bytes"] = plan.dram_bytes
+                        if plan.roofline_seconds:
+                            record["time_over_model"] = t / plan.roofline_seconds
+                    records.append(record)
                 for r in records:
                     if r["op"] == label and (r["rows"], r["cols"]) == shape and base:
                         r["speedup_vs_torch"] = base * 1e3 / r["time_ms"]
@@ -168,7 +210,10 @@ def _print_rows(rows):
         print(f"  {r['op']:<22} {r['impl']:<15} {r['time_ms']:10.3f} ms {r['gbps']:8.2f} GB/s "
               f"{r.get('speedup_vs_torch', float('nan')):6.2f}x vs torch "
               f"{100 * r.get('fraction_of_copy', float('nan')):6.1f}% of copy ({r['copy_into_gbps']:.1f} GB/s; "
-              f"clone {r['copy_gbps']:.1f} GB/s)",
+              f"clone {r['copy_gbps']:.1f} GB/s)"
+              + (f"\n    plan {r['plan']}; {r['model_bytes'] / 1e6:.2f} MB modelled"
+                 + (f", {r['time_over_model']:.2f}x the roofline time" if "time_over_model" in r else "")
+                 if "plan" in r else ""),
               flush=True)
 
 
@@ -312,6 +357,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "table":  # python -m online_softmax.bench table RESULTS.json [OTHER.json]
         print(markdown_table(*argv[1:3]))
+        return None
+    if argv and argv[0] == "plans":  # python -m online_softmax.bench plans [h100|h200|a100]
+        print_plans(argv[1] if len(argv) > 1 else "h100")
         return None
     if argv and argv[0] == "replot":  # python -m online_softmax.bench replot RESULTS.json
         with open(argv[1]) as f:

@@ -2,10 +2,10 @@
 
     compute-sanitizer --tool memcheck python3 scripts/sanitize_cases.py
 
-Shapes are chosen by the row plan in csrc/kernels/row_plan.cuh: rows in registers (each
-sub-warp/warp/block size), rows cached in shared memory (enough rows to fill the SMs), rows split
-over blocks (few rows), strided dims, misaligned row starts, and the fused top-k with and without
-a split. Each result is checked against float64, so a kernel that runs clean but wrong fails too."""
+Shapes are chosen by the plans of csrc/kernels/launch_plan.h (online_softmax.cuda_plan): rows in
+registers (each sub-warp/warp/block size), rows cached in shared memory (enough rows to fill the
+SMs), rows split over blocks (few rows), strided dims (vector and scalar columns, cached, split),
+misaligned row starts, and the fused top-k (warp, block, split) with its backward. Each result is checked against float64, so a kernel that runs clean but wrong fails too."""
 
 import torch
 
@@ -40,5 +40,17 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
     torch.testing.assert_close(osm.softmax(x3, dim=1).double(), torch.softmax(x3.double(), 1), rtol=tol, atol=tol)
     m, d = osm.softmax_stats(x3, dim=1)
     checked += 1
+    for shape, dim in (((20000, 8), 0), ((3000, 7), 0), ((4, 600, 16), 1)):  # strided: split, scalar, cached
+        xs = torch.randn(shape, device="cuda", dtype=dtype) * 3
+        torch.testing.assert_close(osm.softmax(xs, dim=dim).double(), torch.softmax(xs.double(), dim),
+                                   rtol=tol, atol=tol)
+        xg = xs.clone().requires_grad_()
+        osm.log_softmax(xg, dim=dim).backward(torch.ones_like(xs))
+        checked += 1
+    for rows, n, k in ((5000, 64, 8), (7, 1000, 32), (3, 33, 2)):  # the warp top-k
+        xw = torch.randn(rows, n, device="cuda", dtype=dtype) * 3
+        v, i = osm.softmax_topk(xw, k)
+        torch.testing.assert_close(v.double(), torch.softmax(xw.double(), -1).topk(k).values, rtol=tol, atol=tol)
+        checked += 1
 torch.cuda.synchronize()
 print(f"sanitize_cases: {checked} cases ran and matched float64")

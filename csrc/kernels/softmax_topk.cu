@@ -39,6 +39,14 @@ __device__ __forceinline__ bool better(A a, int32_t ra, A b, int32_t rb) {
   return ra < rb;
 }
 
+// A thread's register copy of the buffer's threshold: the pre-filter of offer_warp.
+template <typename A>
+struct Bar {
+  bool set;
+  A value;
+  int32_t ref;
+};
+
 // The block's k best candidates so far, in shared memory.
 template <typename A, int kCapacity, int kStep>
 struct CandidateBuffer {
@@ -65,6 +73,27 @@ struct CandidateBuffer {
     value[slot] = v;
     ref[slot] = r;
   }
+
+  // Warp-collective offer (all 32 lanes call it, each with its own element or want = false): the
+  // lanes whose element beats `bar` (the threshold as of the last end_step, kept in registers by
+  // the caller) take consecutive slots with one shared atomic per warp instead of one per element.
+  __device__ __forceinline__ void offer_warp(bool want, A v, int32_t r, const Bar<A>& bar) {
+    want = want && (!bar.set || better(v, r, bar.value, bar.ref));
+    const unsigned mask = __ballot_sync(0xffffffffu, want);
+    if (mask == 0) return;
+    const int lane = threadIdx.x % 32;
+    int base = 0;
+    if (lane == __ffs(mask) - 1) base = atomicAdd(&count, __popc(mask));
+    base = __shfl_sync(0xffffffffu, base, __ffs(mask) - 1);
+    if (want) {
+      const int slot = base + __popc(mask & ((1u << lane) - 1u));
+      value[slot] = v;
+      ref[slot] = r;
+    }
+  }
+
+  // The threshold as every thread sees it between steps (read after end_step's barriers).
+  __device__ __forceinline__ Bar<A> bar() const { return {has_threshold, threshold, threshold_ref}; }
 
   // Sorts the first `count` entries descending (best first), padding to a power of two.
   __device__ void sort() {
@@ -242,6 +271,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t base = g_begin * V - head;  // element index of ref 0
     buf.reset();
     State<A> st = State<A>::empty();
+    Bar<A> bar = buf.bar();
     for (int64_t step = g_begin; step < g_end; step += int64_t(kThreads) * Tile::kUnroll) {
       A v[Tile::kUnroll][V];
 #pragma unroll
@@ -261,10 +291,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const int64_t i = g * V + j - head;
-          if (g < g_end && i >= 0 && i < n) buf.offer(v[u][j], static_cast<int32_t>(i - base));
+          buf.offer_warp(g < g_end && i >= 0 && i < n, v[u][j], static_cast<int32_t>(i - base), bar);
         }
       }
       buf.end_step(k);
+      bar = buf.bar();
     }
     buf.finish();
     const State<A> merged = block_merge(st, s2, scratch);

@@ -159,6 +159,20 @@ OSM_HOST_SHUFFLE(__shfl_down_sync, kDown, delta)
 OSM_HOST_SHUFFLE(__shfl_up_sync, kUp, delta)
 #undef OSM_HOST_SHUFFLE
 
+// A ballot as xor shuffles of each lane's bit: the shuffle checks (every named lane arrives, the
+// same call site) apply. Only full-warp masks are used by the kernels.
+inline unsigned __ballot_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  const auto& c = ::online_softmax::host_runtime::current();
+  const unsigned lane = (c.thread_idx.x + c.thread_idx.y * c.block_dim.x +
+                         c.thread_idx.z * c.block_dim.x * c.block_dim.y) % 32;
+  unsigned bits = predicate ? 1u << lane : 0u;
+  for (int offset = 16; offset > 0; offset /= 2) bits |= __shfl_xor_sync(mask, bits, offset, 32, file, line);
+  return bits & mask;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+
 // Threads never run at the same time, so a read-modify-write is atomic as it stands.
 template <typename T>
 inline T atomicAdd(T* address, T value) {

@@ -11,10 +11,11 @@ def reference_topk(x, k, dim=-1, log=False, temperature=1.0):
     """Float64 oracle: probabilities of the k largest x, ties to the lower index, NaN first."""
     x64 = x.double()
     p = (torch.log_softmax if log else torch.softmax)(x64 / temperature, dim)
-    # A stable sort of -x orders by value descending with ties in index order; NaN sorts last
-    # in an ascending sort, so rank NaN above everything explicitly.
-    key = torch.where(torch.isnan(x64), torch.full_like(x64, float("-inf")), -x64)
-    order = torch.sort(key, dim=dim, stable=True).indices.narrow(dim, 0, k)
+    # A stable sort of -x orders by value descending with ties in index order. NaN sorts last in
+    # an ascending sort, so a second stable sort puts NaN first (above +inf), keeping that order.
+    by_value = torch.sort(torch.where(torch.isnan(x64), 0.0, -x64), dim=dim, stable=True).indices
+    not_nan = (~torch.isnan(x64)).to(torch.int8).gather(dim, by_value)
+    order = by_value.gather(dim, torch.sort(not_nan, dim=dim, stable=True).indices).narrow(dim, 0, k)
     return p.gather(dim, order), order
 
 
@@ -98,6 +99,30 @@ def test_special_values(device):
     y = torch.tensor([[0.0, -inf, 1.0]], device=device)
     values, indices = osm.softmax_topk(y, 3)
     assert indices.tolist() == [[2, 0, 1]] and values[0, 2].item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("k", [3, 40])
+def test_selection_order_of_hostile_values(device, dtype, k):
+    """The order of both selection paths (k <= 16 sorted, larger k buffered) and both candidate
+    forms (packed integer keys for float accumulation, pairs for float64): NaN first, -0 equal to
+    +0, ties to the lower index, as the stable float64 sort of the oracle."""
+    inf, nan = float("inf"), float("nan")
+    g = torch.Generator().manual_seed(0)
+    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, inf, -inf, nan, 2.5, -2.5, 1e4, -1e4, 3.0, 3.0])
+    x = pool[torch.randint(len(pool), (8, 300), generator=g)]
+    x[0] = 0.0
+    x[0, ::3] = -0.0                                    # only signed-zero ties
+    x[1] = torch.randint(-3, 4, (300,), generator=g).float()   # heavy ties, no specials
+    x[2] = -inf
+    x[2, 299] = -0.0                                    # one finite value among -inf
+    x = x.to(dtype).to(device)
+    values, indices = osm.softmax_topk(x, k)
+    _, ref_i = reference_topk(x.cpu(), k)
+    assert torch.equal(indices.cpu(), ref_i)
+    finite_rows = [0, 1]
+    torch.testing.assert_close(values[finite_rows].cpu().double(), reference_topk(x[finite_rows].cpu(), k)[0],
+                               rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
 
 
 def test_zero_dim_and_empty_batch(device):

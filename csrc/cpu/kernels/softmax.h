@@ -1,5 +1,5 @@
-// CPU forward (softmax / log-softmax) and stats kernels: one online pass for (m, d), one pass for
-// the output. Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
+// CPU forward (softmax / log-softmax) and stats kernels: one pass for (m, d) (scan_contiguous),
+// one pass for the output. Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
 #pragma once
 
 #include "cpu/kernels/common.h"
@@ -43,28 +43,6 @@ std::vector<State<acc_t<T>>> contiguous_row_states(const T* x, int64_t rows, int
 constexpr int64_t kExpBlock = 1024;
 // Rows whose exps (as float or double) fit in this many bytes take the one-exp path.
 constexpr int64_t kOneExpMaxBytes = 4 * 1024 * 1024;
-
-// max(lowest, x[0..n)), NaN if any x is NaN.
-template <typename T>
-inline acc_t<T> block_max(const T* x, int64_t n) {
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  using IO = VecIO<T>;
-  V vm(std::numeric_limits<A>::lowest()), vm2 = vm;
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    V a, b;
-    IO::load2(x + i, a, b);
-    vm = at::vec::maximum(vm, a);  // propagates NaN
-    vm2 = at::vec::maximum(vm2, b);
-  }
-  alignas(64) A lanes[V::size()];
-  at::vec::maximum(vm, vm2).store(lanes);
-  A m = lanes[0];
-  for (int l = 1; l < V::size(); ++l) m = nan_max(m, lanes[l]);
-  for (; i < n; ++i) m = nan_max(m, static_cast<A>(x[i]));
-  return m;
-}
 
 // e[i] = exp((x[i] - m) s) for i < n; returns their sum.
 template <typename T>

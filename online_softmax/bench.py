@@ -39,25 +39,44 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _time_once(fn, device):
+    if device.type == "cuda":
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        fn()
+        t1.record()
+        t1.synchronize()
+        return t0.elapsed_time(t1) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def median_time(fn, device, min_runs=7, max_runs=101, budget_s=1.0):
     """Median wall time of fn() in seconds (CUDA events on GPUs), after one warm-up call."""
-    fn()
+    return median_times({"fn": fn}, device, min_runs, max_runs, budget_s)["fn"]
+
+
+def median_times(calls, device, min_runs=7, max_runs=101, budget_s=1.0):
+    """Median wall time in seconds of each of several calls, timed in interleaved rounds.
+
+    Each round runs every call once, starting one further along each time, so no call always runs
+    first or always follows the same peer. Timing each call in its own block was biased: on the
+    2-core VM one function timed in two consecutive blocks gave medians 30% apart, the first block
+    slower, so whichever implementation came first was handicapped."""
+    names = list(calls)
+    for name in names:
+        calls[name]()
     _sync(device)
-    times = []
+    times = {name: [] for name in names}
     start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
-        if device.type == "cuda":
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            fn()
-            t1.record()
-            t1.synchronize()
-            times.append(t0.elapsed_time(t1) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    rounds = 0
+    while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < budget_s * len(names)):
+        for j in range(len(names)):
+            name = names[(rounds + j) % len(names)]
+            times[name].append(_time_once(calls[name], device))
+        rounds += 1
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _compiled(fn, *tensors):
@@ -173,13 +192,9 @@ def run(args):
             step += 1
             print(f"[{step}/{total}] {op} {shape[0]}x{shape[1]} {args.dtype}", flush=True)
             for label, moved, impls in cases(op, x, args.ks, not args.no_compile):
-                base = None
-                for impl, call in impls.items():
-                    if call is None:
-                        continue
-                    t = median_time(call, device)
-                    if impl == "torch":
-                        base = t
+                timed = median_times({impl: call for impl, call in impls.items() if call is not None}, device)
+                base = timed.get("torch")
+                for impl, t in timed.items():
                     record = {
                         "op": label, "rows": shape[0], "cols": shape[1], "dtype": args.dtype,
                         "device": str(device), "impl": impl, "time_ms": t * 1e3,

@@ -127,53 +127,29 @@ inline Vectorized<A> vexp(Vectorized<A> v) {
 }
 
 // Lane-wise online state: lane l of (m, d) is the state of every element that passed through lane
-// l. Contiguous rows feed two vectors of the same row per step (two d accumulators for ILP);
-// strided layouts keep one LaneState per group of independent rows.
+// l. Strided layouts keep one LaneState per group of independent rows (one row per lane).
 template <typename A>
 struct LaneState {
   using V = Vectorized<A>;
   static constexpr int kAllLanes = (1 << V::size()) - 1;
   V m = V(std::numeric_limits<A>::lowest());
   V d = V(A(0));
-  V d2 = V(A(0));
 
-  inline void raise_max(V m_new, V s) {
+  inline void update(V a, V s) {
+    const V m_new = at::vec::maximum(m, a);
     // The maximum settles early in almost every row, so the rescale exp is rarely taken.
     if ((m_new - m).zero_mask() != kAllLanes) {
-      const V f = vexp((m - m_new) * s);
-      d = d * f;
-      d2 = d2 * f;
+      d = d * vexp((m - m_new) * s);
       m = m_new;
     }
-  }
-  inline void update(V a, V s) {
-    raise_max(at::vec::maximum(m, a), s);
     d = d + vexp((a - m) * s);
   }
-  inline void update(V a, V b, V s) {
-    raise_max(at::vec::maximum(m, at::vec::maximum(a, b)), s);
-    d = d + vexp((a - m) * s);
-    d2 = d2 + vexp((b - m) * s);
-  }
-  // Lane i as a scalar state (d and d2 share the lane's max).
+  // Lane i as a scalar state.
   inline void lanes(A* m_out, A* d_out) const {
     m.store(m_out);
-    (d + d2).store(d_out);
-  }
-  inline State<A> reduce(A s) const {
-    alignas(64) A ms[V::size()];
-    alignas(64) A ds[V::size()];
-    lanes(ms, ds);
-    State<A> r{ms[0], ds[0]};
-    for (int i = 1; i < V::size(); ++i) r = merge(r, State<A>{ms[i], ds[i]}, s);
-    return r;
+    d.store(d_out);
   }
 };
-
-// Lane accumulators are flushed into a double-precision running state every kLaneBlock elements,
-// so the rounding error of d does not grow with the row length (a 2^31-element row of equal values
-// is off by 1e-3 in float32 otherwise). The backward's sums use the same block.
-constexpr int64_t kLaneBlock = 16384;
 
 // max(lowest, x[0..n)), NaN if any x is NaN.
 template <typename T>
@@ -197,11 +173,43 @@ inline acc_t<T> block_max(const T* x, int64_t n) {
   return m;
 }
 
-// Contiguous rows are scanned in blocks of kScanBlock elements, each read twice while it sits in
-// L1: once for its max m_b, once for d_b = sum(exp((x - m_b) s)); (m_b, d_b) merges into the row's
-// state in double. One exp per element and no branch, where the lane-wise online update pays a
-// rescale exp and a mispredicted branch whenever some lane's max rises: with 16 float lanes
-// (AVX-512) that is most steps of a 1024-element row.
+// The state (m_b, d_b) of one block of n elements, read twice while it sits in L1: once for its max
+// m_b, once for d_b = sum(exp((x - m_b) s)). One exp per element and no branch, where the lane-wise
+// online update pays a rescale exp and a mispredicted branch whenever some lane's max rises (with
+// 16 float lanes, most steps of a 1024-element row). Every element is shown once, in order, with
+// its exp: to on_vector(offset, a, b, exp_a, exp_b) a vector pair at a time, and past the last
+// whole pair to on_scalar(offset, value, exp).
+template <typename T, typename OnVector, typename OnScalar>
+inline State<acc_t<T>> block_state(const T* x, int64_t n, acc_t<T> s, OnVector&& on_vector,
+                                   OnScalar&& on_scalar) {
+  using A = acc_t<T>;
+  using IO = VecIO<T>;
+  using V = Vectorized<A>;
+  const A m = block_max(x, n);
+  const V vm(m), vs(s);
+  V d0(A(0)), d1(A(0));
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    V a, b;
+    IO::load2(x + i, a, b);
+    const V ea = vexp((a - vm) * vs), eb = vexp((b - vm) * vs);
+    d0 = d0 + ea;
+    d1 = d1 + eb;
+    on_vector(i, a, b, ea, eb);
+  }
+  A d = at::vec::vec_reduce_all<A>([](V u, V v) { return u + v; }, d0 + d1);
+  for (; i < n; ++i) {
+    const A v = static_cast<A>(x[i]);
+    const A e = std::exp((v - m) * s);
+    d += e;
+    on_scalar(i, v, e);
+  }
+  return State<A>{m, d};
+}
+
+// Rows are scanned in blocks of this many elements (a multiple of every VecIO step). The blocks'
+// states merge in double, so the rounding error of d does not grow with the row length (a
+// 2^31-element row of equal values is off by 1e-3 in float32 when one float sum runs the row).
 constexpr int64_t kScanBlock = 1024;
 
 // The un-finalized state of n contiguous elements. `on_step(a, b, offset)` sees every vector pair
@@ -210,33 +218,15 @@ template <typename T, typename OnStep, typename OnScalar>
 inline State<acc_t<T>> scan_contiguous(const T* x, int64_t n, acc_t<T> s, OnStep&& on_step,
                                        OnScalar&& on_scalar) {
   using A = acc_t<T>;
-  using IO = VecIO<T>;
   using V = Vectorized<A>;
-  const V vs(s);
-  const int64_t vec_end = n - n % IO::kStep;
   State<double> total;
-  for (int64_t block = 0; block < vec_end; block += kScanBlock) {
-    const int64_t block_end = std::min(vec_end, block + kScanBlock);
-    const A m = block_max(x + block, block_end - block);
-    const V vm(m);
-    V d0(A(0)), d1(A(0));
-    for (int64_t i = block; i < block_end; i += IO::kStep) {
-      V a, b;
-      IO::load2(x + i, a, b);
-      d0 = d0 + vexp((a - vm) * vs);
-      d1 = d1 + vexp((b - vm) * vs);
-      on_step(a, b, i);
-    }
-    const A d = at::vec::vec_reduce_all<A>([](V u, V v) { return u + v; }, d0 + d1);
-    total = merge(total, State<double>{m, d}, static_cast<double>(s));
+  for (int64_t block = 0; block < n; block += kScanBlock) {
+    const State<A> st = block_state(
+        x + block, std::min(kScanBlock, n - block), s,
+        [&](int64_t i, V a, V b, V, V) { on_step(a, b, block + i); },
+        [&](int64_t i, A v, A) { on_scalar(v, block + i); });
+    total = merge(total, State<double>{st.m, st.d}, static_cast<double>(s));
   }
-  State<A> tail;
-  for (int64_t i = vec_end; i < n; ++i) {
-    const A v = static_cast<A>(x[i]);
-    update(tail, v, s);
-    on_scalar(v, i);
-  }
-  total = merge(total, State<double>{tail.m, tail.d}, static_cast<double>(s));
   return State<A>{static_cast<A>(total.m), static_cast<A>(total.d)};
 }
 

@@ -35,41 +35,12 @@ std::vector<State<acc_t<T>>> contiguous_row_states(const T* x, int64_t rows, int
 
 // ---- softmax with one exp per element, for rows whose output stays in cache ----
 //
-// The online scan pays an exp per element for (m, d) and another for the output. Here each block
-// of kExpBlock elements is read twice while it sits in L1: once for the block's max m_b, once to
-// write exp((x - m_b) s) and sum it into d_b, (m_b, d_b) merging into the row's state. A second
-// pass over the row's exps, in cache, multiplies block b by exp((m_b - M) s) / D: one exp per block.
+// Writing softmax after scan_contiguous would pay a second exp per element. Here the exps that
+// block_state computes for d_b are stored as well. A second pass over the row's exps, in cache,
+// multiplies block b by exp((m_b - M) s) / D: one exp per block.
 
-constexpr int64_t kExpBlock = 1024;
 // Rows whose exps (as float or double) fit in this many bytes take the one-exp path.
 constexpr int64_t kOneExpMaxBytes = 4 * 1024 * 1024;
-
-// e[i] = exp((x[i] - m) s) for i < n; returns their sum.
-template <typename T>
-inline acc_t<T> exp_block(const T* x, acc_t<T>* e, int64_t n, acc_t<T> m, acc_t<T> s) {
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  using IO = VecIO<T>;
-  const V vm(m), vs(s);
-  V d0(A(0)), d1(A(0));
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    V a, b;
-    IO::load2(x + i, a, b);
-    a = vexp((a - vm) * vs);
-    b = vexp((b - vm) * vs);
-    a.store(e + i);
-    b.store(e + i + IO::kWidth);
-    d0 = d0 + a;
-    d1 = d1 + b;
-  }
-  A d = at::vec::vec_reduce_all<A>([](V u, V v) { return u + v; }, d0 + d1);
-  for (; i < n; ++i) {
-    e[i] = std::exp((static_cast<A>(x[i]) - m) * s);
-    d += e[i];
-  }
-  return d;
-}
 
 // y = softmax(x * s) of one row of n <= kOneExpMaxBytes / sizeof(A) elements. `e` holds the row's
 // exps: y itself when O is the accumulation type, else scratch (so half outputs round once).
@@ -77,20 +48,26 @@ template <typename T, typename O>
 void softmax_row_one_exp(const T* x, O* y, acc_t<T>* e, int64_t n, acc_t<T> s) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  constexpr int64_t kMaxBlocks = kOneExpMaxBytes / int64_t(sizeof(A)) / kExpBlock + 1;
+  constexpr int64_t kMaxBlocks = kOneExpMaxBytes / int64_t(sizeof(A)) / kScanBlock + 1;
   A block_m[kMaxBlocks];
-  const int64_t blocks = (n + kExpBlock - 1) / kExpBlock;
+  const int64_t blocks = (n + kScanBlock - 1) / kScanBlock;
   State<double> total;
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t i0 = b * kExpBlock, len = std::min(kExpBlock, n - i0);
-    const A m = block_max(x + i0, len);
-    const A d = exp_block(x + i0, e + i0, len, m, s);
-    block_m[b] = m;
-    total = merge(total, State<double>{m, d}, static_cast<double>(s));
+    const int64_t i0 = b * kScanBlock, len = std::min(kScanBlock, n - i0);
+    A* exps = e + i0;
+    const State<A> st = block_state(
+        x + i0, len, s,
+        [&](int64_t i, V, V, V ea, V eb) {
+          ea.store(exps + i);
+          eb.store(exps + i + V::size());
+        },
+        [&](int64_t i, A, A ev) { exps[i] = ev; });
+    block_m[b] = st.m;
+    total = merge(total, State<double>{st.m, st.d}, static_cast<double>(s));
   }
   const Normalizer<A> nz(finalize(State<A>{static_cast<A>(total.m), static_cast<A>(total.d)}));
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t i0 = b * kExpBlock, len = std::min(kExpBlock, n - i0);
+    const int64_t i0 = b * kScanBlock, len = std::min(kScanBlock, n - i0);
     // Rows without a finite max have a NaN inv_d: every output NaN, as in torch.
     const A f = rescale_factor(block_m[b], nz.m, s) * nz.inv_d;
     const V vf(f);
@@ -153,7 +130,7 @@ void strided_states(const T* x, const RowGeometry& g, acc_t<T> s, Sink&& sink) {
     const T* base = x + o * g.size * g.inner + i0;
     if (lanes == IO::kStep) {
       // Lanes flush into double-precision states every kStridedBlock positions: here one lane
-      // sums one row alone, so the block must be short (see kLaneBlock in scan_contiguous).
+      // sums one row alone, so the block must be short (see kScanBlock).
       constexpr int64_t kStridedBlock = 1024;
       State<double> rows[IO::kStep];
       const V vs(s);

@@ -18,6 +18,10 @@ inline Vectorized<A> vexp_keep_nan(Vectorized<A> v) {
   return Vectorized<A>::blendv(vexp(v), v, v.isnan());
 }
 
+// Lane sums are flushed into double every kLaneBlock elements, so their rounding error does not
+// grow with the row length.
+constexpr int64_t kLaneBlock = 16384;
+
 template <typename Y>
 inline acc_t<Y> reduce_contiguous(const Y* dy, const Y* y, int64_t n, bool log) {
   using A = acc_t<Y>;

@@ -239,6 +239,35 @@ inline void plan_strided(LaunchPlan& plan, RowLayout layout, int vec, DeviceLimi
 // ---- the plans the launchers run ----
 
 // forward / stats: `has_y` false for stats; `state_outputs` is how many of max/sumexp are written.
+// The kernels of the rows that stay on chip, for forward and backward alike: a register
+// configuration's rows per block, or one row per block in shared memory (`shared_bytes_per_granule`
+// bytes of it per granule of the row: x, or dy and y). The split path has launches of its own.
+struct OnChipRowKernels {
+  const char* registers;
+  const char* shared;
+  int shared_bytes_per_granule;
+};
+
+inline void add_on_chip_row_launch(LaunchPlan& plan, int64_t rows, int64_t n, int vec, DeviceLimits limits,
+                                   OnChipRowKernels kernels, int64_t bytes_read, int64_t bytes_written) {
+  if (plan.path != Path::kRegisters && plan.path != Path::kShared) return;
+  Launch& l = plan.add(plan.path == Path::kRegisters ? kernels.registers : kernels.shared);
+  if (plan.path == Path::kRegisters) {
+    const RegisterConfig cfg = kRegisterConfigs[plan.config];
+    l.block_x = cfg.block;
+    l.rows_per_block = cfg.block / cfg.group;
+    l.threads_per_row = cfg.group;
+  } else {
+    l.block_x = kSharedRowThreads;
+    l.smem = size_t(row_granules(n, vec)) * kernels.shared_bytes_per_granule;
+    l.rows_per_block = 1;
+    l.threads_per_row = kSharedRowThreads;
+  }
+  l.grid = capped_grid((rows + l.rows_per_block - 1) / l.rows_per_block, limits);
+  l.bytes_read = bytes_read;
+  l.bytes_written = bytes_written;
+}
+
 inline LaunchPlan plan_forward(RowLayout layout, ElemBytes e, bool has_y, int state_outputs, DeviceLimits limits) {
   const int64_t numel = layout.outer * layout.size * layout.inner;
   const int64_t x_bytes = numel * e.in;
@@ -285,29 +314,9 @@ inline LaunchPlan plan_forward(RowLayout layout, ElemBytes e, bool has_y, int st
   }
   const int64_t rows = layout.outer, n = layout.size;
   plan = plan_rows(rows, n, e.vec(), limits, 16, kMaxRegisterGranules);
+  add_on_chip_row_launch(plan, rows, n, e.vec(), limits, {"register_rows_kernel", "shared_row_kernel", 16},
+                         x_bytes, y_bytes + state_bytes);
   switch (plan.path) {
-    case Path::kRegisters: {
-      const RegisterConfig cfg = kRegisterConfigs[plan.config];
-      Launch& l = plan.add("register_rows_kernel");
-      l.block_x = cfg.block;
-      l.rows_per_block = cfg.block / cfg.group;
-      l.grid = capped_grid((rows + l.rows_per_block - 1) / l.rows_per_block, limits);
-      l.threads_per_row = cfg.group;
-      l.bytes_read = x_bytes;
-      l.bytes_written = y_bytes + state_bytes;
-      break;
-    }
-    case Path::kShared: {
-      Launch& l = plan.add("shared_row_kernel");
-      l.block_x = kSharedRowThreads;
-      l.smem = size_t(row_granules(n, e.vec())) * 16;
-      l.grid = capped_grid(rows, limits);
-      l.threads_per_row = kSharedRowThreads;
-      l.rows_per_block = 1;
-      l.bytes_read = x_bytes;
-      l.bytes_written = y_bytes + state_bytes;
-      break;
-    }
     case Path::kSplit: {
       const int64_t partial_bytes = rows * plan.chunks * e.state();
       plan.workspace_bytes = size_t(partial_bytes);
@@ -378,29 +387,9 @@ inline LaunchPlan plan_backward(RowLayout layout, ElemBytes e, DeviceLimits limi
   }
   const int64_t rows = layout.outer, n = layout.size;
   plan = plan_rows(rows, n, e.vec(), limits, 32, kBackwardRegisterGranules);
+  add_on_chip_row_launch(plan, rows, n, e.vec(), limits,
+                         {"register_rows_backward_kernel", "shared_row_backward_kernel", 32}, in_bytes, dx_bytes);
   switch (plan.path) {
-    case Path::kRegisters: {
-      const RegisterConfig cfg = kRegisterConfigs[plan.config];
-      Launch& l = plan.add("register_rows_backward_kernel");
-      l.block_x = cfg.block;
-      l.rows_per_block = cfg.block / cfg.group;
-      l.grid = capped_grid((rows + l.rows_per_block - 1) / l.rows_per_block, limits);
-      l.threads_per_row = cfg.group;
-      l.bytes_read = in_bytes;
-      l.bytes_written = dx_bytes;
-      break;
-    }
-    case Path::kShared: {
-      Launch& l = plan.add("shared_row_backward_kernel");
-      l.block_x = kSharedRowThreads;
-      l.smem = size_t(row_granules(n, e.vec())) * 32;
-      l.grid = capped_grid(rows, limits);
-      l.threads_per_row = kSharedRowThreads;
-      l.rows_per_block = 1;
-      l.bytes_read = in_bytes;
-      l.bytes_written = dx_bytes;
-      break;
-    }
     case Path::kSplit: {
       const int64_t partial_bytes = rows * plan.chunks * e.acc;
       plan.workspace_bytes = size_t(partial_bytes);

@@ -5,7 +5,8 @@
 For every shape it times two same-size copies: into an existing buffer (the bandwidth limit every
 row's "% of copy" refers to) and x.clone(), which allocates its result like the ops do (on a CPU,
 first-touch page faults of a fresh large tensor can cost more than the copy itself). It reports
-each implementation's time (median of many runs), effective bandwidth from an explicit byte count
+each implementation's time (median of many rounds that run every implementation once, interleaved),
+effective bandwidth from an explicit byte count
 (forward: read x + write y; backward: read dy, y + write dx; top-k: read x), and the speedup over
 torch eager. Results go
 to a CSV, a JSON and (when matplotlib is installed) a PNG under --out.

@@ -11,6 +11,9 @@
 # with FORCE_CUDA=1 for sm_90, or, with --sdist, from an sdist made from that copy. Not part of CI
 # (download size).
 set -euo pipefail
+# A PYTHONPATH pointing at a checkout would make the check import that checkout's (CPU) build
+# instead of the one installed into the venv, and fail with "built without its CUDA kernels".
+unset PYTHONPATH
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 ROUTE=tree

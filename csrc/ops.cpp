@@ -26,7 +26,10 @@ TORCH_LIBRARY(online_softmax, m) {
   // vocab), its top num_candidates, split into token and beam ids. Equal scores go to the lower
   // beam * vocab + token among each beam's own best num_candidates log-probabilities.
   // logits: (batch * num_beams, vocab); beam_scores: (batch, num_beams). Reads the logits once.
-  m.def("beam_search_step(Tensor logits, Tensor beam_scores, int num_beams, int num_candidates, float temperature=1.0) -> (Tensor scores, Tensor token_ids, Tensor beam_ids)");
+  // Optional post-normalization edits per row, as transformers' logits processors make them to
+  // log-probabilities: penalized_tokens (rows, n) get lp * repetition_penalty where lp < 0, else
+  // lp / repetition_penalty; banned_tokens (rows, n) get -inf; -1 entries pad the lists.
+  m.def("beam_search_step(Tensor logits, Tensor beam_scores, int num_beams, int num_candidates, float temperature=1.0, Tensor? banned_tokens=None, Tensor? penalized_tokens=None, float repetition_penalty=1.0) -> (Tensor scores, Tensor token_ids, Tensor beam_ids)");
 }
 
 namespace online_softmax {

@@ -26,31 +26,69 @@ class BeamStep(NamedTuple):
 
 
 def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams: int, *,
-                     num_candidates: Optional[int] = None, temperature: float = 1.0) -> BeamStep:
+                     num_candidates: Optional[int] = None, temperature: float = 1.0,
+                     banned_tokens: Optional[torch.Tensor] = None, penalized_tokens: Optional[torch.Tensor] = None,
+                     repetition_penalty: float = 1.0) -> BeamStep:
     """One fused beam-search step. ``logits``: (batch * num_beams, vocab), beam-major within a
     batch entry; ``beam_scores``: (batch, num_beams). Returns the best ``num_candidates`` (default
     2 * num_beams) continuations per batch entry, sorted descending. Equal scores go to the lower
     ``beam * vocab + token`` among each beam's own best ``num_candidates`` log-probabilities (when
     adding the beam score rounds distinct log-probabilities to equal scores, a token that lost
-    within its beam is not brought back). Banned tokens are -inf logits; they score -inf."""
+    within its beam is not brought back). -inf logits score -inf.
+
+    Edits after normalization, per row, as transformers' logits processors make them to the
+    log-probabilities (so the normalizer still counts the edited tokens): ``penalized_tokens``
+    (rows, n) int64 get ``lp * repetition_penalty`` where ``lp < 0``, else ``lp /
+    repetition_penalty`` (``RepetitionPenaltyLogitsProcessor``); then ``banned_tokens`` (rows, n)
+    int64 get -inf (n-gram blocking, bad words, minimum lengths, suppressed tokens). -1 pads a list;
+    repeated ids count once. The logits are still read once: each row's top ``num_candidates + n``
+    plus the edited tokens themselves hold its best ``num_candidates`` after the edits."""
     for name, t in (("logits", logits), ("beam_scores", beam_scores)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"online_softmax.beam_search_step: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("banned_tokens", banned_tokens), ("penalized_tokens", penalized_tokens)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"online_softmax.beam_search_step: {name} must be a torch.Tensor or None, got "
+                            f"{type(t).__name__}")
     for name, v in (("num_beams", num_beams), ("num_candidates", num_candidates)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise TypeError(f"online_softmax.beam_search_step: {name} must be an int, got {type(v).__name__}")
     if num_candidates is None:
         num_candidates = 2 * num_beams
-    return BeamStep(*_ops.beam_search_step(logits, beam_scores, num_beams, num_candidates, float(temperature)))
+    return BeamStep(*_ops.beam_search_step(logits, beam_scores, num_beams, num_candidates, float(temperature),
+                                           banned_tokens, penalized_tokens, float(repetition_penalty)))
+
+
+def apply_row_edits(log_probs: torch.Tensor, banned_tokens: Optional[torch.Tensor] = None,
+                    penalized_tokens: Optional[torch.Tensor] = None, repetition_penalty: float = 1.0) -> torch.Tensor:
+    """The edits of :func:`beam_search_step` on materialized log-probabilities (rows, vocab), the way
+    transformers' processors write them: gather, change, scatter. -1 entries are padding."""
+    out = log_probs.clone()
+    vocab = out.shape[-1]
+    # Padding scatters into an extra column that is dropped afterwards.
+    out = torch.cat([out, out.new_zeros(out.shape[0], 1)], 1)
+    if penalized_tokens is not None and repetition_penalty != 1.0:
+        idx = torch.where(penalized_tokens < 0, vocab, penalized_tokens)
+        lp = out.gather(1, idx)
+        out.scatter_(1, idx, torch.where(lp < 0, lp * repetition_penalty, lp / repetition_penalty))
+    if banned_tokens is not None:
+        out.scatter_(1, torch.where(banned_tokens < 0, vocab, banned_tokens), float("-inf"))
+    return out[:, :vocab]
 
 
 def unfused_beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams: int, *,
-                             num_candidates: Optional[int] = None, temperature: float = 1.0) -> BeamStep:
+                             num_candidates: Optional[int] = None, temperature: float = 1.0,
+                             banned_tokens: Optional[torch.Tensor] = None,
+                             penalized_tokens: Optional[torch.Tensor] = None,
+                             repetition_penalty: float = 1.0) -> BeamStep:
     """The unfused torch sequence the fused step replaces (the reference and the benchmark peer)."""
     if num_candidates is None:
         num_candidates = 2 * num_beams
     batch, vocab = beam_scores.shape[0], logits.shape[-1]
-    scores = torch.log_softmax(logits / temperature, dim=-1).view(batch, num_beams, vocab) + beam_scores[..., None]
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    if banned_tokens is not None or penalized_tokens is not None:
+        lp = apply_row_edits(lp, banned_tokens, penalized_tokens, repetition_penalty)
+    scores = lp.view(batch, num_beams, vocab) + beam_scores[..., None]
     top, flat = scores.view(batch, num_beams * vocab).topk(num_candidates, dim=-1)
     return BeamStep(top, flat % vocab, flat // vocab)
 

@@ -231,7 +231,8 @@ torch.library.register_autograd("online_softmax::softmax_topk_backward", _topk_b
 # ---- beam-search step ----
 
 @torch.library.register_fake("online_softmax::beam_search_step")
-def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, temperature=1.0):
+def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, temperature=1.0, banned_tokens=None,
+                           penalized_tokens=None, repetition_penalty=1.0):
     op = "beam_search_step"
     check_floating(logits, "logits", op)
     check_floating(beam_scores, "beam_scores", op)
@@ -254,6 +255,18 @@ def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, tempe
     if not 1 <= num_candidates <= num_beams * vocab:
         raise ValueError(f"online_softmax.{op}: num_candidates must satisfy 1 <= num_candidates <= num_beams * "
                          f"vocab = {num_beams * vocab}, got {num_candidates}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0.0):
+        raise ValueError(f"online_softmax.{op}: repetition_penalty must be a finite number > 0, got {repetition_penalty}")
+    for name, t in (("banned_tokens", banned_tokens), ("penalized_tokens", penalized_tokens)):
+        if t is None:
+            continue
+        if t.dtype != torch.int64:
+            raise TypeError(f"online_softmax.{op}: {name} must be an int64 tensor, got {t.dtype}")
+        if t.dim() != 2 or t.shape[0] != logits.shape[0]:
+            raise ValueError(f"online_softmax.{op}: {name} must be 2-D with one row per logits row "
+                             f"({logits.shape[0]}, n), got shape {list(t.shape)}")
+        if t.device != logits.device:
+            raise ValueError(f"online_softmax.{op}: {name} is on {t.device} but logits is on {logits.device}")
     dt = torch.result_type(logits, beam_scores)
     shape = (batch, num_candidates)
     return (logits.new_empty(shape, dtype=dt), logits.new_empty(shape, dtype=torch.int64),

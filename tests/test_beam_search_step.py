@@ -93,3 +93,89 @@ def test_opcheck_and_compile():
     got, want = f(logits, scores), osm.beam_search_step(logits, scores, 4)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def random_edits(rows, vocab, n, seed, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, vocab, (rows, n), generator=g)
+    if pad:  # padding entries and repeated ids, as decoders build them
+        t[torch.rand(rows, n, generator=g) < 0.25] = -1
+        t[:, -1] = t[:, 0]
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,beams,vocab,n_banned,n_pen", [(2, 4, 1000, 6, 20), (3, 2, 50, 10, 30),
+                                                              (1, 3, 7, 4, 5), (2, 5, 4096, 0, 64),
+                                                              (2, 2, 300, 40, 0)])
+@pytest.mark.parametrize("penalty", [1.3, 0.7, 1.0])
+def test_edits_equal_processors_on_log_probs(device, dtype, batch, beams, vocab, n_banned, n_pen, penalty):
+    """Bans and the repetition penalty, applied after normalization, equal transformers' processors
+    on materialized log-probabilities (apply_row_edits), for penalties that lower and raise scores."""
+    logits, scores = inputs(batch, beams, vocab, dtype, device, seed=vocab)
+    rows = batch * beams
+    banned = random_edits(rows, vocab, n_banned, 1).to(device) if n_banned else None
+    pen = random_edits(rows, vocab, n_pen, 2).to(device) if n_pen else None
+    if pen is not None:
+        logits.view(-1)[:: 7] += 3.0  # penalized tokens among each row's best
+        pen[:, 1] = logits.argmax(-1)
+    kw = dict(banned_tokens=banned, penalized_tokens=pen, repetition_penalty=penalty)
+    for nc in (2 * beams, min(beams * vocab, 3 * beams + 5)):
+        got = osm.beam_search_step(logits, scores, beams, num_candidates=nc, **kw)
+        want = unfused_beam_search_step(logits.double(), scores.double(), beams, num_candidates=nc, **kw)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(got.scores.double(), want.scores, rtol=tol, atol=tol)
+        finite = torch.isfinite(want.scores)
+        assert torch.equal(got.token_ids[finite], want.token_ids[finite])
+        assert torch.equal(got.beam_ids[finite], want.beam_ids[finite])
+        if banned is not None:  # nothing banned is returned with a finite score
+            hit = (got.token_ids[..., None] == banned.view(batch, beams, -1)[
+                torch.arange(batch, device=device)[:, None], got.beam_ids]).any(-1)
+            assert torch.isinf(got.scores[hit]).all()
+
+
+def test_edits_that_ban_a_whole_row_and_more_than_the_vocabulary(device):
+    logits, scores = inputs(2, 2, 6, torch.float32, device)
+    banned = torch.tensor([[0, 1, 2, 3, 4, 5, 5, -1], [-1] * 8, [2] * 8, [0, 1, 2, 3, 4, 5, -1, -1]], device=device)
+    pen = torch.arange(6, device=device).repeat(4, 2)
+    got = osm.beam_search_step(logits, scores, 2, num_candidates=12, banned_tokens=banned, penalized_tokens=pen,
+                               repetition_penalty=2.0)
+    want = unfused_beam_search_step(logits, scores, 2, num_candidates=12, banned_tokens=banned,
+                                    penalized_tokens=pen, repetition_penalty=2.0)
+    torch.testing.assert_close(got.scores, want.scores)
+    assert torch.isinf(got.scores[0, 6:]).all() and torch.isinf(got.scores[1, 5:]).all()
+    assert got.beam_ids[0, :6].eq(1).all() and got.beam_ids[1, :5].eq(0).all()
+    empty = torch.empty(4, 0, dtype=torch.int64, device=device)
+    same = osm.beam_search_step(logits, scores, 2, banned_tokens=empty, penalized_tokens=empty, repetition_penalty=3.0)
+    plain = osm.beam_search_step(logits, scores, 2)
+    for a, b in zip(same, plain):
+        assert torch.equal(a, b)
+
+
+def test_bad_edit_arguments(device):
+    logits, scores = inputs(2, 2, 10, torch.float32, device)
+    ok = torch.zeros(4, 3, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=r"banned_tokens entries must be token ids in \[0, vocab = 10\)"):
+        osm.beam_search_step(logits, scores, 2, banned_tokens=ok + 10)
+    with pytest.raises(ValueError, match="penalized_tokens entries"):
+        osm.beam_search_step(logits, scores, 2, penalized_tokens=ok - 2)
+    with pytest.raises(TypeError, match="banned_tokens must be an int64 tensor"):
+        osm.beam_search_step(logits, scores, 2, banned_tokens=ok.int())
+    with pytest.raises(ValueError, match="penalized_tokens must be 2-D with one row per logits row"):
+        osm.beam_search_step(logits, scores, 2, penalized_tokens=ok[:3])
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        osm.beam_search_step(logits, scores, 2, penalized_tokens=ok, repetition_penalty=0.0)
+    with pytest.raises(TypeError, match="banned_tokens must be a torch.Tensor"):
+        osm.beam_search_step(logits, scores, 2, banned_tokens=[1, 2])
+
+
+def test_opcheck_with_edits():
+    from torch.library import opcheck
+    logits, scores = inputs(2, 4, 33, torch.float32, "cpu")
+    banned, pen = random_edits(8, 33, 5, 3), random_edits(8, 33, 9, 4)
+    opcheck(torch.ops.online_softmax.beam_search_step.default, (logits, scores, 4, 8, 1.0, banned, pen, 1.2))
+    f = torch.compile(lambda a, b, c, d: osm.beam_search_step(a, b, 4, banned_tokens=c, penalized_tokens=d,
+                                                              repetition_penalty=1.2), fullgraph=True)
+    for a, b in zip(f(logits, scores, banned, pen), osm.beam_search_step(logits, scores, 4, banned_tokens=banned,
+                                                                        penalized_tokens=pen, repetition_penalty=1.2)):
+        torch.testing.assert_close(a, b)

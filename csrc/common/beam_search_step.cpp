@@ -8,6 +8,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "common/checks.h"
@@ -24,8 +26,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_softmax_topk(const Tensor& x, in
   return op.call(x, k, -1, log, t);
 }
 
+void check_token_list(const c10::optional<Tensor>& t, const char* name, const Tensor& logits, const char* op) {
+  if (!t.has_value()) return;
+  const Tensor& x = *t;
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kLong, "online_softmax.", op, ": ", name, " must be an int64 tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == logits.size(0), "online_softmax.", op, ": ", name,
+                    " must be 2-D with one row per logits row (", logits.size(0), ", n), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == logits.device(), "online_softmax.", op, ": ", name, " is on ", x.device(),
+                    " but logits is on ", logits.device());
+  if (x.numel() > 0) {
+    // A token outside the vocabulary would gather out of bounds: refuse it here, by name.
+    const int64_t lo = x.min().item<int64_t>(), hi = x.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < logits.size(1), "online_softmax.", op, ": ", name,
+                      " entries must be token ids in [0, vocab = ", logits.size(1), ") or -1 for padding, got values in [",
+                      lo, ", ", hi, "]");
+  }
+}
+
+// Whether each entry of query (rows, q) occurs in the sorted rows of set (rows, s); -1 never does.
+Tensor member_of(const Tensor& sorted_set, const Tensor& query) {
+  if (sorted_set.size(1) == 0) return at::zeros_like(query, query.options().dtype(at::kBool));
+  const Tensor pos = at::searchsorted(sorted_set, query).clamp_max_(sorted_set.size(1) - 1);
+  return sorted_set.gather(1, pos).eq(query).logical_and_(query.ge(0));
+}
+
+// The post-normalization edits transformers' processors make to log-probabilities, in their order:
+// the repetition penalty (lp * p where lp < 0, else lp / p), then bans (-inf).
+struct RowEdits {
+  Tensor banned;     // (rows, nb) sorted, -1 padding first
+  Tensor penalized;  // (rows, np) sorted
+  double penalty;
+  Tensor apply(const Tensor& lp, const Tensor& tokens) const {
+    Tensor out = lp;
+    if (penalized.size(1) > 0 && penalty != 1.0) {
+      const Tensor scaled = at::where(lp.lt(0), lp * penalty, lp / penalty);
+      out = at::where(member_of(penalized, tokens), scaled, out);
+    }
+    if (banned.size(1) > 0) out = out.masked_fill(member_of(banned, tokens), -std::numeric_limits<double>::infinity());
+    return out;
+  }
+};
+
 std::tuple<Tensor, Tensor, Tensor> beam_search_step(const Tensor& logits, const Tensor& beam_scores, int64_t num_beams,
-                                                    int64_t num_candidates, double temperature) {
+                                                    int64_t num_candidates, double temperature,
+                                                    const c10::optional<Tensor>& banned_tokens,
+                                                    const c10::optional<Tensor>& penalized_tokens,
+                                                    double repetition_penalty) {
   const char* op = "beam_search_step";
   check_floating(logits, "logits", op);
   check_floating(beam_scores, "beam_scores", op);
@@ -45,19 +92,56 @@ std::tuple<Tensor, Tensor, Tensor> beam_search_step(const Tensor& logits, const 
   TORCH_CHECK_VALUE(num_candidates >= 1 && num_candidates <= num_beams * vocab, "online_softmax.", op,
                     ": num_candidates must satisfy 1 <= num_candidates <= num_beams * vocab = ", num_beams * vocab,
                     ", got ", num_candidates);
+  TORCH_CHECK_VALUE(std::isfinite(repetition_penalty) && repetition_penalty > 0.0, "online_softmax.", op,
+                    ": repetition_penalty must be a finite number > 0, got ", repetition_penalty);
+  check_token_list(banned_tokens, "banned_tokens", logits, op);
+  check_token_list(penalized_tokens, "penalized_tokens", logits, op);
   const at::ScalarType out_dtype = at::result_type(logits, beam_scores);
   const auto long_opts = logits.options().dtype(at::kLong);
   if (batch == 0) {
     return {at::empty({0, num_candidates}, logits.options().dtype(out_dtype)), at::empty({0, num_candidates}, long_opts),
             at::empty({0, num_candidates}, long_opts)};
   }
+  const int64_t rows = logits.size(0);
+  auto sorted_or_empty = [&](const c10::optional<Tensor>& t) {
+    return t.has_value() ? std::get<0>(t->sort(-1)) : at::empty({rows, 0}, long_opts);
+  };
+  const RowEdits edits{sorted_or_empty(banned_tokens), sorted_or_empty(penalized_tokens), repetition_penalty};
+  const int64_t num_edits = edits.banned.size(1) + (repetition_penalty != 1.0 ? edits.penalized.size(1) : 0);
+
+  // Each row's best k after the edits are among its best k + num_edits before them (at least k of
+  // those are unedited and outrank every unlisted unedited token) plus the edited tokens themselves
+  // (a penalty below 1 can lift a token from outside). So the logits are still read once.
   const int64_t k = std::min(num_candidates, vocab);
-  auto [values, tokens, m, d] = call_softmax_topk(logits, k, /*log=*/true, temperature);
+  const int64_t listed = std::min(vocab, k + num_edits);
+  auto [values, tokens, m, d] = call_softmax_topk(logits, listed, /*log=*/true, temperature);
+  Tensor row_scores = values.to(out_dtype);
+  Tensor row_tokens = tokens;
+  if (num_edits > 0) {
+    row_scores = edits.apply(row_scores, tokens);
+    // Edited tokens the top list missed, once each, with log-probabilities from the row's state.
+    const Tensor penalized = repetition_penalty != 1.0 ? edits.penalized : edits.penalized.narrow(1, 0, 0);
+    const Tensor all = std::get<0>(at::cat({edits.banned, penalized}, 1).sort(-1));
+    const int64_t n = all.size(1);
+    const Tensor repeats = all.narrow(1, 1, n - 1).eq(all.narrow(1, 0, n - 1));
+    const Tensor first = all.ge(0).logical_and_(
+        at::cat({at::zeros({rows, 1}, repeats.options()), repeats}, 1).logical_not_());
+    const Tensor missed = first.logical_and_(member_of(std::get<0>(tokens.sort(-1)), all).logical_not_());
+    const Tensor safe = all.clamp_min(0);
+    const Tensor lp = (logits.gather(1, safe).to(at::kDouble) / temperature - m.to(at::kDouble).unsqueeze(1) -
+                       d.to(at::kDouble).log().unsqueeze(1)).to(out_dtype);
+    const Tensor extra = edits.apply(lp, all).masked_fill(missed.logical_not(), -std::numeric_limits<double>::infinity());
+    // A token id no flat index reaches sorts after every real candidate and is never selected:
+    // each batch entry has num_beams * listed >= num_candidates real ones.
+    row_scores = at::cat({row_scores, extra}, 1);
+    row_tokens = at::cat({tokens, at::where(missed, all, at::full_like(all, num_beams * vocab))}, 1);
+  }
+  const int64_t c = row_scores.size(1);
   // Candidates of batch entry b: (beam score + log-prob, flat index beam * vocab + token).
-  const Tensor scores = (values.to(out_dtype).view({batch, num_beams, k}) + beam_scores.to(out_dtype).unsqueeze(-1))
-                            .view({batch, num_beams * k});
+  const Tensor scores = (row_scores.view({batch, num_beams, c}) + beam_scores.to(out_dtype).unsqueeze(-1))
+                            .view({batch, num_beams * c});
   const Tensor beam_base = at::arange(num_beams, long_opts).mul_(vocab).view({1, num_beams, 1});
-  const Tensor flat = (tokens.view({batch, num_beams, k}) + beam_base).view({batch, num_beams * k});
+  const Tensor flat = (row_tokens.view({batch, num_beams, c}) + beam_base).view({batch, num_beams * c});
   // The library's top-k order: larger first, NaN first, ties to the lower flat index: order the
   // candidates by flat index, then sort by score with a stable sort.
   const Tensor by_index = flat.argsort(/*stable=*/true, /*dim=*/-1, /*descending=*/false);

@@ -16,6 +16,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .decoding_rules import DecodingRules, apply_row_edits
+
 _ops = torch.ops.online_softmax
 
 
@@ -59,23 +61,6 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams:
                                            banned_tokens, penalized_tokens, float(repetition_penalty)))
 
 
-def apply_row_edits(log_probs: torch.Tensor, banned_tokens: Optional[torch.Tensor] = None,
-                    penalized_tokens: Optional[torch.Tensor] = None, repetition_penalty: float = 1.0) -> torch.Tensor:
-    """The edits of :func:`beam_search_step` on materialized log-probabilities (rows, vocab), the way
-    transformers' processors write them: gather, change, scatter. -1 entries are padding."""
-    out = log_probs.clone()
-    vocab = out.shape[-1]
-    # Padding scatters into an extra column that is dropped afterwards.
-    out = torch.cat([out, out.new_zeros(out.shape[0], 1)], 1)
-    if penalized_tokens is not None and repetition_penalty != 1.0:
-        idx = torch.where(penalized_tokens < 0, vocab, penalized_tokens)
-        lp = out.gather(1, idx)
-        out.scatter_(1, idx, torch.where(lp < 0, lp * repetition_penalty, lp / repetition_penalty))
-    if banned_tokens is not None:
-        out.scatter_(1, torch.where(banned_tokens < 0, vocab, banned_tokens), float("-inf"))
-    return out[:, :vocab]
-
-
 def unfused_beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams: int, *,
                              num_candidates: Optional[int] = None, temperature: float = 1.0,
                              banned_tokens: Optional[torch.Tensor] = None,
@@ -104,8 +89,13 @@ class BeamSearchDecoder:
     ``step_fn(input_ids, cache, beam_idx) -> (logits, cache)`` maps the running sequences
     (batch * num_beams, cur_len) to next-token logits (batch * num_beams, vocab). ``beam_idx`` is
     None on the first call, then the flat indices of the beams each new row continues, so a callable
-    that keeps a cache can reorder it (``cache.index_select(0, beam_idx)`` for tensors). A callable
-    without a cache can ignore both and return ``(logits, None)``.
+    that keeps a cache can reorder it (``cache.reorder_cache(beam_idx)`` for a transformers cache,
+    ``cache.index_select(0, beam_idx)`` for tensors). A callable without a cache can ignore both and
+    return ``(logits, None)``. When :meth:`generate` is given an ``attention_mask`` (left-padded
+    prompts), ``step_fn`` gets it as a fourth argument, extended by ones for the generated tokens:
+    ``step_fn(input_ids, cache, beam_idx, attention_mask)``; position ids are
+    ``(attention_mask.cumsum(-1) - 1).clamp_min(0)``, as generate() computes them
+    (examples/beam_search_gpt2.py).
 
     The bookkeeping follows Hugging Face transformers' beam search (its vectorized form, 5.x):
     2 * num_beams candidates per step (so that num_beams stay open when some end in EOS); a
@@ -114,16 +104,30 @@ class BeamSearchDecoder:
     entry when num_beams hypotheses are finished), False (stop when no running beam can beat the
     worst finished one at the current length) or "never" (the same with the best possible length).
     ``generate`` returns the same sequences and scores as ``model.generate(num_beams=...,
-    do_sample=False)`` with the same settings (see tests/test_beam_search_decoder.py), with two
-    caveats: transformers ignores ``temperature`` without sampling, where this decoder applies it
-    (leave it at 1.0 to match), and logits processors (n-gram blocking, minimum lengths) act on
-    log-probabilities there, which ``step_fn`` cannot reproduce by editing logits.
-    With ``num_beams=1`` it runs greedy search, as transformers does.
+    do_sample=False)`` with the same settings (see tests/test_beam_search_decoder.py).
+    transformers ignores ``temperature`` without sampling, where this decoder applies it (leave it
+    at 1.0 to match). With ``num_beams=1`` it runs greedy search, as transformers does.
+
+    The processors take generate()'s keyword names and act where transformers' do, on the
+    normalized log-probabilities in beam search (on the logits in greedy search):
+
+    - fused (the logits are still read once per step, :func:`beam_search_step` edits):
+      ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids`` (single- and multi-token),
+      ``min_length``, ``min_new_tokens``, ``suppress_tokens``, ``begin_suppress_tokens``;
+    - dense (the step's log-probabilities are materialized and every processor runs in
+      transformers' order): ``forced_eos_token_id`` on its one step (the last), and every step
+      when ``logits_processor`` is given: any callable ``(input_ids, scores) -> scores`` or a list
+      of them (a transformers ``LogitsProcessorList`` works), run after the built-in ones as
+      generate() runs a caller's processors;
+    - greedy search (``num_beams=1``) with any processor runs the dense path on the logits.
     """
 
     def __init__(self, num_beams: int, max_new_tokens: int, *, eos_token_id: Optional[int] = None,
                  pad_token_id: Optional[int] = None, length_penalty: float = 1.0,
-                 early_stopping=False, num_return_sequences: int = 1, temperature: float = 1.0):
+                 early_stopping=False, num_return_sequences: int = 1, temperature: float = 1.0,
+                 no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0, min_length: int = 0,
+                 min_new_tokens: int = 0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+                 forced_eos_token_id=None, logits_processor=None):
         if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
             raise ValueError(f"BeamSearchDecoder: num_beams must be a positive int, got {num_beams!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -141,6 +145,11 @@ class BeamSearchDecoder:
         # Greedy search (num_beams == 1) pads with the pad id itself, or EOS when there is none.
         self.pad_token_id = pad_token_id if pad_token_id is not None else eos_token_id
         self.num_return_sequences, self.temperature = num_return_sequences, float(temperature)
+        self.rules = DecodingRules(eos_token_id=eos_token_id, no_repeat_ngram_size=no_repeat_ngram_size,
+                                   repetition_penalty=repetition_penalty, min_length=min_length,
+                                   min_new_tokens=min_new_tokens, bad_words_ids=bad_words_ids,
+                                   suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
+                                   forced_eos_token_id=forced_eos_token_id, logits_processor=logits_processor)
 
     @staticmethod
     def _gather_beams(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -148,19 +157,42 @@ class BeamSearchDecoder:
             idx = idx.unsqueeze(-1)
         return torch.take_along_dim(t, idx, dim=1)
 
-    def _greedy(self, step_fn, input_ids: torch.Tensor) -> BeamSearchOutput:
+    @staticmethod
+    def _with_mask(step_fn, attention_mask: Optional[torch.Tensor], copies: int):
+        """step_fn as (ids, cache, beam_idx) -> (logits, cache), extending the prompts' mask (one
+        copy per beam) by ones for the generated tokens when there is one."""
+        if attention_mask is None:
+            return step_fn
+        mask = attention_mask.to(torch.int64).repeat_interleave(copies, dim=0)
+
+        def call(ids, cache, beam_idx):
+            nonlocal mask
+            if ids.shape[1] > mask.shape[1]:  # every beam of an entry shares its prompt's mask
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], ids.shape[1] - mask.shape[1])], 1)
+            return step_fn(ids, cache, beam_idx, mask)
+        return call
+
+    def _greedy(self, step_fn, input_ids: torch.Tensor, pad_lengths: Optional[torch.Tensor]) -> BeamSearchOutput:
         """One beam is greedy search, as in transformers (early_stopping and length_penalty play no
-        part): each row takes its best token until it emits EOS, then pads. The score is the sum
-        of the generated tokens' log-probabilities (transformers reports none for greedy)."""
+        part): each row takes its best token until it emits EOS, then pads. The processors act on
+        the logits, as transformers' greedy search runs them. The score is the sum of the generated
+        tokens' log-probabilities after the processors (transformers reports none for greedy)."""
         batch, dev = input_ids.shape[0], input_ids.device
+        prompt, max_length = input_ids.shape[1], input_ids.shape[1] + self.max_new_tokens
         seqs, cache, beam_idx = input_ids, None, None
         unfinished = torch.ones(batch, dtype=torch.bool, device=dev)
         score = torch.zeros(batch, device=dev)
         zeros = torch.zeros(batch, 1, device=dev)
         for _ in range(self.max_new_tokens):
             logits, cache = step_fn(seqs, cache, beam_idx)
-            step = beam_search_step(logits.float(), zeros, 1, num_candidates=1, temperature=self.temperature)
-            tok, lp = step.token_ids[:, 0], step.scores[:, 0]
+            if self.rules.any():
+                edits = self.rules.edits(seqs, prompt, max_length, pad_lengths)
+                scores = self.rules.dense(seqs, logits.float(), edits)
+                tok = scores.argmax(-1)  # the first of equal maxima, as transformers takes
+                lp = torch.log_softmax(scores / self.temperature, -1).gather(1, tok[:, None])[:, 0]
+            else:
+                step = beam_search_step(logits.float(), zeros, 1, num_candidates=1, temperature=self.temperature)
+                tok, lp = step.token_ids[:, 0], step.scores[:, 0]
             if self.pad_token_id is not None:
                 tok = torch.where(unfinished, tok, torch.full_like(tok, self.pad_token_id))
             score = score + torch.where(unfinished, lp, torch.zeros_like(lp))
@@ -172,20 +204,52 @@ class BeamSearchDecoder:
                 break
         return BeamSearchOutput(seqs, score)
 
+    def _step(self, seqs: torch.Tensor, logits: torch.Tensor, running_scores: torch.Tensor, keep: int,
+              prompt: int, max_length: int, pad_lengths: Optional[torch.Tensor]) -> BeamStep:
+        """One step's candidates: fused when the processors allow it, else on materialized scores."""
+        nb, rules = self.num_beams, self.rules
+        if not rules.any():
+            return beam_search_step(logits, running_scores, nb, num_candidates=keep, temperature=self.temperature)
+        edits = rules.edits(seqs, prompt, max_length, pad_lengths)
+        if rules.fusable(edits):
+            return beam_search_step(logits, running_scores, nb, num_candidates=keep, temperature=self.temperature,
+                                    banned_tokens=edits.banned(), penalized_tokens=edits.penalized,
+                                    repetition_penalty=rules.penalty)
+        batch, vocab = running_scores.shape[0], logits.shape[-1]
+        processed = rules.dense(seqs, torch.log_softmax(logits / self.temperature, -1), edits)
+        scores = (processed.view(batch, nb, vocab) + running_scores[..., None]).view(batch, nb * vocab)
+        # The fused top-k's order (ties to the lower flat index) on the processed scores: the
+        # log-softmax of a row keeps its order.
+        flat = _ops.softmax_topk(scores, keep, -1, True, 1.0)[1]
+        return BeamStep(scores.gather(1, flat), flat % vocab, flat // vocab)
+
     @torch.no_grad()
-    def generate(self, step_fn, input_ids: torch.Tensor) -> BeamSearchOutput:
-        """Beam search from prompts ``input_ids`` (batch, prompt_len), all of the same length."""
+    def generate(self, step_fn, input_ids: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor] = None) -> BeamSearchOutput:
+        """Beam search from prompts ``input_ids`` (batch, prompt_len). Prompts of different lengths
+        are left-padded, with ``attention_mask`` (batch, prompt_len) 1 on real tokens and 0 on
+        padding; ``step_fn`` then receives the extended mask (see the class docstring)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise ValueError("BeamSearchDecoder.generate: input_ids must be an int64 tensor of shape (batch, prompt_len)")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                raise ValueError("BeamSearchDecoder.generate: attention_mask must be a tensor of input_ids' shape "
+                                 f"{list(input_ids.shape)}")
+            if attention_mask.device != input_ids.device or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("BeamSearchDecoder.generate: attention_mask must hold only 0 and 1, on input_ids' device")
         nb, dev = self.num_beams, input_ids.device
         batch, prompt = input_ids.shape
         max_length = prompt + self.max_new_tokens
         keep = 2 * nb  # max(2, 1 + number of EOS ids) * num_beams, with at most one EOS id
         top_mask = torch.arange(keep, device=dev) < nb
         NEG = -1.0e9
+        step_fn = self._with_mask(step_fn, attention_mask, nb)
+        # Left padding of every row (beam-major copies), which the repetition penalty skips.
+        pad_lengths = None if attention_mask is None else \
+            (attention_mask != 0).int().argmax(1).repeat_interleave(nb)
 
         if nb == 1:
-            return self._greedy(step_fn, input_ids)
+            return self._greedy(step_fn, input_ids, pad_lengths)
         running = torch.full((batch, nb, max_length), self.fill_token_id, dtype=torch.int64, device=dev)
         running[:, :, :prompt] = input_ids[:, None, :]
         finished = running.clone()
@@ -199,8 +263,9 @@ class BeamSearchDecoder:
         while True:
             flat = running[:, :, :cur_len].reshape(batch * nb, cur_len)
             logits, cache = step_fn(flat, cache, beam_idx)
-            step = beam_search_step(logits.float(), running_scores, nb, num_candidates=keep,
-                                    temperature=self.temperature)
+            if cur_len == prompt:
+                self.rules.check_vocab(logits.shape[-1])
+            step = self._step(flat, logits.float(), running_scores, keep, prompt, max_length, pad_lengths)
             cand_scores, cand_beams = step.scores, step.beam_ids
             cand_seqs = self._gather_beams(running, cand_beams)
             cand_seqs[:, :, cur_len] = step.token_ids

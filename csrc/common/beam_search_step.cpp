@@ -26,8 +26,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_softmax_topk(const Tensor& x, in
   return op.call(x, k, -1, log, t);
 }
 
-void check_token_list(const c10::optional<Tensor>& t, const char* name, const Tensor& logits, const char* op) {
-  if (!t.has_value()) return;
+// Checks a token list and returns the most real (non-padding) entries in one row; one host sync.
+int64_t check_token_list(const c10::optional<Tensor>& t, const char* name, const Tensor& logits, const char* op) {
+  if (!t.has_value()) return 0;
   const Tensor& x = *t;
   TORCH_CHECK_TYPE(x.scalar_type() == at::kLong, "online_softmax.", op, ": ", name, " must be an int64 tensor, got ",
                    x.scalar_type());
@@ -35,13 +36,14 @@ void check_token_list(const c10::optional<Tensor>& t, const char* name, const Te
                     " must be 2-D with one row per logits row (", logits.size(0), ", n), got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.device() == logits.device(), "online_softmax.", op, ": ", name, " is on ", x.device(),
                     " but logits is on ", logits.device());
-  if (x.numel() > 0) {
-    // A token outside the vocabulary would gather out of bounds: refuse it here, by name.
-    const int64_t lo = x.min().item<int64_t>(), hi = x.max().item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= -1 && hi < logits.size(1), "online_softmax.", op, ": ", name,
-                      " entries must be token ids in [0, vocab = ", logits.size(1), ") or -1 for padding, got values in [",
-                      lo, ", ", hi, "]");
-  }
+  if (x.numel() == 0) return 0;
+  // A token outside the vocabulary would gather out of bounds: refuse it here, by name.
+  const Tensor facts = at::stack({x.min(), x.max(), x.ge(0).sum(1).max()}).cpu();
+  const int64_t lo = facts[0].item<int64_t>(), hi = facts[1].item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= -1 && hi < logits.size(1), "online_softmax.", op, ": ", name,
+                    " entries must be token ids in [0, vocab = ", logits.size(1), ") or -1 for padding, got values in [",
+                    lo, ", ", hi, "]");
+  return facts[2].item<int64_t>();
 }
 
 // Whether each entry of query (rows, q) occurs in the sorted rows of set (rows, s); -1 never does.
@@ -94,8 +96,9 @@ std::tuple<Tensor, Tensor, Tensor> beam_search_step(const Tensor& logits, const 
                     ", got ", num_candidates);
   TORCH_CHECK_VALUE(std::isfinite(repetition_penalty) && repetition_penalty > 0.0, "online_softmax.", op,
                     ": repetition_penalty must be a finite number > 0, got ", repetition_penalty);
-  check_token_list(banned_tokens, "banned_tokens", logits, op);
-  check_token_list(penalized_tokens, "penalized_tokens", logits, op);
+  const int64_t most_banned = check_token_list(banned_tokens, "banned_tokens", logits, op);
+  int64_t most_penalized = check_token_list(penalized_tokens, "penalized_tokens", logits, op);
+  if (repetition_penalty == 1.0) most_penalized = 0;
   const at::ScalarType out_dtype = at::result_type(logits, beam_scores);
   const auto long_opts = logits.options().dtype(at::kLong);
   if (batch == 0) {
@@ -103,33 +106,32 @@ std::tuple<Tensor, Tensor, Tensor> beam_search_step(const Tensor& logits, const 
             at::empty({0, num_candidates}, long_opts)};
   }
   const int64_t rows = logits.size(0);
-  auto sorted_or_empty = [&](const c10::optional<Tensor>& t) {
-    return t.has_value() ? std::get<0>(t->sort(-1)) : at::empty({rows, 0}, long_opts);
+  auto sorted_or_empty = [&](const c10::optional<Tensor>& t, int64_t real) {
+    return real > 0 ? std::get<0>(t->sort(-1)) : at::empty({rows, 0}, long_opts);
   };
-  const RowEdits edits{sorted_or_empty(banned_tokens), sorted_or_empty(penalized_tokens), repetition_penalty};
-  const int64_t num_edits = edits.banned.size(1) + (repetition_penalty != 1.0 ? edits.penalized.size(1) : 0);
+  const RowEdits edits{sorted_or_empty(banned_tokens, most_banned), sorted_or_empty(penalized_tokens, most_penalized),
+                       repetition_penalty};
+  const int64_t num_edits = most_banned + most_penalized;
 
   // Each row's best k after the edits are among its best k + num_edits before them (at least k of
-  // those are unedited and outrank every unlisted unedited token) plus the edited tokens themselves
-  // (a penalty below 1 can lift a token from outside). So the logits are still read once.
+  // those are unedited and outrank every unlisted unedited token), plus, when a penalty below 1 can
+  // lift a token from outside, the edited tokens themselves. So the logits are still read once.
   const int64_t k = std::min(num_candidates, vocab);
   const int64_t listed = std::min(vocab, k + num_edits);
   auto [values, tokens, m, d] = call_softmax_topk(logits, listed, /*log=*/true, temperature);
   Tensor row_scores = values.to(out_dtype);
   Tensor row_tokens = tokens;
-  if (num_edits > 0) {
-    row_scores = edits.apply(row_scores, tokens);
-    // Edited tokens the top list missed, once each, with log-probabilities from the row's state.
-    const Tensor penalized = repetition_penalty != 1.0 ? edits.penalized : edits.penalized.narrow(1, 0, 0);
-    const Tensor all = std::get<0>(at::cat({edits.banned, penalized}, 1).sort(-1));
+  if (num_edits > 0) row_scores = edits.apply(row_scores, tokens);
+  if (most_penalized > 0 && repetition_penalty < 1.0 && listed < vocab) {
+    // Penalized tokens the top list missed, once each, with log-probabilities from the row's state.
+    const Tensor& all = edits.penalized;
     const int64_t n = all.size(1);
     const Tensor repeats = all.narrow(1, 1, n - 1).eq(all.narrow(1, 0, n - 1));
     const Tensor first = all.ge(0).logical_and_(
         at::cat({at::zeros({rows, 1}, repeats.options()), repeats}, 1).logical_not_());
     const Tensor missed = first.logical_and_(member_of(std::get<0>(tokens.sort(-1)), all).logical_not_());
-    const Tensor safe = all.clamp_min(0);
-    const Tensor lp = (logits.gather(1, safe).to(at::kDouble) / temperature - m.to(at::kDouble).unsqueeze(1) -
-                       d.to(at::kDouble).log().unsqueeze(1)).to(out_dtype);
+    const Tensor lp = (logits.gather(1, all.clamp_min(0)).to(at::kDouble) / temperature -
+                       m.to(at::kDouble).unsqueeze(1) - d.to(at::kDouble).log().unsqueeze(1)).to(out_dtype);
     const Tensor extra = edits.apply(lp, all).masked_fill(missed.logical_not(), -std::numeric_limits<double>::infinity());
     // A token id no flat index reaches sorts after every real candidate and is never selected:
     // each batch entry has num_beams * listed >= num_candidates real ones.

@@ -1,0 +1,167 @@
+"""transformers' generate() options for beam and greedy search, as per-step edits of the scores.
+
+transformers runs its logits processors on the *normalized* log-probabilities in beam search, in a
+fixed order: repetition penalty, n-gram blocking, bad words, min_length, min_new_tokens,
+forced_eos_token_id, suppress_tokens, begin_suppress_tokens, then the caller's own processors.
+Every option here but ``forced_eos_token_id`` is a sparse edit of some rows: a few tokens banned
+(-inf), or the repetition penalty on the tokens a row has already seen. Those edits commute with one
+another once the penalty goes first, so the fused step (:func:`beam_search_step`) applies them after
+(m, d) are known and still reads the logits once. ``forced_eos_token_id`` (on its one step) and any
+caller processor make the decoder take the dense path: the log-probabilities are materialized and
+every processor runs in transformers' order, exactly.
+"""
+
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+
+def apply_row_edits(log_probs: torch.Tensor, banned_tokens: Optional[torch.Tensor] = None,
+                    penalized_tokens: Optional[torch.Tensor] = None, repetition_penalty: float = 1.0) -> torch.Tensor:
+    """The edits of :func:`beam_search_step` on materialized log-probabilities (rows, vocab), the way
+    transformers' processors write them: gather, change, scatter. -1 entries are padding."""
+    vocab = log_probs.shape[-1]
+    # Padding scatters into an extra column that is dropped afterwards.
+    out = torch.cat([log_probs, log_probs.new_zeros(log_probs.shape[0], 1)], 1)
+    if penalized_tokens is not None and repetition_penalty != 1.0:
+        idx = torch.where(penalized_tokens < 0, vocab, penalized_tokens)
+        lp = out.gather(1, idx)
+        out.scatter_(1, idx, torch.where(lp < 0, lp * repetition_penalty, lp / repetition_penalty))
+    if banned_tokens is not None:
+        out.scatter_(1, torch.where(banned_tokens < 0, vocab, banned_tokens), float("-inf"))
+    return out[:, :vocab]
+
+
+class StepEdits(NamedTuple):
+    """One step's edits: bans before and after forced EOS (transformers' order), the penalty."""
+    banned_early: Optional[torch.Tensor]   # n-grams, bad words, min lengths: (rows, n) with -1 padding
+    banned_late: Optional[torch.Tensor]    # suppress_tokens, begin_suppress_tokens
+    penalized: Optional[torch.Tensor]      # every token of the row's sequence so far
+    force_eos: bool                        # the step before max_length with forced_eos_token_id
+
+    def banned(self) -> Optional[torch.Tensor]:
+        parts = [t for t in (self.banned_early, self.banned_late) if t is not None]
+        return torch.cat(parts, 1) if parts else None
+
+
+def _token_list(value, name: str) -> List[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                                    for t in value):
+        raise ValueError(f"BeamSearchDecoder: {name} must be a list of non-negative token ids, got {value!r}")
+    return list(value)
+
+
+class DecodingRules:
+    """The processors generate() would build from the same keyword arguments."""
+
+    def __init__(self, *, eos_token_id: Optional[int], no_repeat_ngram_size: int = 0,
+                 repetition_penalty: float = 1.0, min_length: int = 0, min_new_tokens: int = 0,
+                 bad_words_ids: Optional[Sequence[Sequence[int]]] = None, suppress_tokens=None,
+                 begin_suppress_tokens=None, forced_eos_token_id=None,
+                 logits_processor: Union[None, Callable, Sequence[Callable]] = None):
+        for name, v in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_length", min_length),
+                        ("min_new_tokens", min_new_tokens)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"BeamSearchDecoder: {name} must be a non-negative int, got {v!r}")
+        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or \
+                not (0.0 < float(repetition_penalty) < float("inf")):
+            raise ValueError(f"BeamSearchDecoder: repetition_penalty must be a finite number > 0, got "
+                             f"{repetition_penalty!r}")
+        self.ngram = no_repeat_ngram_size
+        self.penalty = float(repetition_penalty)
+        # transformers drops the length rules when there is no EOS id to ban.
+        self.eos = eos_token_id
+        self.min_length = min_length if eos_token_id is not None else 0
+        self.min_new_tokens = min_new_tokens if eos_token_id is not None else 0
+        self.single_bad, self.multi_bad = [], []
+        if bad_words_ids is not None:
+            if not isinstance(bad_words_ids, (list, tuple)) or len(bad_words_ids) == 0 or \
+                    any(not isinstance(w, (list, tuple)) or len(w) == 0 for w in bad_words_ids):
+                raise ValueError(f"BeamSearchDecoder: bad_words_ids must be a non-empty list of non-empty lists of "
+                                 f"token ids, got {bad_words_ids!r}")
+            for w in bad_words_ids:
+                w = _token_list(list(w), "each bad_words_ids entry")
+                if w == [eos_token_id]:
+                    continue  # transformers never bans EOS through bad_words_ids
+                (self.single_bad if len(w) == 1 else self.multi_bad).append(w)
+        self.suppress = _token_list(suppress_tokens, "suppress_tokens") if suppress_tokens is not None else []
+        self.begin_suppress = (_token_list(begin_suppress_tokens, "begin_suppress_tokens")
+                               if begin_suppress_tokens is not None else [])
+        self.forced_eos = (_token_list(forced_eos_token_id, "forced_eos_token_id")
+                           if forced_eos_token_id is not None else [])
+        if logits_processor is None:
+            self.custom = []
+        elif callable(logits_processor):
+            self.custom = [logits_processor]
+        elif isinstance(logits_processor, (list, tuple)) and all(callable(p) for p in logits_processor):
+            self.custom = list(logits_processor)
+        else:
+            raise TypeError("BeamSearchDecoder: logits_processor must be a callable (input_ids, scores) -> scores "
+                            f"or a list of them, got {type(logits_processor).__name__}")
+
+    def any(self) -> bool:
+        return bool(self.ngram or self.penalty != 1.0 or self.min_length or self.min_new_tokens or self.single_bad
+                    or self.multi_bad or self.suppress or self.begin_suppress or self.forced_eos or self.custom)
+
+    def check_vocab(self, vocab: int) -> None:
+        ids = self.single_bad + self.multi_bad + [self.suppress, self.begin_suppress, self.forced_eos]
+        for name, w in zip(["bad_words_ids"] * (len(self.single_bad) + len(self.multi_bad)) +
+                           ["suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id"], ids):
+            if any(t >= vocab for t in w):
+                raise ValueError(f"BeamSearchDecoder: {name} holds token ids >= the vocabulary size {vocab}: {w}")
+
+    def edits(self, seqs: torch.Tensor, prompt_len: int, max_length: int,
+              pad_lengths: Optional[torch.Tensor] = None) -> StepEdits:
+        """The edits for the next token of every row of ``seqs`` (rows, cur_len). ``pad_lengths``
+        (rows,): each row's left padding, which the repetition penalty skips as generate() does."""
+        rows, cur_len = seqs.shape
+        dev = seqs.device
+
+        def column(tokens):
+            return torch.tensor(tokens, dtype=torch.int64, device=dev).expand(rows, len(tokens))
+
+        early, late = [], []
+        n = self.ngram
+        if n and cur_len >= n:
+            # Every n-gram seen so far whose first n - 1 tokens are the row's last n - 1 bans its last.
+            windows = seqs.unfold(1, n, 1)
+            match = (windows[:, :, :n - 1] == seqs[:, None, cur_len - n + 1:]).all(-1)
+            early.append(torch.where(match, windows[:, :, -1], -1))
+        if self.single_bad:
+            early.append(column([w[0] for w in self.single_bad]))
+        for w in self.multi_bad:
+            prefix = w[:-1]
+            if len(prefix) <= cur_len:
+                hit = (seqs[:, cur_len - len(prefix):] == column(prefix)).all(-1, keepdim=True)
+                early.append(torch.where(hit, w[-1], -1))
+        if cur_len < self.min_length or cur_len - prompt_len < self.min_new_tokens:
+            early.append(column([self.eos]))
+        if self.suppress:
+            late.append(column(self.suppress))
+        if self.begin_suppress and cur_len == prompt_len:
+            late.append(column(self.begin_suppress))
+        penalized = None
+        if self.penalty != 1.0:
+            penalized = seqs
+            if pad_lengths is not None:
+                positions = torch.arange(cur_len, device=dev)
+                penalized = seqs.masked_fill(positions[None, :] < pad_lengths[:, None], -1)
+        return StepEdits(torch.cat(early, 1) if early else None, torch.cat(late, 1) if late else None, penalized,
+                         bool(self.forced_eos) and cur_len == max_length - 1)
+
+    def dense(self, seqs: torch.Tensor, scores: torch.Tensor, edits: StepEdits) -> torch.Tensor:
+        """Every processor on materialized scores (rows, vocab), in transformers' order."""
+        scores = apply_row_edits(scores, edits.banned_early, edits.penalized, self.penalty)
+        if edits.force_eos:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.forced_eos] = 0.0
+        if edits.banned_late is not None:
+            scores = apply_row_edits(scores, edits.banned_late)
+        for p in self.custom:
+            scores = p(seqs, scores)
+        return scores
+
+    def fusable(self, edits: StepEdits) -> bool:
+        return not self.custom and not edits.force_eos

@@ -14,6 +14,7 @@ from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
 from .cuda_plan import CudaPlan, cuda_plan
 from .beam_search import BeamSearchDecoder, BeamSearchOutput, BeamStep, beam_search_step
+from .sampling import Sample, sample
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ __all__ = [
     "BeamStep",
     "BeamSearchDecoder",
     "BeamSearchOutput",
+    "sample",
+    "Sample",
     "chunked_softmax",
     "chunked_log_softmax",
     "chunked_softmax_topk",

@@ -275,3 +275,24 @@ def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, tempe
 
 def _defaults(inputs, i, default):
     return inputs[i] if len(inputs) > i else default
+
+
+# ---- sampling ----
+
+@torch.library.register_fake("online_softmax::sample_categorical")
+def _sample_categorical_fake(x, temperature, min_p, uniforms):
+    op = "sample_categorical"
+    check_floating(x, "x", op)
+    if x.dim() != 2:
+        raise ValueError(f"online_softmax.{op}: x must be 2-D (rows, vocab), got shape {list(x.shape)}")
+    for name, t, dims in (("temperature", temperature, 1), ("min_p", min_p, 1), ("uniforms", uniforms, 2)):
+        if t is None:
+            continue
+        if t.dtype != torch.float64:
+            raise TypeError(f"online_softmax.{op}: {name} must be a float64 tensor, got {t.dtype}")
+        if t.dim() != dims or t.shape[0] != x.shape[0]:
+            raise ValueError(f"online_softmax.{op}: {name} must have shape "
+                             f"{'(rows,)' if dims == 1 else '(rows, num_samples)'} with rows = {x.shape[0]}")
+    shape = (x.shape[0], uniforms.shape[1])
+    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=state_dtype(x.dtype))
+

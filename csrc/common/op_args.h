@@ -192,4 +192,55 @@ inline at::Tensor topk_backward_result(const at::Tensor& dx, const at::Tensor& x
   return restore_dim(dx, x_in, dim);
 }
 
+// ---- sample_categorical ----
+
+struct SampleArgs {
+  at::Tensor x, temperature, min_p, uniforms;  // contiguous; min_p undefined when absent
+  int64_t rows, n, num_samples;
+  at::Tensor tokens, log_probs;                // allocated results (rows, num_samples)
+};
+
+// Checks a (rows,) or (rows, S) float64 parameter tensor and the range of its values (one sync).
+inline at::Tensor sample_param(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dims,
+                               double lo, double hi, bool lo_open, bool hi_open) {
+  const char* op = "sample_categorical";
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, "online_softmax.", op, ": ", name,
+                   " must be a float64 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == dims && t.size(0) == x.size(0), "online_softmax.", op, ": ", name, " must have ",
+                    dims == 1 ? "shape (rows,)" : "shape (rows, num_samples)", " with rows = ", x.size(0),
+                    ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "online_softmax.", op, ": ", name, " is on ", t.device(),
+                    " but x is on ", x.device());
+  if (t.numel() > 0) {
+    const at::Tensor range = at::stack({t.min(), t.max()}).cpu();
+    const double a = range[0].item<double>(), b = range[1].item<double>();
+    const bool ok = (lo_open ? a > lo : a >= lo) && (hi_open ? b < hi : b <= hi) && !std::isnan(a) && !std::isnan(b);
+    TORCH_CHECK_VALUE(ok, "online_softmax.", op, ": ", name, " must lie in ", lo_open ? "(" : "[", lo, ", ", hi,
+                      hi_open ? ")" : "]", ", got values in [", a, ", ", b, "]");
+  }
+  return t.contiguous();
+}
+
+inline SampleArgs sample_args(const at::Tensor& x, const at::Tensor& temperature,
+                              const std::optional<at::Tensor>& min_p, const at::Tensor& uniforms) {
+  const char* op = "sample_categorical";
+  check_floating(x, "x", op);
+  TORCH_CHECK_VALUE(x.dim() == 2, "online_softmax.", op, ": x must be 2-D (rows, vocab), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) >= 1 || x.size(0) == 0, "online_softmax.", op,
+                    ": x must have at least one column to draw from, got shape ", x.sizes());
+  SampleArgs a;
+  a.x = x.contiguous();
+  a.rows = x.size(0);
+  a.n = x.size(1);
+  // The kernels scale by 1 / temperature in float32: keep it finite.
+  a.temperature = sample_param(temperature, "temperature", x, 1, 1.0 / 3.0e38, std::numeric_limits<double>::infinity(),
+                               false, true);
+  if (min_p.has_value()) a.min_p = sample_param(*min_p, "min_p", x, 1, 0.0, 1.0, false, false);
+  a.uniforms = sample_param(uniforms, "uniforms", x, 2, 0.0, 1.0, false, true);
+  a.num_samples = uniforms.size(1);
+  a.tokens = at::empty({a.rows, a.num_samples}, x.options().dtype(at::kLong));
+  a.log_probs = at::empty({a.rows, a.num_samples}, x.options().dtype(state_dtype(x.scalar_type())));
+  return a;
+}
+
 }  // namespace online_softmax

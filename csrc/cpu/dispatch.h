@@ -72,6 +72,17 @@ struct TopKBackwardCall {
   bool log;
 };
 
+struct SampleCall {  // rows contiguous
+  at::ScalarType x_dtype;
+  const void* x;
+  int64_t rows, n, num_samples;
+  const double* temperature;  // (rows,)
+  const double* min_p;        // (rows,) or nullptr; 0 keeps every token
+  const double* uniforms;     // (rows, num_samples) in [0, 1)
+  int64_t* tokens;            // (rows, num_samples); -1 for a row with no distribution
+  void* log_probs;            // (rows, num_samples), accumulation type
+};
+
 struct KernelTable {
   const char* capability;  // "DEFAULT", "AVX2", "AVX512"
   void (*forward)(const ForwardCall&);
@@ -79,6 +90,7 @@ struct KernelTable {
   void (*backward)(const BackwardCall&);
   void (*softmax_topk)(const TopKCall&);
   void (*softmax_topk_backward)(const TopKBackwardCall&);
+  void (*sample_categorical)(const SampleCall&);
 };
 
 // The table in use.

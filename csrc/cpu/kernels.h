@@ -2,6 +2,7 @@
 //   forward, stats            csrc/cpu/softmax.cpp
 //   backward                  csrc/cpu/softmax_backward.cpp
 //   softmax_topk(_backward)   csrc/cpu/softmax_topk.cpp
+//   sample_categorical        csrc/cpu/sample.cpp
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,5 +27,9 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
                                  const at::Tensor& indices, const at::Tensor& max,
                                  const at::Tensor& sumexp, int64_t dim, bool log,
                                  double temperature);
+
+std::tuple<at::Tensor, at::Tensor> sample_categorical(const at::Tensor& x, const at::Tensor& temperature,
+                                                      const std::optional<at::Tensor>& min_p,
+                                                      const at::Tensor& uniforms);
 
 }  // namespace online_softmax::cpu

@@ -1,0 +1,286 @@
+"""Fused token sampling: the distribution of transformers' sampling warpers, in their order
+(temperature, top-k, top-p, min-p), drawn without materializing the softmax.
+
+- With ``top_k``: the fused softmax + top-k reads the logits once; top-p, min-p and the draw then
+  work on the k candidates.
+- Without ``top_k`` and without ``top_p``: ``sample_categorical`` reads the logits once (twice with
+  ``min_p``) and writes nothing of the vocabulary's size: per-block masses, then each draw re-reads
+  the one block that holds it.
+- ``top_p`` without ``top_k``: the nucleus is found among the fused top-1024 (one read); a row whose
+  nucleus is larger (a flat distribution) is redone with 8x the candidates, up to the vocabulary.
+
+Every draw uses one float64 uniform from ``torch.rand(..., generator=generator)``, so a seeded
+generator reproduces the tokens. A row with no distribution (a NaN or +inf logit, or every token
+-inf) draws token -1 with log-probability NaN instead of raising, so one bad row does not stop a
+batch.
+"""
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+_ops = torch.ops.online_softmax
+
+Param = Union[None, int, float, torch.Tensor]
+NUCLEUS_CANDIDATES = 1024  # candidates for top-p without top-k, before the first retry
+TIE_SLACK = 8              # selected past k, so that logits tied with the k-th stay in (as transformers keeps them)
+
+
+class Sample(NamedTuple):
+    token_ids: torch.Tensor  # (*batch, num_samples) int64; -1 for a row with no distribution
+    log_probs: torch.Tensor  # (*batch, num_samples) under the distribution drawn from (float32; float64 for float64)
+
+
+def _per_row(value: Param, name: str, rows: int, batch_shape, device, dtype) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(rows)
+        elif tuple(value.shape) == tuple(batch_shape):
+            value = value.reshape(rows)
+        else:
+            raise ValueError(f"online_softmax.sample: {name} must be a number or a tensor of the batch shape "
+                             f"{list(batch_shape)}, got shape {list(value.shape)}")
+        if value.dtype.is_complex or (dtype.is_floating_point is False and value.dtype.is_floating_point):
+            raise TypeError(f"online_softmax.sample: {name} must be a{'n integer' if not dtype.is_floating_point else ' real'}"
+                            f" tensor, got {value.dtype}")
+        return value.to(device=device, dtype=dtype)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"online_softmax.sample: {name} must be a number or a tensor, got {type(value).__name__}")
+    if not dtype.is_floating_point and not isinstance(value, int):
+        raise TypeError(f"online_softmax.sample: {name} must be an int, got {value!r}")
+    return torch.full((rows,), value, dtype=dtype, device=device)
+
+
+def _check_range(t: Optional[torch.Tensor], name: str, lo, hi, lo_open=False, hi_open=False) -> None:
+    if t is None or t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    a, b = t.min().item(), t.max().item()
+    if not ((a > lo if lo_open else a >= lo) and (b < hi if hi_open else b <= hi)) or a != a or b != b:
+        raise ValueError(f"online_softmax.sample: {name} must lie in {'(' if lo_open else '['}{lo}, {hi}"
+                         f"{')' if hi_open else ']'}, got values in [{a}, {b}]")
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For rows of nonnegative weights (rows, K) and uniforms (rows, S): the first position whose
+    cumulative weight exceeds u * total, never past the last positive weight (rounding)."""
+    cdf = weights.double().cumsum(-1)
+    pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    last = weights.shape[1] - 1 - (weights.flip(-1) > 0).int().argmax(-1, keepdim=True)
+    return torch.minimum(pos, last)
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor):
+    """Positions drawn from rows of nonnegative weights (rows, K), one per uniform (rows, S), and
+    the log of the drawn weight over the row's total."""
+    pos = _inverse_cdf(weights, u)
+    logp = weights.gather(1, pos).log() - weights.sum(-1, keepdim=True).log()
+    return pos, logp
+
+
+def _keep_top_p(p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """transformers' top-p on probabilities sorted descending: a token is removed when it and every
+    smaller one hold at most 1 - top_p; the largest always stays."""
+    tail = p.flip(-1).cumsum(-1).flip(-1)  # its own probability and all smaller ones, as transformers sums them
+    keep = tail > (1 - top_p)[:, None]
+    keep[:, 0] = True
+    return keep
+
+
+def _keep_min_p(p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    keep = p >= min_p[:, None] * p[:, :1]
+    keep[:, 0] = True
+    return keep
+
+
+def _finish(z: torch.Tensor, keep: torch.Tensor, top_p, min_p, u):
+    """Top-p and min-p over candidate scores z (rows, K) sorted descending with a kept prefix, then
+    the draw. Returns (positions, log_probs)."""
+    z = z.masked_fill(~keep, float("-inf"))
+    if top_p is not None:
+        z = z.masked_fill(~_keep_top_p(torch.softmax(z, -1), top_p), float("-inf"))
+    if min_p is not None:
+        z = z.masked_fill(~_keep_min_p(torch.softmax(z, -1), min_p), float("-inf"))
+    return _draw(torch.softmax(z, -1), u)
+
+
+def _sample_top_k(x, t, k, top_p, min_p, u):
+    """Rows that have a top-k: one fused read selects the k (plus ties) largest logits."""
+    rows, vocab = x.shape
+    kmax = int(k.max()) if not torch.compiler.is_compiling() else vocab
+    sel = min(vocab, kmax + TIE_SLACK)
+    _v, idx, m, _d = _ops.softmax_topk(x, sel, -1, False, 1.0)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = x.gather(1, idx).to(acc) / t[:, None].to(acc)  # as TemperatureLogitsWarper rounds it
+    k = torch.where((k > 0) & (k < vocab), k, vocab)   # (under torch.compile every row comes here)
+    kth = z.gather(1, (k - 1).clamp_max(sel - 1)[:, None])
+    keep = z >= kth  # every logit tied with the k-th stays, as transformers' top-k keeps it
+    pos, logp = _finish(z, keep, top_p, min_p, u)
+    tokens = idx.gather(1, pos)
+    bad = ~torch.isfinite(m)
+    overflow = None
+    if sel < vocab and not torch.compiler.is_compiling():
+        # More ties with a finite k-th logit than the slack holds: those rows are redone whole.
+        overflow = keep[:, -1] & ~bad & torch.isfinite(kth[:, 0])
+    return tokens, logp, bad, overflow
+
+
+def _sample_nucleus(x, t, t_scalar, top_p, min_p, u):
+    """top-p without top-k: the nucleus among the fused top candidates, retried larger when it does
+    not fit. Per-row temperatures that differ are applied to a scaled copy of x."""
+    rows, vocab = x.shape
+    if t_scalar is None and not torch.compiler.is_compiling() and bool((t == t[:1]).all()):
+        t_scalar = float(t[0])
+    if t_scalar is not None:
+        scaled, temp = x, t_scalar
+    else:
+        scaled, temp = x.to(torch.promote_types(x.dtype, torch.float32)) / t[:, None], 1.0
+    k = vocab if torch.compiler.is_compiling() else min(vocab, NUCLEUS_CANDIDATES)
+    while True:
+        p, idx, m, _d = _ops.softmax_topk(scaled, k, -1, False, temp)
+        p = p.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        bad = ~torch.isfinite(m)
+        if k == vocab or bool(((p.sum(-1) >= top_p) | bad).all()):
+            break
+        k = min(vocab, k * 8)
+    # Kept: the tokens whose larger neighbours hold less than top_p (1 - that sum is the
+    # tail transformers compares with 1 - top_p).
+    before = p.cumsum(-1) - p
+    keep = before < top_p[:, None]
+    keep[:, 0] = True
+    if min_p is not None:
+        keep &= _keep_min_p(p, min_p)
+    w = p.masked_fill(~keep, 0.0)
+    pos, logp = _draw(w, u)
+    return idx.gather(1, pos), logp, bad
+
+
+def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = None, top_p: Param = None,
+           min_p: Param = None, num_samples: int = 1, generator: Optional[torch.Generator] = None) -> Sample:
+    """Draw ``num_samples`` tokens (with replacement) per row of ``logits`` (..., vocab) from the
+    distribution transformers' sampling produces: softmax(logits / temperature), cut to the
+    ``top_k`` largest (with ties at the k-th kept), then to the smallest set holding ``top_p``, then
+    to the tokens with p >= ``min_p`` * p_max, renormalized. Each parameter is a number or a tensor
+    of the batch shape (one value per row); ``top_k=0``, ``top_p=1`` and ``min_p=0`` switch a cut
+    off. Returns the int64 token ids and their log-probabilities under that distribution."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"online_softmax.sample: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"online_softmax.sample: logits must be a floating-point tensor, got {logits.dtype}")
+    if logits.dim() == 0:
+        raise ValueError("online_softmax.sample: logits must have a vocabulary dimension, got a 0-d tensor")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"online_softmax.sample: num_samples must be a positive int, got {num_samples!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"online_softmax.sample: generator must be a torch.Generator, got {type(generator).__name__}")
+    batch_shape, vocab = logits.shape[:-1], logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("online_softmax.sample: logits has an empty vocabulary dimension")
+    x = logits.reshape(-1, vocab)
+    rows, dev = x.shape[0], x.device
+    t = _per_row(temperature, "temperature", rows, batch_shape, dev, torch.float64)
+    t_scalar = None if isinstance(temperature, torch.Tensor) else float(temperature)
+    k = _per_row(top_k, "top_k", rows, batch_shape, dev, torch.int64)
+    p = _per_row(top_p, "top_p", rows, batch_shape, dev, torch.float64)
+    mp = _per_row(min_p, "min_p", rows, batch_shape, dev, torch.float64)
+    _check_range(t, "temperature", 0.0, float("inf"), lo_open=True, hi_open=True)
+    _check_range(k, "top_k", 0, float("inf"))
+    _check_range(p, "top_p", 0.0, 1.0)
+    _check_range(mp, "min_p", 0.0, 1.0)
+    u = torch.rand(rows, num_samples, dtype=torch.float64, device=dev, generator=generator)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    tokens = torch.empty(rows, num_samples, dtype=torch.int64, device=dev)
+    logp = torch.empty(rows, num_samples, dtype=acc, device=dev)
+    if rows == 0:
+        return Sample(tokens.reshape(*batch_shape, num_samples), logp.reshape(*batch_shape, num_samples))
+
+    has_k = (k > 0) & (k < vocab) if k is not None else torch.zeros(rows, dtype=torch.bool, device=dev)
+    use_p = p is not None and (torch.compiler.is_compiling() or bool((p < 1).any()))
+    use_mp = mp is not None and (torch.compiler.is_compiling() or bool((mp > 0).any()))
+    compiling = torch.compiler.is_compiling()
+    all_k = compiling and k is not None or (k is not None and bool(has_k.all()))
+    groups = [(torch.arange(rows, device=dev), all_k)] if compiling or all_k or not bool(has_k.any()) else \
+        [(has_k.nonzero()[:, 0], True), ((~has_k).nonzero()[:, 0], False)]
+    for rows_idx, topk_rows in groups:
+        whole = rows_idx.numel() == rows
+        xs = x if whole else x.index_select(0, rows_idx)
+
+        def pick(v):
+            return None if v is None else (v if whole else v.index_select(0, rows_idx))
+
+        ts, ks, ps, mps, us = pick(t), pick(k), pick(p) if use_p else None, pick(mp) if use_mp else None, pick(u)
+        if topk_rows:
+            tok, lp, bad, overflow = _sample_top_k(xs, ts, ks, ps, mps, us)
+            if overflow is not None and bool(overflow.any()):
+                o = overflow.nonzero()[:, 0]
+                tok[o], lp[o] = _dense_draw(xs[o], ts[o], ks[o], _rows(ps, o), _rows(mps, o), us[o])
+        elif ps is not None:
+            tok, lp, bad = _sample_nucleus(xs, ts, t_scalar, ps, mps, us)
+        else:
+            tok, lp = _ops.sample_categorical(xs, ts, mps, us)
+            bad = None
+        if bad is not None:
+            tok = tok.masked_fill(bad[:, None], -1)
+            lp = lp.masked_fill(bad[:, None], float("nan"))
+        if whole:
+            tokens, logp = tok, lp.to(acc)
+        else:
+            tokens[rows_idx], logp[rows_idx] = tok, lp.to(acc)
+    return Sample(tokens.reshape(*batch_shape, num_samples), logp.reshape(*batch_shape, num_samples))
+
+
+def _rows(v, idx):
+    return None if v is None else v[idx]
+
+
+# ---- the unfused reference: transformers' warpers on materialized scores ----
+
+def warped_probs(x: torch.Tensor, temperature, top_k=None, top_p=None, min_p=None) -> torch.Tensor:
+    """The probabilities transformers samples from (rows, vocab), as its warpers compute them:
+    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, then softmax.
+    Parameters are numbers or per-row tensors."""
+    rows, vocab = x.shape
+
+    def col(v, dtype):
+        return (v if isinstance(v, torch.Tensor) else torch.full((rows,), v)).to(x.device, dtype)[:, None]
+
+    scores = x / col(temperature, x.dtype)
+    neg = float("-inf")
+    if top_k is not None:
+        k = col(top_k, torch.int64).clamp(max=vocab)
+        on = k > 0
+        kth = scores.sort(-1, descending=True).values.gather(1, (k - 1).clamp_min(0))
+        scores = torch.where(on & (scores < kth), neg, scores)
+    if top_p is not None:
+        tp = col(top_p, scores.dtype)
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = (cum <= 1 - tp) & (tp < 1)
+        remove[:, -1] = False
+        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), neg)
+    if min_p is not None:
+        mp = col(min_p, scores.dtype)
+        probs = torch.softmax(scores, -1)
+        remove = probs < mp * probs.amax(-1, keepdim=True)
+        sorted_idx = torch.argsort(scores, descending=True, dim=-1)
+        sorted_remove = remove.gather(1, sorted_idx)
+        sorted_remove[:, 0] = False
+        scores = scores.masked_fill(sorted_remove.scatter(1, sorted_idx, sorted_remove), neg)
+    return torch.softmax(scores, -1)
+
+
+def _dense_draw(x, t, k, top_p, min_p, u):
+    """Rows whose k-th logit has more ties than the fused selection holds: the exact warpers on the
+    whole row, then the same inverse-CDF draw (over token ids in order)."""
+    probs = warped_probs(x.to(torch.promote_types(x.dtype, torch.float32)), t, k, top_p, min_p)
+    pos = _inverse_cdf(probs, u)
+    return pos, probs.gather(1, pos).log()
+
+
+def unfused_sample(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                   num_samples: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The torch sequence transformers runs (warpers, softmax, multinomial): the benchmark peer."""
+    x = logits.reshape(-1, logits.shape[-1])
+    probs = warped_probs(x, temperature, top_k, top_p, min_p)
+    return torch.multinomial(probs, num_samples, replacement=True, generator=generator)

@@ -31,12 +31,18 @@ TORCH_LIBRARY(online_softmax, m) {
   // lp / repetition_penalty; banned_tokens (rows, n) get -inf; -1 entries pad the lists.
   m.def("beam_search_step(Tensor logits, Tensor beam_scores, int num_beams, int num_candidates, float temperature=1.0, Tensor? banned_tokens=None, Tensor? penalized_tokens=None, float repetition_penalty=1.0) -> (Tensor scores, Tensor token_ids, Tensor beam_ids)");
   // One draw per uniform from softmax(x / temperature) of each row of x (rows, vocab), restricted
-  // to the tokens with p >= min_p * p_max where min_p > 0: the first token whose cumulative
-  // probability exceeds u. temperature, min_p: (rows,) float64; uniforms: (rows, num_samples)
-  // float64 in [0, 1). Returns int64 tokens and their log-probabilities under the distribution
-  // drawn from (float32, float64 for float64 x); a row with NaN, +inf or only -inf gives -1, NaN.
-  // Reads x once (twice with min_p) and writes nothing of its size.
-  m.def("sample_categorical(Tensor x, Tensor temperature, Tensor? min_p, Tensor uniforms) -> (Tensor tokens, Tensor log_probs)");
+  // to the tokens with (x - max) / temperature >= min_log_ratio (p >= exp(min_log_ratio) p_max:
+  // log(min_p) for min-p, top_p_threshold's cut for top-p): the first token whose cumulative
+  // probability exceeds u. temperature, min_log_ratio: (rows,) float64; uniforms: (rows,
+  // num_samples) float64 in [0, 1). Returns int64 tokens and their log-probabilities under the
+  // distribution drawn from (float32, float64 for float64 x); a row with NaN, +inf or only -inf
+  // gives -1, NaN. Reads x once (twice with min_log_ratio) and writes nothing of its size.
+  m.def("sample_categorical(Tensor x, Tensor temperature, Tensor? min_log_ratio, Tensor uniforms) -> (Tensor tokens, Tensor log_probs)");
+  // transformers' top-p cut of softmax(x / temperature) per row, as the log_ratio (x - max) /
+  // temperature of the smallest token it keeps (the largest value whose tokens at or above it hold
+  // >= top_p); status 0 found, 1 several tokens tied at the cut within float resolution, 2 no
+  // distribution (NaN, +inf, all -inf). Reads x from memory once; narrowing passes hit the cache.
+  m.def("top_p_threshold(Tensor x, Tensor temperature, Tensor top_p) -> (Tensor log_ratio, Tensor status)");
 }
 
 namespace online_softmax {

@@ -279,13 +279,11 @@ def _defaults(inputs, i, default):
 
 # ---- sampling ----
 
-@torch.library.register_fake("online_softmax::sample_categorical")
-def _sample_categorical_fake(x, temperature, min_p, uniforms):
-    op = "sample_categorical"
+def _check_sample_params(op, x, params):
     check_floating(x, "x", op)
     if x.dim() != 2:
         raise ValueError(f"online_softmax.{op}: x must be 2-D (rows, vocab), got shape {list(x.shape)}")
-    for name, t, dims in (("temperature", temperature, 1), ("min_p", min_p, 1), ("uniforms", uniforms, 2)):
+    for name, t, dims in params:
         if t is None:
             continue
         if t.dtype != torch.float64:
@@ -293,6 +291,17 @@ def _sample_categorical_fake(x, temperature, min_p, uniforms):
         if t.dim() != dims or t.shape[0] != x.shape[0]:
             raise ValueError(f"online_softmax.{op}: {name} must have shape "
                              f"{'(rows,)' if dims == 1 else '(rows, num_samples)'} with rows = {x.shape[0]}")
+
+
+@torch.library.register_fake("online_softmax::sample_categorical")
+def _sample_categorical_fake(x, temperature, min_log_ratio, uniforms):
+    _check_sample_params("sample_categorical", x, (("temperature", temperature, 1),
+                                                   ("min_log_ratio", min_log_ratio, 1), ("uniforms", uniforms, 2)))
     shape = (x.shape[0], uniforms.shape[1])
     return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=state_dtype(x.dtype))
 
+
+@torch.library.register_fake("online_softmax::top_p_threshold")
+def _top_p_threshold_fake(x, temperature, top_p):
+    _check_sample_params("top_p_threshold", x, (("temperature", temperature, 1), ("top_p", top_p, 1)))
+    return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((x.shape[0],), dtype=torch.int64)

@@ -6,8 +6,9 @@
 - Without ``top_k`` and without ``top_p``: ``sample_categorical`` reads the logits once (twice with
   ``min_p``) and writes nothing of the vocabulary's size: per-block masses, then each draw re-reads
   the one block that holds it.
-- ``top_p`` without ``top_k``: the nucleus is found among the fused top-1024 (one read); a row whose
-  nucleus is larger (a flat distribution) is redone with 8x the candidates, up to the vocabulary.
+- ``top_p`` without ``top_k``: ``top_p_threshold`` finds the cut per row (one read from memory,
+  then narrowing passes over the row while it is in cache), and ``sample_categorical`` draws above
+  it (two more reads). Nothing of the vocabulary's size is written.
 
 Every draw uses one float64 uniform from ``torch.rand(..., generator=generator)``, so a seeded
 generator reproduces the tokens. A row with no distribution (a NaN or +inf logit, or every token
@@ -22,7 +23,6 @@ import torch
 _ops = torch.ops.online_softmax
 
 Param = Union[None, int, float, torch.Tensor]
-NUCLEUS_CANDIDATES = 1024  # candidates for top-p without top-k, before the first retry
 TIE_SLACK = 8              # selected past k, so that logits tied with the k-th stay in (as transformers keeps them)
 
 
@@ -126,34 +126,19 @@ def _sample_top_k(x, t, k, top_p, min_p, u):
     return tokens, logp, bad, overflow
 
 
-def _sample_nucleus(x, t, t_scalar, top_p, min_p, u):
-    """top-p without top-k: the nucleus among the fused top candidates, retried larger when it does
-    not fit. Per-row temperatures that differ are applied to a scaled copy of x."""
-    rows, vocab = x.shape
-    if t_scalar is None and not torch.compiler.is_compiling() and bool((t == t[:1]).all()):
-        t_scalar = float(t[0])
-    if t_scalar is not None:
-        scaled, temp = x, t_scalar
-    else:
-        scaled, temp = x.to(torch.promote_types(x.dtype, torch.float32)) / t[:, None], 1.0
-    k = vocab if torch.compiler.is_compiling() else min(vocab, NUCLEUS_CANDIDATES)
-    while True:
-        p, idx, m, _d = _ops.softmax_topk(scaled, k, -1, False, temp)
-        p = p.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        bad = ~torch.isfinite(m)
-        if k == vocab or bool(((p.sum(-1) >= top_p) | bad).all()):
-            break
-        k = min(vocab, k * 8)
-    # Kept: the tokens whose larger neighbours hold less than top_p (1 - that sum is the
-    # tail transformers compares with 1 - top_p).
-    before = p.cumsum(-1) - p
-    keep = before < top_p[:, None]
-    keep[:, 0] = True
+def _sample_nucleus(x, t, top_p, min_p, u):
+    """top-p without top-k: top_p_threshold finds the cut as a log-ratio to the row's max (one read
+    from memory, narrowing passes in cache); min-p only raises it (both keep the largest tokens);
+    sample_categorical draws above it. Rows tied at the cut are redone on the whole row."""
+    ratio, status = _ops.top_p_threshold(x, t, top_p)
     if min_p is not None:
-        keep &= _keep_min_p(p, min_p)
-    w = p.masked_fill(~keep, 0.0)
-    pos, logp = _draw(w, u)
-    return idx.gather(1, pos), logp, bad
+        ratio = torch.maximum(ratio, min_p.log())
+    tok, lp = _ops.sample_categorical(x, t, ratio.nan_to_num(nan=0.0), u)
+    if not torch.compiler.is_compiling():
+        tied = (status == 1).nonzero()[:, 0]
+        if tied.numel():
+            tok[tied], lp[tied] = _dense_draw(x[tied], t[tied], None, top_p[tied], _rows(min_p, tied), u[tied])
+    return tok, lp
 
 
 def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = None, top_p: Param = None,
@@ -180,7 +165,6 @@ def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = Non
     x = logits.reshape(-1, vocab)
     rows, dev = x.shape[0], x.device
     t = _per_row(temperature, "temperature", rows, batch_shape, dev, torch.float64)
-    t_scalar = None if isinstance(temperature, torch.Tensor) else float(temperature)
     k = _per_row(top_k, "top_k", rows, batch_shape, dev, torch.int64)
     p = _per_row(top_p, "top_p", rows, batch_shape, dev, torch.float64)
     mp = _per_row(min_p, "min_p", rows, batch_shape, dev, torch.float64)
@@ -216,9 +200,10 @@ def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = Non
                 o = overflow.nonzero()[:, 0]
                 tok[o], lp[o] = _dense_draw(xs[o], ts[o], ks[o], _rows(ps, o), _rows(mps, o), us[o])
         elif ps is not None:
-            tok, lp, bad = _sample_nucleus(xs, ts, t_scalar, ps, mps, us)
+            tok, lp = _sample_nucleus(xs, ts, ps, mps, us)
+            bad = None
         else:
-            tok, lp = _ops.sample_categorical(xs, ts, mps, us)
+            tok, lp = _ops.sample_categorical(xs, ts, None if mps is None else mps.log(), us)
             bad = None
         if bad is not None:
             tok = tok.masked_fill(bad[:, None], -1)
@@ -250,7 +235,8 @@ def warped_probs(x: torch.Tensor, temperature, top_k=None, top_p=None, min_p=Non
     if top_k is not None:
         k = col(top_k, torch.int64).clamp(max=vocab)
         on = k > 0
-        kth = scores.sort(-1, descending=True).values.gather(1, (k - 1).clamp_min(0))
+        top = torch.topk(scores, int(k.max().clamp_min(1)), dim=-1).values  # TopKLogitsWarper's topk
+        kth = top.gather(1, (k - 1).clamp_min(0))
         scores = torch.where(on & (scores < kth), neg, scores)
     if top_p is not None:
         tp = col(top_p, scores.dtype)
@@ -283,4 +269,5 @@ def unfused_sample(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=N
     """The torch sequence transformers runs (warpers, softmax, multinomial): the benchmark peer."""
     x = logits.reshape(-1, logits.shape[-1])
     probs = warped_probs(x, temperature, top_k, top_p, min_p)
-    return torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+    # generate() draws one token per row: torch.multinomial(probs, num_samples=1).
+    return torch.multinomial(probs, num_samples, replacement=num_samples > 1, generator=generator)

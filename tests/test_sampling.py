@@ -101,6 +101,39 @@ def test_ties_at_the_kth_logit_stay_like_transformers(device):
         assert chi_square_ok(out.token_ids[r], probs[r])[0]
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.62, 0.9])
+def test_top_p_cut_inside_tied_logits_matches_transformers(device, top_p):
+    """The cut falls inside a group of equal logits: top_p_threshold reports the tie and the row is
+    redone with transformers' own sort, so the kept set is exactly theirs."""
+    x = torch.full((2, 300), -2.0)
+    x[:, :3] = 2.0
+    x[:, 3:60] = 1.0     # the tied group holding the cut
+    x[1, 150] = 3.0
+    x = x.to(device)
+    op_ratio, status = torch.ops.online_softmax.top_p_threshold(
+        x, torch.ones(2, dtype=torch.float64, device=device), torch.full((2,), top_p, dtype=torch.float64, device=device))
+    probs = warped_probs(x, 1.0, None, top_p)
+    out = osm.sample(x, top_p=top_p, num_samples=DRAWS, generator=torch.Generator(device).manual_seed(2))
+    assert (probs.gather(1, out.token_ids) > 0).all()
+    for r in range(2):
+        assert chi_square_ok(out.token_ids[r], probs[r])[0]
+    assert (status == 1).any() or top_p == 0.5
+
+
+def test_top_p_threshold_is_the_smallest_kept_log_ratio(device):
+    x = logits(4, 5000, seed=21, scale=3.0).to(device)
+    t = torch.tensor([1.0, 0.7, 1.3, 1.0], dtype=torch.float64, device=device)
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.05], dtype=torch.float64, device=device)
+    ratio, status = torch.ops.online_softmax.top_p_threshold(x, t, top_p)
+    assert (status == 0).all()
+    probs = warped_probs(x.double(), t.cpu(), None, top_p.cpu())
+    # The cut keeps exactly transformers' tokens (it may sit anywhere in the gap below the last one).
+    m = x.amax(-1, keepdim=True).double()
+    kept = x.double() >= m + ratio[:, None] * t[:, None]
+    assert torch.equal(kept.cpu(), probs > 0)
+    assert (probs > 0).sum(-1).tolist()[:3] != [1, 1, 1]  # real nuclei, not just the top token
+
+
 def test_seeded_generator_reproduces(device):
     x = logits(5, 2000).to(device)
     for kw in (dict(), dict(top_k=50), dict(top_p=0.9), dict(min_p=0.1)):
@@ -174,8 +207,10 @@ def test_bad_arguments():
     t, u = torch.ones(2, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"uniforms must lie in \[0, 1\)"):
         op(x, t, None, u + 1)
-    with pytest.raises(ValueError, match="min_p must lie in"):
+    with pytest.raises(ValueError, match=r"min_log_ratio must lie in \[-inf, 0\]"):
         op(x, t, torch.full((2,), 2.0, dtype=torch.float64), u)
+    with pytest.raises(ValueError, match=r"top_p must lie in \[0, 1\]"):
+        torch.ops.online_softmax.top_p_threshold(x, t, torch.full((2,), 1.5, dtype=torch.float64))
     with pytest.raises(TypeError, match="temperature must be a float64 tensor"):
         op(x, t.float(), None, u)
     with pytest.raises(ValueError, match="rows = 2"):
@@ -188,7 +223,8 @@ def test_opcheck_and_compile():
     t = torch.full((3,), 0.7, dtype=torch.float64)
     u = torch.rand(3, 4, dtype=torch.float64)
     opcheck(torch.ops.online_softmax.sample_categorical.default, (x, t, None, u))
-    opcheck(torch.ops.online_softmax.sample_categorical.default, (x, t, torch.full((3,), 0.1, dtype=torch.float64), u))
+    opcheck(torch.ops.online_softmax.sample_categorical.default, (x, t, torch.full((3,), -2.3, dtype=torch.float64), u))
+    opcheck(torch.ops.online_softmax.top_p_threshold.default, (x, t, torch.full((3,), 0.9, dtype=torch.float64)))
     # Under torch.compile the uniforms come from the global generator (dynamo cannot trace an
     # explicit torch.Generator, as for torch.multinomial): the draws are valid, not the eager ones.
     for kw in (dict(temperature=0.7), dict(min_p=0.1), dict(top_k=50), dict(top_k=50, top_p=0.9, min_p=0.05),

@@ -77,10 +77,20 @@ struct SampleCall {  // rows contiguous
   const void* x;
   int64_t rows, n, num_samples;
   const double* temperature;  // (rows,)
-  const double* min_p;        // (rows,) or nullptr; 0 keeps every token
+  const double* min_log_ratio;  // (rows,) or nullptr: keep (x - max) / t >= it; -inf keeps every token
   const double* uniforms;     // (rows, num_samples) in [0, 1)
   int64_t* tokens;            // (rows, num_samples); -1 for a row with no distribution
   void* log_probs;            // (rows, num_samples), accumulation type
+};
+
+struct TopPCall {  // rows contiguous
+  at::ScalarType x_dtype;
+  const void* x;
+  int64_t rows, n;
+  const double* temperature;  // (rows,)
+  const double* top_p;        // (rows,)
+  double* log_ratio;          // (rows,) the cut, as (x - max) / t of the smallest token kept
+  int64_t* status;            // (rows,) 0 found, 1 tied at the cut, 2 no distribution
 };
 
 struct KernelTable {
@@ -91,6 +101,7 @@ struct KernelTable {
   void (*softmax_topk)(const TopKCall&);
   void (*softmax_topk_backward)(const TopKBackwardCall&);
   void (*sample_categorical)(const SampleCall&);
+  void (*top_p_threshold)(const TopPCall&);
 };
 
 // The table in use.

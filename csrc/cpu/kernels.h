@@ -2,7 +2,8 @@
 //   forward, stats            csrc/cpu/softmax.cpp
 //   backward                  csrc/cpu/softmax_backward.cpp
 //   softmax_topk(_backward)   csrc/cpu/softmax_topk.cpp
-//   sample_categorical        csrc/cpu/sample.cpp
+//   sample_categorical,
+//   top_p_threshold           csrc/cpu/sample.cpp
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,7 +30,10 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
                                  double temperature);
 
 std::tuple<at::Tensor, at::Tensor> sample_categorical(const at::Tensor& x, const at::Tensor& temperature,
-                                                      const std::optional<at::Tensor>& min_p,
+                                                      const std::optional<at::Tensor>& min_log_ratio,
                                                       const at::Tensor& uniforms);
+
+std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at::Tensor& temperature,
+                                                   const at::Tensor& top_p);
 
 }  // namespace online_softmax::cpu

@@ -10,4 +10,5 @@ TORCH_LIBRARY_IMPL(online_softmax, CPU, m) {
   m.impl("softmax_topk", &online_softmax::cpu::softmax_topk);
   m.impl("softmax_topk_backward", &online_softmax::cpu::softmax_topk_backward);
   m.impl("sample_categorical", &online_softmax::cpu::sample_categorical);
+  m.impl("top_p_threshold", &online_softmax::cpu::top_p_threshold);
 }

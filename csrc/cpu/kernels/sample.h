@@ -1,5 +1,7 @@
-// CPU kernel of sample_categorical: draws from softmax(x / t) over a whole row, optionally cut to
-// the tokens with p >= min_p * p_max, without writing anything of the row's size.
+// CPU kernels of sample_categorical and top_p_threshold. sample_categorical draws from
+// softmax(x / t) over a whole row, optionally cut to the tokens with p >= exp(min_log_ratio) p_max
+// (min-p, and top-p once top_p_threshold has found its cut), without writing anything of the
+// row's size.
 //
 // Pass 1 cuts the row into kScanBlock-element blocks and keeps one mass per block (its state
 // (m_b, d_b), or with min_p its kept mass after a max pass). A draw then walks the block masses to
@@ -40,8 +42,22 @@ inline double kept_mass(const T* x, int64_t n, acc_t<T> m, acc_t<T> s, acc_t<T> 
   return d;
 }
 
+// The raw value at or above which a token has (x - m) s >= log_ratio, i.e. p >= exp(log_ratio) p_max.
+// sample_categorical and top_p_threshold both classify tokens by this one rounding.
+template <typename A>
+inline A threshold_value(A m, double log_ratio, A s) {
+  return static_cast<A>(static_cast<double>(m) + log_ratio / static_cast<double>(s));
+}
+
 template <typename T>
-void sample_row(const T* x, int64_t n, double temperature, double min_p, const double* u, int64_t num_samples,
+inline acc_t<T> row_max(const T* x, int64_t n) {
+  acc_t<T> m = std::numeric_limits<acc_t<T>>::lowest();
+  for (int64_t b = 0; b < n; b += kScanBlock) m = nan_max(m, block_max(x + b, std::min(kScanBlock, n - b)));
+  return m;
+}
+
+template <typename T>
+void sample_row(const T* x, int64_t n, double temperature, double log_ratio, const double* u, int64_t num_samples,
                 int64_t* tokens, acc_t<T>* log_probs, std::vector<double>& mass) {
   using A = acc_t<T>;
   const A s = static_cast<A>(1.0 / temperature);
@@ -50,10 +66,9 @@ void sample_row(const T* x, int64_t n, double temperature, double min_p, const d
   A m = std::numeric_limits<A>::lowest();
   A threshold = -std::numeric_limits<A>::infinity();
   bool defined = n > 0;
-  if (min_p > 0.0) {
-    for (int64_t b = 0; b < blocks; ++b) m = nan_max(m, block_max(x + b * kScanBlock, std::min(kScanBlock, n - b * kScanBlock)));
-    // p_i >= min_p * p_max  <=>  (x_i - m) s >= log(min_p).
-    threshold = static_cast<A>(static_cast<double>(m) + std::log(min_p) / static_cast<double>(s));
+  if (log_ratio > -std::numeric_limits<double>::infinity()) {
+    m = row_max(x, n);
+    threshold = threshold_value(m, log_ratio, s);
     defined = defined && std::isfinite(m);
     if (defined) {
       for (int64_t b = 0; b < blocks; ++b)
@@ -116,6 +131,131 @@ void sample_row(const T* x, int64_t n, double temperature, double min_p, const d
   }
 }
 
+// Masses sum(exp((x - m) s)) and counts of the elements at or above each of kProbes thresholds.
+constexpr int kProbes = 16;
+
+template <typename T>
+void probe_masses(const T* x, int64_t n, acc_t<T> m, acc_t<T> s, const acc_t<T>* thresholds, double* mass,
+                  int64_t* count) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  using IO = VecIO<T>;
+  for (int j = 0; j < kProbes; ++j) {
+    mass[j] = 0.0;
+    count[j] = 0;
+  }
+  const V vm(m), vs(s), zero(A(0)), one(A(1));
+  for (int64_t block = 0; block < n; block += kScanBlock) {
+    const int64_t len = std::min(kScanBlock, n - block);
+    const T* xb = x + block;
+    V vmass[kProbes], vcount[kProbes];
+    for (int j = 0; j < kProbes; ++j) vmass[j] = vcount[j] = zero;
+    int64_t i = 0;
+    for (; i + IO::kStep <= len; i += IO::kStep) {
+      V a, b;
+      IO::load2(xb + i, a, b);
+      const V ea = vexp((a - vm) * vs), eb = vexp((b - vm) * vs);
+      for (int j = 0; j < kProbes; ++j) {
+        const V t(thresholds[j]);
+        const V ka = a >= t, kb = b >= t;  // all-ones lanes where kept
+        vmass[j] = vmass[j] + (ea & ka) + (eb & kb);
+        vcount[j] = vcount[j] + (one & ka) + (one & kb);
+      }
+    }
+    alignas(64) A lanes[V::size()];
+    for (int j = 0; j < kProbes; ++j) {
+      mass[j] += at::vec::vec_reduce_all<A>([](V p, V q) { return p + q; }, vmass[j]);
+      vcount[j].store(lanes);
+      for (int l = 0; l < V::size(); ++l) count[j] += static_cast<int64_t>(lanes[l]);
+    }
+    for (; i < len; ++i) {
+      const A v = static_cast<A>(xb[i]);
+      const A e = std::exp((v - m) * s);
+      for (int j = 0; j < kProbes; ++j) {
+        if (v >= thresholds[j]) {
+          mass[j] += e;
+          count[j] += 1;
+        }
+      }
+    }
+  }
+}
+
+// The smallest log-ratio r = (x - m) s of the tokens transformers' top-p keeps: with F(r) the
+// probability of the tokens at or above r, the largest token value with F >= top_p. A bracket
+// [lo, hi) with F(lo) >= top_p > F(hi) narrows 15-fold per pass over the row (in cache after the
+// first) until it holds one token. Status 0: found; 1: several tokens tied within float
+// resolution at the cut (the caller resolves the tie); 2: no distribution (NaN, +inf, all -inf).
+template <typename T>
+void top_p_row(const T* x, int64_t n, double temperature, double top_p, double* log_ratio, int64_t* status) {
+  using A = acc_t<T>;
+  const A s = static_cast<A>(1.0 / temperature);
+  const A m = row_max(x, n);
+  if (!std::isfinite(m)) {
+    *log_ratio = std::numeric_limits<double>::quiet_NaN();
+    *status = 2;
+    return;
+  }
+  if (top_p <= 0.0) {  // only the largest stays
+    *log_ratio = 0.0;
+    *status = 0;
+    return;
+  }
+  // exp((x - m) s) is 0 in float below -104: those tokens hold no probability.
+  double lo = -104.0, hi = 1.0, f_lo = 0.0, total = 0.0;
+  int64_t c_lo = 0, c_hi = 0;
+  A thresholds[kProbes];
+  double mass[kProbes];
+  int64_t count[kProbes];
+  for (int pass = 0; pass < 24; ++pass) {
+    double probe[kProbes];
+    for (int j = 0; j < kProbes; ++j) {
+      probe[j] = lo + (hi - lo) * j / kProbes;
+      thresholds[j] = threshold_value(m, probe[j], s);
+    }
+    probe_masses(x, n, m, s, thresholds, mass, count);
+    if (pass == 0) total = mass[0];
+    if (!(total > 0.0) || !std::isfinite(total)) {
+      *log_ratio = std::numeric_limits<double>::quiet_NaN();
+      *status = 2;
+      return;
+    }
+    int j = 0;  // probe 0 is lo itself: F(lo) >= top_p holds
+    while (j + 1 < kProbes && mass[j + 1] / total >= top_p) ++j;
+    lo = probe[j];
+    f_lo = mass[j];
+    c_lo = count[j];
+    if (j + 1 < kProbes) {
+      hi = probe[j + 1];
+      c_hi = count[j + 1];
+    }
+    if (c_lo - c_hi <= 1) break;
+    // The bracket is down to the float spacing of the values: a tie the probes cannot split.
+    if (threshold_value(m, lo, s) == threshold_value(m, hi, s) || hi - lo < 1e-12) {
+      *log_ratio = lo;
+      *status = 1;
+      return;
+    }
+  }
+  (void)f_lo;
+  *log_ratio = lo;
+  *status = c_lo - c_hi <= 1 ? 0 : 1;
+}
+
+template <typename T>
+void top_p_kernel(const TopPCall& c) {
+  const T* x = static_cast<const T*>(c.x);
+  at::parallel_for(0, c.rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      top_p_row(x + r * c.n, c.n, c.temperature[r], c.top_p[r], c.log_ratio + r, c.status + r);
+    }
+  });
+}
+
+void top_p_entry(const TopPCall& c) {
+  with_dtype(c.x_dtype, "top_p_threshold", [&](auto tag) { top_p_kernel<decltype(tag)>(c); });
+}
+
 template <typename T>
 void sample_kernel(const SampleCall& c) {
   using A = acc_t<T>;
@@ -124,7 +264,8 @@ void sample_kernel(const SampleCall& c) {
   at::parallel_for(0, c.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> mass;
     for (int64_t r = begin; r < end; ++r) {
-      sample_row(x + r * c.n, c.n, c.temperature[r], c.min_p ? c.min_p[r] : 0.0, c.uniforms + r * c.num_samples,
+      sample_row(x + r * c.n, c.n, c.temperature[r],
+                 c.min_log_ratio ? c.min_log_ratio[r] : -std::numeric_limits<double>::infinity(), c.uniforms + r * c.num_samples,
                  c.num_samples, c.tokens + r * c.num_samples, log_probs + r * c.num_samples, mass);
     }
   });

@@ -15,7 +15,8 @@ inline namespace CPU_CAPABILITY {
 
 extern const KernelTable kKernels;
 const KernelTable kKernels = {ONLINE_SOFTMAX_CPU_STR(CPU_CAPABILITY), &forward_entry, &stats_entry, &backward_entry,
-                              &topk_entry, &topk_backward_entry, &sample_entry};
+                              &topk_entry, &topk_backward_entry, &sample_entry,
+                              &top_p_entry};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace online_softmax::cpu

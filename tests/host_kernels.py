@@ -179,6 +179,10 @@ class HostKernels:
         lib.osm_host_topk_workspace_bytes.restype = sz
         lib.osm_host_topk.argtypes = [i32, vp, vp, vp, vp, vp, i64, i64, i64, f64, i32, vp, i32, i32]
         lib.osm_host_topk_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, i64, i64, i64, f64, i32, vp, i32, i32]
+        lib.osm_host_sample_workspace_bytes.argtypes = [i32, i64, i64]
+        lib.osm_host_sample_workspace_bytes.restype = sz
+        lib.osm_host_sample_categorical.argtypes = [i32, vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, i32]
+        lib.osm_host_top_p_threshold.argtypes = [i32, vp, i64, i64, vp, vp, vp, vp, i32]
         lib.osm_host_set_schedule.argtypes = [i32, ctypes.c_uint64]
         lib.osm_host_last_error.restype = ctypes.c_char_p
         lib.osm_host_launch_log.restype = ctypes.c_char_p
@@ -278,3 +282,27 @@ class HostKernels:
                                                     int(log), _ptr(error), limits.num_sms,
                                                     limits.max_smem_per_block))
         return (dx, int(error.item())) if return_error else dx
+
+    def sample_categorical(self, x, temperature, min_log_ratio, uniforms, limits=Limits()):
+        """Rows of a contiguous 2-d x; float64 (rows,) temperature and cut (or None), (rows, S)
+        uniforms. Returns (tokens, log_probs)."""
+        assert x.is_contiguous() and x.dim() == 2
+        rows, n = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        tokens = _poison(torch.empty(rows, uniforms.shape[1], dtype=torch.int64))
+        log_probs = _poison(torch.empty(rows, uniforms.shape[1], dtype=acc))
+        code = DTYPE_CODES[x.dtype]
+        ws = _workspace(self.lib.osm_host_sample_workspace_bytes(code, rows, n))
+        self._check(self.lib.osm_host_sample_categorical(code, _ptr(x), rows, n, _ptr(temperature), _ptr(min_log_ratio),
+                                                         _ptr(uniforms), uniforms.shape[1], _ptr(tokens),
+                                                         _ptr(log_probs), _ptr(ws), limits.num_sms))
+        return tokens, log_probs
+
+    def top_p_threshold(self, x, temperature, top_p, limits=Limits()):
+        assert x.is_contiguous() and x.dim() == 2
+        rows, n = x.shape
+        ratio = _poison(torch.empty(rows, dtype=torch.float64))
+        status = _poison(torch.empty(rows, dtype=torch.int64))
+        self._check(self.lib.osm_host_top_p_threshold(DTYPE_CODES[x.dtype], _ptr(x), rows, n, _ptr(temperature),
+                                                      _ptr(top_p), _ptr(ratio), _ptr(status), limits.num_sms))
+        return ratio, status

@@ -2,6 +2,8 @@
 //   forward, stats            csrc/cuda/softmax.cpp
 //   backward                  csrc/cuda/softmax_backward.cpp
 //   softmax_topk(_backward)   csrc/cuda/softmax_topk.cpp
+//   sample_categorical,
+//   top_p_threshold           csrc/cuda/sample.cpp
 // Each checks its arguments (csrc/common/op_args.h, shared with the CPU backend), guards the device,
 // dispatches the dtype and makes one call into the framework-free launchers of csrc/kernels.
 #pragma once
@@ -28,5 +30,12 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
                                  const at::Tensor& indices, const at::Tensor& max,
                                  const at::Tensor& sumexp, int64_t dim, bool log,
                                  double temperature);
+
+std::tuple<at::Tensor, at::Tensor> sample_categorical(const at::Tensor& x, const at::Tensor& temperature,
+                                                      const std::optional<at::Tensor>& min_log_ratio,
+                                                      const at::Tensor& uniforms);
+
+std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at::Tensor& temperature,
+                                                   const at::Tensor& top_p);
 
 }  // namespace online_softmax::cuda

@@ -9,4 +9,6 @@ TORCH_LIBRARY_IMPL(online_softmax, CUDA, m) {
   m.impl("backward", &online_softmax::cuda::backward);
   m.impl("softmax_topk", &online_softmax::cuda::softmax_topk);
   m.impl("softmax_topk_backward", &online_softmax::cuda::softmax_topk_backward);
+  m.impl("sample_categorical", &online_softmax::cuda::sample_categorical);
+  m.impl("top_p_threshold", &online_softmax::cuda::top_p_threshold);
 }

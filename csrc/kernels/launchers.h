@@ -80,4 +80,26 @@ cudaError_t softmax_topk_backward(const T* grad_values, const T* x, const int64_
                                   int64_t n, int64_t k, double scale, bool log, int* error,
                                   DeviceLimits limits, cudaStream_t stream);
 
+// ---- sampling (sample.cu) ----
+
+// Bytes of scratch sample_categorical needs: one (m, d) per 256-element chunk of every row.
+template <typename T>
+size_t sample_workspace_bytes(int64_t rows, int64_t n);
+
+// One draw per uniform from softmax(x * scale) of each contiguous row, scale = 1 / temperature[r],
+// restricted to (x - max) / t >= min_log_ratio[r] when min_log_ratio is not null: the first token
+// whose cumulative probability exceeds u. tokens/log_probs are (rows, num_samples); a row with NaN,
+// +inf or only -inf draws -1 with log-probability NaN. Requires n >= 1.
+template <typename T>
+cudaError_t sample_categorical(const T* x, int64_t rows, int64_t n, const double* temperature,
+                               const double* min_log_ratio, const double* uniforms, int64_t num_samples,
+                               int64_t* tokens, typename AccOf<T>::type* log_probs, void* workspace,
+                               DeviceLimits limits, cudaStream_t stream);
+
+// transformers' top-p cut per row, as the log-ratio (x - max) / t of the smallest token kept;
+// status 0 found, 1 tied at the cut within float resolution, 2 no distribution.
+template <typename T>
+cudaError_t top_p_threshold(const T* x, int64_t rows, int64_t n, const double* temperature, const double* top_p,
+                            double* log_ratio, int64_t* status, DeviceLimits limits, cudaStream_t stream);
+
 }  // namespace online_softmax::kernels

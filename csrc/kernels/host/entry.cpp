@@ -146,6 +146,31 @@ int osm_host_topk_backward(int dtype, const void* grad_values, const void* x, co
   });
 }
 
+size_t osm_host_sample_workspace_bytes(int dtype, int64_t rows, int64_t n) {
+  return with_dtype(dtype, [&](auto t) -> size_t { return sample_workspace_bytes<decltype(t)>(rows, n); });
+}
+
+// min_log_ratio may be null (no cut).
+int osm_host_sample_categorical(int dtype, const void* x, int64_t rows, int64_t n, const double* temperature,
+                                const double* min_log_ratio, const double* uniforms, int64_t num_samples,
+                                int64_t* tokens, void* log_probs, void* workspace, int num_sms) {
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    return sample_categorical<T>(static_cast<const T*>(x), rows, n, temperature, min_log_ratio, uniforms,
+                                 num_samples, tokens, static_cast<Acc<T>*>(log_probs), workspace,
+                                 limits_of(num_sms, 48 * 1024), nullptr);
+  });
+}
+
+int osm_host_top_p_threshold(int dtype, const void* x, int64_t rows, int64_t n, const double* temperature,
+                             const double* top_p, double* log_ratio, int64_t* status, int num_sms) {
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    return top_p_threshold<T>(static_cast<const T*>(x), rows, n, temperature, top_p, log_ratio, status,
+                              limits_of(num_sms, 48 * 1024), nullptr);
+  });
+}
+
 // 0 in order, 1 reversed, 2 seeded random (runtime.h).
 void osm_host_set_schedule(int schedule, uint64_t seed) { hr::set_schedule(hr::Schedule(schedule), seed); }
 const char* osm_host_last_error() { return hr::last_error_message(); }

@@ -4,7 +4,11 @@ that Hugging Face transformers and Mixtral-style routers run, side by side in on
     python benchmarks/bench_decoding.py [--ops moe,sample] [--device cpu] [--threads N]
 
 Times are medians of interleaved rounds (online_softmax.bench.median_times); the bandwidth column
-counts one read of the logits, the least any implementation must move.
+counts one read of the logits, the least any implementation must move. Sampling has two peers:
+"torch" is the sequence transformers runs (warpers, softmax, torch.multinomial), and
+"torch+searchsorted" the same warpers with an inverse-CDF draw, since torch.multinomial alone is
+most of the first one's time on a CPU. Logits are randn * 3 (nuclei of top_p=0.9 hold 1,500 to
+7,000 tokens, flatter than a trained model's).
 """
 
 import argparse
@@ -14,7 +18,7 @@ import torch
 
 import online_softmax as osm
 from online_softmax.bench import machine_info, machine_line, median_times
-from online_softmax.sampling import unfused_sample
+from online_softmax.sampling import unfused_sample, warped_probs
 
 MOE_SHAPES = [(4096, 8), (4096, 64), (4096, 256)]
 MOE_KS = [2, 8]
@@ -35,6 +39,15 @@ def torch_router(x, k, out_dtype):
     w, idx = torch.topk(w, k, dim=-1)
     w = w / w.sum(dim=-1, keepdim=True)
     return w.to(out_dtype), idx
+
+
+def searchsorted_sample(x, generator, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """A better-written unfused peer: the same warpers, then an inverse-CDF draw (cumsum +
+    searchsorted) instead of torch.multinomial, which is slow on the CPU."""
+    probs = warped_probs(x, temperature, top_k, top_p, min_p)
+    u = torch.rand(x.shape[0], 1, dtype=probs.dtype, device=x.device, generator=generator)
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(x.shape[1] - 1)
 
 
 def report(title, shape_label, times, nbytes):
@@ -59,14 +72,17 @@ def bench_moe(device, dtypes):
                 report(f"moe {str(dtype)[6:]} k={k}", f"{rows}x{experts}", times, x.numel() * x.element_size())
 
 
-def bench_sample(device):
+def bench_sample(device, labels=None):
     for rows, vocab in SAMPLE_SHAPES:
         x = torch.randn(rows, vocab, device=device) * 3
         for label, kw in SAMPLE_SETTINGS:
-            g1, g2 = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(0)
+            if labels is not None and label not in labels:
+                continue
+            g1, g2, g3 = (torch.Generator(device).manual_seed(0) for _ in range(3))
             calls = {
                 "online_softmax": lambda: osm.sample(x, generator=g1, **kw),
                 "torch": lambda: unfused_sample(x, generator=g2, **kw),
+                "torch+searchsorted": lambda: searchsorted_sample(x, g3, **kw),
             }
             times = median_times(calls, device, min_runs=11, budget_s=2.0)
             report(f"sample {label}", f"{rows}x{vocab}", times, x.numel() * x.element_size())
@@ -79,6 +95,7 @@ def main(argv=None):
     p.add_argument("--dtypes", default="bfloat16,float32",
                    type=lambda s: [getattr(torch, d) for d in s.split(",")])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--settings", default=None, help="sampling settings to run, by label, separated by ';'")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +105,7 @@ def main(argv=None):
     if "moe" in args.ops:
         bench_moe(device, args.dtypes)
     if "sample" in args.ops:
-        bench_sample(device)
+        bench_sample(device, None if args.settings is None else args.settings.split(";"))
     return 0
 
 

@@ -18,6 +18,8 @@ def _samples(device):
     y = torch.softmax(x.detach(), -1)
     m, d = ops.stats(x.detach(), -1)
     v, i, tm, td = ops.softmax_topk(x.detach(), 4, -1)
+    t64 = torch.full((5,), 0.9, dtype=torch.float64, device=device)
+    u64 = torch.rand(5, 3, dtype=torch.float64, device=device)
     return [
         (ops.forward, (x, -1)),
         (ops.forward, (x, 1, True, 0.5, None)),
@@ -30,6 +32,12 @@ def _samples(device):
         (ops.softmax_topk, (x, 4, -1, False, 1.0)),
         (ops.softmax_topk, (x3, 3, 1, True, 0.7)),
         (ops.softmax_topk_backward, (torch.randn_like(v), x.detach(), i, tm, td, -1, False, 1.0)),
+        (ops.beam_search_step, (x.detach(), torch.zeros(1, 5, device=device), 5, 10, 1.0,
+                                torch.tensor([[1, -1]] * 5, device=device), None, 1.0)),
+        (ops.sample_categorical, (x.detach(), t64, None, u64)),
+        (ops.sample_categorical, (xh, t64[:4], torch.full((4,), -1.0, dtype=torch.float64, device=device),
+                                  u64[:4])),
+        (ops.top_p_threshold, (x.detach(), t64, torch.full((5,), 0.8, dtype=torch.float64, device=device))),
     ]
 
 
@@ -38,7 +46,8 @@ def test_opcheck_every_op(device):
     for op, args in _samples(device):
         torch.library.opcheck(op, args)
         covered.add(op._name if hasattr(op, "_name") else str(op))
-    assert len(covered) == 5, covered
+    registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::")}
+    assert len(covered) == len(registered) == 8, (covered, registered)
 
 
 def test_torch_compile_fullgraph():

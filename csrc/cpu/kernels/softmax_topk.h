@@ -198,8 +198,10 @@ State<acc_t<T>> scan_topk(const T* x, int64_t n, int64_t first, acc_t<T> s, Sele
         alignas(64) A lanes[2 * W];
         a.store(lanes);
         b.store(lanes + W);
-        for (int64_t l = 0; l < 2 * W; ++l) {
-          if (mask & (uint64_t(1) << l)) topk.offer(lanes[l], first + offset + l);
+        // Only the lanes that passed, in index order (ties keep the lower index ahead).
+        for (; mask != 0; mask &= mask - 1) {
+          const int l = __builtin_ctzll(mask);
+          topk.offer(lanes[l], first + offset + l);
         }
       },
       [&](A v, int64_t offset) { topk.offer(v, first + offset); });

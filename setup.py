@@ -156,6 +156,23 @@ def build_extension():
                         extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
 
+def record_torch_build():
+    """online_softmax/_torch_build.py: the torch this build compiles against, which the package
+    compares with the running torch at import (a different minor version breaks the C++ ABI). Written
+    here, before setup(), so in-place, editable and wheel builds all carry it; sdists leave it out
+    (MANIFEST.in)."""
+    path = os.path.join(ROOT, "online_softmax", "_torch_build.py")
+    text = ('"""Written by setup.py at build time: the torch this build of the extension compiled against."""\n\n'
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"TORCH_CUDA = {torch.version.cuda!r}\n")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+record_torch_build()
+
 setup(
     ext_modules=[build_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -6,8 +6,11 @@ Ops live under ``torch.ops.online_softmax``; this package loads them and adds th
 
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
-from . import _C  # noqa: F401  (loads the shared object, which registers the ops)
-from . import ops  # noqa: F401  (fake kernels and autograd)
+from ._version import __version__
+from ._torch_check import load_extension
+
+_C = load_extension()  # the shared object, which registers the ops; checked against the running torch
+from . import ops  # noqa: F401,E402  (fake kernels and autograd)
 from .api import log_softmax, softmax, softmax_topk
 from .modules import OnlineLogSoftmax, OnlineSoftmax
 from .state import SoftmaxState, merge_states, softmax_stats
@@ -16,8 +19,6 @@ from .cuda_plan import CudaPlan, cuda_plan
 from .beam_search import BeamSearchDecoder, BeamSearchOutput, BeamStep, beam_search_step
 from .sampling import Sample, sample
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
-
-__version__ = "0.1.0"
 
 __all__ = [
     "softmax",

@@ -8,8 +8,8 @@
 # ~/.cache/online_softmax/cuda-torch-venv) gets the registry's default torch==2.13.0 wheel, which is
 # a CUDA 13.0 build (about 5 GB with its nvidia-* dependencies), matching nvcc 13.0. The package is
 # built from a copy of the checkout's files (never in place: the CPU build's objects stay untouched)
-# with FORCE_CUDA=1 for sm_90, or, with --sdist, from an sdist made from that copy. Not part of CI
-# (download size).
+# with FORCE_CUDA=1 for sm_90, or, with --sdist, as a wheel that `python -m build --wheel
+# --no-isolation` builds from the unpacked sdist of that copy. Not part of CI (download size).
 set -euo pipefail
 # A PYTHONPATH pointing at a checkout would make the check import that checkout's (CPU) build
 # instead of the one installed into the venv, and fail with "built without its CUDA kernels".
@@ -42,12 +42,19 @@ t0=$SECONDS
 if [[ $ROUTE == sdist ]]; then
   (cd "$WORK/src" && "$PY" -m build --sdist --no-isolation --outdir "$WORK/dist" > "$WORK/sdist.log" 2>&1) \
     || { tail -n 40 "$WORK/sdist.log"; exit 1; }
-  TARGET=$(ls "$WORK"/dist/*.tar.gz)
-  echo "== sdist: $(basename "$TARGET")"
+  SDIST=$(ls "$WORK"/dist/*.tar.gz)
+  echo "== sdist: $(basename "$SDIST")"
+  # A wheel from the unpacked sdist, as a packager builds it: every CUDA source must be in the sdist.
+  mkdir -p "$WORK/unpacked" && tar -xzf "$SDIST" -C "$WORK/unpacked"
+  echo "== building a wheel from the sdist with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+  "$PY" -m build --wheel --no-isolation --outdir "$WORK/wheels" "$WORK"/unpacked/* > "$WORK/wheel.log" 2>&1 \
+    || { grep -E -m 40 "error|FAILED" "$WORK/wheel.log"; tail -n 20 "$WORK/wheel.log"; exit 1; }
+  TARGET=$(ls "$WORK"/wheels/*.whl)
+  echo "== wheel: $(basename "$TARGET")"
 else
   TARGET=$WORK/src
 fi
-echo "== building ($ROUTE) with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+echo "== installing ($ROUTE) with FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 "$PY" -m pip install -q --no-build-isolation --no-deps --force-reinstall "$TARGET" > "$WORK/build.log" 2>&1 \
   || { grep -E -m 40 "error|FAILED" "$WORK/build.log"; tail -n 20 "$WORK/build.log"; exit 1; }
 echo "== built in $((SECONDS - t0)) s"

@@ -134,7 +134,12 @@ def build(variant="release"):
     flags = COMMON_FLAGS + [f"-I{CSRC}", f"-I{inc}"] + VARIANTS[variant]
     srcs = sources()
     if variant == "release":
-        return _compile_all(cxx, flags, srcs, variant, ["-shared", "-ldl", "-lpthread"], "libosm_host_kernels.so")
+        # -Bsymbolic: the runtime's own cudaGetLastError, cudaFuncSetAttribute, ... must win over a
+        # real libcudart that a CUDA build of torch has loaded with RTLD_GLOBAL into this process.
+        # Without it every launch there reported cudaErrorInsufficientDriver (35), and on a GPU
+        # machine the launchers would have asked the real runtime.
+        return _compile_all(cxx, flags, srcs, variant, ["-shared", "-Wl,-Bsymbolic", "-ldl", "-lpthread"],
+                            "libosm_host_kernels.so")
     return _compile_all(cxx, flags, srcs + [HOST / "sanitize_main.cpp"], variant, ["-ldl", "-lpthread"],
                         "sanitize_main")
 

@@ -8,7 +8,8 @@
   the one block that holds it.
 - ``top_p`` without ``top_k``: ``top_p_threshold`` finds the cut per row (one read from memory,
   then narrowing passes over the row while it is in cache), and ``sample_categorical`` draws above
-  it (two more reads). Nothing of the vocabulary's size is written.
+  it (a max pass from memory, then the block masses from cache when the row fits). Nothing of the
+  vocabulary's size is written.
 
 Every draw uses one float64 uniform from ``torch.rand(..., generator=generator)``, so a seeded
 generator reproduces the tokens. A row with no distribution (a NaN or +inf logit, or every token

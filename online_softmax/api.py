@@ -60,7 +60,9 @@ def softmax_topk(x: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, t
     if not renormalize and out_dtype == x.dtype:
         return SoftmaxTopK(values, indices)
     acc = torch.promote_types(torch.promote_types(m.dtype, out_dtype), torch.float32)
-    z = x.gather(dim, indices).to(acc) / float(temperature)
+    z = x.gather(dim, indices).to(acc)
+    if temperature != 1.0:
+        z = z / float(temperature)
     if renormalize:
         # The full row's normalizer cancels: the weights are the softmax of the k logits.
         w = torch.log_softmax(z, dim) if log else torch.softmax(z, dim)

@@ -95,6 +95,44 @@ def test_every_kernel_under_each_capability(capability, dtype):
                                    atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sampling_kernels_under_each_capability(capability, dtype):
+    """sample_categorical and top_p_threshold under this capability's kernels: draws inside the
+    warpers' support with their log-probabilities, and top-p cuts that keep transformers' tokens."""
+    from online_softmax.sampling import warped_probs
+    ops = torch.ops.online_softmax
+    x = random_logits((6, 3001), dtype, seed=11)
+    x[2, :1500] = float("-inf")
+    t = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.9, 2.0], dtype=torch.float64)
+    u = torch.rand(6, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for min_p in (None, 0.05):
+        cut = None if min_p is None else torch.full((6,), min_p, dtype=torch.float64).log()
+        tok, lp = ops.sample_categorical(x, t, cut, u)
+        probs = warped_probs(x.double(), t, None, None, min_p)
+        drawn = probs.gather(1, tok)
+        assert (drawn > 0).all(), capability
+        torch.testing.assert_close(lp.double(), drawn.log(), rtol=1e-4, atol=1e-4)
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.3, 0.8, 0.95], dtype=torch.float64)
+    ratio, status = ops.top_p_threshold(x, t, top_p)
+    # The kernels' own rounding of the cut: (max + ratio / s) in double, s = 1 / t and the result in
+    # the accumulation type (float32, float64 for float64).
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s_acc = (1.0 / t).to(acc).double()
+    m = x.to(acc).amax(-1, keepdim=True).double()
+    kept = x.to(acc) >= (m + ratio[:, None] / s_acc[:, None]).to(acc)
+    want = warped_probs(x.double(), t, None, top_p) > 0
+    for r in range(6):
+        if status[r] == 0:
+            assert torch.equal(kept[r], want[r]), (capability, r)
+        else:
+            # A cut inside equal logits (bfloat16 has many): it keeps transformers' set plus the
+            # rest of that one tied value, and sample() redoes the row with transformers' sort.
+            assert status[r] == 1 and (kept[r] | ~want[r]).all(), (capability, r)
+            assert x[r][kept[r] & ~want[r]].unique().numel() <= 1, (capability, r)
+    if dtype != torch.bfloat16:
+        assert (status == 0).all()
+
+
 def test_capabilities_agree_with_each_other():
     """The same op, run by each capability's kernels, gives the same answers within rounding and
     identical top-k indices."""

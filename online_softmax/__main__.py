@@ -33,6 +33,15 @@ def demo(device):
     print(f"3 chunks merged: max |difference| from the one-shot softmax {(stitched - p).abs().max().item():.2e}, "
           f"logsumexp {state.logsumexp()[0].item():.4f} vs torch {torch.logsumexp(logits, -1)[0].item():.4f}")
 
+    g = torch.Generator(device).manual_seed(0)
+    drawn = osm.sample(logits, temperature=0.7, top_k=50, top_p=0.9, generator=g)
+    print(f"sampled tokens (temperature 0.7, top-k 50, top-p 0.9, seeded): {drawn.token_ids[:, 0].tolist()}, "
+          f"log-probs {[round(v, 3) for v in drawn.log_probs[:, 0].tolist()]}")
+
+    router = torch.randn(3, 8, device=device, dtype=torch.bfloat16)
+    weights, experts = osm.softmax_topk(router, 2, renormalize=True, dtype=torch.float32)
+    print(f"MoE routing, 2 of 8 experts: experts {experts.tolist()}, weights {weights.tolist()}")
+
     x = logits[:2, :10].clone().requires_grad_()
     osm.log_softmax(x).sum().backward()
     print(f"gradient of sum(log_softmax) (should be ~0 per row): {x.grad.sum(-1).tolist()}")

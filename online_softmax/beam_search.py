@@ -185,6 +185,8 @@ class BeamSearchDecoder:
         zeros = torch.zeros(batch, 1, device=dev)
         for _ in range(self.max_new_tokens):
             logits, cache = step_fn(seqs, cache, beam_idx)
+            if seqs.shape[1] == prompt:
+                self.rules.check_vocab(logits.shape[-1])
             if self.rules.any():
                 edits = self.rules.edits(seqs, prompt, max_length, pad_lengths)
                 scores = self.rules.dense(seqs, logits.float(), edits)

@@ -106,9 +106,10 @@ class DecodingRules:
                     or self.multi_bad or self.suppress or self.begin_suppress or self.forced_eos or self.custom)
 
     def check_vocab(self, vocab: int) -> None:
-        ids = self.single_bad + self.multi_bad + [self.suppress, self.begin_suppress, self.forced_eos]
-        for name, w in zip(["bad_words_ids"] * (len(self.single_bad) + len(self.multi_bad)) +
-                           ["suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id"], ids):
+        named = [("bad_words_ids", w) for w in self.single_bad + self.multi_bad] + [
+            ("suppress_tokens", self.suppress), ("begin_suppress_tokens", self.begin_suppress),
+            ("forced_eos_token_id", self.forced_eos)]
+        for name, w in named:
             if any(t >= vocab for t in w):
                 raise ValueError(f"BeamSearchDecoder: {name} holds token ids >= the vocabulary size {vocab}: {w}")
 

@@ -32,6 +32,11 @@ class Sample(NamedTuple):
     log_probs: torch.Tensor  # (*batch, num_samples) under the distribution drawn from (float32; float64 for float64)
 
 
+def _rows(v, idx):
+    """The rows idx of v (all of v when idx is None; None stays None)."""
+    return v if v is None or idx is None else v.index_select(0, idx)
+
+
 def _per_row(value: Param, name: str, rows: int, batch_shape, device, dtype) -> Optional[torch.Tensor]:
     if value is None:
         return None
@@ -57,27 +62,28 @@ def _per_row(value: Param, name: str, rows: int, batch_shape, device, dtype) -> 
 def _check_range(t: Optional[torch.Tensor], name: str, lo, hi, lo_open=False, hi_open=False) -> None:
     if t is None or t.numel() == 0 or torch.compiler.is_compiling():
         return
-    a, b = t.min().item(), t.max().item()
+    a, b = torch.stack([t.min(), t.max()]).tolist()  # one host sync
     if not ((a > lo if lo_open else a >= lo) and (b < hi if hi_open else b <= hi)) or a != a or b != b:
         raise ValueError(f"online_softmax.sample: {name} must lie in {'(' if lo_open else '['}{lo}, {hi}"
                          f"{')' if hi_open else ']'}, got values in [{a}, {b}]")
 
 
-def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor):
     """For rows of nonnegative weights (rows, K) and uniforms (rows, S): the first position whose
-    cumulative weight exceeds u * total, never past the last positive weight (rounding)."""
+    cumulative weight exceeds u * total, never past the last positive weight (rounding). Returns
+    (positions, totals (rows, 1))."""
     cdf = weights.double().cumsum(-1)
-    pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    total = cdf[:, -1:]
+    pos = torch.searchsorted(cdf, u * total, right=True)
     last = weights.shape[1] - 1 - (weights.flip(-1) > 0).int().argmax(-1, keepdim=True)
-    return torch.minimum(pos, last)
+    return torch.minimum(pos, last), total
 
 
 def _draw(weights: torch.Tensor, u: torch.Tensor):
     """Positions drawn from rows of nonnegative weights (rows, K), one per uniform (rows, S), and
     the log of the drawn weight over the row's total."""
-    pos = _inverse_cdf(weights, u)
-    logp = weights.gather(1, pos).log() - weights.sum(-1, keepdim=True).log()
-    return pos, logp
+    pos, total = _inverse_cdf(weights, u)
+    return pos, (weights.gather(1, pos).double().log() - total.log()).to(weights.dtype)
 
 
 def _keep_top_p(p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -175,49 +181,51 @@ def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = Non
     _check_range(mp, "min_p", 0.0, 1.0)
     u = torch.rand(rows, num_samples, dtype=torch.float64, device=dev, generator=generator)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    tokens = torch.empty(rows, num_samples, dtype=torch.int64, device=dev)
-    logp = torch.empty(rows, num_samples, dtype=acc, device=dev)
     if rows == 0:
-        return Sample(tokens.reshape(*batch_shape, num_samples), logp.reshape(*batch_shape, num_samples))
+        empty = (torch.empty(*batch_shape, num_samples, dtype=torch.int64, device=dev),
+                 torch.empty(*batch_shape, num_samples, dtype=acc, device=dev))
+        return Sample(*empty)
 
-    has_k = (k > 0) & (k < vocab) if k is not None else torch.zeros(rows, dtype=torch.bool, device=dev)
-    use_p = p is not None and (torch.compiler.is_compiling() or bool((p < 1).any()))
-    use_mp = mp is not None and (torch.compiler.is_compiling() or bool((mp > 0).any()))
     compiling = torch.compiler.is_compiling()
-    all_k = compiling and k is not None or (k is not None and bool(has_k.all()))
-    groups = [(torch.arange(rows, device=dev), all_k)] if compiling or all_k or not bool(has_k.any()) else \
-        [(has_k.nonzero()[:, 0], True), ((~has_k).nonzero()[:, 0], False)]
+    if compiling:  # no data-dependent branches: every cut is applied (a switched-off one keeps all)
+        use_p, use_mp = p is not None, mp is not None
+        groups = [(None, k is not None)]
+    else:
+        use_p = p is not None and bool((p < 1).any())
+        use_mp = mp is not None and bool((mp > 0).any())
+        has_k = (k > 0) & (k < vocab) if k is not None else None
+        if has_k is None or not bool(has_k.any()):
+            groups = [(None, False)]
+        elif bool(has_k.all()):
+            groups = [(None, True)]
+        else:  # a batch that mixes rows with and without top_k: each group on its own rows
+            groups = [(has_k.nonzero()[:, 0], True), ((~has_k).nonzero()[:, 0], False)]
+    tokens = logp = None
     for rows_idx, topk_rows in groups:
-        whole = rows_idx.numel() == rows
-        xs = x if whole else x.index_select(0, rows_idx)
-
-        def pick(v):
-            return None if v is None else (v if whole else v.index_select(0, rows_idx))
-
-        ts, ks, ps, mps, us = pick(t), pick(k), pick(p) if use_p else None, pick(mp) if use_mp else None, pick(u)
+        xs, ts, ks, us = (_rows(v, rows_idx) for v in (x, t, k, u))
+        ps, mps = _rows(p, rows_idx) if use_p else None, _rows(mp, rows_idx) if use_mp else None
         if topk_rows:
             tok, lp, bad, overflow = _sample_top_k(xs, ts, ks, ps, mps, us)
             if overflow is not None and bool(overflow.any()):
                 o = overflow.nonzero()[:, 0]
                 tok[o], lp[o] = _dense_draw(xs[o], ts[o], ks[o], _rows(ps, o), _rows(mps, o), us[o])
-        elif ps is not None:
-            tok, lp = _sample_nucleus(xs, ts, ps, mps, us)
-            bad = None
-        else:
-            tok, lp = _ops.sample_categorical(xs, ts, None if mps is None else mps.log(), us)
-            bad = None
-        if bad is not None:
             tok = tok.masked_fill(bad[:, None], -1)
             lp = lp.masked_fill(bad[:, None], float("nan"))
-        if whole:
-            tokens, logp = tok, lp.to(acc)
+        elif ps is not None:
+            tok, lp = _sample_nucleus(xs, ts, ps, mps, us)
         else:
-            tokens[rows_idx], logp[rows_idx] = tok, lp.to(acc)
+            tok, lp = _ops.sample_categorical(xs, ts, None if mps is None else mps.log(), us)
+        lp = lp.to(acc)
+        if rows_idx is None:
+            tokens, logp = tok, lp
+        else:
+            if tokens is None:
+                tokens = torch.empty(rows, num_samples, dtype=torch.int64, device=dev)
+                logp = torch.empty(rows, num_samples, dtype=acc, device=dev)
+            tokens[rows_idx], logp[rows_idx] = tok, lp
     return Sample(tokens.reshape(*batch_shape, num_samples), logp.reshape(*batch_shape, num_samples))
 
 
-def _rows(v, idx):
-    return None if v is None else v[idx]
 
 
 # ---- the unfused reference: transformers' warpers on materialized scores ----
@@ -261,7 +269,7 @@ def _dense_draw(x, t, k, top_p, min_p, u):
     """Rows whose k-th logit has more ties than the fused selection holds: the exact warpers on the
     whole row, then the same inverse-CDF draw (over token ids in order)."""
     probs = warped_probs(x.to(torch.promote_types(x.dtype, torch.float32)), t, k, top_p, min_p)
-    pos = _inverse_cdf(probs, u)
+    pos, _ = _inverse_cdf(probs, u)
     return pos, probs.gather(1, pos).log()
 
 

@@ -10,17 +10,7 @@ from online_softmax.beam_search import BeamSearchDecoder
 
 transformers = pytest.importorskip("transformers")
 
-EOS, VOCAB = 3, 48
-
-
-def tiny_gpt2(seed):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                     bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # make EOS likely enough that hypotheses finish early
-        model.transformer.wte.weight[EOS] *= 4
-    return model
+from tiny_gpt2 import EOS, VOCAB, tiny_gpt2  # noqa: E402
 
 
 def left_padded(seed, lengths):

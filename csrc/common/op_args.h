@@ -194,10 +194,16 @@ inline at::Tensor topk_backward_result(const at::Tensor& dx, const at::Tensor& x
 
 // ---- sample_categorical ----
 
-struct SampleArgs {
-  at::Tensor x, temperature, min_log_ratio, uniforms;  // contiguous; min_log_ratio undefined when absent
-  int64_t rows, n, num_samples;
-  at::Tensor tokens, log_probs;                // allocated results (rows, num_samples)
+// What both sampling ops take first: x (rows, vocab) made contiguous, and its per-row temperatures.
+struct SampleRows {
+  at::Tensor x, temperature;
+  int64_t rows, n;
+};
+
+struct SampleArgs : SampleRows {
+  at::Tensor min_log_ratio, uniforms;  // contiguous; min_log_ratio undefined when absent
+  int64_t num_samples;
+  at::Tensor tokens, log_probs;        // allocated results (rows, num_samples)
 };
 
 // Checks a (rows,) or (rows, S) float64 parameter tensor and the range of its values (one sync).
@@ -220,29 +226,25 @@ inline at::Tensor sample_param(const char* op, const at::Tensor& t, const char* 
   return t.contiguous();
 }
 
-// x (rows, vocab) with at least one column, contiguous; and its per-row temperatures.
-inline void check_sample_rows(const char* op, const at::Tensor& x) {
+// Checks x (rows, vocab), at least one column, and its (rows,) temperatures. The kernels scale by
+// 1 / temperature in float32: it must stay finite.
+inline void sample_rows(const char* op, const at::Tensor& x, const at::Tensor& temperature, SampleRows& a) {
   check_floating(x, "x", op);
   TORCH_CHECK_VALUE(x.dim() == 2, "online_softmax.", op, ": x must be 2-D (rows, vocab), got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.size(1) >= 1 || x.size(0) == 0, "online_softmax.", op,
                     ": x must have at least one column to draw from, got shape ", x.sizes());
-}
-
-// The kernels scale by 1 / temperature in float32: keep it finite.
-inline at::Tensor sample_temperature(const char* op, const at::Tensor& t, const at::Tensor& x) {
-  return sample_param(op, t, "temperature", x, 1, 1.0 / 3.0e38, std::numeric_limits<double>::infinity(), false,
-                      true);
+  a.x = x.contiguous();
+  a.rows = x.size(0);
+  a.n = x.size(1);
+  a.temperature = sample_param(op, temperature, "temperature", x, 1, 1.0 / 3.0e38,
+                               std::numeric_limits<double>::infinity(), false, true);
 }
 
 inline SampleArgs sample_args(const at::Tensor& x, const at::Tensor& temperature,
                               const std::optional<at::Tensor>& min_log_ratio, const at::Tensor& uniforms) {
   const char* op = "sample_categorical";
-  check_sample_rows(op, x);
   SampleArgs a;
-  a.x = x.contiguous();
-  a.rows = x.size(0);
-  a.n = x.size(1);
-  a.temperature = sample_temperature(op, temperature, x);
+  sample_rows(op, x, temperature, a);
   if (min_log_ratio.has_value()) {
     a.min_log_ratio = sample_param(op, *min_log_ratio, "min_log_ratio", x, 1, -std::numeric_limits<double>::infinity(),
                                    0.0, false, false);
@@ -256,20 +258,15 @@ inline SampleArgs sample_args(const at::Tensor& x, const at::Tensor& temperature
 
 // ---- top_p_threshold ----
 
-struct TopPArgs {
-  at::Tensor x, temperature, top_p;
-  int64_t rows, n;
+struct TopPArgs : SampleRows {
+  at::Tensor top_p;
   at::Tensor log_ratio, status;  // allocated results (rows,)
 };
 
 inline TopPArgs top_p_args(const at::Tensor& x, const at::Tensor& temperature, const at::Tensor& top_p) {
   const char* op = "top_p_threshold";
-  check_sample_rows(op, x);
   TopPArgs a;
-  a.x = x.contiguous();
-  a.rows = x.size(0);
-  a.n = x.size(1);
-  a.temperature = sample_temperature(op, temperature, x);
+  sample_rows(op, x, temperature, a);
   a.top_p = sample_param(op, top_p, "top_p", x, 1, 0.0, 1.0, false, false);
   a.log_ratio = at::empty({a.rows}, x.options().dtype(at::kDouble));
   a.status = at::empty({a.rows}, x.options().dtype(at::kLong));

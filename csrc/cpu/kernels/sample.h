@@ -58,7 +58,7 @@ inline acc_t<T> row_max(const T* x, int64_t n) {
 
 template <typename T>
 void sample_row(const T* x, int64_t n, double temperature, double log_ratio, const double* u, int64_t num_samples,
-                int64_t* tokens, acc_t<T>* log_probs, std::vector<double>& mass) {
+                int64_t* tokens, acc_t<T>* log_probs, std::vector<double>& mass, std::vector<double>& block_m) {
   using A = acc_t<T>;
   const A s = static_cast<A>(1.0 / temperature);
   const int64_t blocks = (n + kScanBlock - 1) / kScanBlock;
@@ -75,16 +75,17 @@ void sample_row(const T* x, int64_t n, double temperature, double log_ratio, con
         mass[b] = kept_mass(x + b * kScanBlock, std::min(kScanBlock, n - b * kScanBlock), m, s, threshold);
     }
   } else {
-    std::vector<State<A>> st(blocks);
+    block_m.resize(blocks);  // the blocks' maxima; mass holds their d until rescaled below
     for (int64_t b = 0; b < blocks; ++b) {
-      st[b] = block_state(x + b * kScanBlock, std::min(kScanBlock, n - b * kScanBlock), s,
-                          [](int64_t, auto, auto, auto, auto) {}, [](int64_t, A, A) {});
-      m = nan_max(m, st[b].m);
+      const State<A> st = block_state(x + b * kScanBlock, std::min(kScanBlock, n - b * kScanBlock), s,
+                                      [](int64_t, auto, auto, auto, auto) {}, [](int64_t, A, A) {});
+      block_m[b] = st.m;
+      mass[b] = st.d;
+      m = nan_max(m, st.m);
     }
     defined = defined && std::isfinite(m);
     if (defined) {
-      for (int64_t b = 0; b < blocks; ++b)
-        mass[b] = static_cast<double>(st[b].d) * std::exp((static_cast<double>(st[b].m) - m) * s);
+      for (int64_t b = 0; b < blocks; ++b) mass[b] *= std::exp((block_m[b] - m) * s);
     }
   }
   double total = 0.0;
@@ -262,11 +263,11 @@ void sample_kernel(const SampleCall& c) {
   const T* x = static_cast<const T*>(c.x);
   A* log_probs = static_cast<A*>(c.log_probs);
   at::parallel_for(0, c.rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> mass;
+    std::vector<double> mass, block_m;  // per-thread scratch, reused across rows
     for (int64_t r = begin; r < end; ++r) {
       sample_row(x + r * c.n, c.n, c.temperature[r],
                  c.min_log_ratio ? c.min_log_ratio[r] : -std::numeric_limits<double>::infinity(), c.uniforms + r * c.num_samples,
-                 c.num_samples, c.tokens + r * c.num_samples, log_probs + r * c.num_samples, mass);
+                 c.num_samples, c.tokens + r * c.num_samples, log_probs + r * c.num_samples, mass, block_m);
     }
   });
 }

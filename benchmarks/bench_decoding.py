@@ -18,7 +18,8 @@ import torch
 
 import online_softmax as osm
 from online_softmax.bench import machine_info, machine_line, median_times
-from online_softmax.sampling import unfused_sample, warped_probs
+from online_softmax.decoding.warpers import warped_probs
+from online_softmax.reference import unfused_sample
 
 MOE_SHAPES = [(4096, 8), (4096, 64), (4096, 256)]
 MOE_KS = [2, 8]

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import online_softmax as osm
-from online_softmax.beam_search import unfused_beam_search_step
+from online_softmax.reference import unfused_beam_search_step
 
 
 def cached_step(model):

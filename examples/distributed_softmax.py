@@ -23,7 +23,7 @@ def run(rank, world, port, rows, vocab):
     y = osd.softmax(shard)
     lse = osd.logsumexp(shard)
     top = osd.softmax_topk(shard, k=5)
-    full_y = osm.softmax(x).tensor_split(world, dim=-1)[rank]
+    full_y = osm.softmax(x, dim=-1).tensor_split(world, dim=-1)[rank]
     comm = osd.communication_bytes(shard, k=5)
     if rank == 0:
         print(f"rank 0 of {world}: shard {list(shard.shape)}; softmax slice matches the single-process op: "

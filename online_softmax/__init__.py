@@ -11,19 +11,19 @@ from ._torch_check import load_extension
 
 _C = load_extension()  # the shared object, which registers the ops; checked against the running torch
 from . import ops  # noqa: F401,E402  (fake kernels and autograd)
-from .api import log_softmax, softmax, softmax_topk
+from .api import SoftmaxTopK, log_softmax, softmax, softmax_topk
 from .modules import OnlineLogSoftmax, OnlineSoftmax
 from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
 from .cuda_plan import CudaPlan, cuda_plan
-from .beam_search import BeamSearchDecoder, BeamSearchOutput, BeamStep, beam_search_step
-from .sampling import Sample, sample
+from .decoding import BeamSearchDecoder, BeamSearchOutput, BeamStep, Sample, beam_search_step, sample
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
 __all__ = [
     "softmax",
     "log_softmax",
     "softmax_topk",
+    "SoftmaxTopK",
     "softmax_stats",
     "SoftmaxState",
     "merge_states",

@@ -18,7 +18,7 @@ def demo(device):
     print(f"online_softmax {osm.__version__}: {osm.build_info()}")
     logits = torch.randn(4, 50257, device=device) * 3
 
-    p = osm.softmax(logits)
+    p = osm.softmax(logits, dim=-1)
     err = (p.double() - torch.softmax(logits.double(), -1)).abs().max().item()
     print(f"softmax of 4 x 50257 logits: rows sum to {p.sum(-1).tolist()}, max |error| vs float64 {err:.2e}")
 
@@ -43,7 +43,7 @@ def demo(device):
     print(f"MoE routing, 2 of 8 experts: experts {experts.tolist()}, weights {weights.tolist()}")
 
     x = logits[:2, :10].clone().requires_grad_()
-    osm.log_softmax(x).sum().backward()
+    osm.log_softmax(x, dim=-1).sum().backward()
     print(f"gradient of sum(log_softmax) (should be ~0 per row): {x.grad.sum(-1).tolist()}")
     inf = float("inf")
     print(f"softmax([-inf, -inf]) = {osm.softmax(torch.tensor([-inf, -inf])).tolist()} "

@@ -1,68 +1,107 @@
-"""The Python API: drop-ins for torch.softmax / torch.log_softmax and the fused softmax + top-k."""
+"""The Python API: drop-ins for torch.softmax / torch.log_softmax and the fused softmax + top-k.
 
+Naming rule for every public function of the package:
+
+- a function that mirrors a torch function takes that function's argument names and order
+  (``input``, ``dim``, ``dtype``; ``k`` as in ``torch.topk``); a function whose input is a
+  decoder's next-token scores (beam search, sampling) calls it ``logits``;
+- a full softmax comes as two functions named like torch's (``softmax``, ``log_softmax``); a
+  function that returns selected probabilities (a top-k) takes ``log=True`` for their logarithm;
+- options beyond torch's (``temperature``, ``renormalize``, ...) are keyword-only.
+"""
+
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
+
+from . import _checks as checks
 
 _ops = torch.ops.online_softmax
 
 
 class SoftmaxTopK(NamedTuple):
+    """What :func:`softmax_topk` returns: the k largest probabilities (or log-probabilities) along
+    the dim, sorted descending, and their int64 indices (ties to the lower index), both with k at
+    the softmax dim as in ``torch.topk``."""
+
     values: torch.Tensor
     indices: torch.Tensor
 
 
-def _check_tensor(x, name: str, op: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"online_softmax.{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+def _legacy_dim(name: str, ndim: int, stacklevel: int) -> int:
+    # torch.nn.functional's rule and warning for dim=None, word for word.
+    warnings.warn(f"Implicit dimension choice for {name} has been deprecated. "
+                  "Change the call to include dim=X as an argument.", stacklevel=stacklevel)
+    return 0 if ndim in (0, 1, 3) else 1
 
 
-def softmax(x: torch.Tensor, dim: int = -1, *, dtype: Optional[torch.dtype] = None,
-            temperature: float = 1.0) -> torch.Tensor:
-    """softmax(x / temperature) along ``dim``, like ``torch.softmax(x, dim, dtype=dtype)``.
+def _dropin(op: str, input, dim, stacklevel, dtype, temperature, log: bool) -> torch.Tensor:
+    checks.tensor(input, "input", op)
+    if isinstance(stacklevel, torch.dtype):
+        # torch.softmax(input, dim, dtype): the third position is torch.softmax's dtype, and
+        # torch.nn.functional.softmax's _stacklevel.
+        if dtype is not None:
+            raise checks.fail(op, "dtype given twice (by position and by name)", TypeError)
+        stacklevel, dtype = 3, stacklevel
+    if dim is None:
+        dim = _legacy_dim(op, input.dim(), stacklevel + 1)
+    elif isinstance(dim, bool) or not isinstance(dim, int):
+        raise checks.fail(op, f"dim must be an int or None, got {type(dim).__name__}", TypeError)
+    if dtype is not None:
+        checks.float_dtype(dtype, "dtype", op)
+    return _ops.forward(input, dim, log, checks.real(temperature, "temperature", op), dtype)
+
+
+def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+            dtype: Optional[torch.dtype] = None, *, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(input / temperature) along ``dim``: ``torch.softmax`` and
+    ``torch.nn.functional.softmax`` with their call forms (``softmax(x, 1)``,
+    ``softmax(x, 1, torch.float64)``, ``softmax(input=x, dim=1, dtype=...)``, and ``dim=None``
+    with torch's legacy choice of dim and its deprecation warning).
 
     ``dtype`` is the result dtype; float16/bfloat16 input with ``dtype=torch.float32`` is converted
     while it is read. Accumulation is float32 (float64 for float64). Differentiable.
     """
-    _check_tensor(x, "x", "softmax")
-    return _ops.forward(x, dim, False, float(temperature), dtype)
+    return _dropin("softmax", input, dim, _stacklevel, dtype, temperature, False)
 
 
-def log_softmax(x: torch.Tensor, dim: int = -1, *, dtype: Optional[torch.dtype] = None,
-                temperature: float = 1.0) -> torch.Tensor:
-    """log_softmax(x / temperature) along ``dim``, like ``torch.log_softmax(x, dim, dtype=dtype)``."""
-    _check_tensor(x, "x", "log_softmax")
-    return _ops.forward(x, dim, True, float(temperature), dtype)
+def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+                dtype: Optional[torch.dtype] = None, *, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(input / temperature) along ``dim``: ``torch.log_softmax`` and
+    ``torch.nn.functional.log_softmax`` with their call forms (see :func:`softmax`)."""
+    return _dropin("log_softmax", input, dim, _stacklevel, dtype, temperature, True)
 
 
-def softmax_topk(x: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, temperature: float = 1.0,
+def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, temperature: float = 1.0,
                  renormalize: bool = False, dtype: Optional[torch.dtype] = None) -> SoftmaxTopK:
-    """The k largest entries of softmax(x / temperature) (or log_softmax with ``log=True``).
+    """The k largest entries of softmax(input / temperature) (or log_softmax with ``log=True``).
 
-    Reads x once and never materializes the softmax: the online (max, sumexp) and a per-thread
-    top-k are built in the same pass. Values are sorted descending, ties go to the lower index,
-    indices are int64, and k sits at ``dim`` in the outputs as in ``torch.topk``. Differentiable with
-    respect to x (the backward recomputes probabilities from x and the per-row state).
+    Reads the input once and never materializes the softmax: the online (max, sumexp) and a
+    per-thread top-k are built in the same pass. Values are sorted descending, ties go to the lower
+    index, indices are int64, and k sits at ``dim`` in the outputs as in ``torch.topk``.
+    Differentiable with respect to the input (the backward recomputes probabilities from the input
+    and the per-row state).
 
     ``renormalize=True`` divides the k probabilities by their sum (the routing weights of a
     Mixtral-style MoE router: ``softmax(x).topk(k)`` then ``w / w.sum()``); with ``log=True`` it
-    gives their log. ``dtype`` is the values' dtype (default x's): routers keep float32 weights for
-    bfloat16 logits. Either one recomputes the k values from x's k selected logits in float32
-    (float64 for float64), so a float32 result is not a rounded bfloat16 one.
+    gives their log. ``dtype`` is the values' dtype (default the input's): routers keep float32
+    weights for bfloat16 logits. Either one recomputes the k values from the k selected logits in
+    float32 (float64 for float64), so a float32 result is not a rounded bfloat16 one.
     """
-    _check_tensor(x, "x", "softmax_topk")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"online_softmax.softmax_topk: k must be an int, got {type(k).__name__}")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"online_softmax.softmax_topk: dtype must be a floating torch.dtype, got {dtype!r}")
-    values, indices, m, d = _ops.softmax_topk(x, k, dim, log, float(temperature))
-    out_dtype = x.dtype if dtype is None else dtype
-    if not renormalize and out_dtype == x.dtype:
+    op = "softmax_topk"
+    checks.tensor(input, "input", op)
+    checks.positive_int(k, "k", op)
+    checks.float_dtype(dtype, "dtype", op)
+    temperature = checks.real(temperature, "temperature", op)  # its range: the op's own check
+    values, indices, m, d = _ops.softmax_topk(input, k, dim, log, temperature)
+    out_dtype = input.dtype if dtype is None else dtype
+    if not renormalize and out_dtype == input.dtype:
         return SoftmaxTopK(values, indices)
     acc = torch.promote_types(torch.promote_types(m.dtype, out_dtype), torch.float32)
-    z = x.gather(dim, indices).to(acc)
+    z = input.gather(dim, indices).to(acc)
     if temperature != 1.0:
-        z = z / float(temperature)
+        z = z / temperature
     if renormalize:
         # The full row's normalizer cancels: the weights are the softmax of the k logits.
         w = torch.log_softmax(z, dim) if log else torch.softmax(z, dim)

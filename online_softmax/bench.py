@@ -118,7 +118,7 @@ def cases(op, x, ks, with_compile=True):
             "torch.compile": comp(lambda g, out: out * (g - (g * out).sum(-1, keepdim=True)), dy, y),
         }
     elif op == "beam":
-        from .beam_search import unfused_beam_search_step
+        from .reference import unfused_beam_search_step
 
         beams = BEAMS if x.shape[0] % BEAMS == 0 else 1
         scores = torch.randn(x.shape[0] // beams, beams, device=x.device, dtype=torch.float32)

@@ -22,9 +22,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from . import _checks as checks
 from .api import SoftmaxTopK
-from .ops import check_temperature, wrap_dim
-from .state import SoftmaxState, merge_topk_candidates
+from .state import SoftmaxState, merge_topk_candidates, rescale
 
 _ops = torch.ops.online_softmax
 
@@ -51,9 +51,7 @@ def _merge_across_ranks(m: torch.Tensor, d: torch.Tensor, group):
     m_clean = torch.where(nan, torch.full_like(m, float("-inf")), m)
     m_global = m_clean.clone()
     dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
-    # Rescale the local sum to the global max; equal maxima (also -inf == -inf) scale by 1.
-    scale = torch.where(m_clean == m_global, torch.ones_like(m), torch.exp(m_clean - m_global))
-    packed = torch.stack([torch.where(nan, torch.zeros_like(d), d * scale), nan.to(d.dtype)])
+    packed = torch.stack([torch.where(nan, torch.zeros_like(d), rescale(d, m_clean, m_global)), nan.to(d.dtype)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     d_global, nan_count = packed[0], packed[1]
     any_nan = nan_count > 0
@@ -103,36 +101,35 @@ class _ShardedLogSumExp(torch.autograd.Function):
         return g.unsqueeze(ctx.dim) * p / ctx.temperature, None, None, None
 
 
-def _check(x, dim, temperature, op):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"online_softmax.distributed.{op}: x must be a torch.Tensor, got {type(x).__name__}")
+def _check(x, dim, temperature, op, name="input"):
+    op = f"distributed.{op}"
+    checks.tensor(x, name, op)
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"online_softmax.distributed.{op}: torch.distributed is not initialized "
-                           "(call torch.distributed.init_process_group first)")
+        raise checks.fail(op, "torch.distributed is not initialized (call torch.distributed.init_process_group "
+                              "first)", RuntimeError)
     if x.dim() == 0:
-        raise ValueError(f"online_softmax.distributed.{op}: x must have at least one dimension (the sharded dim)")
-    check_temperature(float(temperature), f"distributed.{op}")
-    return wrap_dim(dim, x, f"distributed.{op}")
+        raise checks.fail(op, f"{name} must have at least one dimension (the sharded dim)")
+    return checks.wrap_dim(dim, x, op), checks.temperature(temperature, op)
 
 
-def softmax(x: torch.Tensor, dim: int = -1, *, temperature: float = 1.0, group=None) -> torch.Tensor:
+def softmax(input: torch.Tensor, dim: int = -1, *, temperature: float = 1.0, group=None) -> torch.Tensor:
     """This rank's slice of softmax(x_full / temperature), where x_full concatenates every rank's
-    shard along ``dim`` in rank order. Differentiable."""
-    dim = _check(x, dim, temperature, "softmax")
-    return _ShardedSoftmax.apply(x, dim, float(temperature), False, group)
+    shard ``input`` along ``dim`` in rank order. Differentiable."""
+    dim, temperature = _check(input, dim, temperature, "softmax")
+    return _ShardedSoftmax.apply(input, dim, temperature, False, group)
 
 
-def log_softmax(x: torch.Tensor, dim: int = -1, *, temperature: float = 1.0, group=None) -> torch.Tensor:
+def log_softmax(input: torch.Tensor, dim: int = -1, *, temperature: float = 1.0, group=None) -> torch.Tensor:
     """This rank's slice of log_softmax(x_full / temperature). Differentiable."""
-    dim = _check(x, dim, temperature, "log_softmax")
-    return _ShardedSoftmax.apply(x, dim, float(temperature), True, group)
+    dim, temperature = _check(input, dim, temperature, "log_softmax")
+    return _ShardedSoftmax.apply(input, dim, temperature, True, group)
 
 
-def logsumexp(x: torch.Tensor, dim: int = -1, *, temperature: float = 1.0, group=None) -> torch.Tensor:
+def logsumexp(input: torch.Tensor, dim: int = -1, *, temperature: float = 1.0, group=None) -> torch.Tensor:
     """logsumexp(x_full / temperature) along ``dim`` on every rank (the cross-entropy normalizer).
     Differentiable: each rank receives the gradient of its own shard."""
-    dim = _check(x, dim, temperature, "logsumexp")
-    return _ShardedLogSumExp.apply(x, dim, float(temperature), group)
+    dim, temperature = _check(input, dim, temperature, "logsumexp")
+    return _ShardedLogSumExp.apply(input, dim, temperature, group)
 
 
 def _shard_offset(n_local: int, device, group) -> int:
@@ -171,29 +168,28 @@ def _global_candidates(x, k, dim, offset, temperature, group):
     return torch.cat(all_raw, dim), torch.cat(all_idx, dim), m, d
 
 
-def softmax_topk(x: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, temperature: float = 1.0,
+def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, temperature: float = 1.0,
                  group=None) -> SoftmaxTopK:
     """The global top-k of softmax(x_full / temperature) (or log-softmax), with global indices along
     ``dim``, on every rank. Each rank runs the fused top-k on its shard, then k candidates per row
     and rank are all-gathered and merged (ties to the lower global index). Not differentiable."""
-    dim = _check(x, dim, temperature, "softmax_topk")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"online_softmax.distributed.softmax_topk: k must be a positive int, got {k!r}")
+    x = input
+    dim, temperature = _check(x, dim, temperature, "softmax_topk")
+    checks.positive_int(k, "k", "distributed.softmax_topk")
     n_local = x.shape[dim]
     offset, total = _shard_offset(n_local, x.device, group)
     if k > total:
-        raise ValueError(f"online_softmax.distributed.softmax_topk: k={k} is larger than the sharded dim "
-                         f"({total} over all ranks)")
+        raise checks.fail("distributed.softmax_topk", f"k={k} is larger than the sharded dim ({total} over all ranks)")
     with torch.no_grad():
-        cand_x, cand_i, m, d = _global_candidates(x, k, dim, offset, float(temperature), group)
+        cand_x, cand_i, m, d = _global_candidates(x, k, dim, offset, temperature, group)
         cand_x, cand_i = merge_topk_candidates(cand_x, cand_i, k, dim)
-        return SoftmaxTopK(SoftmaxState(m, d, dim, float(temperature)).normalize(cand_x, log=log), cand_i)
+        return SoftmaxTopK(SoftmaxState(m, d, dim, temperature).normalize(cand_x, log=log), cand_i)
 
 
 def communication_bytes(x: torch.Tensor, dim: int = -1, k: Optional[int] = None, group=None) -> CommStats:
     """What this rank sends for softmax (k=None) or softmax_topk (k given), against all-gathering
     its shard of the logits (what an unfused implementation would need)."""
-    dim = wrap_dim(dim, x, "distributed.communication_bytes")
+    dim = checks.wrap_dim(dim, x, "distributed.communication_bytes")
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rows = x.numel() // max(1, x.shape[dim])
     acc = 8 if x.dtype == torch.float64 else 4
@@ -210,23 +206,28 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams:
     this rank's (batch * num_beams, vocab_shard) slice. Every rank gets the same
     (scores, token_ids, beam_ids) with global token ids. Sends O(rows) for the states and
     num_candidates candidates per row."""
-    from .beam_search import BeamStep
+    from .decoding.beam_search import BeamStep
 
-    dim = _check(logits, -1, temperature, "beam_search_step")
+    op = "distributed.beam_search_step"
+    dim, temperature = _check(logits, -1, temperature, "beam_search_step", name="logits")
+    checks.tensor(beam_scores, "beam_scores", op)
+    checks.positive_int(num_beams, "num_beams", op)
+    if num_candidates is not None:
+        checks.positive_int(num_candidates, "num_candidates", op)
     if logits.dim() != 2 or beam_scores.dim() != 2 or logits.shape[0] != beam_scores.shape[0] * num_beams:
-        raise ValueError("online_softmax.distributed.beam_search_step: logits must be (batch * num_beams, vocab_shard) "
-                         f"and beam_scores (batch, num_beams); got {list(logits.shape)} and {list(beam_scores.shape)}")
+        raise checks.fail(op, "logits must be (batch * num_beams, vocab_shard) and beam_scores (batch, num_beams); "
+                              f"got {list(logits.shape)} and {list(beam_scores.shape)}")
     batch = beam_scores.shape[0]
     C = 2 * num_beams if num_candidates is None else num_candidates
     n_local = logits.shape[dim]
     offset, vocab = _shard_offset(n_local, logits.device, group)
     if not 1 <= C <= num_beams * vocab:
-        raise ValueError(f"online_softmax.distributed.beam_search_step: num_candidates must satisfy 1 <= "
-                         f"num_candidates <= num_beams * vocab = {num_beams * vocab}, got {C}")
+        raise checks.fail(op, f"num_candidates must satisfy 1 <= num_candidates <= num_beams * vocab = "
+                              f"{num_beams * vocab}, got {C}")
     with torch.no_grad():
-        cand, tok, m, d = _global_candidates(logits, C, dim, offset, float(temperature), group)  # (rows, world * C)
+        cand, tok, m, d = _global_candidates(logits, C, dim, offset, temperature, group)  # (rows, world * C)
         out_dtype = torch.result_type(logits, beam_scores)
-        lp = SoftmaxState(m, d, dim, float(temperature)).normalize(cand, log=True).to(out_dtype)
+        lp = SoftmaxState(m, d, dim, temperature).normalize(cand, log=True).to(out_dtype)
         scores = (lp.view(batch, num_beams, -1) + beam_scores.to(out_dtype)[..., None]).view(batch, -1)
         beam_base = torch.arange(num_beams, device=logits.device).view(1, num_beams, 1) * vocab
         flat = (tok.view(batch, num_beams, -1) + beam_base).view(batch, -1)

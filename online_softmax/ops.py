@@ -5,52 +5,12 @@ C++ checks (csrc/common/checks.h); the backward formulas call the backward ops, 
 torch.compile only ever see registered ops.
 """
 
-import math
-
 import torch
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from . import _checks as checks
+from ._checks import reduced_shape, state_dtype, wrap_dim
+
 _ops = torch.ops.online_softmax
-
-
-def check_floating(t: torch.Tensor, name: str, op: str) -> None:
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"online_softmax.{op}: {name} must be a floating-point tensor "
-                        f"(float32, float64, float16 or bfloat16), got {t.dtype}")
-
-
-def wrap_dim(dim: int, x: torch.Tensor, op: str) -> int:
-    ndim = max(x.dim(), 1)
-    if not -ndim <= dim < ndim:
-        raise IndexError(f"online_softmax.{op}: dim={dim} is out of range for a tensor with "
-                         f"{x.dim()} dimension(s) (expected {-ndim} <= dim <= {ndim - 1})")
-    return dim % ndim
-
-
-def check_temperature(temperature: float, op: str) -> None:
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"online_softmax.{op}: temperature must be a finite number > 0, "
-                         f"got {temperature}")
-    if 1.0 / temperature > 3.0e38:
-        raise ValueError(f"online_softmax.{op}: temperature must be at least 3.4e-39 "
-                         f"(1 / temperature must fit in float32), got {temperature}")
-
-
-def check_k(k: int, size: int, op: str) -> None:
-    if not 1 <= k <= size:
-        raise ValueError(f"online_softmax.{op}: k must satisfy 1 <= k <= {size} (the size of the "
-                         f"softmax dim), got k={k}")
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def reduced_shape(x: torch.Tensor, dim: int) -> list:
-    shape = list(x.shape)
-    if shape:
-        del shape[dim]
-    return shape
 
 
 # ---- forward / backward ----
@@ -58,24 +18,23 @@ def reduced_shape(x: torch.Tensor, dim: int) -> list:
 @torch.library.register_fake("online_softmax::forward")
 def _forward_fake(x, dim, log=False, temperature=1.0, dtype=None):
     if dtype is None:
-        check_floating(x, "x", "forward")
-    elif dtype not in _FLOATS:
-        raise TypeError(f"online_softmax.forward: dtype must be float32, float64, float16 or "
-                        f"bfloat16, got {dtype}")
+        checks.floating(x, "x", "forward")
+    else:
+        checks.float_dtype(dtype, "dtype", "forward")
     wrap_dim(dim, x, "forward")
-    check_temperature(temperature, "forward")
+    checks.temperature(temperature, "forward")
     return x.new_empty(x.shape, dtype=dtype if dtype is not None else x.dtype)
 
 
 @torch.library.register_fake("online_softmax::backward")
 def _backward_fake(grad_out, out, dim, log=False, temperature=1.0, input_dtype=None):
-    check_floating(out, "out", "backward")
-    check_floating(grad_out, "grad_out", "backward")
+    checks.floating(out, "out", "backward")
+    checks.floating(grad_out, "grad_out", "backward")
     if grad_out.shape != out.shape:
         raise ValueError(f"online_softmax.backward: grad_out has shape {list(grad_out.shape)} "
                          f"but out has shape {list(out.shape)}")
     wrap_dim(dim, out, "backward")
-    check_temperature(temperature, "backward")
+    checks.temperature(temperature, "backward")
     return out.new_empty(out.shape, dtype=input_dtype if input_dtype is not None else out.dtype)
 
 
@@ -133,9 +92,9 @@ torch.library.register_autograd("online_softmax::backward", _backward_backward,
 
 @torch.library.register_fake("online_softmax::stats")
 def _stats_fake(x, dim, temperature=1.0):
-    check_floating(x, "x", "stats")
+    checks.floating(x, "x", "stats")
     dim = wrap_dim(dim, x, "stats")
-    check_temperature(temperature, "stats")
+    checks.temperature(temperature, "stats")
     shape = reduced_shape(x, dim)
     dt = state_dtype(x.dtype)
     return x.new_empty(shape, dtype=dt), x.new_empty(shape, dtype=dt)
@@ -175,11 +134,11 @@ torch.library.register_autograd("online_softmax::stats", _stats_backward,
 
 @torch.library.register_fake("online_softmax::softmax_topk")
 def _softmax_topk_fake(x, k, dim, log=False, temperature=1.0):
-    check_floating(x, "x", "softmax_topk")
+    checks.floating(x, "x", "softmax_topk")
     dim = wrap_dim(dim, x, "softmax_topk")
-    check_temperature(temperature, "softmax_topk")
+    checks.temperature(temperature, "softmax_topk")
     size = x.shape[dim] if x.dim() > 0 else 1
-    check_k(k, size, "softmax_topk")
+    checks.k_in_range(k, size, "softmax_topk")
     vshape = list(x.shape)
     if vshape:
         vshape[dim] = k
@@ -192,7 +151,7 @@ def _softmax_topk_fake(x, k, dim, log=False, temperature=1.0):
 @torch.library.register_fake("online_softmax::softmax_topk_backward")
 def _softmax_topk_backward_fake(grad_values, x, indices, max, sumexp, dim, log=False,
                                 temperature=1.0):
-    check_floating(x, "x", "softmax_topk_backward")
+    checks.floating(x, "x", "softmax_topk_backward")
     wrap_dim(dim, x, "softmax_topk_backward")
     if grad_values.shape != indices.shape:
         raise ValueError("online_softmax.softmax_topk_backward: grad_values has shape "
@@ -234,9 +193,9 @@ torch.library.register_autograd("online_softmax::softmax_topk_backward", _topk_b
 def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, temperature=1.0, banned_tokens=None,
                            penalized_tokens=None, repetition_penalty=1.0):
     op = "beam_search_step"
-    check_floating(logits, "logits", op)
-    check_floating(beam_scores, "beam_scores", op)
-    check_temperature(temperature, op)
+    checks.floating(logits, "logits", op)
+    checks.floating(beam_scores, "beam_scores", op)
+    checks.temperature(temperature, op)
     if logits.dim() != 2:
         raise ValueError(f"online_softmax.{op}: logits must be 2-D (batch * num_beams, vocab), got shape "
                          f"{list(logits.shape)}")
@@ -255,8 +214,7 @@ def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, tempe
     if not 1 <= num_candidates <= num_beams * vocab:
         raise ValueError(f"online_softmax.{op}: num_candidates must satisfy 1 <= num_candidates <= num_beams * "
                          f"vocab = {num_beams * vocab}, got {num_candidates}")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0.0):
-        raise ValueError(f"online_softmax.{op}: repetition_penalty must be a finite number > 0, got {repetition_penalty}")
+    checks.positive_finite(repetition_penalty, "repetition_penalty", op)
     for name, t in (("banned_tokens", banned_tokens), ("penalized_tokens", penalized_tokens)):
         if t is None:
             continue
@@ -280,7 +238,7 @@ def _defaults(inputs, i, default):
 # ---- sampling ----
 
 def _check_sample_params(op, x, params):
-    check_floating(x, "x", op)
+    checks.floating(x, "x", op)
     if x.dim() != 2:
         raise ValueError(f"online_softmax.{op}: x must be 2-D (rows, vocab), got shape {list(x.shape)}")
     for name, t, dims in params:

@@ -15,20 +15,23 @@ from typing import Iterable
 
 import torch
 
-from .ops import wrap_dim
+from . import _checks as checks
 
 _ops = torch.ops.online_softmax
+
+
+def rescale(d: torch.Tensor, m_from: torch.Tensor, m_to: torch.Tensor) -> torch.Tensor:
+    """A sum of exp(x - m_from) re-expressed as a sum of exp(x - m_to), for m_to >= m_from.
+
+    Equal maxima (also -inf == -inf) scale by exactly 1, so the empty state's (-inf) - (-inf) never
+    happens; NaN and +inf in either max still give NaN, as the unguarded formula would."""
+    return d * torch.where(m_from == m_to, torch.ones_like(m_from), torch.exp(m_from - m_to))
 
 
 def merge_pair(m1: torch.Tensor, d1: torch.Tensor, m2: torch.Tensor, d2: torch.Tensor):
     """Merge two (max, sumexp) pairs elementwise. (-inf, 0) is the identity and never makes NaN."""
     m = torch.maximum(m1, m2)  # NaN propagates
-
-    def scale(mi):
-        # Equal maxima (also -inf == -inf) scale by exactly 1: no (-inf) - (-inf).
-        return torch.where(mi == m, torch.ones_like(mi), torch.exp(mi - m))
-
-    return m, d1 * scale(m1) + d2 * scale(m2)
+    return m, rescale(d1, m1, m) + rescale(d2, m2, m)
 
 
 @dataclass(frozen=True)
@@ -45,15 +48,14 @@ class SoftmaxState:
 
     def merge(self, other: "SoftmaxState") -> "SoftmaxState":
         """The state of the union of the two pieces of each row."""
+        op = "SoftmaxState.merge"
         if not isinstance(other, SoftmaxState):
-            raise TypeError(f"SoftmaxState.merge: other must be a SoftmaxState, got {type(other).__name__}")
+            raise checks.fail(op, f"other must be a SoftmaxState, got {type(other).__name__}", TypeError)
         if other.dim != self.dim or other.temperature != self.temperature:
-            raise ValueError("SoftmaxState.merge: states must share dim and temperature, got "
-                             f"dim {self.dim} vs {other.dim}, temperature {self.temperature} vs "
-                             f"{other.temperature}")
+            raise checks.fail(op, "states must share dim and temperature, got dim "
+                                  f"{self.dim} vs {other.dim}, temperature {self.temperature} vs {other.temperature}")
         if other.max.shape != self.max.shape:
-            raise ValueError(f"SoftmaxState.merge: state shapes differ: {list(self.max.shape)} vs "
-                             f"{list(other.max.shape)}")
+            raise checks.fail(op, f"state shapes differ: {list(self.max.shape)} vs {list(other.max.shape)}")
         m, d = merge_pair(self.max, self.sumexp, other.max, other.sumexp)
         return SoftmaxState(m, d, self.dim, self.temperature)
 
@@ -66,11 +68,11 @@ class SoftmaxState:
 
     def normalize(self, x_chunk: torch.Tensor, *, log: bool = False) -> torch.Tensor:
         """softmax (or log_softmax) of a chunk of the rows, relative to the whole rows' state."""
-        if not isinstance(x_chunk, torch.Tensor):
-            raise TypeError("SoftmaxState.normalize: x_chunk must be a torch.Tensor")
+        op = "SoftmaxState.normalize"
+        checks.tensor(x_chunk, "x_chunk", op)
         if x_chunk.dim() != self.max.dim() + 1:
-            raise ValueError(f"SoftmaxState.normalize: x_chunk must have {self.max.dim() + 1} "
-                             f"dimensions (the state's plus dim {self.dim}), got {x_chunk.dim()}")
+            raise checks.fail(op, f"x_chunk must have {self.max.dim() + 1} dimensions (the state's plus "
+                                  f"dim {self.dim}), got {x_chunk.dim()}")
         m = self.max.unsqueeze(self.dim)
         d = self.sumexp.unsqueeze(self.dim)
         finite = torch.isfinite(m)
@@ -94,19 +96,20 @@ def merge_topk_candidates(values: torch.Tensor, indices: torch.Tensor, k: int, d
     return v.narrow(dim, 0, k), i.narrow(dim, 0, k)
 
 
-def softmax_stats(x: torch.Tensor, dim: int = -1, *, temperature: float = 1.0) -> SoftmaxState:
-    """The online state of x / temperature along dim, computed in one read of x."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"online_softmax.softmax_stats: x must be a torch.Tensor, got {type(x).__name__}")
-    m, d = _ops.stats(x, dim, float(temperature))
-    return SoftmaxState(m, d, wrap_dim(dim, x, "softmax_stats"), float(temperature))
+def softmax_stats(input: torch.Tensor, dim: int = -1, *, temperature: float = 1.0) -> SoftmaxState:
+    """The online state of input / temperature along dim, computed in one read of the input."""
+    op = "softmax_stats"
+    checks.tensor(input, "input", op)
+    temperature = checks.real(temperature, "temperature", op)  # its range: the op's own check
+    m, d = _ops.stats(input, dim, temperature)
+    return SoftmaxState(m, d, checks.wrap_dim(dim, input, op), temperature)
 
 
 def merge_states(states: Iterable[SoftmaxState]) -> SoftmaxState:
     """Merge the states of several pieces of the same rows (in any order)."""
     states = list(states)
     if not states:
-        raise ValueError("online_softmax.merge_states: states must not be empty")
+        raise checks.fail("merge_states", "states must not be empty")
     out = states[0]
     for st in states[1:]:
         out = out.merge(st)

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import _checks as checks
 from .api import SoftmaxTopK
 from .state import SoftmaxState, merge_topk_candidates, softmax_stats
 
@@ -32,13 +33,14 @@ class ArrayChunks:
     torch tensor), read on demand and converted to tensors on ``device``. Re-iterable."""
 
     def __init__(self, array, chunk_size: int, dim: int = -1, device: Optional[Union[str, torch.device]] = None):
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"ArrayChunks: chunk_size must be a positive int, got {chunk_size!r}")
+        checks.positive_int(chunk_size, "chunk_size", "ArrayChunks")
         ndim = len(array.shape)
         if ndim == 0:
-            raise ValueError("ArrayChunks: array must have at least one dimension")
+            raise checks.fail("ArrayChunks", "array must have at least one dimension")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise checks.fail("ArrayChunks", f"dim must be an int, got {type(dim).__name__}", TypeError)
         if not -ndim <= dim < ndim:
-            raise IndexError(f"ArrayChunks: dim={dim} is out of range for {ndim} dimension(s)")
+            raise checks.fail("ArrayChunks", f"dim={dim} is out of range for {ndim} dimension(s)", IndexError)
         self.array, self.chunk_size, self.dim, self.device = array, chunk_size, dim % ndim, device
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -59,14 +61,13 @@ class FileChunks:
 
     def __init__(self, path: Union[str, os.PathLike], shape: Sequence[int], dtype, chunk_size: int,
                  device: Optional[Union[str, torch.device]] = None):
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"FileChunks: chunk_size must be a positive int, got {chunk_size!r}")
+        checks.positive_int(chunk_size, "chunk_size", "FileChunks")
         self.path, self.shape, self.dtype = os.fspath(path), tuple(int(s) for s in shape), np.dtype(dtype)
         self.chunk_size, self.device = chunk_size, device
         expected = int(np.prod(self.shape)) * self.dtype.itemsize
         actual = os.path.getsize(self.path)
         if actual != expected:
-            raise ValueError(f"FileChunks: {self.path} holds {actual} bytes, but shape {self.shape} of "
+            raise checks.fail("FileChunks", f"{self.path} holds {actual} bytes, but shape {self.shape} of "
                              f"{self.dtype} needs {expected}")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -93,21 +94,21 @@ def _passes(source: ChunkSource, op: str, dim: int) -> Callable[[], Iterator]:
         ndim = len(source.array.shape) if isinstance(source, ArrayChunks) else len(source.shape)
         cut = source.dim if isinstance(source, ArrayChunks) else ndim - 1
         if not -ndim <= dim < ndim or dim % ndim != cut:
-            raise ValueError(f"online_softmax.{op}: the source cuts its chunks along dim {cut}, but the softmax "
+            raise checks.fail(op, f"the source cuts its chunks along dim {cut}, but the softmax "
                              f"dim is {dim}; they must be the same dim")
     if callable(source) and not isinstance(source, (ArrayChunks, FileChunks, torch.Tensor)):
         return lambda: iter(source())
     if isinstance(source, torch.Tensor):
-        raise TypeError(f"online_softmax.{op}: chunks must be a sequence of tensors, a callable returning "
-                        "an iterator, or ArrayChunks/FileChunks; to stream one tensor use ArrayChunks(x, size)")
+        raise checks.fail(op, f"chunks must be a sequence of tensors, a callable returning "
+                        "an iterator, or ArrayChunks/FileChunks; to stream one tensor use ArrayChunks(x, size)", TypeError)
     try:
         it = iter(source)
     except TypeError:
-        raise TypeError(f"online_softmax.{op}: chunks must be iterable, got {type(source).__name__}") from None
+        raise checks.fail(op, f"chunks must be iterable, got {type(source).__name__}", TypeError) from None
     if it is source:
-        raise TypeError(f"online_softmax.{op}: chunks is a one-shot iterator (e.g. a generator), but it must "
+        raise checks.fail(op, f"chunks is a one-shot iterator (e.g. a generator), but it must "
                         "be read twice; pass a list, a callable that returns a fresh iterator, or "
-                        "ArrayChunks/FileChunks")
+                        "ArrayChunks/FileChunks", TypeError)
     return lambda: iter(source)
 
 
@@ -116,8 +117,8 @@ def _as_tensor(chunk, op: str) -> torch.Tensor:
         return chunk
     if isinstance(chunk, np.ndarray):
         return torch.from_numpy(np.array(chunk, copy=True))
-    raise TypeError(f"online_softmax.{op}: every chunk must be a torch.Tensor or numpy array, got "
-                    f"{type(chunk).__name__}")
+    raise checks.fail(op, f"every chunk must be a torch.Tensor or numpy array, got "
+                    f"{type(chunk).__name__}", TypeError)
 
 
 class _ShapeCheck:
@@ -128,17 +129,17 @@ class _ShapeCheck:
 
     def __call__(self, x: torch.Tensor) -> int:
         if x.dim() == 0:
-            raise ValueError(f"online_softmax.{self.op}: every chunk needs at least one dimension (the softmax dim)")
+            raise checks.fail(self.op, f"every chunk needs at least one dimension (the softmax dim)")
         ndim = x.dim()
         if not -ndim <= self.dim < ndim:
-            raise IndexError(f"online_softmax.{self.op}: dim={self.dim} is out of range for a chunk with "
-                             f"{x.dim()} dimension(s)")
+            raise checks.fail(self.op, f"dim={self.dim} is out of range for a chunk with "
+                             f"{x.dim()} dimension(s)", IndexError)
         d = self.dim % ndim
         rest = x.shape[:d] + x.shape[d + 1:]
         if self.shape is None:
             self.shape, self.ndim = rest, x.dim()
         elif rest != self.shape or x.dim() != self.ndim:
-            raise ValueError(f"online_softmax.{self.op}: chunk of shape {list(x.shape)} does not match the "
+            raise checks.fail(self.op, f"chunk of shape {list(x.shape)} does not match the "
                              f"others outside dim {self.dim} (expected {list(self.shape)})")
         return d
 
@@ -152,7 +153,7 @@ def chunk_state(source: ChunkSource, dim: int = -1, *, temperature: float = 1.0)
         st = softmax_stats(x, dim, temperature=temperature)
         state = st if state is None else state.merge(st)
     if state is None:
-        raise ValueError("online_softmax.chunk_state: chunks is empty")
+        raise checks.fail("chunk_state", "chunks is empty")
     return state
 
 
@@ -168,7 +169,7 @@ def _chunked(source: ChunkSource, dim: int, temperature: float, log: bool, op: s
             st = softmax_stats(x, dim, temperature=temperature)
             state = st if state is None else state.merge(st)
         if state is None:
-            raise ValueError(f"online_softmax.{op}: chunks is empty")
+            raise checks.fail(op, f"chunks is empty")
         seen = []
         for chunk in passes():
             x = _as_tensor(chunk, op)
@@ -177,7 +178,7 @@ def _chunked(source: ChunkSource, dim: int, temperature: float, log: bool, op: s
                 break
             yield state.normalize(x, log=log)
         if seen != lengths:
-            raise ValueError(f"online_softmax.{op}: the second pass over chunks saw lengths {seen[:8]}..., the "
+            raise checks.fail(op, f"the second pass over chunks saw lengths {seen[:8]}..., the "
                              f"first {lengths[:8]}...: a source must yield the same chunks each time it is "
                              "iterated (a callable returning the same generator twice does not)")
 
@@ -207,8 +208,8 @@ def chunked_softmax_topk(source: ChunkSource, k: int, dim: int = -1, *, log: boo
 
 def _chunked_softmax_topk(source, k, dim, log, temperature) -> SoftmaxTopK:
     op = "chunked_softmax_topk"
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"online_softmax.{op}: k must be a positive int, got {k!r}")
+    checks.positive_int(k, "k", op)
+    temperature = checks.temperature(temperature, op)
     check = _ShapeCheck(op, dim)
     state, cand_x, cand_i, offset = None, None, None, 0
     d = None
@@ -219,9 +220,9 @@ def _chunked_softmax_topk(source, k, dim, log, temperature) -> SoftmaxTopK:
         if n == 0:
             continue
         kc = min(k, n)
-        _v, idx, m, s = _ops.softmax_topk(x, kc, d, False, float(temperature))
+        _v, idx, m, s = _ops.softmax_topk(x, kc, d, False, temperature)
         raw = x.gather(d, idx)
-        st = SoftmaxState(m, s, d, float(temperature))
+        st = SoftmaxState(m, s, d, temperature)
         state = st if state is None else state.merge(st)
         gidx = idx + offset
         if cand_x is None:
@@ -230,8 +231,8 @@ def _chunked_softmax_topk(source, k, dim, log, temperature) -> SoftmaxTopK:
             cand_x, cand_i = merge_topk_candidates(torch.cat([cand_x, raw], d), torch.cat([cand_i, gidx], d), k, d)
         offset += n
     if state is None:
-        raise ValueError(f"online_softmax.{op}: chunks is empty or every chunk is empty")
+        raise checks.fail(op, f"chunks is empty or every chunk is empty")
     if offset < k:
-        raise ValueError(f"online_softmax.{op}: k={k} is larger than the total length {offset} along dim {dim}")
+        raise checks.fail(op, f"k={k} is larger than the total length {offset} along dim {dim}")
     cand_x, cand_i = merge_topk_candidates(cand_x, cand_i, k, d)
     return SoftmaxTopK(state.normalize(cand_x, log=log), cand_i)

@@ -1,13 +1,10 @@
-"""Shared helpers: the devices to test on, float64 references and per-dtype error budgets."""
+"""pytest hooks and fixtures; the shared helpers themselves live in testlib.py."""
 
 import pytest
 import torch
 
-import online_softmax  # noqa: F401  (registers the ops)
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and online_softmax.build_info()["cuda"] else [])
-FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+import online_softmax
+from testlib import DEVICES
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,53 +16,3 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
-
-
-def random_logits(shape, dtype=torch.float32, device="cpu", scale=3.0, seed=0):
-    """Random (never all-zero) logits, generated in float64 and rounded to dtype."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
-
-
-def assert_matches_reference(ours, x, reference_fn, torch_fn=None):
-    """Compare against reference_fn evaluated in float64 on the same (rounded) input.
-
-    float32/float64 use fixed tolerances; float16/bfloat16 must be no worse than twice torch's own
-    error (torch_fn on the low-precision input) against the same float64 reference.
-    """
-    ref = reference_fn(x.double())
-    assert ours.shape == ref.shape
-    if x.dtype in LOW_PRECISION:
-        theirs = torch_fn(x)
-        finite = torch.isfinite(ref)
-        err_ours = (ours.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
-        err_torch = (theirs.double() - ref)[finite].abs().max().item() if finite.any() else 0.0
-        assert err_ours <= 2 * err_torch + 1e-6, (err_ours, err_torch)
-        torch.testing.assert_close(torch.isnan(ours), torch.isnan(ref))
-    elif x.dtype == torch.float64:
-        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
-    else:
-        # log-softmax values are differences of terms as large as the largest |output|: float32
-        # rounding of those terms (a few eps32 of them) bounds the absolute error of small outputs.
-        finite = torch.isfinite(ref)
-        scale = ref[finite].abs().max().item() if finite.any() else 0.0
-        atol = max(1e-6, 4 * torch.finfo(torch.float32).eps * scale)
-        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=atol, equal_nan=True)
-
-
-def backward_ref(g, y, log, dim=-1, scale=1.0):
-    """The backward of softmax (or log_softmax) in float64, from the same rounded y and g the op
-    receives: softmax dx = s y (g - sum(g y)), log dx = s (g - exp(y) sum(g))."""
-    g64, y64 = g.double(), y.double()
-    if log:
-        return (g64 - torch.exp(y64) * g64.sum(dim, keepdim=True)) * scale
-    return y64 * (g64 - (g64 * y64).sum(dim, keepdim=True)) * scale
-
-
-def backward_atol(g, y, log, dim=-1, scale=1.0):
-    """The absolute error the backward may add to its output's rounding: the row sum is accumulated
-    in float32 (float64 for double), and its rounding error is multiplied by |y| (|exp(y)| for log)."""
-    acc_eps = 1e-13 if y.dtype == torch.float64 else 1e-6
-    terms = (g.double() if log else g.double() * y.double()).abs().sum(dim, keepdim=True)
-    factor = (y.double().exp() if log else y.double()).abs()
-    return float((acc_eps * terms * factor).max()) * abs(scale) + 1e-30

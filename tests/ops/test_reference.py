@@ -1,34 +1,14 @@
-"""Tests of the textbook reference algorithms in online_softmax/reference.py.
+"""Tests of the textbook reference algorithms in online_softmax/reference/textbook.py, against
+torch.softmax and one another. They import the package (its merge is the package's own)."""
 
-The module is loaded directly from its file so these tests run even when the C++ extension (and
-therefore the ``online_softmax`` package) has not been built yet.
-"""
-
-import importlib.util
 import math
-import pathlib
-import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-_REF_PATH = pathlib.Path(__file__).resolve().parents[1] / "online_softmax" / "reference.py"
-
-
-def _load_reference():
-    name = "_online_softmax_reference_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _REF_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
+from online_softmax.reference import textbook as ref
 
 INF = math.inf
 NAN = math.nan

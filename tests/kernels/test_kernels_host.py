@@ -16,7 +16,7 @@ import torch
 
 import host_kernels as hkmod
 import online_softmax as osm
-from conftest import backward_atol, backward_ref
+from testlib import backward_atol, backward_ref
 from host_kernels import HostKernelError, HostKernels, Limits
 
 CXX, CUDA_INCLUDE = hkmod.find_cxx(), hkmod.find_cuda_include()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import online_softmax as osm
-from conftest import FLOAT_DTYPES, LOW_PRECISION
-from online_softmax.beam_search import unfused_beam_search_step
+from testlib import FLOAT_DTYPES, LOW_PRECISION
+from online_softmax.reference import unfused_beam_search_step
 
 
 def inputs(batch, beams, vocab, dtype, device, seed=0):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import online_softmax as osm
-from conftest import FLOAT_DTYPES, random_logits
+from testlib import FLOAT_DTYPES, random_logits
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import online_softmax as osm
-from conftest import FLOAT_DTYPES, LOW_PRECISION, random_logits
+from testlib import FLOAT_DTYPES, LOW_PRECISION, random_logits
 
 
 def reference_topk(x, k, dim=-1, log=False, temperature=1.0):

@@ -1,5 +1,5 @@
 """online_softmax.sample against transformers' warpers (temperature, top-k, top-p, min-p) computed on
-materialized scores (online_softmax.sampling.warped_probs, the same code transformers runs, checked
+materialized scores (online_softmax.decoding.warpers.warped_probs, the same code transformers runs, checked
 against transformers itself below): exact support, chi-square goodness of fit, reproducibility,
 hostile rows, per-row parameters."""
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import online_softmax as osm
-from online_softmax.sampling import unfused_sample, warped_probs
+from online_softmax.decoding.warpers import warped_probs
+from online_softmax.reference import unfused_sample
 
 DRAWS = 20000
 

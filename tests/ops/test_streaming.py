@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import online_softmax as osm
-from conftest import FLOAT_DTYPES, LOW_PRECISION, random_logits
+from testlib import FLOAT_DTYPES, LOW_PRECISION, random_logits
 
 
 def split(x, sizes, dim):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import online_softmax as osm
-from conftest import random_logits
+from testlib import random_logits
 
 ops = torch.ops.online_softmax
 
@@ -97,7 +97,7 @@ def test_bad_input_raises_clear_errors(fn):
         fn(x, temperature=float("nan"))
     with pytest.raises(ValueError, match="temperature"):
         fn(x, temperature=1e-39)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
         fn([1.0, 2.0])
     with pytest.raises(TypeError, match="complex|floating"):
         fn(torch.randn(3, dtype=torch.complex64))

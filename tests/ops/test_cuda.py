@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import online_softmax as osm
-from conftest import (DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_matches_reference, backward_atol, backward_ref,
+from testlib import (DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_matches_reference, backward_atol, backward_ref,
                       random_logits)
 
 needs_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU and a CUDA build of online_softmax")

@@ -15,6 +15,10 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .. import _checks as checks
+
+_OP = "BeamSearchDecoder"
+
 
 def apply_row_edits(log_probs: torch.Tensor, banned_tokens: Optional[torch.Tensor] = None,
                     penalized_tokens: Optional[torch.Tensor] = None, repetition_penalty: float = 1.0) -> torch.Tensor:
@@ -49,7 +53,7 @@ def _token_list(value, name: str) -> List[int]:
         value = [value]
     if not isinstance(value, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
                                                     for t in value):
-        raise ValueError(f"BeamSearchDecoder: {name} must be a list of non-negative token ids, got {value!r}")
+        raise checks.fail(_OP, f"{name} must be a list of non-negative token ids, got {value!r}")
     return list(value)
 
 
@@ -63,14 +67,9 @@ class DecodingRules:
                  logits_processor: Union[None, Callable, Sequence[Callable]] = None):
         for name, v in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_length", min_length),
                         ("min_new_tokens", min_new_tokens)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"BeamSearchDecoder: {name} must be a non-negative int, got {v!r}")
-        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or \
-                not (0.0 < float(repetition_penalty) < float("inf")):
-            raise ValueError(f"BeamSearchDecoder: repetition_penalty must be a finite number > 0, got "
-                             f"{repetition_penalty!r}")
+            checks.nonnegative_int(v, name, _OP)
         self.ngram = no_repeat_ngram_size
-        self.penalty = float(repetition_penalty)
+        self.penalty = checks.positive_finite(repetition_penalty, "repetition_penalty", _OP)
         # transformers drops the length rules when there is no EOS id to ban.
         self.eos = eos_token_id
         self.min_length = min_length if eos_token_id is not None else 0
@@ -79,8 +78,8 @@ class DecodingRules:
         if bad_words_ids is not None:
             if not isinstance(bad_words_ids, (list, tuple)) or len(bad_words_ids) == 0 or \
                     any(not isinstance(w, (list, tuple)) or len(w) == 0 for w in bad_words_ids):
-                raise ValueError(f"BeamSearchDecoder: bad_words_ids must be a non-empty list of non-empty lists of "
-                                 f"token ids, got {bad_words_ids!r}")
+                raise checks.fail(_OP, f"bad_words_ids must be a non-empty list of non-empty lists of token ids, "
+                                       f"got {bad_words_ids!r}")
             for w in bad_words_ids:
                 w = _token_list(list(w), "each bad_words_ids entry")
                 if w == [eos_token_id]:
@@ -98,8 +97,8 @@ class DecodingRules:
         elif isinstance(logits_processor, (list, tuple)) and all(callable(p) for p in logits_processor):
             self.custom = list(logits_processor)
         else:
-            raise TypeError("BeamSearchDecoder: logits_processor must be a callable (input_ids, scores) -> scores "
-                            f"or a list of them, got {type(logits_processor).__name__}")
+            raise checks.fail(_OP, "logits_processor must be a callable (input_ids, scores) -> scores or a list of "
+                                   f"them, got {type(logits_processor).__name__}", TypeError)
 
     def any(self) -> bool:
         return bool(self.ngram or self.penalty != 1.0 or self.min_length or self.min_new_tokens or self.single_bad
@@ -111,7 +110,7 @@ class DecodingRules:
             ("forced_eos_token_id", self.forced_eos)]
         for name, w in named:
             if any(t >= vocab for t in w):
-                raise ValueError(f"BeamSearchDecoder: {name} holds token ids >= the vocabulary size {vocab}: {w}")
+                raise checks.fail(_OP, f"{name} holds token ids >= the vocabulary size {vocab}: {w}")
 
     def edits(self, seqs: torch.Tensor, prompt_len: int, max_length: int,
               pad_lengths: Optional[torch.Tensor] = None) -> StepEdits:

@@ -21,6 +21,9 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from .. import _checks as checks
+from .warpers import exact_draw, inverse_cdf
+
 _ops = torch.ops.online_softmax
 
 Param = Union[None, int, float, torch.Tensor]
@@ -68,21 +71,10 @@ def _check_range(t: Optional[torch.Tensor], name: str, lo, hi, lo_open=False, hi
                          f"{')' if hi_open else ']'}, got values in [{a}, {b}]")
 
 
-def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor):
-    """For rows of nonnegative weights (rows, K) and uniforms (rows, S): the first position whose
-    cumulative weight exceeds u * total, never past the last positive weight (rounding). Returns
-    (positions, totals (rows, 1))."""
-    cdf = weights.double().cumsum(-1)
-    total = cdf[:, -1:]
-    pos = torch.searchsorted(cdf, u * total, right=True)
-    last = weights.shape[1] - 1 - (weights.flip(-1) > 0).int().argmax(-1, keepdim=True)
-    return torch.minimum(pos, last), total
-
-
 def _draw(weights: torch.Tensor, u: torch.Tensor):
     """Positions drawn from rows of nonnegative weights (rows, K), one per uniform (rows, S), and
     the log of the drawn weight over the row's total."""
-    pos, total = _inverse_cdf(weights, u)
+    pos, total = inverse_cdf(weights, u)
     return pos, (weights.gather(1, pos).double().log() - total.log()).to(weights.dtype)
 
 
@@ -144,7 +136,7 @@ def _sample_nucleus(x, t, top_p, min_p, u):
     if not torch.compiler.is_compiling():
         tied = (status == 1).nonzero()[:, 0]
         if tied.numel():
-            tok[tied], lp[tied] = _dense_draw(x[tied], t[tied], None, top_p[tied], _rows(min_p, tied), u[tied])
+            tok[tied], lp[tied] = exact_draw(x[tied], t[tied], None, top_p[tied], _rows(min_p, tied), u[tied])
     return tok, lp
 
 
@@ -156,21 +148,47 @@ def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = Non
     to the tokens with p >= ``min_p`` * p_max, renormalized. Each parameter is a number or a tensor
     of the batch shape (one value per row); ``top_k=0``, ``top_p=1`` and ``min_p=0`` switch a cut
     off. Returns the int64 token ids and their log-probabilities under that distribution."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"online_softmax.sample: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"online_softmax.sample: logits must be a floating-point tensor, got {logits.dtype}")
-    if logits.dim() == 0:
-        raise ValueError("online_softmax.sample: logits must have a vocabulary dimension, got a 0-d tensor")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"online_softmax.sample: num_samples must be a positive int, got {num_samples!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"online_softmax.sample: generator must be a torch.Generator, got {type(generator).__name__}")
-    batch_shape, vocab = logits.shape[:-1], logits.shape[-1]
-    if vocab == 0:
-        raise ValueError("online_softmax.sample: logits has an empty vocabulary dimension")
-    x = logits.reshape(-1, vocab)
+    x, batch_shape = _check_logits(logits, num_samples, generator)
     rows, dev = x.shape[0], x.device
+    t, k, p, mp = _row_params(temperature, top_k, top_p, min_p, rows, batch_shape, dev)
+    u = torch.rand(rows, num_samples, dtype=torch.float64, device=dev, generator=generator)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if rows == 0:
+        return Sample(torch.empty(*batch_shape, num_samples, dtype=torch.int64, device=dev),
+                      torch.empty(*batch_shape, num_samples, dtype=acc, device=dev))
+    p, mp, groups = _plan_groups(x.shape[1], k, p, mp)
+    tokens = logp = None
+    for rows_idx, topk_rows in groups:
+        tok, lp = _sample_rows(_rows(x, rows_idx), _rows(t, rows_idx), _rows(k, rows_idx), _rows(p, rows_idx),
+                               _rows(mp, rows_idx), _rows(u, rows_idx), topk_rows)
+        lp = lp.to(acc)
+        if rows_idx is None:
+            tokens, logp = tok, lp
+            continue
+        if tokens is None:
+            tokens = torch.empty(rows, num_samples, dtype=torch.int64, device=dev)
+            logp = torch.empty(rows, num_samples, dtype=acc, device=dev)
+        tokens[rows_idx], logp[rows_idx] = tok, lp
+    return Sample(tokens.reshape(*batch_shape, num_samples), logp.reshape(*batch_shape, num_samples))
+
+
+def _check_logits(logits, num_samples, generator):
+    """The logits as (rows, vocab), and the batch shape."""
+    op = "sample"
+    checks.tensor(logits, "logits", op)
+    if not logits.dtype.is_floating_point:
+        raise checks.fail(op, f"logits must be a floating-point tensor, got {logits.dtype}", TypeError)
+    if logits.dim() == 0:
+        raise checks.fail(op, "logits must have a vocabulary dimension, got a 0-d tensor")
+    checks.positive_int(num_samples, "num_samples", op)
+    checks.generator(generator, op)
+    if logits.shape[-1] == 0:
+        raise checks.fail(op, "logits has an empty vocabulary dimension")
+    return logits.reshape(-1, logits.shape[-1]), logits.shape[:-1]
+
+
+def _row_params(temperature, top_k, top_p, min_p, rows, batch_shape, dev):
+    """Each parameter as one value per row (None where not given), range-checked."""
     t = _per_row(temperature, "temperature", rows, batch_shape, dev, torch.float64)
     k = _per_row(top_k, "top_k", rows, batch_shape, dev, torch.int64)
     p = _per_row(top_p, "top_p", rows, batch_shape, dev, torch.float64)
@@ -179,104 +197,34 @@ def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = Non
     _check_range(k, "top_k", 0, float("inf"))
     _check_range(p, "top_p", 0.0, 1.0)
     _check_range(mp, "min_p", 0.0, 1.0)
-    u = torch.rand(rows, num_samples, dtype=torch.float64, device=dev, generator=generator)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if rows == 0:
-        empty = (torch.empty(*batch_shape, num_samples, dtype=torch.int64, device=dev),
-                 torch.empty(*batch_shape, num_samples, dtype=acc, device=dev))
-        return Sample(*empty)
-
-    compiling = torch.compiler.is_compiling()
-    if compiling:  # no data-dependent branches: every cut is applied (a switched-off one keeps all)
-        use_p, use_mp = p is not None, mp is not None
-        groups = [(None, k is not None)]
-    else:
-        use_p = p is not None and bool((p < 1).any())
-        use_mp = mp is not None and bool((mp > 0).any())
-        has_k = (k > 0) & (k < vocab) if k is not None else None
-        if has_k is None or not bool(has_k.any()):
-            groups = [(None, False)]
-        elif bool(has_k.all()):
-            groups = [(None, True)]
-        else:  # a batch that mixes rows with and without top_k: each group on its own rows
-            groups = [(has_k.nonzero()[:, 0], True), ((~has_k).nonzero()[:, 0], False)]
-    tokens = logp = None
-    for rows_idx, topk_rows in groups:
-        xs, ts, ks, us = (_rows(v, rows_idx) for v in (x, t, k, u))
-        ps, mps = _rows(p, rows_idx) if use_p else None, _rows(mp, rows_idx) if use_mp else None
-        if topk_rows:
-            tok, lp, bad, overflow = _sample_top_k(xs, ts, ks, ps, mps, us)
-            if overflow is not None and bool(overflow.any()):
-                o = overflow.nonzero()[:, 0]
-                tok[o], lp[o] = _dense_draw(xs[o], ts[o], ks[o], _rows(ps, o), _rows(mps, o), us[o])
-            tok = tok.masked_fill(bad[:, None], -1)
-            lp = lp.masked_fill(bad[:, None], float("nan"))
-        elif ps is not None:
-            tok, lp = _sample_nucleus(xs, ts, ps, mps, us)
-        else:
-            tok, lp = _ops.sample_categorical(xs, ts, None if mps is None else mps.log(), us)
-        lp = lp.to(acc)
-        if rows_idx is None:
-            tokens, logp = tok, lp
-        else:
-            if tokens is None:
-                tokens = torch.empty(rows, num_samples, dtype=torch.int64, device=dev)
-                logp = torch.empty(rows, num_samples, dtype=acc, device=dev)
-            tokens[rows_idx], logp[rows_idx] = tok, lp
-    return Sample(tokens.reshape(*batch_shape, num_samples), logp.reshape(*batch_shape, num_samples))
+    return t, k, p, mp
 
 
+def _plan_groups(vocab, k, p, mp):
+    """Drops the cuts no row uses and groups the rows by path: [(row indices or None for all,
+    whether they have a top-k)]. Under torch.compile there are no data-dependent branches: every
+    given cut is applied (a switched-off one keeps all) and all rows take one path."""
+    if torch.compiler.is_compiling():
+        return p, mp, [(None, k is not None)]
+    p = p if p is not None and bool((p < 1).any()) else None
+    mp = mp if mp is not None and bool((mp > 0).any()) else None
+    has_k = (k > 0) & (k < vocab) if k is not None else None
+    if has_k is None or not bool(has_k.any()):
+        return p, mp, [(None, False)]
+    if bool(has_k.all()):
+        return p, mp, [(None, True)]
+    # A batch that mixes rows with and without top_k: each group on its own rows.
+    return p, mp, [(has_k.nonzero()[:, 0], True), ((~has_k).nonzero()[:, 0], False)]
 
 
-# ---- the unfused reference: transformers' warpers on materialized scores ----
-
-def warped_probs(x: torch.Tensor, temperature, top_k=None, top_p=None, min_p=None) -> torch.Tensor:
-    """The probabilities transformers samples from (rows, vocab), as its warpers compute them:
-    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, then softmax.
-    Parameters are numbers or per-row tensors."""
-    rows, vocab = x.shape
-
-    def col(v, dtype):
-        return (v if isinstance(v, torch.Tensor) else torch.full((rows,), v)).to(x.device, dtype)[:, None]
-
-    scores = x / col(temperature, x.dtype)
-    neg = float("-inf")
-    if top_k is not None:
-        k = col(top_k, torch.int64).clamp(max=vocab)
-        on = k > 0
-        top = torch.topk(scores, int(k.max().clamp_min(1)), dim=-1).values  # TopKLogitsWarper's topk
-        kth = top.gather(1, (k - 1).clamp_min(0))
-        scores = torch.where(on & (scores < kth), neg, scores)
-    if top_p is not None:
-        tp = col(top_p, scores.dtype)
-        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = (cum <= 1 - tp) & (tp < 1)
-        remove[:, -1] = False
-        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), neg)
-    if min_p is not None:
-        mp = col(min_p, scores.dtype)
-        probs = torch.softmax(scores, -1)
-        remove = probs < mp * probs.amax(-1, keepdim=True)
-        sorted_idx = torch.argsort(scores, descending=True, dim=-1)
-        sorted_remove = remove.gather(1, sorted_idx)
-        sorted_remove[:, 0] = False
-        scores = scores.masked_fill(sorted_remove.scatter(1, sorted_idx, sorted_remove), neg)
-    return torch.softmax(scores, -1)
-
-
-def _dense_draw(x, t, k, top_p, min_p, u):
-    """Rows whose k-th logit has more ties than the fused selection holds: the exact warpers on the
-    whole row, then the same inverse-CDF draw (over token ids in order)."""
-    probs = warped_probs(x.to(torch.promote_types(x.dtype, torch.float32)), t, k, top_p, min_p)
-    pos, _ = _inverse_cdf(probs, u)
-    return pos, probs.gather(1, pos).log()
-
-
-def unfused_sample(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                   num_samples: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The torch sequence transformers runs (warpers, softmax, multinomial): the benchmark peer."""
-    x = logits.reshape(-1, logits.shape[-1])
-    probs = warped_probs(x, temperature, top_k, top_p, min_p)
-    # generate() draws one token per row: torch.multinomial(probs, num_samples=1).
-    return torch.multinomial(probs, num_samples, replacement=num_samples > 1, generator=generator)
+def _sample_rows(x, t, k, p, mp, u, topk_rows: bool):
+    """One group's draws, by its path: fused top-k, nucleus cut, or the whole row."""
+    if topk_rows:
+        tok, lp, bad, overflow = _sample_top_k(x, t, k, p, mp, u)
+        if overflow is not None and bool(overflow.any()):
+            o = overflow.nonzero()[:, 0]
+            tok[o], lp[o] = exact_draw(x[o], t[o], k[o], _rows(p, o), _rows(mp, o), u[o])
+        return tok.masked_fill(bad[:, None], -1), lp.masked_fill(bad[:, None], float("nan"))
+    if p is not None:
+        return _sample_nucleus(x, t, p, mp, u)
+    return _ops.sample_categorical(x, t, None if mp is None else mp.log(), u)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import online_softmax as osm
-from conftest import FLOAT_DTYPES, LOW_PRECISION, random_logits
+from testlib import FLOAT_DTYPES, LOW_PRECISION, random_logits
 
 FUNCS = {"softmax": (osm.softmax, torch.softmax), "log_softmax": (osm.log_softmax, torch.log_softmax)}
 

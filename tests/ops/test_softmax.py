@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import online_softmax as osm
-from conftest import FLOAT_DTYPES, LOW_PRECISION, assert_matches_reference, random_logits
+from testlib import FLOAT_DTYPES, LOW_PRECISION, assert_matches_reference, random_logits
 
 FUNCS = {
     "softmax": (osm.softmax, torch.softmax),
@@ -104,14 +104,14 @@ def test_special_values_behave_like_torch(device, name, dtype, length):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_invariants(device, dtype):
     x = random_logits((64, 1031), dtype, device, scale=5.0)
-    p = osm.softmax(x).double()
+    p = osm.softmax(x, -1).double()
     assert (p >= 0).all() and (p <= 1).all()
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
     torch.testing.assert_close(p.sum(-1), torch.ones(64, dtype=torch.float64, device=device), rtol=0, atol=tol)
     # Shift invariance: softmax(x + 1000) == softmax(x) (exactly representable shift in float32/64).
     if dtype in (torch.float32, torch.float64):
-        torch.testing.assert_close(osm.softmax(x + 1000.0), osm.softmax(x), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(osm.log_softmax(x + 1000.0), osm.log_softmax(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(osm.softmax(x + 1000.0, -1), osm.softmax(x, -1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(osm.log_softmax(x + 1000.0, -1), osm.log_softmax(x, -1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", FUNCS)
@@ -152,7 +152,7 @@ def test_one_long_row_and_few_long_rows(device):
     for shape in [(1, 1 << 20), (3, 1_000_003)]:
         x = random_logits(shape, torch.float32, device)
         for ours_fn, torch_fn in FUNCS.values():
-            assert_matches_reference(ours_fn(x).cpu(), x.cpu(), lambda t: torch_fn(t, -1))
+            assert_matches_reference(ours_fn(x, -1).cpu(), x.cpu(), lambda t: torch_fn(t, -1))
 
 
 def test_module_drop_ins(device):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import online_softmax as osm
-from online_softmax.beam_search import BeamSearchDecoder
+from online_softmax import BeamSearchDecoder
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_gpt2 import EOS, tiny_gpt2  # noqa: E402
+from testlib import EOS, tiny_gpt2  # noqa: E402
 
 
 def hf_generate(model, input_ids, **kw):
@@ -83,8 +83,12 @@ def test_bad_arguments():
         BeamSearchDecoder(2, 5, num_return_sequences=3)
     with pytest.raises(ValueError, match="early_stopping"):
         BeamSearchDecoder(2, 5, early_stopping="sometimes")
-    with pytest.raises(ValueError, match="input_ids"):
+    with pytest.raises(TypeError, match="num_beams must be an int"):
+        BeamSearchDecoder(2.0, 5)
+    with pytest.raises(TypeError, match="input_ids must be an int64"):
         BeamSearchDecoder(2, 5).generate(lambda *a: None, torch.zeros(3))
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        BeamSearchDecoder(2, 5).generate(lambda *a: None, torch.zeros(3, dtype=torch.int64))
 
 
 def test_one_beam_is_greedy_search():

@@ -34,9 +34,10 @@ Given the state (m, d) of a whole row, the outputs are
     log_softmax(x)_i = x_i - m - log(d)
 
 Special values follow torch.softmax. In IEEE arithmetic (-inf) - (-inf) is NaN, so merging naively
-with an empty state would turn 0 * exp(NaN) into NaN. The helper ``_rescale`` therefore uses a
-factor of exactly 0 when the value being rescaled is -inf (the state it belongs to is empty, or the
-element is -inf and contributes nothing). Everything else is left to IEEE arithmetic, which gives
+with an empty state would turn 0 * exp(NaN) into NaN. The helper ``_rescale`` (one element at a
+time) therefore uses a factor of exactly 0 when the value being rescaled is -inf (the element is -inf
+and contributes nothing); ``merge`` of two states is the package's own ``state.merge_pair``, which
+scales equal maxima (also -inf == -inf) by exactly 1. Everything else is left to IEEE arithmetic, which gives
 the same answers as torch:
 
 * a NaN logit makes m NaN (torch.maximum and amax propagate NaN), hence d NaN, hence a NaN row;
@@ -49,6 +50,8 @@ import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+
+from ..state import merge_pair
 
 __all__ = [
     "naive_softmax",
@@ -219,9 +222,7 @@ def merge(a: SoftmaxPartial, b: SoftmaxPartial) -> SoftmaxPartial:
     (-inf, 0) is an exact identity and merging two empty states gives (-inf, 0), never NaN. NaN
     and +inf in either state still yield NaN in d.
     """
-    m = torch.maximum(a.m, b.m)
-    d = a.d * _rescale(a.m, m) + b.d * _rescale(b.m, m)
-    return SoftmaxPartial(m, d)
+    return SoftmaxPartial(*merge_pair(a.m, a.d, b.m, b.d))  # the package's one merge (state.py)
 
 
 def softmax_from_state(x: torch.Tensor, state: SoftmaxPartial) -> torch.Tensor:

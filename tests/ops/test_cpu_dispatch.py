@@ -18,7 +18,7 @@ import torch
 
 import online_softmax as osm
 from online_softmax import _C
-from conftest import backward_ref, random_logits
+from testlib import backward_ref, random_logits
 
 COMPILED = _C.cpu_capabilities()
 
@@ -99,7 +99,7 @@ def test_every_kernel_under_each_capability(capability, dtype):
 def test_sampling_kernels_under_each_capability(capability, dtype):
     """sample_categorical and top_p_threshold under this capability's kernels: draws inside the
     warpers' support with their log-probabilities, and top-p cuts that keep transformers' tokens."""
-    from online_softmax.sampling import warped_probs
+    from online_softmax.decoding.warpers import warped_probs
     ops = torch.ops.online_softmax
     x = random_logits((6, 3001), dtype, seed=11)
     x[2, :1500] = float("-inf")

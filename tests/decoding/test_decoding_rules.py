@@ -6,11 +6,11 @@ that no comparison passes by doing nothing."""
 import pytest
 import torch
 
-from online_softmax.beam_search import BeamSearchDecoder
+from online_softmax import BeamSearchDecoder
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_gpt2 import EOS, VOCAB, tiny_gpt2  # noqa: E402
+from testlib import EOS, VOCAB, tiny_gpt2  # noqa: E402
 
 
 def left_padded(seed, lengths):

@@ -86,10 +86,16 @@ def temperature(value, op: str, name: str = "temperature") -> float:
     return t
 
 
-def wrap_dim(dim, x: torch.Tensor, op: str) -> int:
-    """``dim`` counted from the front; a 0-d tensor has the one dim 0 (or -1), as in torch."""
+def dim_type(dim, op: str) -> int:
+    """A dim argument's type; its range is checked against the tensor (wrap_dim, or the op)."""
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise fail(op, f"dim must be an int, got {type(dim).__name__}", TypeError)
+    return dim
+
+
+def wrap_dim(dim, x: torch.Tensor, op: str) -> int:
+    """``dim`` counted from the front; a 0-d tensor has the one dim 0 (or -1), as in torch."""
+    dim_type(dim, op)
     ndim = max(x.dim(), 1)
     if not -ndim <= dim < ndim:
         raise fail(op, f"dim={dim} is out of range for a tensor with {x.dim()} dimension(s) "

@@ -92,6 +92,7 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = Fals
     op = "softmax_topk"
     checks.tensor(input, "input", op)
     checks.positive_int(k, "k", op)
+    checks.dim_type(dim, op)
     checks.float_dtype(dtype, "dtype", op)
     temperature = checks.real(temperature, "temperature", op)  # its range: the op's own check
     values, indices, m, d = _ops.softmax_topk(input, k, dim, log, temperature)

@@ -174,8 +174,8 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = Fals
     ``dim``, on every rank. Each rank runs the fused top-k on its shard, then k candidates per row
     and rank are all-gathered and merged (ties to the lower global index). Not differentiable."""
     x = input
-    dim, temperature = _check(x, dim, temperature, "softmax_topk")
     checks.positive_int(k, "k", "distributed.softmax_topk")
+    dim, temperature = _check(x, dim, temperature, "softmax_topk")
     n_local = x.shape[dim]
     offset, total = _shard_offset(n_local, x.device, group)
     if k > total:
@@ -209,11 +209,11 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams:
     from .decoding.beam_search import BeamStep
 
     op = "distributed.beam_search_step"
-    dim, temperature = _check(logits, -1, temperature, "beam_search_step", name="logits")
     checks.tensor(beam_scores, "beam_scores", op)
     checks.positive_int(num_beams, "num_beams", op)
     if num_candidates is not None:
         checks.positive_int(num_candidates, "num_candidates", op)
+    dim, temperature = _check(logits, -1, temperature, "beam_search_step", name="logits")
     if logits.dim() != 2 or beam_scores.dim() != 2 or logits.shape[0] != beam_scores.shape[0] * num_beams:
         raise checks.fail(op, "logits must be (batch * num_beams, vocab_shard) and beam_scores (batch, num_beams); "
                               f"got {list(logits.shape)} and {list(beam_scores.shape)}")

@@ -100,6 +100,7 @@ def softmax_stats(input: torch.Tensor, dim: int = -1, *, temperature: float = 1.
     """The online state of input / temperature along dim, computed in one read of the input."""
     op = "softmax_stats"
     checks.tensor(input, "input", op)
+    checks.dim_type(dim, op)
     temperature = checks.real(temperature, "temperature", op)  # its range: the op's own check
     m, d = _ops.stats(input, dim, temperature)
     return SoftmaxState(m, d, checks.wrap_dim(dim, input, op), temperature)

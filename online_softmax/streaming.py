@@ -125,6 +125,7 @@ class _ShapeCheck:
     """Chunks must agree on every dim but the softmax dim."""
 
     def __init__(self, op: str, dim: int):
+        checks.dim_type(dim, op)
         self.op, self.dim, self.shape, self.ndim = op, dim, None, None
 
     def __call__(self, x: torch.Tensor) -> int:

@@ -11,6 +11,7 @@ import torch
 import online_softmax as osm
 from online_softmax.decoding.warpers import warped_probs
 from online_softmax.reference import unfused_sample
+from testlib import random_logits
 
 DRAWS = 20000
 
@@ -33,8 +34,7 @@ def chi_square_ok(tokens: torch.Tensor, probs: torch.Tensor, z: float = 4.75) ->
 
 
 def logits(rows, vocab, dtype=torch.float32, seed=0, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return random_logits((rows, vocab), dtype, scale=scale, seed=seed)
 
 
 SETTINGS = [

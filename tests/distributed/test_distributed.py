@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import online_softmax as osm
 import online_softmax.distributed as osd
+from testlib import random_logits
 
 
 def free_port():
@@ -20,8 +21,7 @@ def free_port():
 
 
 def full_logits(shape, dtype, seed, dim):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x = random_logits(shape, dtype, seed=seed)
     rows = x.movedim(dim, -1)               # a view: rows along the softmax dim
     rows[0] = float("-inf")                 # all -inf row: NaN, like torch
     rows[1, ..., 7] = float("nan")

@@ -2,7 +2,7 @@
 streams, opcheck, torch.compile and agreement with the CPU backend.
 
 Every test body runs on CUDA when a GPU and a CUDA build are present, and on the CPU backend always
-(the `dev` fixture), so the bodies themselves are exercised on every CI run. On the CPU the largest
+(the `device` fixture), so the bodies themselves are exercised on every CI run. On the CPU the largest
 shapes are trimmed (CPU_MAX_ELEMENTS) to keep CI's time; what only a GPU has (streams, poisoned
 caching-allocator memory, device mixing) skips there.
 """
@@ -18,15 +18,8 @@ needs_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU 
 CPU_MAX_ELEMENTS = 2_000_000
 
 
-@pytest.fixture(params=["cuda", "cpu"])
-def dev(request):
-    if request.param not in DEVICES:
-        pytest.skip("needs a CUDA GPU and a CUDA build of online_softmax")
-    return request.param
-
-
-def too_big(dev, elements):
-    return elements > (30_000_000 if dev == "cuda" else CPU_MAX_ELEMENTS)
+def too_big(device, elements):
+    return elements > (30_000_000 if device == "cuda" else CPU_MAX_ELEMENTS)
 
 
 def f64(x):
@@ -47,10 +40,10 @@ REFS = {
 }
 
 
-def poison_cache(dev="cuda"):
+def poison_cache(device="cuda"):
     """Fill the caching allocator's free blocks with NaN, so an output element a kernel forgets to
     write reads NaN instead of a plausible stale value (CUDA only)."""
-    if dev != "cuda":
+    if device != "cuda":
         return
     free = torch.cuda.mem_get_info()[0]
     blocks = []
@@ -82,13 +75,13 @@ def boundary_lengths(dtype):
 @pytest.mark.parametrize("name", list(REFS))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 300])
-def test_every_kernel_boundary(dev, name, dtype, rows):
+def test_every_kernel_boundary(device, name, dtype, rows):
     torch_fn, ours_fn = REFS[name]
     for n in boundary_lengths(dtype):
-        if too_big(dev, rows * n):
+        if too_big(device, rows * n):
             continue
-        x = random_logits((rows, n), dtype, dev, seed=n)
-        poison_cache(dev)
+        x = random_logits((rows, n), dtype, device, seed=n)
+        poison_cache(device)
         y = ours_fn(x, dim=-1)
         assert not torch.isnan(y).any(), f"unwritten output at n={n}"
         assert_matches_reference(y, x, lambda t: torch_fn(t), lambda t: torch_fn(t))
@@ -96,20 +89,20 @@ def test_every_kernel_boundary(dev, name, dtype, rows):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("offset", [1, 3, 5])
-def test_misaligned_rows(dev, dtype, offset):
+def test_misaligned_rows(device, dtype, offset):
     """Rows that start off a 16-byte boundary (storage offset, odd row length) take the head path."""
     for rows, n in [(5, 37), (3, 1001), (2, 20001), (1, 300001)]:
-        flat = random_logits((rows * n + offset,), dtype, dev, seed=n)
+        flat = random_logits((rows * n + offset,), dtype, device, seed=n)
         x = flat[offset:].view(rows, n)
         assert x.is_contiguous() and x.data_ptr() % 16 != 0
         y = osm.softmax(x, dim=-1)
         assert_matches_reference(y, x, lambda t: torch.softmax(t, -1), lambda t: torch.softmax(t, -1))
         # The backward op on misaligned y and dy views (autograd would hand it fresh, aligned ones).
         for log in (False, True):
-            y_flat = torch.empty(rows * n + offset, dtype=dtype, device=dev)
+            y_flat = torch.empty(rows * n + offset, dtype=dtype, device=device)
             y = y_flat[offset:].view(rows, n)
             y.copy_((osm.log_softmax if log else osm.softmax)(x, dim=-1))
-            g_flat = random_logits((rows * n + offset,), dtype, dev, seed=1)
+            g_flat = random_logits((rows * n + offset,), dtype, device, seed=1)
             g = g_flat[offset:].view(rows, n)
             dx = torch.ops.online_softmax.backward(g, y, -1, log, 1.0, None)
             assert_backward_close(dx, g, y, log)
@@ -117,9 +110,9 @@ def test_misaligned_rows(dev, dtype, offset):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape,dim", [((4, 3000, 7), 1), ((2, 5, 70000), 1), ((65, 2, 33), 0), ((3, 1, 5), 1)])
-def test_strided_dim(dev, dtype, shape, dim):
-    x = random_logits(shape, dtype, dev)
-    poison_cache(dev)
+def test_strided_dim(device, dtype, shape, dim):
+    x = random_logits(shape, dtype, device)
+    poison_cache(device)
     for fn, ref in ((osm.softmax, torch.softmax), (osm.log_softmax, torch.log_softmax)):
         y = fn(x, dim=dim)
         assert_matches_reference(y, x, lambda t: ref(t, dim), lambda t: ref(t, dim))
@@ -148,9 +141,9 @@ def test_matches_cpu_backend(dtype, shape):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("length", [5, 4097, 300001])
-def test_special_value_rows(dev, dtype, length):
+def test_special_value_rows(device, dtype, length):
     inf, nan = float("inf"), float("nan")
-    x = random_logits((6, length), dtype, dev)
+    x = random_logits((6, length), dtype, device)
     x[0] = -inf            # all -inf: NaN row, like torch
     x[1, length // 2] = inf
     x[2, length - 1] = nan
@@ -170,11 +163,11 @@ def test_special_value_rows(dev, dtype, length):
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("rows,n,k", [(1, 262147, 64), (3, 131075, 50), (300, 32003, 64), (8, 50000, 1),
                                       (2, 4_000_001, 8), (513, 1000, 7), (4, 70000, 1024), (2, 9000, 2500)])
-def test_topk_split_and_boundaries(dev, dtype, log, rows, n, k):
-    if too_big(dev, rows * n):
+def test_topk_split_and_boundaries(device, dtype, log, rows, n, k):
+    if too_big(device, rows * n):
         pytest.skip(f"{rows} x {n} is trimmed on the CPU (CPU_MAX_ELEMENTS)")
-    x = random_logits((rows, n), dtype, dev, seed=k)
-    poison_cache(dev)
+    x = random_logits((rows, n), dtype, device, seed=k)
+    poison_cache(device)
     values, indices = osm.softmax_topk(x, k, log=log)
     ref_fn = torch.log_softmax if log else torch.softmax
     ref = ref_fn(x.double(), -1)
@@ -187,10 +180,10 @@ def test_topk_split_and_boundaries(dev, dtype, log, rows, n, k):
     assert all(len(set(r)) == k for r in indices.cpu().tolist())
 
 
-def test_topk_ties_and_nan_order(dev):
+def test_topk_ties_and_nan_order(device):
     """Ties go to the lower index and NaN ranks first, across chunk boundaries of a split row."""
     n = 1_000_003
-    x = torch.zeros(2, n, device=dev)
+    x = torch.zeros(2, n, device=device)
     hot = torch.tensor([999_999, 5, 500_000, 17, 250_001])
     x[:, hot] = 3.0
     x[1, 700_000] = float("nan")
@@ -199,8 +192,8 @@ def test_topk_ties_and_nan_order(dev):
     assert indices[1, 0].item() == 700_000 and torch.isnan(values[1]).all()
 
 
-def test_topk_large_k_takes_sort_path_with_same_answers(dev):
-    x = random_logits((3, 5000), torch.float32, dev)
+def test_topk_large_k_takes_sort_path_with_same_answers(device):
+    x = random_logits((3, 5000), torch.float32, device)
     x[0, :100] = 2.0  # ties
     for k in (2048, 2049, 5000):
         values, indices = osm.softmax_topk(x, k)
@@ -210,9 +203,9 @@ def test_topk_large_k_takes_sort_path_with_same_answers(dev):
 
 
 @pytest.mark.parametrize("log", [False, True])
-def test_topk_backward_matches_unfused(dev, log):
-    x = random_logits((5, 70001), torch.float32, dev).requires_grad_()
-    g = random_logits((5, 33), torch.float32, dev, seed=3)
+def test_topk_backward_matches_unfused(device, log):
+    x = random_logits((5, 70001), torch.float32, device).requires_grad_()
+    g = random_logits((5, 33), torch.float32, device, seed=3)
     values, indices = osm.softmax_topk(x, 33, log=log)
     (values * g).sum().backward()
     xr = f64(x).requires_grad_()
@@ -221,18 +214,18 @@ def test_topk_backward_matches_unfused(dev, log):
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-9)
 
 
-def test_topk_backward_sums_repeated_indices_and_rejects_bad_ones(dev):
-    x = random_logits((2, 100), torch.float32, dev)
+def test_topk_backward_sums_repeated_indices_and_rejects_bad_ones(device):
+    x = random_logits((2, 100), torch.float32, device)
     state = osm.softmax_stats(x)
     m, d = state.max, state.sumexp
-    idx = torch.tensor([[3, 3, 7], [0, 99, 0]], device=dev)
-    g = torch.ones(2, 3, device=dev)
+    idx = torch.tensor([[3, 3, 7], [0, 99, 0]], device=device)
+    g = torch.ones(2, 3, device=device)
     got = torch.ops.online_softmax.softmax_topk_backward(g, x, idx, m, d, -1, False, 1.0)
     # Against the unfused gradient: repeated indices add up.
     xr = f64(x).requires_grad_()
     (torch.softmax(xr, -1).gather(-1, idx) * g.double()).sum().backward()
     torch.testing.assert_close(got.double(), xr.grad, rtol=1e-5, atol=1e-7)
-    if dev == "cpu":
+    if device == "cpu":
         with pytest.raises(IndexError, match="indices"):
             torch.ops.online_softmax.softmax_topk_backward(g, x, idx + 100, m, d, -1, False, 1.0)
 
@@ -274,12 +267,12 @@ def test_cuda_topk_backward_is_captured_by_a_cuda_graph():
     torch.testing.assert_close(dx, want)
 
 
-def test_backward_boundaries_and_dtypes(dev):
+def test_backward_boundaries_and_dtypes(device):
     for dtype in FLOAT_DTYPES:
         for n in boundary_lengths(dtype)[::3]:
             for log in (False, True):
-                x = random_logits((3, n), dtype, dev, seed=n).requires_grad_()
-                g = random_logits((3, n), dtype, dev, seed=n + 1)
+                x = random_logits((3, n), dtype, device, seed=n).requires_grad_()
+                g = random_logits((3, n), dtype, device, seed=n + 1)
                 fn = osm.log_softmax if log else osm.softmax
                 y = fn(x, dim=-1)
                 y.backward(g)
@@ -292,8 +285,8 @@ def test_backward_boundaries_and_dtypes(dev):
                     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=tol, atol=tol * 1e-2)
 
 
-def test_half_input_float_output_and_grad(dev):
-    x = random_logits((4, 5000), torch.float16, dev).requires_grad_()
+def test_half_input_float_output_and_grad(device):
+    x = random_logits((4, 5000), torch.float16, device).requires_grad_()
     y = osm.softmax(x, dim=-1, dtype=torch.float32)
     assert y.dtype == torch.float32
     y.backward(torch.ones_like(y))
@@ -316,8 +309,8 @@ def test_non_default_stream():
     torch.testing.assert_close(state.logsumexp(), torch.logsumexp(x, -1))
 
 
-def test_gradcheck_float64(dev):
-    x = random_logits((3, 37), torch.float64, dev).requires_grad_()
+def test_gradcheck_float64(device):
+    x = random_logits((3, 37), torch.float64, device).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: osm.softmax(t, dim=-1, temperature=0.7), (x,))
     assert torch.autograd.gradcheck(lambda t: osm.log_softmax(t, dim=0), (x,))
     assert torch.autograd.gradcheck(lambda t: osm.softmax_topk(t, 5).values, (x,))
@@ -331,10 +324,10 @@ def test_gradcheck_float64(dev):
         g.sum().backward()
 
 
-def test_opcheck(dev):
+def test_opcheck(device):
     from torch.library import opcheck
-    x = random_logits((6, 300), torch.float32, dev).requires_grad_()
-    xb = random_logits((4, 5000), torch.bfloat16, dev)
+    x = random_logits((6, 300), torch.float32, device).requires_grad_()
+    xb = random_logits((4, 5000), torch.bfloat16, device)
     ops = torch.ops.online_softmax
     opcheck(ops.forward.default, (x, -1, False, 1.0, None))
     opcheck(ops.forward.default, (xb, 0, True, 0.5, torch.float32))
@@ -346,12 +339,12 @@ def test_opcheck(dev):
     opcheck(ops.softmax_topk_backward.default, (torch.randn_like(v), x.detach(), i, m, d, -1, False, 1.0))
 
 
-def test_torch_compile_fullgraph(dev):
+def test_torch_compile_fullgraph(device):
     def f(x):
         v, i = osm.softmax_topk(x, 4)
         return osm.softmax(x, dim=-1) * 2, osm.log_softmax(x, dim=0), v, i
 
-    x = random_logits((16, 1000), torch.float32, dev)
+    x = random_logits((16, 1000), torch.float32, device)
     compiled = torch.compile(f, fullgraph=True)
     for got, want in zip(compiled(x), f(x)):
         torch.testing.assert_close(got, want)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import online_softmax as osm
+from testlib import random_logits
 
 
 def router_reference(x, k, dim=-1, renormalize=True, log=False, temperature=1.0):
@@ -17,8 +18,7 @@ def router_reference(x, k, dim=-1, renormalize=True, log=False, temperature=1.0)
 
 
 def logits(rows, experts, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, experts, generator=g, dtype=torch.float64) * 2).to(dtype)
+    return random_logits((rows, experts), dtype, scale=2.0, seed=seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

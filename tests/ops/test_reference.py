@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from online_softmax.reference import textbook as ref
+from testlib import random_logits
 
 INF = math.inf
 NAN = math.nan
@@ -23,7 +24,7 @@ def _gen(seed):
 
 
 def _randn(*shape, scale=1.0, dtype=torch.float64, seed=0):
-    return (torch.randn(*shape, generator=_gen(seed), dtype=torch.float64) * scale).to(dtype)
+    return random_logits(shape, dtype, scale=scale, seed=seed)
 
 
 def _block_sizes(n):

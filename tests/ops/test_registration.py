@@ -80,27 +80,27 @@ def test_torch_compile_module_dynamic_shapes():
 def test_bad_input_raises_clear_errors(fn):
     x = torch.randn(3, 4)
     with pytest.raises(TypeError, match="x must be a floating-point"):
-        fn(torch.arange(12).reshape(3, 4))
+        fn(torch.arange(12).reshape(3, 4), -1)
     with pytest.raises(TypeError, match="x must be a floating-point"):
-        fn(torch.ones(3, dtype=torch.bool))
+        fn(torch.ones(3, dtype=torch.bool), -1)
     with pytest.raises(TypeError, match="dtype"):
-        fn(x, dtype=torch.int32)
+        fn(x, -1, dtype=torch.int32)
     with pytest.raises(IndexError, match="dim=2"):
         fn(x, 2)
     with pytest.raises(IndexError, match="dim=-3"):
         fn(x, -3)
     with pytest.raises(ValueError, match="temperature"):
-        fn(x, temperature=0)
+        fn(x, -1, temperature=0)
     with pytest.raises(ValueError, match="temperature"):
-        fn(x, temperature=-1.0)
+        fn(x, -1, temperature=-1.0)
     with pytest.raises(ValueError, match="temperature"):
-        fn(x, temperature=float("nan"))
+        fn(x, -1, temperature=float("nan"))
     with pytest.raises(ValueError, match="temperature"):
-        fn(x, temperature=1e-39)
+        fn(x, -1, temperature=1e-39)
     with pytest.raises(TypeError, match="input must be a torch.Tensor"):
-        fn([1.0, 2.0])
+        fn([1.0, 2.0], -1)
     with pytest.raises(TypeError, match="complex|floating"):
-        fn(torch.randn(3, dtype=torch.complex64))
+        fn(torch.randn(3, dtype=torch.complex64), -1)
 
 
 def test_fake_kernels_raise_the_same_errors():
@@ -122,7 +122,7 @@ def test_concurrent_calls_from_threads():
     expected = [torch.softmax(x, -1) for x in xs]
 
     def work(i):
-        return i, osm.softmax(xs[i]), osm.softmax_topk(xs[i], 5)
+        return i, osm.softmax(xs[i], -1), osm.softmax_topk(xs[i], 5)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         for i, y, (v, idx) in pool.map(work, list(range(8)) * 3):
@@ -131,9 +131,23 @@ def test_concurrent_calls_from_threads():
 
 
 def test_build_info():
+    """build_info() against facts found another way: the dispatcher's kernels for every op, the
+    torch that runs, the installed package's metadata."""
+    import importlib.metadata
+
     info = osm.build_info()
+    op_names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::"))
+    backend_ops = [n for n in op_names if n != "online_softmax::beam_search_step"]  # a composite, on every backend
+    assert backend_ops and all(torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU") for n in backend_ops)
     assert info["cpu"] is True
-    assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
-    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("online_softmax::forward", "CUDA")
-    assert info["cuda"] == (bool(osm._C.with_cuda) and has_cuda_kernel)
+    cuda_kernels = [torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA") for n in backend_ops]
+    assert all(cuda_kernels) or not any(cuda_kernels), "a build has CUDA kernels for every op or for none"
+    assert info["cuda"] is cuda_kernels[0]
+    if torch.version.cuda is None:  # a CPU build of torch cannot have loaded CUDA kernels
+        assert info["cuda"] is False
     assert info["cuda_available"] == torch.cuda.is_available()
+    assert info["torch"] == torch.__version__
+    assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["cpu_capabilities"][0] == "DEFAULT"
+    assert info["cpu_capability"] in info["cpu_capabilities"]
+    assert info["version"] == osm.__version__ == importlib.metadata.version("online_softmax")

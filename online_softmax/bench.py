@@ -138,7 +138,8 @@ def cases(op, x, ks, with_compile=True):
             }
 
 
-# The shapes of the CUDA second-pass review (issue 9): (op, shape, dim, k).
+# Shapes whose CUDA plans the benchmark prints: MoE routers, a long dim 0, few long rows, rows that fill
+# the GPU exactly or not, and decoder-sized vocabularies: (op, shape, dim, k).
 PLAN_SHAPES = [
     ("softmax_topk", (1 << 20, 64), -1, 2), ("softmax_topk", (1 << 20, 64), -1, 8),
     ("forward", (1 << 20, 8), 0, None), ("backward", (1 << 20, 8), 0, None),

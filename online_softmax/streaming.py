@@ -68,7 +68,7 @@ class FileChunks:
         actual = os.path.getsize(self.path)
         if actual != expected:
             raise checks.fail("FileChunks", f"{self.path} holds {actual} bytes, but shape {self.shape} of "
-                             f"{self.dtype} needs {expected}")
+                              f"{self.dtype} needs {expected}")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         rows = int(np.prod(self.shape[:-1]))
@@ -95,20 +95,20 @@ def _passes(source: ChunkSource, op: str, dim: int) -> Callable[[], Iterator]:
         cut = source.dim if isinstance(source, ArrayChunks) else ndim - 1
         if not -ndim <= dim < ndim or dim % ndim != cut:
             raise checks.fail(op, f"the source cuts its chunks along dim {cut}, but the softmax "
-                             f"dim is {dim}; they must be the same dim")
+                              f"dim is {dim}; they must be the same dim")
     if callable(source) and not isinstance(source, (ArrayChunks, FileChunks, torch.Tensor)):
         return lambda: iter(source())
     if isinstance(source, torch.Tensor):
-        raise checks.fail(op, f"chunks must be a sequence of tensors, a callable returning "
-                        "an iterator, or ArrayChunks/FileChunks; to stream one tensor use ArrayChunks(x, size)", TypeError)
+        raise checks.fail(op, "chunks must be a sequence of tensors, a callable returning an iterator, or "
+                              "ArrayChunks/FileChunks; to stream one tensor use ArrayChunks(x, size)", TypeError)
     try:
         it = iter(source)
     except TypeError:
         raise checks.fail(op, f"chunks must be iterable, got {type(source).__name__}", TypeError) from None
     if it is source:
-        raise checks.fail(op, f"chunks is a one-shot iterator (e.g. a generator), but it must "
-                        "be read twice; pass a list, a callable that returns a fresh iterator, or "
-                        "ArrayChunks/FileChunks", TypeError)
+        raise checks.fail(op, "chunks is a one-shot iterator (e.g. a generator), but it must "
+                          "be read twice; pass a list, a callable that returns a fresh iterator, or "
+                          "ArrayChunks/FileChunks", TypeError)
     return lambda: iter(source)
 
 
@@ -118,7 +118,7 @@ def _as_tensor(chunk, op: str) -> torch.Tensor:
     if isinstance(chunk, np.ndarray):
         return torch.from_numpy(np.array(chunk, copy=True))
     raise checks.fail(op, f"every chunk must be a torch.Tensor or numpy array, got "
-                    f"{type(chunk).__name__}", TypeError)
+                      f"{type(chunk).__name__}", TypeError)
 
 
 class _ShapeCheck:
@@ -130,18 +130,18 @@ class _ShapeCheck:
 
     def __call__(self, x: torch.Tensor) -> int:
         if x.dim() == 0:
-            raise checks.fail(self.op, f"every chunk needs at least one dimension (the softmax dim)")
+            raise checks.fail(self.op, "every chunk needs at least one dimension (the softmax dim)")
         ndim = x.dim()
         if not -ndim <= self.dim < ndim:
             raise checks.fail(self.op, f"dim={self.dim} is out of range for a chunk with "
-                             f"{x.dim()} dimension(s)", IndexError)
+                              f"{x.dim()} dimension(s)", IndexError)
         d = self.dim % ndim
         rest = x.shape[:d] + x.shape[d + 1:]
         if self.shape is None:
             self.shape, self.ndim = rest, x.dim()
         elif rest != self.shape or x.dim() != self.ndim:
             raise checks.fail(self.op, f"chunk of shape {list(x.shape)} does not match the "
-                             f"others outside dim {self.dim} (expected {list(self.shape)})")
+                              f"others outside dim {self.dim} (expected {list(self.shape)})")
         return d
 
 
@@ -170,7 +170,7 @@ def _chunked(source: ChunkSource, dim: int, temperature: float, log: bool, op: s
             st = softmax_stats(x, dim, temperature=temperature)
             state = st if state is None else state.merge(st)
         if state is None:
-            raise checks.fail(op, f"chunks is empty")
+            raise checks.fail(op, "chunks is empty")
         seen = []
         for chunk in passes():
             x = _as_tensor(chunk, op)
@@ -180,8 +180,8 @@ def _chunked(source: ChunkSource, dim: int, temperature: float, log: bool, op: s
             yield state.normalize(x, log=log)
         if seen != lengths:
             raise checks.fail(op, f"the second pass over chunks saw lengths {seen[:8]}..., the "
-                             f"first {lengths[:8]}...: a source must yield the same chunks each time it is "
-                             "iterated (a callable returning the same generator twice does not)")
+                              f"first {lengths[:8]}...: a source must yield the same chunks each time it is "
+                              "iterated (a callable returning the same generator twice does not)")
 
     return generate()
 
@@ -232,7 +232,7 @@ def _chunked_softmax_topk(source, k, dim, log, temperature) -> SoftmaxTopK:
             cand_x, cand_i = merge_topk_candidates(torch.cat([cand_x, raw], d), torch.cat([cand_i, gidx], d), k, d)
         offset += n
     if state is None:
-        raise checks.fail(op, f"chunks is empty or every chunk is empty")
+        raise checks.fail(op, "chunks is empty or every chunk is empty")
     if offset < k:
         raise checks.fail(op, f"k={k} is larger than the total length {offset} along dim {dim}")
     cand_x, cand_i = merge_topk_candidates(cand_x, cand_i, k, d)

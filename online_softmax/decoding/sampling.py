@@ -31,6 +31,9 @@ TIE_SLACK = 8              # selected past k, so that logits tied with the k-th 
 
 
 class Sample(NamedTuple):
+    """What :func:`sample` returns: the drawn token ids and their log-probabilities under the
+    distribution they were drawn from, both of shape (*batch, num_samples)."""
+
     token_ids: torch.Tensor  # (*batch, num_samples) int64; -1 for a row with no distribution
     log_probs: torch.Tensor  # (*batch, num_samples) under the distribution drawn from (float32; float64 for float64)
 
@@ -49,14 +52,14 @@ def _per_row(value: Param, name: str, rows: int, batch_shape, device, dtype) -> 
         elif tuple(value.shape) == tuple(batch_shape):
             value = value.reshape(rows)
         else:
-            raise ValueError(f"online_softmax.sample: {name} must be a number or a tensor of the batch shape "
-                             f"{list(batch_shape)}, got shape {list(value.shape)}")
+            raise checks.fail("sample", f"{name} must be a number or a tensor of the batch shape "
+                                        f"{list(batch_shape)}, got shape {list(value.shape)}")
         if value.dtype.is_complex or (dtype.is_floating_point is False and value.dtype.is_floating_point):
-            raise TypeError(f"online_softmax.sample: {name} must be a{'n integer' if not dtype.is_floating_point else ' real'}"
-                            f" tensor, got {value.dtype}")
+            kind = "a real" if dtype.is_floating_point else "an integer"
+            raise checks.fail("sample", f"{name} must be {kind} tensor, got {value.dtype}", TypeError)
         return value.to(device=device, dtype=dtype)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"online_softmax.sample: {name} must be a number or a tensor, got {type(value).__name__}")
+        raise checks.fail("sample", f"{name} must be a number or a tensor, got {type(value).__name__}", TypeError)
     if not dtype.is_floating_point and not isinstance(value, int):
         raise TypeError(f"online_softmax.sample: {name} must be an int, got {value!r}")
     return torch.full((rows,), value, dtype=dtype, device=device)

@@ -2,6 +2,11 @@
 normalizer (running max m and normalizer d, merged across threads, chunks and ranks).
 
 Ops live under ``torch.ops.online_softmax``; this package loads them and adds the Python API.
+Every public name is importable from here; the modules behind them are grouped by purpose:
+``api``, ``modules``, ``state`` and ``streaming`` (softmax as torch has it, the (m, d) state,
+streamed chunks), ``distributed`` (vocabulary shards over torch.distributed), ``decoding`` (beam
+search, generate()'s processors, sampling), ``reference`` (test oracles and unfused peers, never
+called by the rest), ``ops`` (fake kernels and autograd) and ``_checks`` (every argument check).
 """
 
 import torch  # noqa: F401  (loads libtorch, which the extension links against)

@@ -1,5 +1,5 @@
 """Removes each __syncthreads() of csrc/kernels, one at a time, in a scratch copy of the checkout,
-and runs the host-executed kernel tests (tests/test_kernels_host.py) on each mutant.
+and runs the host-executed kernel tests (tests/kernels/test_kernels_host.py) on each mutant.
 
 A removal the tests catch shows the host runtime's schedules expose that missing barrier; one they
 do not catch is either redundant or a gap to close (a GPU may still fail on it: the host runtime
@@ -65,7 +65,7 @@ def enclosing_function(lines, i):
 def run_tests(root, schedule):
     env = dict(os.environ, ONLINE_SOFTMAX_HOST_SCHEDULE=schedule, PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                           "tests/test_kernels_host.py", "-k", "not sanitizers and not runtime"],
+                           "tests/kernels/test_kernels_host.py", "-k", "not sanitizers and not runtime"],
                           cwd=root, env=env, capture_output=True, text=True)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
     failed = re.search(r"^FAILED (\S+)", proc.stdout, re.M)

@@ -46,8 +46,8 @@ fi
 if has tests; then
   # No -x: one call reports every failure. The host-executed kernels and the nvcc compile check
   # need no GPU and run in CI; they are left out here to save device time.
-  run_phase tests 330 "$PY" -m pytest -q -rfE -p no:cacheprovider --ignore=tests/test_kernels_host.py \
-    --ignore=tests/test_cuda_compile.py tests
+  run_phase tests 330 "$PY" -m pytest -q -rfE -p no:cacheprovider --ignore=tests/kernels/test_kernels_host.py \
+    --ignore=tests/kernels/test_cuda_compile.py tests
   { echo "tests: $(tail -n 1 "$OUT_DIR/tests.log")"; grep -E "^(FAILED|ERROR) " "$OUT_DIR/tests.log" | head -n 40; } \
     >> "$OUT_DIR/summary.txt"
 fi

@@ -40,7 +40,7 @@ class BeamSearchDecoder:
     entry when num_beams hypotheses are finished), False (stop when no running beam can beat the
     worst finished one at the current length) or "never" (the same with the best possible length).
     ``generate`` returns the same sequences and scores as ``model.generate(num_beams=...,
-    do_sample=False)`` with the same settings (see tests/test_beam_search_decoder.py).
+    do_sample=False)`` with the same settings (see tests/decoding/test_beam_search_decoder.py).
     transformers ignores ``temperature`` without sampling, where this decoder applies it (leave it
     at 1.0 to match). With ``num_beams=1`` it runs greedy search, as transformers does.
 

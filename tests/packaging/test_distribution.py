@@ -19,7 +19,7 @@ import torch
 import online_softmax
 from online_softmax import _torch_check
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/packaging/ -> the repository
 
 
 def test_version_is_in_one_place():
@@ -54,7 +54,8 @@ def test_a_build_for_another_torch_minor_says_so(monkeypatch):
 def _needed_files():
     csrc = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu")]
     return {str(p.relative_to(ROOT)) for p in csrc} | {"LICENSE", "README.md", "pyproject.toml", "setup.py"} | {
-        str(p.relative_to(ROOT)) for p in (ROOT / "online_softmax").glob("*.py") if p.name != "_torch_build.py"}
+        str(p.relative_to(ROOT)) for p in (ROOT / "online_softmax").rglob("*.py") if p.name != "_torch_build.py"} | {
+        str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")}
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
 from .cuda_plan import CudaPlan, cuda_plan
 from .decoding import BeamSearchDecoder, BeamSearchOutput, BeamStep, Sample, beam_search_step, sample
+from . import hf  # noqa: E402  (model.generate(custom_generate=online_softmax.hf.generate); imports transformers lazily)
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
 __all__ = [

@@ -170,20 +170,26 @@ class BeamSearchDecoder:
             (attention_mask != 0).int().argmax(1).repeat_interleave(nb)
         if nb == 1:
             return self._greedy(step_fn, input_ids, pad_lengths)
-        beams = _Beams(input_ids, nb, input_ids.shape[1] + self.max_new_tokens, self.fill_token_id)
-        keep = 2 * nb  # max(2, 1 + number of EOS ids) * num_beams, with at most one EOS id
+        beams = Beams(input_ids, nb, input_ids.shape[1] + self.max_new_tokens, self.fill_token_id,
+                      self.length_penalty, self.early_stopping)
         cache, beam_idx = None, None
         while True:
             flat = beams.running_sequences()
             logits, cache = step_fn(flat, cache, beam_idx)
             if beams.cur_len == beams.prompt:
                 self.rules.check_vocab(logits.shape[-1])
-            step = self._step(flat, logits.float(), beams.running_scores, keep, beams.prompt, beams.max_length,
+            step = self._step(flat, logits.float(), beams.running_scores, beams.keep, beams.prompt, beams.max_length,
                               pad_lengths)
-            beam_idx = beams.advance(step, self.eos_token_id, self.length_penalty, self.early_stopping)
-            if not beams.keep_going(self.length_penalty, self.early_stopping):
+            candidates = beams.candidates(step)
+            hits = torch.zeros_like(step.token_ids, dtype=torch.bool)
+            if self.eos_token_id is not None:
+                hits |= step.token_ids == self.eos_token_id
+            if beams.cur_len + 1 >= beams.max_length:
+                hits[:] = True
+            beam_idx = beams.advance(step, candidates, hits)
+            if not beams.keep_going():
                 break
-        return beams.best(self.num_return_sequences)
+        return beams.best(self.num_return_sequences)[0]
 
 
 def _check_prompts(input_ids, attention_mask) -> None:
@@ -207,87 +213,101 @@ def _gather_beams(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx, dim=1)
 
 
-class _Beams:
+class Beams:
     """The running and finished hypotheses of every batch entry, kept as transformers' vectorized
-    beam search keeps them: fixed-size tensors, with -1e9 scores on the slots that take no part."""
+    beam search keeps them: fixed-size tensors, with -1e9 scores on the slots that take no part.
+    Each step takes ``keep`` candidates per entry (2 * num_beams, or more with several EOS ids)."""
 
     NEG = -1.0e9
 
-    def __init__(self, input_ids: torch.Tensor, nb: int, max_length: int, fill_token_id: int):
+    def __init__(self, input_ids: torch.Tensor, nb: int, max_length: int, fill_token_id: int,
+                 length_penalty: float, early_stopping, keep: Optional[int] = None):
         dev = input_ids.device
-        self.batch, self.prompt = input_ids.shape
+        self.batch, self.prompt = input_ids.shape[0], input_ids.shape[1]
         self.nb, self.max_length, self.cur_len = nb, max_length, self.prompt
+        self.keep = 2 * nb if keep is None else keep
+        self.length_penalty, self.early_stopping = length_penalty, early_stopping
         self.running = torch.full((self.batch, nb, max_length), fill_token_id, dtype=torch.int64, device=dev)
         self.running[:, :, :self.prompt] = input_ids[:, None, :]
         self.finished = self.running.clone()
+        # The flat (batch * num_beams) beam each generated token continued, -1 past the end: transformers'
+        # beam_indices, and the generated lengths.
+        self.running_idx = torch.full((self.batch, nb, max_length - self.prompt), -1, dtype=torch.int32, device=dev)
+        self.finished_idx = self.running_idx.clone()
         self.running_scores = torch.zeros(self.batch, nb, device=dev)
         self.running_scores[:, 1:] = self.NEG  # the first step expands one beam per entry
         self.finished_scores = torch.full((self.batch, nb), self.NEG, device=dev)
         self.is_finished = torch.zeros(self.batch, nb, dtype=torch.bool, device=dev)
         self.improvable = torch.ones(self.batch, 1, dtype=torch.bool, device=dev)
-        self.gen_len = torch.zeros(self.batch, nb, dtype=torch.int64, device=dev)  # finished hypotheses' lengths
-        self.top_mask = torch.arange(2 * nb, device=dev) < nb
+        self.top_mask = torch.arange(self.keep, device=dev) < nb
         self.hits = None
 
     def running_sequences(self) -> torch.Tensor:
         return self.running[:, :, :self.cur_len].reshape(self.batch * self.nb, self.cur_len)
 
-    def advance(self, step: BeamStep, eos_token_id, length_penalty: float, early_stopping) -> torch.Tensor:
-        """Take one step's candidates: the best that did not stop run on, those among the top
-        num_beams that stopped join the finished hypotheses. Returns the flat indices of the beams
-        the new running rows continue (for the caller's cache)."""
-        cand_seqs = _gather_beams(self.running, step.beam_ids)
-        cand_seqs[:, :, self.cur_len] = step.token_ids
-        hits = torch.zeros_like(step.token_ids, dtype=torch.bool)
-        if eos_token_id is not None:
-            hits |= step.token_ids == eos_token_id
-        if self.cur_len + 1 >= self.max_length:
-            hits[:] = True
+    def candidates(self, step: BeamStep) -> torch.Tensor:
+        """The step's candidate sequences (batch, keep, max_length), their new token in place: what the
+        caller's stopping rules judge."""
+        cand = _gather_beams(self.running, step.beam_ids)
+        cand[:, :, self.cur_len] = step.token_ids
+        return cand
+
+    def advance(self, step: BeamStep, cand_seqs: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+        """Take one step's candidates, given which of them stop (``hits``, (batch, keep)): the best
+        that did not stop run on, those among the top num_beams that stopped join the finished
+        hypotheses. Returns the flat indices of the beams the new running rows continue (for the
+        caller's cache)."""
         self.hits = hits
-        beam_idx = self._continue_running(step, cand_seqs, hits)
-        self._add_finished(step, cand_seqs, hits, length_penalty, early_stopping)
+        cand_idx = _gather_beams(self.running_idx, step.beam_ids)
+        offsets = torch.arange(self.batch, device=hits.device)[:, None] * self.nb
+        cand_idx[:, :, self.cur_len - self.prompt] = (step.beam_ids + offsets).to(cand_idx.dtype)
+        beam_idx = self._continue_running(step, cand_seqs, cand_idx, hits)
+        self._add_finished(step, cand_seqs, cand_idx, hits)
         self.cur_len += 1
         return beam_idx
 
-    def _continue_running(self, step: BeamStep, cand_seqs: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+    def _continue_running(self, step: BeamStep, cand_seqs, cand_idx, hits) -> torch.Tensor:
         open_scores = step.scores + hits.float() * self.NEG
         next_idx = torch.topk(open_scores, k=self.nb)[1]
         self.running = _gather_beams(cand_seqs, next_idx)
         self.running_scores = _gather_beams(open_scores, next_idx)
-        offsets = torch.arange(self.batch, device=next_idx.device)[:, None] * self.nb
-        return (_gather_beams(step.beam_ids, next_idx) + offsets).reshape(-1)
+        self.running_idx = _gather_beams(cand_idx, next_idx)
+        return self.running_idx[:, :, self.cur_len - self.prompt].reshape(-1).long()
 
-    def _add_finished(self, step: BeamStep, cand_seqs, hits, length_penalty: float, early_stopping) -> None:
+    def _add_finished(self, step: BeamStep, cand_seqs, cand_idx, hits) -> None:
         just_done = hits & self.top_mask[None, :]
         gen_len = self.cur_len + 1 - self.prompt
-        done_scores = step.scores / float(gen_len) ** length_penalty
-        full = self.is_finished.all(-1, keepdim=True) & (early_stopping is True)
+        done_scores = step.scores / float(gen_len) ** self.length_penalty
+        full = self.is_finished.all(-1, keepdim=True) & (self.early_stopping is True)
         done_scores = done_scores + full.float() * self.NEG + (~self.improvable).float() * self.NEG + \
             (~just_done).float() * self.NEG
         merged_seqs = torch.cat([self.finished, cand_seqs], 1)
         merged_scores = torch.cat([self.finished_scores, done_scores], 1)
         merged_done = torch.cat([self.is_finished, just_done], 1)
-        merged_len = torch.cat([self.gen_len, torch.full_like(step.beam_ids, gen_len)], 1)
+        merged_idx = torch.cat([self.finished_idx, cand_idx], 1)
         best = torch.topk(merged_scores, k=self.nb)[1]
         self.finished, self.finished_scores = _gather_beams(merged_seqs, best), _gather_beams(merged_scores, best)
-        self.is_finished, self.gen_len = _gather_beams(merged_done, best), _gather_beams(merged_len, best)
+        self.is_finished, self.finished_idx = _gather_beams(merged_done, best), _gather_beams(merged_idx, best)
 
-    def keep_going(self, length_penalty: float, early_stopping) -> bool:
+    def keep_going(self) -> bool:
         """Whether any entry can still change: a running beam that can beat the worst finished
         hypothesis (at the current length, or the best possible one with early_stopping="never")."""
-        if early_stopping == "never" and length_penalty > 0.0:
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
             best_len = self.max_length - self.prompt
         else:
             best_len = self.cur_len - self.prompt
-        best_possible = self.running_scores[:, :1] / float(best_len) ** length_penalty
+        best_possible = self.running_scores[:, :1] / float(best_len) ** self.length_penalty
         worst_done = torch.where(self.is_finished, self.finished_scores.min(1, keepdim=True)[0],
                                  torch.full_like(best_possible, self.NEG))
         self.improvable = self.improvable & (best_possible > worst_done).any(-1, keepdim=True)
-        all_full = self.is_finished.all() & (early_stopping is True)
+        all_full = self.is_finished.all() & (self.early_stopping is True)
         return bool(self.improvable.any() & ~all_full & ~self.hits.all())
 
     def best(self, r: int) -> BeamSearchOutput:
+        """The best ``r`` finished hypotheses of each entry, cut to the longest one generated, with
+        their scores and beam indices (flat, ``r`` rows per entry)."""
         seqs = self.finished[:, :r].reshape(self.batch * r, self.max_length)
         scores = self.finished_scores[:, :r].reshape(self.batch * r)
-        out_len = self.prompt + int(self.gen_len[:, :r].max().item())
-        return BeamSearchOutput(seqs[:, :out_len], scores)
+        idx = self.finished_idx[:, :r].reshape(self.batch * r, -1)
+        generated = int((idx >= 0).sum(1).max().item())
+        return BeamSearchOutput(seqs[:, :self.prompt + generated], scores), idx[:, :generated]

@@ -71,7 +71,13 @@ class DecodingRules:
         self.ngram = no_repeat_ngram_size
         self.penalty = checks.positive_finite(repetition_penalty, "repetition_penalty", _OP)
         # transformers drops the length rules when there is no EOS id to ban.
-        self.eos = eos_token_id
+        self.eos = [] if eos_token_id is None else [eos_token_id]
+        # Where a rule counts from, when it is not the prompt's length (rules read from transformers'
+        # processor instances carry their own): the new tokens of min_new_tokens, the step of
+        # begin_suppress_tokens, and the positions the repetition penalty skips (int or (rows,)).
+        self.new_tokens_from: Optional[int] = None
+        self.begin_index: Optional[int] = None
+        self.penalty_skip = None
         self.min_length = min_length if eos_token_id is not None else 0
         self.min_new_tokens = min_new_tokens if eos_token_id is not None else 0
         self.single_bad, self.multi_bad = [], []
@@ -136,13 +142,18 @@ class DecodingRules:
             if len(prefix) <= cur_len:
                 hit = (seqs[:, cur_len - len(prefix):] == column(prefix)).all(-1, keepdim=True)
                 early.append(torch.where(hit, w[-1], -1))
-        if cur_len < self.min_length or cur_len - prompt_len < self.min_new_tokens:
-            early.append(column([self.eos]))
+        new_from = prompt_len if self.new_tokens_from is None else self.new_tokens_from
+        if self.eos and (cur_len < self.min_length or cur_len - new_from < self.min_new_tokens):
+            early.append(column(self.eos))
         if self.suppress:
             late.append(column(self.suppress))
-        if self.begin_suppress and cur_len == prompt_len:
+        if self.begin_suppress and cur_len == (prompt_len if self.begin_index is None else self.begin_index):
             late.append(column(self.begin_suppress))
         penalized = None
+        if self.penalty_skip is not None:
+            pad_lengths = self.penalty_skip
+            if isinstance(pad_lengths, int):
+                pad_lengths = torch.full((rows,), pad_lengths, dtype=torch.int64, device=dev)
         if self.penalty != 1.0:
             penalized = seqs
             if pad_lengths is not None:
@@ -165,3 +176,43 @@ class DecodingRules:
 
     def fusable(self, edits: StepEdits) -> bool:
         return not self.custom and not edits.force_eos
+
+    @classmethod
+    def from_processors(cls, processors: Sequence) -> Optional["DecodingRules"]:
+        """The rules of a transformers ``LogitsProcessorList``, read from its instances' own fields,
+        when every processor in it is one the fused step expresses as an edit (in any order: bans
+        commute with one another and with the penalty, since -inf * penalty is -inf). None when any
+        is not: the caller then runs the list itself, densely."""
+        from transformers.generation import logits_process as lp
+
+        rules = cls(eos_token_id=None)
+        seen = set()
+        for p in processors:
+            kind = type(p)
+            if kind in seen:
+                return None
+            seen.add(kind)
+            if kind is lp.RepetitionPenaltyLogitsProcessor and getattr(p, "logits_indices", None) is None:
+                rules.penalty, rules.penalty_skip = float(p.penalty), p.prompt_ignore_length
+            elif kind is lp.NoRepeatNGramLogitsProcessor:
+                rules.ngram = int(p.ngram_size)
+            elif kind is lp.NoBadWordsLogitsProcessor and all(v == float("-inf") for v in p.sequence_bias.values()):
+                for w in p.sequence_bias:
+                    (rules.single_bad if len(w) == 1 else rules.multi_bad).append(list(w))
+            elif kind in (lp.MinLengthLogitsProcessor, lp.MinNewTokensLengthLogitsProcessor):
+                eos = [int(t) for t in torch.as_tensor(p.eos_token_id).reshape(-1).tolist()]
+                if rules.eos and eos != rules.eos:
+                    return None
+                rules.eos = eos
+                if kind is lp.MinLengthLogitsProcessor:
+                    rules.min_length = int(p.min_length)
+                else:
+                    rules.min_new_tokens, rules.new_tokens_from = int(p.min_new_tokens), int(p.prompt_length_to_skip)
+            elif kind is lp.SuppressTokensLogitsProcessor:
+                rules.suppress = [int(t) for t in p.suppress_tokens.reshape(-1).tolist()]
+            elif kind is lp.SuppressTokensAtBeginLogitsProcessor:
+                rules.begin_suppress = [int(t) for t in p.begin_suppress_tokens.reshape(-1).tolist()]
+                rules.begin_index = int(p.begin_index)
+            else:
+                return None
+        return rules

@@ -134,7 +134,8 @@ def build_extension():
     capabilities = cpu_capabilities()
     # The per-ISA kernels link last and lowest ISA first: an inline function that several objects
     # define is taken from the first, which then is one built for the baseline ISA.
-    cpp_sources = (["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cpp_sources = (["csrc/ops.cpp", "csrc/python_module.cpp"]
+                   + sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
                    + [f"csrc/cpu/isa/{c.lower()}.cpp" for c in capabilities])
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")
                           + glob.glob("csrc/kernels/*.cu"))

@@ -1,10 +1,8 @@
-// Every schema of the online_softmax library, in one place. Backends register implementations in
-// csrc/cpu/register.cpp (CPU) and csrc/cuda/ (CUDA); fake kernels and autograd live in Python
-// (online_softmax/ops.py).
-#include <Python.h>
+// Every schema of the online_softmax library, in one place, and nothing else. Backends register
+// implementations in csrc/cpu/register.cpp (CPU), csrc/cuda/register.cpp (CUDA) and csrc/common
+// (composites); fake kernels and autograd live in Python (online_softmax/ops.py); the _C Python
+// module that loads them all is csrc/python_module.cpp.
 #include <torch/library.h>
-
-#include "cpu/dispatch.h"
 
 TORCH_LIBRARY(online_softmax, m) {
   // softmax(x / temperature) or log_softmax(x / temperature) along dim; dtype casts on read.
@@ -43,60 +41,4 @@ TORCH_LIBRARY(online_softmax, m) {
   // >= top_p); status 0 found, 1 several tokens tied at the cut within float resolution, 2 no
   // distribution (NaN, +inf, all -inf). Reads x from memory once; narrowing passes hit the cache.
   m.def("top_p_threshold(Tensor x, Tensor temperature, Tensor top_p) -> (Tensor log_ratio, Tensor status)");
-}
-
-namespace online_softmax {
-PyObject* cuda_plan(PyObject*, PyObject* args);  // csrc/common/cuda_plan.cpp
-}
-
-// `import online_softmax._C` loads this shared object, which runs the registrations above. The
-// module also reports the CPU kernel dispatch (csrc/cpu/dispatch.h) and, for tests, overrides it.
-namespace {
-
-PyObject* cpu_capability(PyObject*, PyObject*) {
-  return PyUnicode_FromString(online_softmax::cpu::kernels().capability);
-}
-
-PyObject* cpu_capabilities(PyObject*, PyObject*) {
-  const auto names = online_softmax::cpu::compiled_capabilities();
-  PyObject* list = PyList_New(static_cast<Py_ssize_t>(names.size()));
-  if (list == nullptr) return nullptr;
-  for (size_t i = 0; i < names.size(); ++i) PyList_SET_ITEM(list, i, PyUnicode_FromString(names[i].c_str()));
-  return list;
-}
-
-PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
-  const char* name = PyUnicode_AsUTF8(arg);
-  if (name == nullptr) return nullptr;
-  if (!online_softmax::cpu::override_capability(name)) {
-    PyErr_Format(PyExc_ValueError, "online_softmax: CPU capability %R is not compiled into this build or not "
-                 "supported by this CPU", arg);
-    return nullptr;
-  }
-  Py_RETURN_NONE;
-}
-
-PyMethodDef methods[] = {
-    {"cpu_capability", cpu_capability, METH_NOARGS, "The capability whose CPU kernels run now."},
-    {"cpu_capabilities", cpu_capabilities, METH_NOARGS, "The capabilities compiled into this build."},
-    {"_set_cpu_capability", set_cpu_capability, METH_O,
-     "Test-only: run the CPU kernels of this capability ('' for the automatic choice)."},
-    {"_cuda_plan", online_softmax::cuda_plan, METH_VARARGS,
-     "The CUDA launch plan of a shape (online_softmax.cuda_plan is the documented front)."},
-    {nullptr, nullptr, 0, nullptr},
-};
-
-PyModuleDef online_softmax_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-
-}  // namespace
-
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* module = PyModule_Create(&online_softmax_module);
-  if (module == nullptr) return nullptr;
-#ifdef ONLINE_SOFTMAX_WITH_CUDA
-  PyModule_AddIntConstant(module, "with_cuda", 1);
-#else
-  PyModule_AddIntConstant(module, "with_cuda", 0);
-#endif
-  return module;
 }

@@ -18,7 +18,9 @@ import torch
 
 from . import _C
 
-OPS = ("forward", "stats", "backward", "softmax_topk", "softmax_topk_backward")
+OPS = ("forward", "stats", "backward", "softmax_topk", "softmax_topk_backward", "sample_categorical",
+       "top_p_threshold")
+_SAMPLING_OPS = ("sample_categorical", "top_p_threshold")
 
 # Public figures of the SXM parts: SMs, the opt-in shared memory per block, L2, compute capability,
 # HBM bandwidth.
@@ -60,6 +62,7 @@ class CudaPlan:
     workspace_bytes: int = 0
     chunks: int = 1
     chunk: int = 0
+    num_samples: int | None = None
 
     @property
     def bytes_read(self) -> int:
@@ -93,7 +96,8 @@ class CudaPlan:
     def summary(self) -> str:
         """One line per launch: kernel, grid x block, shared memory, threads per row, bytes."""
         lines = [f"{self.op} {tuple(self.shape)} {str(self.dtype).replace('torch.', '')} dim={self.dim}"
-                 + (f" k={self.k}" if self.k is not None else "") + f": path {self.path}"]
+                 + (f" k={self.k}" if self.k is not None else "")
+                 + (f" num_samples={self.num_samples}" if self.num_samples is not None else "") + f": path {self.path}"]
         for launch in self.launches:
             lines.append(f"  {launch.kernel}: grid {launch.grid} x block {launch.block[0]}x{launch.block[1]}, "
                          f"smem {launch.smem} B, {launch.threads_per_row} threads/row, "
@@ -105,18 +109,47 @@ class CudaPlan:
         return "\n".join(lines)
 
 
+def _gpu_limits(index: int) -> dict:
+    """The limits of GPU `index`, as torch reports them."""
+    props = torch.cuda.get_device_properties(index)
+    limits = {"sm_count": props.multi_processor_count,
+              "max_smem_per_block": getattr(props, "shared_memory_per_block_optin", 48 * 1024),
+              "l2_bytes": getattr(props, "L2_cache_size", 0), "cc": (props.major, props.minor)}
+    for name, preset in PRESETS.items():  # a known part: borrow its bandwidth for the model
+        if name in props.name.lower():
+            limits["hbm_bytes_per_s"] = preset["hbm_bytes_per_s"]
+    return limits
+
+
+def _cuda_device_index(device) -> int | None:
+    """The GPU index `device` names ("cuda", "cuda:N" or a torch.device of type cuda; "cuda" is the
+    current GPU, as torch means it), or None when it names no GPU."""
+    if isinstance(device, str):
+        if not device.lower().startswith("cuda"):
+            return None
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"online_softmax.cuda_plan: device={device!r} is not a CUDA device name "
+                             "('cuda' or 'cuda:N')") from None
+    if not isinstance(device, torch.device) or device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"online_softmax.cuda_plan: device={str(device)!r} names a GPU, but torch sees none; pass "
+                           f"a preset name {sorted(PRESETS)} or a dict of limits instead")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"online_softmax.cuda_plan: device={str(device)!r} but torch sees "
+                         f"{torch.cuda.device_count()} GPU(s)")
+    return index
+
+
 def _device_limits(device) -> dict:
     if device is None:
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(torch.cuda.current_device())
-            limits = {"sm_count": props.multi_processor_count,
-                      "max_smem_per_block": getattr(props, "shared_memory_per_block_optin", 48 * 1024),
-                      "l2_bytes": getattr(props, "L2_cache_size", 0), "cc": (props.major, props.minor)}
-            for name, preset in PRESETS.items():  # a known part: borrow its bandwidth for the model
-                if name in props.name.lower():
-                    limits["hbm_bytes_per_s"] = preset["hbm_bytes_per_s"]
-            return limits
-        device = "h100"
+        return _gpu_limits(torch.cuda.current_device()) if torch.cuda.is_available() else dict(PRESETS["h100"])
+    index = _cuda_device_index(device)
+    if index is not None:
+        return _gpu_limits(index)
     if isinstance(device, str):
         if device.lower() not in PRESETS:
             raise ValueError(f"online_softmax.cuda_plan: device preset {device!r} is not one of {sorted(PRESETS)}")
@@ -129,18 +162,23 @@ def _device_limits(device) -> dict:
             if not isinstance(device[key], int) or device[key] < 1:
                 raise ValueError(f"online_softmax.cuda_plan: device[{key!r}] must be a positive int, got {device[key]!r}")
         return dict(device)
-    raise TypeError(f"online_softmax.cuda_plan: device must be None, a preset name or a dict, got {type(device).__name__}")
+    raise TypeError("online_softmax.cuda_plan: device must be None, 'cuda', 'cuda:N', a torch.device, a preset name "
+                    f"or a dict, got {type(device).__name__}")
 
 
 def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1, *, k: int | None = None,
-              device=None, out_dtype: torch.dtype | None = None) -> CudaPlan:
+              device=None, out_dtype: torch.dtype | None = None, num_samples: int | None = None,
+              min_log_ratio: bool = False) -> CudaPlan:
     """The launch plan the CUDA kernels would run for ``op`` on a contiguous tensor of ``shape``.
 
-    op: "forward", "stats", "backward", "softmax_topk" or "softmax_topk_backward". ``dtype`` is the
-    input's (for backward: the forward output's); ``out_dtype`` is forward's ``dtype=`` cast (float32
-    output of float16/bfloat16 input) or backward's ``input_dtype``. ``k`` is required for the top-k
-    ops. ``device`` is a preset name ("h100", "h200", "a100"), a dict of limits (sm_count,
-    max_smem_per_block, l2_bytes, cc; optional hbm_bytes_per_s), or None: the current GPU, else h100.
+    op: one of ``OPS``. ``dtype`` is the input's (for backward: the forward output's); ``out_dtype``
+    is forward's ``dtype=`` cast (float32 output of float16/bfloat16 input) or backward's
+    ``input_dtype``. ``k`` is required for the top-k ops. The sampling ops take x of shape (rows,
+    vocab) along its last dim; ``num_samples`` (default 1) is sample_categorical's draws per row and
+    ``min_log_ratio`` whether the call passes a cut (min-p, top-p). ``device`` is a preset name ("h100",
+    "h200", "a100"), a dict of limits (sm_count, max_smem_per_block, l2_bytes, cc; optional
+    hbm_bytes_per_s), "cuda" (the current GPU), "cuda:N" or a torch.device of a GPU, or None: the
+    current GPU, else h100.
     """
     if op not in OPS:
         raise ValueError(f"online_softmax.cuda_plan: op must be one of {OPS}, got {op!r}")
@@ -173,15 +211,32 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
         outer, inner = outer * inner, 1
     elif k is not None:
         raise ValueError(f"online_softmax.cuda_plan: k is only for the top-k ops, not {op!r}")
+    if op in _SAMPLING_OPS:
+        if len(shape) != 2 or d != 1:
+            raise ValueError(f"online_softmax.cuda_plan: {op} draws along the last dim of a 2-D x (rows, vocab), got "
+                             f"shape {shape} and dim={dim}")
+        if shape[1] == 0 and shape[0] > 0:
+            raise ValueError(f"online_softmax.cuda_plan: {op} needs x with at least one column to draw from, got "
+                             f"shape {shape}")
+    if op == "sample_categorical":
+        num_samples = 1 if num_samples is None else num_samples
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool):
+            raise TypeError(f"online_softmax.cuda_plan: num_samples must be an int, got {type(num_samples).__name__}")
+        if num_samples < 0:
+            raise ValueError(f"online_softmax.cuda_plan: num_samples={num_samples} must be >= 0")
+    elif num_samples is not None or min_log_ratio:
+        raise ValueError(f"online_softmax.cuda_plan: num_samples and min_log_ratio are only for sample_categorical, "
+                         f"not {op!r}")
     out = out_dtype or dtype
     acc = 8 if dtype == torch.float64 else 4
     cc = limits["cc"]
     cc_int = cc[0] * 10 + cc[1] if isinstance(cc, tuple) else int(cc)
-    raw = _C._cuda_plan(op, outer, size, inner, dtype.itemsize, out.itemsize, acc, k or 0, op != "stats",
-                        2 if op == "stats" else 0, limits["sm_count"], limits["max_smem_per_block"],
-                        int(limits["l2_bytes"]), cc_int)
+    raw = _C._cuda_plan(op, outer, size, inner, dtype.itemsize, out.itemsize, acc, k or 0, num_samples or 0,
+                        bool(min_log_ratio), limits["sm_count"], limits["max_smem_per_block"], int(limits["l2_bytes"]),
+                        cc_int)
     if topk and k == 0:  # nothing to select: the binding writes zeros / empty results, no launch
         raw = {"path": "nothing", "launches": [], "workspace_bytes": 0, "chunks": 1, "chunk": 0}
     return CudaPlan(op=op, shape=shape, dtype=dtype, dim=dim, k=k, device=limits, path=raw["path"],
                     launches=[Launch(**launch) for launch in raw["launches"]],
-                    workspace_bytes=raw["workspace_bytes"], chunks=raw["chunks"], chunk=raw["chunk"])
+                    workspace_bytes=raw["workspace_bytes"], chunks=raw["chunks"], chunk=raw["chunk"],
+                    num_samples=num_samples)

@@ -34,8 +34,10 @@ fi
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-# The checkout's own files (tracked and untracked-but-not-ignored), nothing it built.
-git ls-files -co --exclude-standard -z | tar --null -T - -cf - | (mkdir -p "$WORK/src" && tar -xf - -C "$WORK/src")
+# The checkout's own files as the working tree has them (tracked and untracked-but-not-ignored; a
+# tracked file deleted but not yet committed is left out), nothing it built.
+git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do if [[ -e $f ]]; then printf '%s\0' "$f"; fi; done \
+  | tar --null -T - -cf - | (mkdir -p "$WORK/src" && tar -xf - -C "$WORK/src")
 
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2}
 t0=$SECONDS

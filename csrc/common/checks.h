@@ -5,7 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include "common/row_geometry.h"
+#include "kernels/row_layout.h"
 
 #include <cmath>
 #include <optional>
@@ -63,8 +63,8 @@ inline at::ScalarType result_dtype(const at::Tensor& x, std::optional<at::Scalar
 }
 
 // A contiguous tensor seen as [outer, size, inner] around the softmax dim.
-inline RowGeometry row_geometry(const at::Tensor& x, int64_t dim) {
-  RowGeometry g;
+inline RowLayout row_layout(const at::Tensor& x, int64_t dim) {
+  RowLayout g;
   if (x.dim() == 0) return g;
   for (int64_t i = 0; i < dim; ++i) g.outer *= x.size(i);
   g.size = x.size(dim);

@@ -53,15 +53,15 @@ PyObject* to_dict(const LaunchPlan& plan) {
 
 }  // namespace
 
-// _C._cuda_plan(op, outer, size, inner, in_bytes, out_bytes, acc_bytes, k, has_y, state_outputs,
+// _C._cuda_plan(op, outer, size, inner, in_bytes, out_bytes, acc_bytes, k, num_samples, min_log_ratio,
 //               num_sms, max_smem_per_block, l2_bytes, cc) -> dict. Python checks the arguments
 // (online_softmax/cuda_plan.py); this only computes.
 PyObject* cuda_plan(PyObject*, PyObject* args) {
   const char* op = nullptr;
-  long long outer = 0, size = 0, inner = 0, k = 0, l2 = 0;
-  int in_bytes = 0, out_bytes = 0, acc_bytes = 0, has_y = 0, state_outputs = 0, sms = 0, smem = 0, cc = 0;
-  if (!PyArg_ParseTuple(args, "sLLLiiiLpiiiLi", &op, &outer, &size, &inner, &in_bytes, &out_bytes, &acc_bytes, &k,
-                        &has_y, &state_outputs, &sms, &smem, &l2, &cc)) {
+  long long outer = 0, size = 0, inner = 0, k = 0, num_samples = 0, l2 = 0;
+  int in_bytes = 0, out_bytes = 0, acc_bytes = 0, cut = 0, sms = 0, smem = 0, cc = 0;
+  if (!PyArg_ParseTuple(args, "sLLLiiiLLpiiLi", &op, &outer, &size, &inner, &in_bytes, &out_bytes, &acc_bytes, &k,
+                        &num_samples, &cut, &sms, &smem, &l2, &cc)) {
     return nullptr;
   }
   kernels::DeviceLimits limits;
@@ -70,16 +70,22 @@ PyObject* cuda_plan(PyObject*, PyObject* args) {
   limits.l2_bytes = l2;
   limits.cc = cc;
   const kernels::ElemBytes e{in_bytes, out_bytes, acc_bytes};
-  const kernels::RowLayout layout{outer, size, inner};
+  const RowLayout layout{outer, size, inner};
   LaunchPlan plan;
-  if (std::strcmp(op, "forward") == 0 || std::strcmp(op, "stats") == 0) {
-    plan = kernels::plan_forward(layout, e, has_y != 0, state_outputs, limits);
+  if (std::strcmp(op, "forward") == 0) {
+    plan = kernels::plan_forward(layout, e, /*has_y=*/true, /*state_outputs=*/0, limits);
+  } else if (std::strcmp(op, "stats") == 0) {
+    plan = kernels::plan_forward(layout, e, /*has_y=*/false, /*state_outputs=*/2, limits);
   } else if (std::strcmp(op, "backward") == 0) {
     plan = kernels::plan_backward(layout, e, limits);
   } else if (std::strcmp(op, "softmax_topk") == 0) {
-    plan = kernels::plan_topk(outer * inner, size, k, e, limits);
+    plan = kernels::plan_topk(layout.rows(), size, k, e, limits);
   } else if (std::strcmp(op, "softmax_topk_backward") == 0) {
-    plan = kernels::plan_topk_backward(outer * inner, size, k, e, limits);
+    plan = kernels::plan_topk_backward(layout.rows(), size, k, e, limits);
+  } else if (std::strcmp(op, "sample_categorical") == 0) {
+    plan = kernels::plan_sample(layout.rows(), size, num_samples, cut != 0, e, limits);
+  } else if (std::strcmp(op, "top_p_threshold") == 0) {
+    plan = kernels::plan_top_p(layout.rows(), size, e, limits);
   } else {
     PyErr_Format(PyExc_ValueError, "online_softmax.cuda_plan: unknown op %s", op);
     return nullptr;

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "common/row_geometry.h"
+#include "kernels/row_layout.h"
 
 namespace online_softmax::cpu {
 
@@ -23,7 +23,7 @@ struct ForwardCall {
   at::ScalarType x_dtype, y_dtype;  // y_dtype: x_dtype, or float32 for float16/bfloat16 x
   const void* x;
   void* y;
-  RowGeometry g;
+  RowLayout g;
   double temperature;
   bool log;
 };
@@ -33,7 +33,7 @@ struct StatsCall {
   const void* x;
   void* max;     // accumulation type: float32, or float64 for float64 x
   void* sumexp;
-  RowGeometry g;
+  RowLayout g;
   double temperature;
 };
 
@@ -42,7 +42,7 @@ struct BackwardCall {
   const void* dy;
   const void* y;
   void* dx;
-  RowGeometry g;
+  RowLayout g;
   double temperature;
   bool log;
 };

@@ -3,12 +3,16 @@
 // merge: 4 rows x 1M elements still use every core).
 #pragma once
 
+#if !defined(CPU_CAPABILITY)
+#error "the CPU kernels are compiled through csrc/cpu/isa/<capability>.cpp"
+#endif
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 
-#include "common/row_geometry.h"
+#include "kernels/row_layout.h"
 
 namespace online_softmax::cpu {
 inline namespace CPU_CAPABILITY {  // one copy per ISA (csrc/cpu/kernels/common.h)
@@ -43,7 +47,7 @@ inline int64_t row_grain(int64_t n) {
 // A strided layout (inner > 1) in tasks of `step` neighbouring rows, in parallel: fn(o, i0, lanes)
 // for each outer index o and each block of rows [i0, i0 + lanes) along inner.
 template <typename Fn>
-inline void for_each_row_block(const RowGeometry& g, int64_t step, Fn&& fn) {
+inline void for_each_row_block(const RowLayout& g, int64_t step, Fn&& fn) {
   const int64_t blocks = (g.inner + step - 1) / step;
   at::parallel_for(0, g.outer * blocks, row_grain(g.size * step), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {

@@ -17,7 +17,7 @@ at::Tensor forward(const at::Tensor& x_in, int64_t dim, bool log, double tempera
   at::Tensor y = empty_output(x.sizes(), x.options().dtype(a.out_dtype));
   if (x.numel() == 0) return y;
   kernels().forward(ForwardCall{x.scalar_type(), a.out_dtype, x.const_data_ptr(), y.mutable_data_ptr(),
-                                row_geometry(x, a.dim), temperature, log});
+                                row_layout(x, a.dim), temperature, log});
   return y;
 }
 
@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x_in, int64_t dim, do
   at::Tensor d = at::empty(a.shape, a.options);
   if (stats_without_kernel(m, d, a.x)) return {m, d};
   kernels().stats(StatsCall{a.x.scalar_type(), a.x.const_data_ptr(), m.mutable_data_ptr(), d.mutable_data_ptr(),
-                            row_geometry(a.x, a.dim), temperature});
+                            row_layout(a.x, a.dim), temperature});
   return {m, d};
 }
 

@@ -17,7 +17,7 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t d
   at::Tensor dx = empty_output(a.y.sizes(), a.y.options().dtype(a.dx_dtype));
   if (a.y.numel() > 0) {
     kernels().backward(BackwardCall{y_dtype, a.dx_dtype, a.dy.const_data_ptr(), a.y.const_data_ptr(),
-                                    dx.mutable_data_ptr(), row_geometry(a.y, a.dim), temperature, log});
+                                    dx.mutable_data_ptr(), row_layout(a.y, a.dim), temperature, log});
   }
   return a.dx_dtype == a.x_dtype ? dx : dx.to(a.x_dtype);
 }

@@ -70,6 +70,4 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
                     " but ", b_name, " is on ", b.device());
 }
 
-inline kernels::RowLayout layout_of(const RowGeometry& g) { return {g.outer, g.size, g.inner}; }
-
 }  // namespace online_softmax::cuda

@@ -19,7 +19,7 @@ at::Tensor forward(const at::Tensor& x_in, int64_t dim, bool log, double tempera
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const kernels::DeviceLimits limits = device_limits(x);
-  const kernels::RowLayout layout = layout_of(row_geometry(x, a.dim));
+  const RowLayout layout = row_layout(x, a.dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "online_softmax.forward", [&] {
     using T = cuda_t<scalar_t>;
     using A = typename kernels::AccOf<T>::type;
@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x_in, int64_t dim, do
   const c10::cuda::CUDAGuard guard(a.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const kernels::DeviceLimits limits = device_limits(a.x);
-  const kernels::RowLayout layout = layout_of(row_geometry(a.x, a.dim));
+  const RowLayout layout = row_layout(a.x, a.dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "online_softmax.stats", [&] {
     using T = cuda_t<scalar_t>;
     using A = typename kernels::AccOf<T>::type;

@@ -17,7 +17,7 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t d
     const c10::cuda::CUDAGuard guard(a.y.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const kernels::DeviceLimits limits = device_limits(a.y);
-    const kernels::RowLayout layout = layout_of(row_geometry(a.y, a.dim));
+    const RowLayout layout = row_layout(a.y, a.dim);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_dtype, "online_softmax.backward", [&] {
       using Y = cuda_t<scalar_t>;
       at::Tensor ws = workspace(kernels::backward_workspace_bytes<Y>(layout, limits), a.y);

@@ -1,32 +1,14 @@
 // CUDA fused top-k bindings: checks, device guard, current stream, dtype dispatch, then one call
-// into csrc/kernels/softmax_topk.cu. k beyond the fused kernel's buffer (topk_max_k: 1024 to 2048)
-// takes a sort-based path that is slower but gives the same answers.
+// into csrc/kernels/softmax_topk.cu, or, for k beyond the fused kernel's buffer (topk_max_k: 1024
+// to 2048), into the sort-based composite of csrc/common.
 #include <ATen/Dispatch.h>
 
 #include "common/op_args.h"
+#include "common/softmax_topk_by_sort.h"
 #include "cuda/binding.h"
 #include "cuda/kernels.h"
 
 namespace online_softmax::cuda {
-namespace {
-
-// Top-k by a stable descending sort (NaN first, ties to the lower index, like the fused kernel),
-// probabilities from the row state. (x - M) * s with M = the top-1, the raw row max, keeps
-// 1e4-scale logits exact, as the kernels do.
-void topk_by_sort(TopKArgs& a, int64_t k, bool log, double temperature) {
-  const auto sorted = at::sort(a.x, /*stable=*/true, /*dim=*/-1, /*descending=*/true);
-  const at::Tensor top = std::get<0>(sorted).narrow(-1, 0, k);
-  a.indices.copy_(std::get<1>(sorted).narrow(-1, 0, k));
-  const auto [m, d] = stats(a.x, -1, temperature);
-  a.max.copy_(m);
-  a.sumexp.copy_(d);
-  const at::Tensor t = top.to(a.max.scalar_type());
-  const at::Tensor z = (t - t.narrow(-1, 0, 1)) * (1.0 / temperature);
-  const at::Tensor d_col = d.unsqueeze(-1);
-  a.values.copy_(log ? z - d_col.log() : z.exp() / d_col);
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_topk(
     const at::Tensor& x_in, int64_t k, int64_t dim, bool log, double temperature) {
@@ -39,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_topk(
     using T = cuda_t<scalar_t>;
     using A = typename kernels::AccOf<T>::type;
     if (k > kernels::topk_max_k<T>()) {
-      topk_by_sort(a, k, log, temperature);
+      softmax_topk_by_sort(a, k, log, temperature);
       return;
     }
     at::Tensor ws = workspace(kernels::topk_workspace_bytes<T>(a.rows, a.n, k, limits), a.x);

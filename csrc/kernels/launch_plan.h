@@ -18,6 +18,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/row_layout.h"
+
 namespace online_softmax::kernels {
 
 // What the launchers need to know about the GPU (the binding reads it once per device).
@@ -27,13 +29,6 @@ struct DeviceLimits {
   int64_t l2_bytes = 0;                // 0: unknown
   int cc = 0;                          // compute capability, major * 10 + minor (0: unknown)
   int device = 0;                      // the CUDA device index (per-device attributes)
-};
-
-// A contiguous tensor seen as [outer, size, inner] around the softmax dim.
-struct RowLayout {
-  int64_t outer = 1;
-  int64_t size = 1;
-  int64_t inner = 1;
 };
 
 // Element sizes of one call: the input, the output (forward's dtype=, backward's dx), and the
@@ -86,6 +81,11 @@ constexpr int64_t kTopKWarpMaxK = 32;
 constexpr int kTopKWarpMaxElems = 32;  // per lane: a 32-bit mask marks the taken ones
 constexpr int kTopKBackwardThreads = 256;
 
+// The sampling kernels: a block per row; sample_categorical keeps one (m, d) per chunk of
+// kSampleChunk elements (8 per lane of a warp) in its workspace.
+constexpr int kSampleThreads = 256;
+constexpr int kSampleChunk = 256;
+
 enum class Path {
   kNothing,        // an empty tensor: no launch
   kRegisters,      // rows in registers
@@ -96,8 +96,10 @@ enum class Path {
   kTopKWarp,       // fused top-k, a (sub-)warp per row
   kTopKBlock,      // fused top-k, a block per row
   kTopKSplit,      // fused top-k, rows split over blocks, then a merge
-  kTopKSort,       // k beyond the fused kernels: the binding sorts (ATen kernels, not modelled)
+  kTopKSort,       // k beyond the fused kernels: csrc/common sorts (ATen kernels, not modelled)
   kTopKBackward,   // top-k backward, rows split over kTopKBackwardThreads-blocks
+  kSample,         // sample_categorical, a block per row
+  kTopP,           // top_p_threshold, a block per row
 };
 
 inline const char* path_name(Path p) {
@@ -113,6 +115,8 @@ inline const char* path_name(Path p) {
     case Path::kTopKSplit: return "topk_split";
     case Path::kTopKSort: return "topk_sort";
     case Path::kTopKBackward: return "topk_backward";
+    case Path::kSample: return "sample";
+    case Path::kTopP: return "top_p";
   }
   return "?";
 }
@@ -140,8 +144,10 @@ struct LaunchPlan {
   size_t workspace_bytes = 0;
   // Path parameters the launchers read.
   int config = 0;              // kRegisters / kTopKWarp: index into kRegisterConfigs
-  int64_t chunks = 1;          // blocks per row (split paths) or per column (kStridedSplit)
-  int64_t chunk = 0;           // granules per chunk (row paths), elements along the dim (strided)
+  int64_t chunks = 1;          // blocks per row (split paths) or per column (kStridedSplit);
+                               // kSample: chunk states per row
+  int64_t chunk = 0;           // granules per chunk (row paths), elements along the dim (strided
+                               // and kSample)
   int strided_cols = 1;        // strided: columns per thread (1, or a granule's worth)
   int64_t strided_tiles = 1;   // strided: blocks across inner, per outer index
   bool strided_cached = false; // strided: the whole column stays in registers (1 read)
@@ -528,6 +534,61 @@ inline LaunchPlan plan_topk_backward(int64_t rows, int64_t n, int64_t k, ElemByt
   l.bytes_read = rows * n * e.in + rows * plan.chunks * k * (8 + 2 * e.in) + rows * e.state();
   l.bytes_reread = rows * (plan.chunks - 1) * k * (8 + 2 * e.in);
   l.bytes_written = rows * n * e.in;
+  return plan;
+}
+
+// ---- sampling (sample.cu): a block per row of n contiguous elements ----
+
+// sample_categorical's workspace: one (m, d) per chunk of every row, whatever the draws.
+inline int64_t sample_state_bytes(int64_t rows, int64_t n, ElemBytes e) {
+  return rows * ((n + kSampleChunk - 1) / kSampleChunk) * e.state();
+}
+
+// A block that owns whole rows and loops over them when the grid is capped.
+inline Launch& add_row_block_launch(LaunchPlan& plan, const char* kernel, int64_t rows, DeviceLimits limits) {
+  Launch& l = plan.add(kernel);
+  l.block_x = kSampleThreads;
+  l.grid = capped_grid(rows, limits);
+  l.threads_per_row = kSampleThreads;
+  l.rows_per_block = 1;
+  return l;
+}
+
+// sample_categorical with num_samples draws per row; `cut` when min_log_ratio is given (a max pass
+// first, so x is read twice). A draw walks its row's chunk states to one chunk and scans that chunk
+// of x: both are in cache and depend on the uniforms, so the model leaves them out.
+inline LaunchPlan plan_sample(int64_t rows, int64_t n, int64_t num_samples, bool cut, ElemBytes e,
+                              DeviceLimits limits) {
+  LaunchPlan plan;
+  if (rows == 0 || n == 0 || num_samples == 0) return plan;
+  plan.path = Path::kSample;
+  plan.chunk = kSampleChunk;
+  plan.chunks = (n + kSampleChunk - 1) / kSampleChunk;
+  const int64_t x_bytes = rows * n * e.in;
+  const int64_t state_bytes = sample_state_bytes(rows, n, e);
+  const int64_t draws = rows * num_samples;
+  plan.workspace_bytes = size_t(state_bytes);
+  Launch& l = add_row_block_launch(plan, "sample_kernel", rows, limits);
+  // x (twice with a cut), temperature and min_log_ratio per row, a uniform per draw, and the chunk
+  // states once more for the row's total.
+  l.bytes_read = x_bytes * (cut ? 2 : 1) + rows * 8 * (cut ? 2 : 1) + draws * 8 + state_bytes;
+  l.bytes_reread = (cut ? x_bytes : 0) + state_bytes;
+  l.bytes_written = state_bytes + draws * (8 + e.acc);  // the chunk states, a token and log-prob per draw
+  return plan;
+}
+
+// top_p_threshold: a max pass, then passes that each count 16 probes of a narrowing bracket. Only
+// the first probe pass is modelled: how many follow (at most 23) depends on the data, and every one
+// re-reads the row from cache.
+inline LaunchPlan plan_top_p(int64_t rows, int64_t n, ElemBytes e, DeviceLimits limits) {
+  LaunchPlan plan;
+  if (rows == 0 || n == 0) return plan;
+  plan.path = Path::kTopP;
+  const int64_t x_bytes = rows * n * e.in;
+  Launch& l = add_row_block_launch(plan, "top_p_kernel", rows, limits);
+  l.bytes_read = 2 * x_bytes + rows * 16;  // x twice, temperature and top_p
+  l.bytes_reread = x_bytes;
+  l.bytes_written = rows * 16;             // log_ratio and status
   return plan;
 }
 

@@ -54,7 +54,7 @@ cudaError_t softmax_backward(const Y* dy, const Y* y, X* dx, RowLayout layout, d
 
 // ---- fused top-k (softmax_topk.cu) ----
 
-// The largest k the fused kernel handles; larger k take the sort-based path in the binding.
+// The largest k the fused kernel handles; larger k take the sort-based composite of csrc/common.
 template <typename T>
 int64_t topk_max_k();
 
@@ -82,7 +82,7 @@ cudaError_t softmax_topk_backward(const T* grad_values, const T* x, const int64_
 
 // ---- sampling (sample.cu) ----
 
-// Bytes of scratch sample_categorical needs: one (m, d) per 256-element chunk of every row.
+// Bytes of scratch sample_categorical needs: one (m, d) per kSampleChunk elements of every row.
 template <typename T>
 size_t sample_workspace_bytes(int64_t rows, int64_t n);
 

@@ -14,9 +14,7 @@
 namespace online_softmax::kernels {
 namespace {
 
-constexpr int kSampleThreads = 256;
-constexpr int kChunk = 256;             // elements per chunk: 8 per lane of a warp
-constexpr int kPerLane = kChunk / 32;
+constexpr int kPerLane = kSampleChunk / 32;  // kSampleThreads and kSampleChunk: launch_plan.h
 constexpr int kProbes = 16;
 
 template <typename T>
@@ -47,7 +45,7 @@ __global__ void __launch_bounds__(kSampleThreads)
   using A = A_t<T>;
   __shared__ A scratch[32];
   __shared__ double dscratch[32];
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = (n + kSampleChunk - 1) / kSampleChunk;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + row * n;
@@ -68,7 +66,7 @@ __global__ void __launch_bounds__(kSampleThreads)
       A v[kPerLane];
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) {
-        const int64_t i = c * kChunk + j * 32 + lane;
+        const int64_t i = c * kSampleChunk + j * 32 + lane;
         v[j] = i < n ? to_acc(xr[i]) : -Limits<A>::inf();
       }
       A cmax = m;
@@ -118,7 +116,7 @@ __global__ void __launch_bounds__(kSampleThreads)
         c = last;
         target = static_cast<double>(cd[c]) * exp((static_cast<double>(cm[c]) - static_cast<double>(m)) * s);
       }
-      const int64_t begin = c * kChunk, end = imin(n, begin + kChunk);
+      const int64_t begin = c * kSampleChunk, end = imin(n, begin + kSampleChunk);
       int64_t pick = -1, best = begin;
       double acc = 0.0;
       for (int64_t i = begin; i < end; ++i) {
@@ -252,13 +250,11 @@ __global__ void __launch_bounds__(kSampleThreads)
   }
 }
 
-int64_t sample_grid(int64_t rows, DeviceLimits limits) { return capped_grid(rows, limits); }
-
 }  // namespace
 
 template <typename T>
 size_t sample_workspace_bytes(int64_t rows, int64_t n) {
-  return size_t(2) * size_t(rows) * size_t((n + kChunk - 1) / kChunk) * sizeof(A_t<T>);
+  return size_t(sample_state_bytes(rows, n, elem_bytes<T>()));
 }
 
 template <typename T>
@@ -268,9 +264,11 @@ cudaError_t sample_categorical(const T* x, int64_t rows, int64_t n, const double
                                DeviceLimits limits, cudaStream_t stream) {
   if (rows <= 0 || num_samples <= 0) return cudaSuccess;
   if (n <= 0 || workspace == nullptr) return cudaErrorInvalidValue;
+  const LaunchPlan plan = plan_sample(rows, n, num_samples, min_log_ratio != nullptr, elem_bytes<T>(), limits);
+  const Launch& l = plan.launch[0];
   auto* cm = static_cast<A_t<T>*>(workspace);
-  auto* cd = cm + rows * ((n + kChunk - 1) / kChunk);
-  OSM_LAUNCH(dim3(unsigned(sample_grid(rows, limits))), dim3(kSampleThreads), 0, stream, sample_kernel<T>)(
+  auto* cd = cm + rows * plan.chunks;
+  OSM_LAUNCH(l.grid, l.block_x, 0, stream, sample_kernel<T>)(
       x, rows, n, temperature, min_log_ratio, uniforms, num_samples, tokens, log_probs, cm, cd);
   return cudaGetLastError();
 }
@@ -280,8 +278,8 @@ cudaError_t top_p_threshold(const T* x, int64_t rows, int64_t n, const double* t
                             double* log_ratio, int64_t* status, DeviceLimits limits, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (n <= 0) return cudaErrorInvalidValue;
-  OSM_LAUNCH(dim3(unsigned(sample_grid(rows, limits))), dim3(kSampleThreads), 0, stream, top_p_kernel<T>)(
-      x, rows, n, temperature, top_p, log_ratio, status);
+  const Launch& l = plan_top_p(rows, n, elem_bytes<T>(), limits).launch[0];
+  OSM_LAUNCH(l.grid, l.block_x, 0, stream, top_p_kernel<T>)(x, rows, n, temperature, top_p, log_ratio, status);
   return cudaGetLastError();
 }
 

@@ -17,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/kernels/ -> the repository
 CSRC = ROOT / "csrc"
 KERNELS = CSRC / "kernels"
 HOST = KERNELS / "host"
@@ -71,6 +72,24 @@ def find_cuda_include():
             if (inc / "cuda_runtime.h").exists() and (inc / "cuda_fp16.h").exists():
                 return inc
     return None
+
+
+def missing_toolchain():
+    """Why the host runtime cannot be built here (no C++ compiler, no CUDA headers), or None. CI
+    must have both: there a missing one raises instead of skipping, since the host-executed tests
+    are how CI checks the CUDA sources."""
+    missing = ("no C++ compiler" if find_cxx() is None else "no CUDA headers (cuda_fp16.h): set CUDA_HOME"
+               if find_cuda_include() is None else None)
+    if missing and os.environ.get("CI"):
+        raise RuntimeError(f"host-executed kernel tests cannot run in CI: {missing}")
+    return missing
+
+
+def requires_toolchain():
+    """The pytestmark of a module of host-executed tests: a skip, with its reason, only where the
+    toolchain is missing. A build failure with the toolchain present is a test failure."""
+    missing = missing_toolchain()
+    return pytest.mark.skipif(missing is not None, reason=f"host-executed kernels: {missing}")
 
 
 def sources():
@@ -149,6 +168,26 @@ class Limits:
     """DeviceLimits as the launchers see them. Small values make the split paths run on small data."""
     num_sms: int = 1
     max_smem_per_block: int = 48 * 1024
+
+
+def plan_for(op, shape, dtype, limits, *, dim=-1, k=None, out_dtype=None, num_samples=None, min_log_ratio=False):
+    """online_softmax.cuda_plan (the extension's copy of launch_plan.h) for the limits a host test uses."""
+    import online_softmax as osm  # here: the bare ctypes front (a subprocess's) needs no extension
+
+    device = {"sm_count": limits.num_sms, "max_smem_per_block": limits.max_smem_per_block, "l2_bytes": 0,
+              "cc": (9, 0)}
+    return osm.cuda_plan(op, shape, dtype, dim, k=k, device=device, out_dtype=out_dtype, num_samples=num_samples,
+                         min_log_ratio=min_log_ratio)
+
+
+def assert_ran(hk, plan, expect=None):
+    """The launches since the last call are exactly the plan's (kernel, grid, block, shared memory),
+    and, when given, `expect` names its kernels."""
+    ran = hk.launch_configs()
+    want = [(l.kernel, l.grid, l.block[0], l.block[1], l.smem) for l in plan.launches]
+    assert ran == want, f"cuda_plan says {want}, the launcher ran {ran}"
+    if expect is not None:
+        assert [r[0] for r in ran] == expect, f"expected kernels {expect}, ran {ran}"
 
 
 def _ptr(t):

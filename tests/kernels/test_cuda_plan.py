@@ -1,9 +1,10 @@
 """online_softmax.cuda_plan: the launch plans of csrc/kernels/launch_plan.h, read on any machine.
 
-That the launchers run exactly these plans is tested in test_kernels_host.py (every host-executed
-launch is compared with cuda_plan's kernels, grids, blocks and shared memory). Here: the plans of
-the shapes the second-pass review named, on the h100 preset, fill the GPU and move the bytes the
-model says; bad arguments raise.
+That the launchers run exactly these plans is tested in test_kernels_host.py and
+test_sample_kernels_host.py (every host-executed launch is compared with cuda_plan's kernels, grids,
+blocks and shared memory). Here: the plans of the shapes that decide the speed (MoE routers, long
+dims, few long rows, LLM vocabularies for sampling), on the h100 preset, fill the GPU and move the
+bytes the model says; device="cuda" is this machine's GPU; bad arguments raise.
 """
 
 import pytest
@@ -141,3 +142,104 @@ def test_bad_arguments_raise_naming_them():
         osm.cuda_plan("forward", (3, 5), torch.float32, device={"sm_count": 4})
     with pytest.raises(ValueError, match="negative"):
         osm.cuda_plan("forward", (3, -5), torch.float32)
+
+
+# ---- the sampling ops ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sample_categorical_reads_x_once_a_block_per_row(dtype):
+    rows, vocab, draws = 64, 128256, 4
+    acc = 8 if dtype == torch.float64 else 4
+    chunks = -(-vocab // 256)
+    states = rows * chunks * 2 * acc
+    plan = osm.cuda_plan("sample_categorical", (rows, vocab), dtype, num_samples=draws, device="h100")
+    assert plan.path == "sample"
+    (launch,) = plan.launches
+    assert launch.kernel == "sample_kernel"
+    assert (launch.grid, launch.block, launch.threads_per_row, launch.rows_per_block) == (rows, (256, 1), 256, 1)
+    assert plan.workspace_bytes == states and plan.chunks == chunks
+    # x once, temperature per row, a uniform per draw, and the chunk states (from cache) for the total.
+    assert launch.bytes_read == x_bytes((rows, vocab), dtype) + rows * 8 + rows * draws * 8 + states
+    assert launch.bytes_reread == states
+    assert launch.bytes_written == states + rows * draws * (8 + acc)
+    assert plan.num_samples == draws and f"num_samples={draws}" in plan.summary()
+
+
+def test_sample_categorical_with_a_cut_reads_x_twice():
+    shape = (8, 50000)
+    plain = osm.cuda_plan("sample_categorical", shape, torch.float32, device="h100")
+    cut = osm.cuda_plan("sample_categorical", shape, torch.float32, min_log_ratio=True, device="h100")
+    assert plain.num_samples == 1
+    assert cut.launches[0].bytes_read - plain.launches[0].bytes_read == x_bytes(shape, torch.float32) + 8 * 8
+    assert cut.launches[0].bytes_reread - plain.launches[0].bytes_reread == x_bytes(shape, torch.float32)
+    # Its second read of x is served by L2 when x fits: the same DRAM traffic as without the cut,
+    # but for the cut's own (rows,) values.
+    assert cut.dram_bytes == plain.dram_bytes + 8 * 8
+
+
+def test_sampling_grids_are_capped_and_loop_over_rows():
+    rows = 132 * 64 + 5
+    for op in ("sample_categorical", "top_p_threshold"):
+        plan = osm.cuda_plan(op, (rows, 300), torch.float16, device="h100")
+        assert plan.launches[0].grid == 132 * 64
+
+
+def test_top_p_threshold_reads_x_from_memory_once():
+    shape = (16, 32000)
+    plan = osm.cuda_plan("top_p_threshold", shape, torch.float32, device="h100")
+    assert plan.path == "top_p"
+    assert [launch.kernel for launch in plan.launches] == ["top_p_kernel"]
+    assert plan.workspace_bytes == 0
+    # The max pass and the first probe pass; the narrowing passes re-read the row from cache.
+    assert plan.bytes_read == 2 * x_bytes(shape, torch.float32) + 16 * 16
+    assert plan.dram_bytes == x_bytes(shape, torch.float32) + 16 * 16 + 16 * 16
+
+
+def test_sampling_plans_of_empty_shapes_launch_nothing():
+    assert osm.cuda_plan("sample_categorical", (0, 5), torch.float32, device="h100").launches == []
+    assert osm.cuda_plan("sample_categorical", (3, 5), torch.float32, num_samples=0, device="h100").launches == []
+    assert osm.cuda_plan("top_p_threshold", (0, 7), torch.float32, device="h100").path == "nothing"
+
+
+def test_sampling_bad_arguments_raise_naming_them():
+    with pytest.raises(ValueError, match="2-D"):
+        osm.cuda_plan("sample_categorical", (2, 3, 5), torch.float32)
+    with pytest.raises(ValueError, match="last dim"):
+        osm.cuda_plan("top_p_threshold", (3, 5), torch.float32, dim=0)
+    with pytest.raises(ValueError, match="at least one column"):
+        osm.cuda_plan("sample_categorical", (3, 0), torch.float32)
+    with pytest.raises(ValueError, match="num_samples=-1"):
+        osm.cuda_plan("sample_categorical", (3, 5), torch.float32, num_samples=-1)
+    with pytest.raises(TypeError, match="num_samples"):
+        osm.cuda_plan("sample_categorical", (3, 5), torch.float32, num_samples=2.0)
+    with pytest.raises(ValueError, match="only for sample_categorical"):
+        osm.cuda_plan("top_p_threshold", (3, 5), torch.float32, min_log_ratio=True)
+    with pytest.raises(ValueError, match="only for sample_categorical"):
+        osm.cuda_plan("forward", (3, 5), torch.float32, num_samples=2)
+    with pytest.raises(ValueError, match="only for the top-k"):
+        osm.cuda_plan("sample_categorical", (3, 5), torch.float32, k=2)
+
+
+# ---- device="cuda" ----
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_cuda_device_is_a_gpu_of_this_machine(device):
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"device=.cuda.*names a GPU, but torch sees none"):
+            osm.cuda_plan("forward", (3, 5), torch.float32, device=device)
+        return
+    index = torch.cuda.current_device() if device in ("cuda", torch.device("cuda")) else 0
+    props = torch.cuda.get_device_properties(index)
+    plan = osm.cuda_plan("forward", (3, 5), torch.float32, device=device)
+    assert plan.device["sm_count"] == props.multi_processor_count
+    assert plan.device["cc"] == (props.major, props.minor)
+
+
+def test_cuda_device_names_that_name_no_gpu_raise():
+    with pytest.raises(ValueError, match="device='cuda:x'"):
+        osm.cuda_plan("forward", (3, 5), torch.float32, device="cuda:x")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda:99'"):
+            osm.cuda_plan("forward", (3, 5), torch.float32, device="cuda:99")
+    with pytest.raises(TypeError, match="device"):
+        osm.cuda_plan("forward", (3, 5), torch.float32, device=torch.device("cpu"))

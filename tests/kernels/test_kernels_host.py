@@ -15,16 +15,10 @@ import pytest
 import torch
 
 import host_kernels as hkmod
-import online_softmax as osm
 from testlib import backward_atol, backward_ref
-from host_kernels import HostKernelError, HostKernels, Limits
+from host_kernels import HostKernelError, HostKernels, Limits, assert_ran, plan_for
 
-CXX, CUDA_INCLUDE = hkmod.find_cxx(), hkmod.find_cuda_include()
-_MISSING = ("no C++ compiler" if CXX is None else "no CUDA headers (cuda_fp16.h): set CUDA_HOME"
-            if CUDA_INCLUDE is None else None)
-if _MISSING and os.environ.get("CI"):
-    raise RuntimeError(f"host-executed kernel tests cannot run in CI: {_MISSING}")
-pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"host-executed kernels: {_MISSING}")
+pytestmark = hkmod.requires_toolchain()
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LOW = (torch.float16, torch.bfloat16)
@@ -88,23 +82,6 @@ def assert_close_to(ours, ref64, dtype, *, what, atol=None):
 def softmax_ref(x, dim, scale, log):
     x64 = x.double() * scale
     return torch.log_softmax(x64, dim) if log else torch.softmax(x64, dim)
-
-
-def plan_for(op, shape, dtype, limits, *, dim=-1, k=None, out_dtype=None):
-    """online_softmax.cuda_plan (the extension's copy of launch_plan.h) for the limits a host test uses."""
-    device = {"sm_count": limits.num_sms, "max_smem_per_block": limits.max_smem_per_block, "l2_bytes": 0,
-              "cc": (9, 0)}
-    return osm.cuda_plan(op, shape, dtype, dim, k=k, device=device, out_dtype=out_dtype)
-
-
-def assert_ran(hk, plan, expect=None):
-    """The launches since the last call are exactly the plan's (kernel, grid, block, shared memory),
-    and, when given, `expect` names its kernels."""
-    ran = hk.launch_configs()
-    want = [(l.kernel, l.grid, l.block[0], l.block[1], l.smem) for l in plan.launches]
-    assert ran == want, f"cuda_plan says {want}, the launcher ran {ran}"
-    if expect is not None:
-        assert [r[0] for r in ran] == expect, f"expected kernels {expect}, ran {ran}"
 
 
 def check_forward(hk, x, layout, dim, *, scale=1.0, log=False, limits=Limits(), expect=None, out_dtype=None):

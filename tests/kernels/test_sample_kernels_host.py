@@ -1,22 +1,23 @@
 """The CUDA sampling kernels (csrc/kernels/sample.cu) executed on the CPU by the project's host
 runtime, against the CPU kernels of the same ops: the same draws from the same uniforms, the same
-top-p cuts, the same -1 rows. This is how those CUDA sources are verified without a GPU."""
+top-p cuts, the same -1 rows, each launch the one online_softmax.cuda_plan reports. This is how
+those CUDA sources are verified without a GPU."""
 
 import pytest
 import torch
 
+import host_kernels as hkmod
 import online_softmax  # noqa: F401  (the CPU ops)
-from host_kernels import HostKernels, Limits
+from host_kernels import HostKernels, Limits, assert_ran, plan_for
+
+pytestmark = hkmod.requires_toolchain()
 
 ops = torch.ops.online_softmax
 
 
 @pytest.fixture(scope="module")
 def hk():
-    try:
-        return HostKernels()
-    except Exception as e:  # no C++ compiler or CUDA headers: the host runtime cannot be built
-        pytest.skip(f"host kernels unavailable: {e}")
+    return HostKernels()
 
 
 def rows_of(rows, n, dtype, seed=0, scale=2.5):
@@ -35,7 +36,10 @@ def test_sample_categorical_draws_what_the_cpu_kernel_draws(hk, dtype, n, cut):
     ratio = None if cut is None else torch.full((rows,), cut, dtype=torch.float64)
     u = torch.rand(rows, draws, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     want_tok, want_lp = ops.sample_categorical(x, t, ratio, u)
+    hk.launches()  # forget earlier launches
     got_tok, got_lp = hk.sample_categorical(x, t, ratio, u, Limits(num_sms=2))
+    assert_ran(hk, plan_for("sample_categorical", (rows, n), dtype, Limits(num_sms=2), num_samples=draws,
+                            min_log_ratio=ratio is not None), ["sample_kernel"])
     assert torch.equal(got_tok, want_tok)
     tol = 1e-9 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got_lp, want_lp, rtol=tol, atol=tol)
@@ -60,8 +64,12 @@ def test_sample_categorical_across_grid_loops(hk):
     t = torch.ones(300, dtype=torch.float64)
     u = torch.rand(300, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     want = ops.sample_categorical(x, t, None, u)
+    hk.launches()
     got = hk.sample_categorical(x, t, None, u, Limits(num_sms=1))
     assert torch.equal(got[0], want[0])
+    plan = plan_for("sample_categorical", (300, 40), torch.float32, Limits(num_sms=1), num_samples=2)
+    assert plan.launches[0].grid < 300
+    assert_ran(hk, plan)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -74,7 +82,9 @@ def test_top_p_threshold_cuts_where_the_cpu_kernel_cuts(hk, dtype, n):
     t = torch.tensor([1.0, 0.7, 1.5, 1.0, 1.0, 1.0], dtype=torch.float64)
     top_p = torch.tensor([0.9, 0.5, 0.99, 0.0, 0.9, 0.9], dtype=torch.float64)
     want_ratio, want_status = ops.top_p_threshold(x, t, top_p)
+    hk.launches()
     got_ratio, got_status = hk.top_p_threshold(x, t, top_p, Limits(num_sms=2))
+    assert_ran(hk, plan_for("top_p_threshold", (rows, n), dtype, Limits(num_sms=2)), ["top_p_kernel"])
     assert torch.equal(got_status, want_status)
     assert want_status[4] == 2 and want_status[5] == 2
     # Both cuts keep the same tokens (each may sit anywhere in the gap below the last one kept).

@@ -10,6 +10,10 @@
 // Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
 #pragma once
 
+#if !defined(CPU_CAPABILITY)
+#error "the CPU kernels are compiled through csrc/cpu/isa/<capability>.cpp"
+#endif
+
 #include <cmath>
 #include <vector>
 

@@ -2,6 +2,10 @@
 // one pass for the output. Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
 #pragma once
 
+#if !defined(CPU_CAPABILITY)
+#error "the CPU kernels are compiled through csrc/cpu/isa/<capability>.cpp"
+#endif
+
 #include "cpu/kernels/common.h"
 
 namespace online_softmax::cpu {
@@ -120,7 +124,7 @@ void forward_contiguous(const T* x, O* y, int64_t rows, int64_t n, acc_t<T> s, b
 // needs no horizontal merge. Leftover rows (inner not a multiple of the vector step) run scalar.
 
 template <typename T, typename Sink>
-void strided_states(const T* x, const RowGeometry& g, acc_t<T> s, Sink&& sink) {
+void strided_states(const T* x, const RowLayout& g, acc_t<T> s, Sink&& sink) {
   using A = acc_t<T>;
   using IO = VecIO<T>;
   using V = Vectorized<A>;
@@ -171,7 +175,7 @@ void strided_states(const T* x, const RowGeometry& g, acc_t<T> s, Sink&& sink) {
 }
 
 template <typename T, typename O>
-void forward_strided(const T* x, O* y, const RowGeometry& g, acc_t<T> s, bool log) {
+void forward_strided(const T* x, O* y, const RowLayout& g, acc_t<T> s, bool log) {
   using A = acc_t<T>;
   using IO = VecIO<T>;
   using V = Vectorized<A>;
@@ -212,7 +216,7 @@ void forward_strided(const T* x, O* y, const RowGeometry& g, acc_t<T> s, bool lo
 }
 
 template <typename T>
-void stats_kernel(const T* x, acc_t<T>* m_out, acc_t<T>* d_out, const RowGeometry& g, acc_t<T> s) {
+void stats_kernel(const T* x, acc_t<T>* m_out, acc_t<T>* d_out, const RowLayout& g, acc_t<T> s) {
   using A = acc_t<T>;
   // Reported maxima are of x / t; d is unchanged by the scaling.
   if (g.inner == 1) {

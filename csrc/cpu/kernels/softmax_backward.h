@@ -6,6 +6,10 @@
 // Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
 #pragma once
 
+#if !defined(CPU_CAPABILITY)
+#error "the CPU kernels are compiled through csrc/cpu/isa/<capability>.cpp"
+#endif
+
 #include "cpu/kernels/common.h"
 
 namespace online_softmax::cpu {
@@ -122,7 +126,7 @@ void backward_contiguous(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n
 
 // Softmax dim with stride inner > 1: each vector lane is a different row (see kernels/softmax.h).
 template <typename Y, typename X>
-void backward_strided(const Y* dy, const Y* y, X* dx, const RowGeometry& g, acc_t<Y> s, bool log) {
+void backward_strided(const Y* dy, const Y* y, X* dx, const RowLayout& g, acc_t<Y> s, bool log) {
   using A = acc_t<Y>;
   using V = Vectorized<A>;
   using IO = VecIO<Y>;

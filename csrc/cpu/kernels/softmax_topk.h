@@ -5,6 +5,10 @@
 // Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
 #pragma once
 
+#if !defined(CPU_CAPABILITY)
+#error "the CPU kernels are compiled through csrc/cpu/isa/<capability>.cpp"
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>

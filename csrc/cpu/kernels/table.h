@@ -2,6 +2,10 @@
 // online_softmax::cpu::<CPU_CAPABILITY>::kKernels. Included once, by csrc/cpu/isa/<capability>.cpp.
 #pragma once
 
+#if !defined(CPU_CAPABILITY)
+#error "the CPU kernels are compiled through csrc/cpu/isa/<capability>.cpp"
+#endif
+
 #include "cpu/kernels/softmax.h"
 #include "cpu/kernels/softmax_backward.h"
 #include "cpu/kernels/softmax_topk.h"

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 using namespace online_softmax::kernels;
+using online_softmax::RowLayout;
 namespace hr = online_softmax::host_runtime;
 
 namespace {

@@ -15,6 +15,7 @@
 #include <vector>
 
 using namespace online_softmax::kernels;
+using online_softmax::RowLayout;
 
 namespace {
 

@@ -9,6 +9,8 @@ search, generate()'s processors, sampling), ``reference`` (test oracles and unfu
 called by the rest), ``ops`` (fake kernels and autograd) and ``_checks`` (every argument check).
 """
 
+import sys
+
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from ._version import __version__
@@ -22,8 +24,11 @@ from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
 from .cuda_plan import CudaPlan, cuda_plan
 from .decoding import BeamSearchDecoder, BeamSearchOutput, BeamStep, Sample, beam_search_step, sample
-from . import hf  # noqa: E402  (model.generate(custom_generate=online_softmax.hf.generate); imports transformers lazily)
+from .decoding import hf  # noqa: E402  (custom_generate=online_softmax.hf.generate; imports transformers lazily)
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
+
+# online_softmax.hf is the public name of decoding/hf.py: `import online_softmax.hf` finds it too.
+sys.modules[__name__ + ".hf"] = hf
 
 __all__ = [
     "softmax",

@@ -28,11 +28,11 @@ from typing import Optional
 
 import torch
 
-from ._checks import fail
-from .decoding.beam_search import BeamStep, beam_search_step
-from .decoding.decoder import Beams
-from .decoding.rules import DecodingRules
-from .decoding.sampling import sample
+from .._checks import fail
+from .beam_search import BeamStep, beam_search_step
+from .decoder import Beams
+from .rules import DecodingRules
+from .sampling import sample
 
 _OP = "hf.generate"
 

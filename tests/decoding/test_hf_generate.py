@@ -315,7 +315,7 @@ def test_import_does_not_need_transformers():
 def _forbid(monkeypatch, name):
     def fail(*args, **kwargs):
         raise AssertionError(f"{name} was not expected to run")
-    monkeypatch.setattr(osm.hf, name, fail)
+    monkeypatch.setattr(osm.hf, name, fail)  # the module itself: online_softmax.decoding.hf
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])

@@ -51,6 +51,10 @@ class Launch:
 
 @dataclass(frozen=True)
 class CudaPlan:
+    """What :func:`cuda_plan` returns: the path the CUDA launchers would take for a shape, each
+    launch (kernel, grid, block, shared memory, bytes read and written), and the totals a roofline
+    model needs (``bytes_read``, ``bytes_written``, ``dram_bytes``, ``roofline_seconds``)."""
+
     op: str
     shape: tuple
     dtype: torch.dtype

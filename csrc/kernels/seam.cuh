@@ -8,7 +8,7 @@
 //       the block's dynamic shared memory: extern __shared__ __align__(16) unsigned char name[]
 //
 // nvcc builds get exactly the CUDA spelling. The host build (test-only: kernels/host/, used by
-// tests/test_kernels_host.py) defines ONLINE_SOFTMAX_HOST_KERNELS and force-includes
+// tests/kernels/test_kernels_host.py) defines ONLINE_SOFTMAX_HOST_KERNELS and force-includes
 // kernels/host/runtime.h, which supplies both macros and the rest of the CUDA surface on a CPU.
 #pragma once
 

@@ -2,7 +2,7 @@
 // pragma. Functions and templates declared here keep the baseline ISA even when a kernel compiled
 // for AVX2 or AVX-512 instantiates them (GCC takes a function's target from where it is declared).
 // So the out-of-line copies the linker keeps of, say, std::vector<float>'s constructor never carry
-// AVX instructions into code that runs on a CPU without them. tests/test_cpu_dispatch.py checks
+// AVX instructions into code that runs on a CPU without them. tests/ops/test_cpu_dispatch.py checks
 // the built library for exactly that.
 #pragma once
 

@@ -2,7 +2,7 @@
 // built with AddressSanitizer and UBSan (tests/host_kernels.py, variant "sanitize"). Every buffer is
 // a heap allocation of exactly the elements the launcher may touch, so one element read or written
 // past either end of a row block is an ASan report. The answers are checked coarsely against a
-// double-precision reference here; the exact checks live in tests/test_kernels_host.py.
+// double-precision reference here; the exact checks live in tests/kernels/test_kernels_host.py.
 // Prints "sanitize: N passed, M failed" and exits non-zero on any failure.
 #include "kernels/launchers.h"
 

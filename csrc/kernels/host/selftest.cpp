@@ -1,5 +1,5 @@
 // Kernels that exercise the host runtime itself (test-only): CUDA's shuffle rules, and misuses the
-// runtime must report as launch errors rather than hang or pass silently. tests/test_kernels_host.py
+// runtime must report as launch errors rather than hang or pass silently. tests/kernels/test_kernels_host.py
 // calls them through osm_host_selftest.
 #include "kernels/seam.cuh"
 

@@ -5,7 +5,8 @@ Ops live under ``torch.ops.online_softmax``; this package loads them and adds th
 Every public name is importable from here; the modules behind them are grouped by purpose:
 ``api``, ``modules``, ``state`` and ``streaming`` (softmax as torch has it, the (m, d) state,
 streamed chunks), ``distributed`` (vocabulary shards over torch.distributed), ``decoding`` (beam
-search, generate()'s processors, sampling), ``reference`` (test oracles and unfused peers, never
+search, generate()'s processors, sampling, ``hf.generate``), ``losses`` (cross-entropy, linear +
+cross-entropy, transformers' causal-LM loss), ``reference`` (test oracles and unfused peers, never
 called by the rest), ``ops`` (fake kernels and autograd) and ``_checks`` (every argument check).
 """
 
@@ -24,6 +25,7 @@ from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
 from .cuda_plan import CudaPlan, cuda_plan
 from .decoding import BeamSearchDecoder, BeamSearchOutput, BeamStep, Sample, beam_search_step, sample
+from .losses import CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy  # noqa: E402
 from .decoding import hf  # noqa: E402  (custom_generate=online_softmax.hf.generate; imports transformers lazily)
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
@@ -49,6 +51,10 @@ __all__ = [
     "BeamSearchOutput",
     "sample",
     "Sample",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "chunked_softmax",
     "chunked_log_softmax",
     "chunked_softmax_topk",

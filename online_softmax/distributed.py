@@ -233,3 +233,7 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams:
         flat = (tok.view(batch, num_beams, -1) + beam_base).view(batch, -1)
         best, best_flat = merge_topk_candidates(scores, flat, C, dim)
         return BeamStep(best, best_flat % vocab, best_flat // vocab)
+
+
+# The vocabulary-parallel loss lives with the other losses; it is part of this module's API.
+from .losses.vocab_parallel import cross_entropy  # noqa: E402,F401

@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "torch==${ONLINE_SOFTMAX_TORCH_VERSION:-2.13.0}"
 fi
-"$PY" -m pip install -q "setuptools>=64" wheel build numpy pytest hypothesis
+"$PY" -m pip install -q "setuptools>=64" wheel build numpy pytest hypothesis expecttest
 # The beam-search decoder is tested against Hugging Face's generate() (random weights, no download).
 "$PY" -m pip install -q "transformers==${ONLINE_SOFTMAX_TRANSFORMERS_VERSION:-5.23.0}"
 command -v ninja >/dev/null 2>&1 || "$PY" -m pip install -q ninja

@@ -1,0 +1,184 @@
+"""The cross-entropy of ``hidden @ weight.T (+ bias)`` without ever holding the whole logits.
+
+The tokens are cut into chunks; each chunk's logits (chunk x vocabulary) are computed, turned
+into the chunk's losses (their (m, d), one read) and, when gradients are needed, into the gradient
+of the logits (one more read and write), which two matmuls fold into ``grad_hidden``,
+``grad_weight`` and ``grad_bias`` before the next chunk. When the loss is reduced to a scalar the
+gradients are computed during the forward (the reduction's denominator is known from the targets
+alone) and the backward only scales them by the incoming gradient, so no chunk's logits are
+computed twice; with ``reduction="none"`` the backward recomputes them, chunk by chunk.
+"""
+
+from typing import Optional
+
+import torch
+
+from .. import _checks as checks
+from .._checks import state_dtype
+from .cross_entropy import _REDUCTIONS, reduce_losses, row_grad, row_losses
+
+_OP = "linear_cross_entropy"
+DEFAULT_CHUNK_ELEMENTS = 1 << 20  # logits per chunk: 4 MiB in float32, whatever the vocabulary
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, *, class_weight: Optional[torch.Tensor] = None,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, softcap: Optional[float] = None, return_lse: bool = False,
+                         chunk_size: Optional[int] = None):
+    """``cross_entropy(linear(hidden, weight, bias), target, ...)`` for ``hidden`` (..., H),
+    ``weight`` (V, H), ``bias`` (V,) and class-index ``target`` (...), computed ``chunk_size``
+    tokens at a time (default: as many as make 2**20 logits) so that no (tokens, V) tensor exists.
+
+    The options are :func:`online_softmax.losses.cross_entropy`'s, with the class weights named
+    ``class_weight`` (``weight`` is the linear layer's). Differentiable with respect to
+    ``hidden``, ``weight`` and ``bias``; the logits are computed in the inputs' dtype (as
+    ``F.linear``), the loss from them in float32 (float64 for float64)."""
+    op = _OP
+    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
+        checks.tensor(t, name, op)
+    checks.tensor(bias, "bias", op, optional=True)
+    checks.tensor(class_weight, "class_weight", op, optional=True)
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        checks.floating(t, name, op)
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise checks.fail(op, f"hidden (..., H) and weight (V, H) must share H, got {list(hidden.shape)} and "
+                              f"{list(weight.shape)}")
+    vocab = weight.shape[0]
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != vocab):
+        raise checks.fail(op, f"bias must have shape [{vocab}], got {list(bias.shape)}")
+    if target.dtype.is_floating_point or target.dtype not in (torch.int64, torch.uint8):
+        raise checks.fail(op, f"target must hold class indices (int64), got {target.dtype}", TypeError)
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise checks.fail(op, f"target must have hidden's shape without its last dim, "
+                              f"{list(hidden.shape[:-1])}, got {list(target.shape)}")
+    if class_weight is not None and (class_weight.dim() != 1 or class_weight.shape[0] != vocab):
+        raise checks.fail(op, f"class_weight must have shape [{vocab}], got {list(class_weight.shape)}")
+    for name, t in (("weight", weight), ("target", target), ("bias", bias), ("class_weight", class_weight)):
+        if t is not None and t.device != hidden.device:
+            raise checks.fail(op, f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if reduction not in _REDUCTIONS:
+        raise checks.fail(op, f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    checks.integer(ignore_index, "ignore_index", op, minimum=-(1 << 62))
+    label_smoothing = checks.real(label_smoothing, "label_smoothing", op)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise checks.fail(op, f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    z_loss = checks.real(z_loss, "z_loss", op)
+    if softcap is not None:
+        softcap = checks.positive_finite(softcap, "softcap", op)
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
+    checks.positive_int(chunk_size, "chunk_size", op)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1).long()
+    if t.numel() and not torch.compiler.is_compiling():
+        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
+        if bool(bad.any()):
+            raise IndexError(f"online_softmax.{op}: Target {int(t[bad][0])} is out of bounds (classes "
+                             f"[0, {vocab}), ignore_index {ignore_index}).")
+    cw = None if class_weight is None else class_weight.to(state_dtype(hidden.dtype))
+    options = (ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
+    loss, lse = _LinearCrossEntropy.apply(h, weight, bias, t, cw, options)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    loss = loss.to(hidden.dtype)
+    return (loss, lse.reshape(target.shape)) if return_lse else loss
+
+
+def _chunk_logits(h, weight, bias, softcap):
+    """One chunk's logits, and the factor their gradient is multiplied by under a softcap."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    if softcap is None:
+        return logits, None
+    capped = torch.tanh(logits.to(state_dtype(logits.dtype)) / softcap)
+    return (capped * softcap).to(logits.dtype), 1.0 - capped * capped
+
+
+def _chunks(n, size):
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _accumulate(h, weight, bias, t, cw, options, row_scale, grads):
+    """Every chunk's losses and, when ``row_scale`` is given (a function of the chunk's rows that
+    returns their scale), the gradients folded into ``grads`` (grad_hidden, grad_weight, grad_bias,
+    each None where not wanted)."""
+    ignore_index, _reduction, eps, z, softcap, chunk = options
+    losses, lses, w_ts, valids = [], [], [], []
+    gh, gw, gb = grads
+    for a, b in _chunks(h.shape[0], chunk):
+        logits, cap_grad = _chunk_logits(h[a:b], weight, bias, softcap)
+        loss, lse, w_t, valid, safe_t = row_losses(logits, t[a:b], cw, ignore_index, eps, z)
+        losses.append(loss)
+        lses.append(lse)
+        w_ts.append(w_t)
+        valids.append(valid)
+        if row_scale is None:
+            continue
+        scale = torch.where(valid, row_scale(a, b), torch.zeros_like(lse))
+        g = row_grad(logits, safe_t, lse, w_t, cw, scale, eps, z)
+        if cap_grad is not None:
+            g.mul_(cap_grad)
+        g = g.to(h.dtype)
+        if gh is not None:
+            gh[a:b] = g @ weight
+        if gw is not None:
+            gw.addmm_(g.t(), h[a:b])
+        if gb is not None:
+            gb.add_(g.sum(0).to(gb.dtype))
+    cat = (lambda xs: torch.cat(xs)) if losses else (lambda xs: h.new_zeros(0, dtype=state_dtype(h.dtype)))
+    return cat(losses), cat(lses), cat(w_ts), (torch.cat(valids) if valids else t.new_zeros(0, dtype=torch.bool))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, t, cw, options):
+        reduction = options[1]
+        need = ctx.needs_input_grad[:3]
+        eager = reduction != "none" and any(need)
+        grads = (torch.zeros_like(h) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
+                 torch.zeros_like(bias) if bias is not None and need[2] else None)
+        denom = None
+        if eager:
+            # The mean's denominator needs only the targets, so each chunk's gradient is final as it
+            # is computed (up to the incoming gradient, a scalar the backward multiplies in).
+            valid = t != options[0]
+            w_all = torch.ones(t.shape, dtype=state_dtype(h.dtype), device=h.device) if cw is None else \
+                cw.gather(0, torch.where(valid, t, torch.zeros_like(t)))
+            denom = torch.where(valid, w_all, torch.zeros_like(w_all)).sum() if reduction == "mean" else None
+
+            def row_scale(a, b):
+                one = torch.ones(b - a, dtype=w_all.dtype, device=h.device)
+                return one / denom if denom is not None else one
+        loss, lse, w_t, valid = _accumulate(h, weight, bias, t, cw, options, row_scale if eager else None, grads)
+        out, _ = reduce_losses(loss, valid, w_t, reduction)
+        ctx.options, ctx.eager = options, eager
+        if eager:
+            # Kept off save_for_backward: the backward scales them in place (a second copy of
+            # grad_weight would be the largest allocation of the whole loss) and lets them go.
+            ctx.grads = grads
+        else:
+            ctx.save_for_backward(h, weight, bias if bias is not None else torch.empty(0), t,
+                                  cw if cw is not None else torch.empty(0))
+            ctx.has_bias, ctx.has_cw = bias is not None, cw is not None
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad, _grad_lse):
+        if ctx.eager:
+            if ctx.grads is None:
+                raise RuntimeError("online_softmax.linear_cross_entropy: its backward ran already (it computes the "
+                                   "gradients during the forward); differentiate a new forward call instead of "
+                                   "retain_graph=True")
+            grads, ctx.grads = ctx.grads, None
+            grads = [g.mul_(grad.to(g.dtype)) if g is not None else None for g in grads]
+            return grads[0], grads[1], grads[2], None, None, None
+        h, weight, bias, t, cw = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        cw = cw if ctx.has_cw else None
+        need = ctx.needs_input_grad[:3]
+        grads = (torch.zeros_like(h) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
+                 torch.zeros_like(bias) if bias is not None and need[2] else None)
+        g_rows = grad.to(state_dtype(h.dtype))
+        _accumulate(h, weight, bias, t, cw, ctx.options, lambda a, b: g_rows[a:b], grads)
+        return grads[0], grads[1], grads[2], None, None, None

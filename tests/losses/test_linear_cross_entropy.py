@@ -1,0 +1,135 @@
+"""linear_cross_entropy: the loss and the gradients of hidden, weight and bias against the unfused
+F.linear + cross-entropy, at chunk sizes that do not divide the sizes; and its peak memory."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import online_softmax as osm
+from online_softmax.losses import cross_entropy
+from testlib import random_logits
+
+V, H = 37, 8
+
+
+def inputs(dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(2, 13, H, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g, dtype=torch.float64)).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, V, (2, 13), generator=g)
+    t[0, 3] = -100
+    t[1, 7] = -100
+    return h, w, b, t
+
+
+def unfused(h, w, b, t, class_weight=None, **kw):
+    logits = F.linear(h, w, b)
+    return cross_entropy(logits.movedim(-1, 1), t, class_weight, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 5, 7, 26, 1000, None])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0),
+                                     dict(weighted=True, label_smoothing=0.2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_loss_and_three_gradients_equal_unfused(reduction, chunk_size, options, bias):
+    opts = dict(options)
+    cw = torch.rand(V, dtype=torch.float64) + 0.1 if opts.pop("weighted", False) else None
+    h, w, b, t = inputs(torch.float64, bias)
+    got = osm.linear_cross_entropy(h, w, t, b, class_weight=cw, reduction=reduction, chunk_size=chunk_size, **opts)
+    want = unfused(h, w, b, t, cw, reduction=reduction, **opts)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    params = [p for p in (h, w, b) if p is not None]
+    g_out = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for a, c in zip(torch.autograd.grad((got * g_out).sum(), params), torch.autograd.grad((want * g_out).sum(), params)):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_like_linear_then_cross_entropy(dtype):
+    h, w, b, t = inputs(dtype)
+    got = osm.linear_cross_entropy(h, w, t, b, chunk_size=4)
+    want = unfused(h, w, b, t)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    for a, c in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(want, (h, w, b))):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), c.float(), rtol=tol, atol=tol)
+
+
+def test_only_some_inputs_need_gradients_and_lse():
+    h, w, b, t = inputs(torch.float64)
+    w.requires_grad_(False)
+    loss, lse = osm.linear_cross_entropy(h, w, t, b, chunk_size=3, return_lse=True)
+    gh, gb = torch.autograd.grad(loss, (h, b))
+    wh, wb = torch.autograd.grad(unfused(h, w, b, t), (h, b))
+    torch.testing.assert_close(gh, wh)
+    torch.testing.assert_close(gb, wb)
+    torch.testing.assert_close(lse, torch.logsumexp(F.linear(h, w, b), -1))
+    with torch.no_grad():
+        torch.testing.assert_close(osm.linear_cross_entropy(h, w, t, b), unfused(h, w, b, t))
+
+
+def test_module_with_a_tied_weight():
+    emb = torch.nn.Embedding(V, H, dtype=torch.float64)
+    head = osm.LinearCrossEntropyLoss(H, V, weight=emb.weight, chunk_size=6)
+    h, _w, _b, t = inputs(torch.float64, bias=False)
+    loss = head(h, t)
+    loss.backward()
+    ref_w = emb.weight.detach().clone().requires_grad_()
+    F.cross_entropy(F.linear(h.detach(), ref_w).movedim(-1, 1), t).backward()
+    torch.testing.assert_close(emb.weight.grad, ref_w.grad)
+
+
+def test_errors_name_the_argument():
+    h, w, b, t = inputs(torch.float32)
+    with pytest.raises(ValueError, match="must share H"):
+        osm.linear_cross_entropy(h, w[:, :5], t)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        osm.linear_cross_entropy(h, w, t, b[:4])
+    with pytest.raises(TypeError, match="class indices"):
+        osm.linear_cross_entropy(h, w, t.float())
+    with pytest.raises(ValueError, match="target must have hidden's shape"):
+        osm.linear_cross_entropy(h, w, t[0])
+    with pytest.raises(IndexError, match="Target 40 is out of bounds"):
+        osm.linear_cross_entropy(h, w, t.masked_fill(t == -100, 40))
+    with pytest.raises(ValueError, match="chunk_size"):
+        osm.linear_cross_entropy(h, w, t, chunk_size=0)
+
+
+MEMORY_CHILD = textwrap.dedent("""
+    import resource, sys, torch
+    import online_softmax as osm
+    torch.manual_seed(0)
+    tokens, hidden, vocab = 8192, 1024, 32000
+    def peak_mib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    h = (torch.randn(tokens, hidden) * 0.1).requires_grad_()
+    w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
+    t = torch.randint(0, vocab, (tokens,))
+    # The gradients' own memory, allocated and freed once so that the baseline peak holds them.
+    g = [torch.ones_like(h), torch.ones_like(w)]
+    del g
+    base = peak_mib()
+    loss = osm.linear_cross_entropy(h, w, t)
+    loss.backward()
+    assert h.grad is not None and w.grad is not None and torch.isfinite(loss)
+    print(base, peak_mib())
+""")
+
+
+def test_peak_memory_stays_far_below_the_logits():
+    """8192 tokens x hidden 1024 x vocabulary 32000 in float32: the logits would take 1000 MiB. The
+    forward and backward together may raise the peak RSS above the inputs, weights and gradients
+    by less than 10% of that."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    base, peak = map(float, out.stdout.split())
+    logits_mib = 8192 * 32000 * 4 / 2 ** 20
+    assert peak - base < 0.10 * logits_mib, (base, peak, logits_mib)

@@ -41,4 +41,11 @@ TORCH_LIBRARY(online_softmax, m) {
   // >= top_p); status 0 found, 1 several tokens tied at the cut within float resolution, 2 no
   // distribution (NaN, +inf, all -inf). Reads x from memory once; narrowing passes hit the cache.
   m.def("top_p_threshold(Tensor x, Tensor temperature, Tensor top_p) -> (Tensor log_ratio, Tensor status)");
+  // The gradient of a cross-entropy loss with respect to its logits x (rows, classes), in one read
+  // of x and one write: out[i, c] = p_scale[i] * exp(x[i, c] - lse[i]) - [c == target[i]] *
+  // target_scale[i] - smooth_scale[i] * weight[c] (weight 1 when None; no term without
+  // smooth_scale). lse and the per-row scales are in the accumulation dtype (float32, float64 for
+  // float64 x), target int64 in [0, classes); out has x's dtype. The per-row scales carry the
+  // reduction, the target's class weight, label smoothing and z-loss (online_softmax/losses).
+  m.def("cross_entropy_backward(Tensor x, Tensor lse, Tensor target, Tensor p_scale, Tensor target_scale, Tensor? smooth_scale=None, Tensor? weight=None) -> Tensor");
 }

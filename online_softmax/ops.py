@@ -263,3 +263,28 @@ def _sample_categorical_fake(x, temperature, min_log_ratio, uniforms):
 def _top_p_threshold_fake(x, temperature, top_p):
     _check_sample_params("top_p_threshold", x, (("temperature", temperature, 1), ("top_p", top_p, 1)))
     return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((x.shape[0],), dtype=torch.int64)
+
+
+# ---- cross-entropy ----
+
+@torch.library.register_fake("online_softmax::cross_entropy_backward")
+def _cross_entropy_backward_fake(x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None):
+    op = "cross_entropy_backward"
+    checks.floating(x, "x", op)
+    if x.dim() != 2:
+        raise checks.fail(op, f"x must be 2-D (rows, classes), got shape {list(x.shape)}")
+    acc = state_dtype(x.dtype)
+    for name, t in (("lse", lse), ("p_scale", p_scale), ("target_scale", target_scale),
+                    ("smooth_scale", smooth_scale)):
+        if t is None:
+            continue
+        if t.dtype != acc:
+            raise checks.fail(op, f"{name} must be {acc} (the accumulation dtype of x), got {t.dtype}", TypeError)
+        if t.dim() != 1 or t.shape[0] != x.shape[0]:
+            raise checks.fail(op, f"{name} must have shape [{x.shape[0]}] (one value per row of x), got "
+                                  f"{list(t.shape)}")
+    if target.dtype != torch.int64:
+        raise checks.fail(op, f"target must be int64, got {target.dtype}", TypeError)
+    if weight is not None and (weight.dtype != acc or weight.dim() != 1 or weight.shape[0] != x.shape[1]):
+        raise checks.fail(op, f"weight must be {acc} of shape [{x.shape[1]}], got {weight.dtype} {list(weight.shape)}")
+    return x.new_empty(x.shape)

@@ -273,4 +273,58 @@ inline TopPArgs top_p_args(const at::Tensor& x, const at::Tensor& temperature, c
   return a;
 }
 
+// ---- cross_entropy_backward ----
+
+struct CrossEntropyBackwardArgs {
+  at::Tensor x;                     // (rows, n), contiguous
+  at::Tensor lse, target, p_scale, target_scale;  // (rows,), contiguous
+  std::optional<at::Tensor> smooth_scale;          // (rows,) or none
+  std::optional<at::Tensor> weight;                // (n,) or none
+  int64_t rows, n;
+};
+
+inline CrossEntropyBackwardArgs cross_entropy_backward_args(
+    const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target, const at::Tensor& p_scale,
+    const at::Tensor& target_scale, const std::optional<at::Tensor>& smooth_scale,
+    const std::optional<at::Tensor>& weight) {
+  constexpr const char* op = "cross_entropy_backward";
+  check_floating(x, "x", op);
+  TORCH_CHECK_VALUE(x.dim() == 2, "online_softmax.", op, ": x must be 2-D (rows, classes), got shape ", x.sizes());
+  CrossEntropyBackwardArgs a;
+  a.rows = x.size(0);
+  a.n = x.size(1);
+  const at::ScalarType acc = state_dtype(x.scalar_type());
+  auto per_row = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, "online_softmax.", op, ": ", name, " must be ", acc,
+                     " (the accumulation dtype of x), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == a.rows, "online_softmax.", op, ": ", name,
+                      " must have shape [", a.rows, "] (one value per row of x), got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == x.device(), "online_softmax.", op, ": ", name, " is on ", t.device(),
+                      " but x is on ", x.device());
+    return t.contiguous();
+  };
+  a.lse = per_row(lse, "lse");
+  a.p_scale = per_row(p_scale, "p_scale");
+  a.target_scale = per_row(target_scale, "target_scale");
+  if (smooth_scale.has_value()) a.smooth_scale = per_row(*smooth_scale, "smooth_scale");
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "online_softmax.", op, ": target must be int64, got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == a.rows, "online_softmax.", op,
+                    ": target must have shape [", a.rows, "], got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == x.device(), "online_softmax.", op, ": target is on ", target.device(),
+                    " but x is on ", x.device());
+  a.target = target.contiguous();
+  if (weight.has_value()) {
+    TORCH_CHECK_TYPE(weight->scalar_type() == acc, "online_softmax.", op, ": weight must be ", acc, ", got ",
+                     weight->scalar_type());
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == a.n, "online_softmax.", op,
+                      ": weight must have shape [", a.n, "] (one value per class), got ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->device() == x.device(), "online_softmax.", op, ": weight is on ", weight->device(),
+                      " but x is on ", x.device());
+    a.weight = weight->contiguous();
+  }
+  a.x = x.contiguous();
+  return a;
+}
+
 }  // namespace online_softmax

@@ -93,6 +93,19 @@ struct TopPCall {  // rows contiguous
   int64_t* status;            // (rows,) 0 found, 1 tied at the cut, 2 no distribution
 };
 
+struct CrossEntropyBackwardCall {  // rows contiguous
+  at::ScalarType x_dtype;
+  const void* x;
+  int64_t rows, n;
+  const void* lse;           // (rows,) accumulation type, as the per-row scales and weight
+  const int64_t* target;     // (rows,) in [0, n)
+  const void* p_scale;
+  const void* target_scale;
+  const void* smooth_scale;  // (rows,) or nullptr
+  const void* weight;        // (n,) or nullptr
+  void* out;                 // (rows, n), x's dtype
+};
+
 struct KernelTable {
   const char* capability;  // "DEFAULT", "AVX2", "AVX512"
   void (*forward)(const ForwardCall&);
@@ -102,6 +115,7 @@ struct KernelTable {
   void (*softmax_topk_backward)(const TopKBackwardCall&);
   void (*sample_categorical)(const SampleCall&);
   void (*top_p_threshold)(const TopPCall&);
+  void (*cross_entropy_backward)(const CrossEntropyBackwardCall&);
 };
 
 // The table in use.

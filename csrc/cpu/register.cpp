@@ -11,4 +11,5 @@ TORCH_LIBRARY_IMPL(online_softmax, CPU, m) {
   m.impl("softmax_topk_backward", &online_softmax::cpu::softmax_topk_backward);
   m.impl("sample_categorical", &online_softmax::cpu::sample_categorical);
   m.impl("top_p_threshold", &online_softmax::cpu::top_p_threshold);
+  m.impl("cross_entropy_backward", &online_softmax::cpu::cross_entropy_backward);
 }

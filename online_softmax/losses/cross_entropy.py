@@ -157,28 +157,31 @@ def combine_row_losses(lse, x_t, w_t, valid, eps: float, z: float, n_classes: in
 
 def row_grad(x, safe_t, lse, w_t, w, scale, eps: float, z: float, *, probs=None, has_target=None,
              n_classes=None, w_sum=None) -> torch.Tensor:
-    """d(sum_i scale_i * loss_i) / dx for rows x (N, C), in the accumulation dtype: softmax(x)
-    recomputed from x and lse in one read and one write (the forward op), then the target's
-    one-hot and the smoothing term subtracted. ``scale`` is 0 on ignored rows.
+    """d(sum_i scale_i * loss_i) / dx for rows x (N, C): the cross_entropy_backward op (softmax
+    recomputed from x and lse, the target's one-hot and the smoothing term subtracted, in one read
+    of x and one write, in x's dtype). ``scale`` is 0 on ignored rows.
 
         d loss_i / d x_c = (1-eps) w_t (p_c - [c = t]) + eps/C (W p_c - w_c) + 2 z lse p_c
 
     For a shard of the classes (vocabulary-parallel): ``probs`` are the shard's probabilities
-    under the whole row's state, ``has_target`` says which rows' targets lie in the shard (at
-    ``safe_t``), and ``n_classes``/``w_sum`` are the whole vocabulary's C and W."""
+    under the whole row's state (in the accumulation dtype; the gradient is written into them),
+    ``has_target`` says which rows' targets lie in the shard (at ``safe_t``), and
+    ``n_classes``/``w_sum`` are the whole vocabulary's C and W."""
     n_classes = x.shape[1] if n_classes is None else n_classes
     if w_sum is None:
         w_sum = float(n_classes) if w is None else w.sum()
     coef_p = scale * ((1.0 - eps) * w_t + eps / n_classes * w_sum + 2.0 * z * lse)
-    p = _ops.forward(x, 1, False, 1.0, lse.dtype) if probs is None else probs
-    g = p.mul_(coef_p[:, None])
-    onehot = -(1.0 - eps) * scale * w_t
+    onehot = (1.0 - eps) * scale * w_t
+    smooth = (eps / n_classes) * scale if eps else None
+    if probs is None:
+        # The fused kernel: one read of x, one write of the gradient in x's dtype.
+        return _ops.cross_entropy_backward(x, lse, safe_t, coef_p, onehot, smooth, w if eps else None)
+    g = probs.mul_(coef_p[:, None])
     if has_target is not None:
         onehot = torch.where(has_target, onehot, torch.zeros_like(onehot))
-    g.scatter_add_(1, safe_t[:, None], onehot[:, None])
+    g.scatter_add_(1, safe_t[:, None], -onehot[:, None])
     if eps:
-        smooth = (eps / n_classes) * scale[:, None]
-        g.sub_(smooth if w is None else smooth * w[None, :])
+        g.sub_(smooth[:, None] if w is None else smooth[:, None] * w[None, :])
     return g
 
 

@@ -95,6 +95,32 @@ def test_every_kernel_under_each_capability(capability, dtype):
                                    atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cross_entropy_kernel_under_each_capability(capability, dtype):
+    """cross_entropy_backward against its formula in float64, rows crossing every vector width,
+    with and without smoothing and class weights, -inf and NaN logits included."""
+    for rows, n in ((7, 1000), (3, 40001), (5, 17), (2, 1)):
+        x = random_logits((rows, n), dtype, seed=n)
+        x.view(-1)[min(3, x.numel() - 1)] = float("-inf")
+        if rows > 2 and n > 1:
+            x[2, 0] = float("nan")
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        g = torch.Generator().manual_seed(rows)
+        lse = torch.logsumexp(x.to(acc), 1)
+        t = torch.randint(0, n, (rows,), generator=g)
+        ps, ts, sm = (torch.rand(rows, generator=g, dtype=torch.float64).to(acc) for _ in range(3))
+        w = torch.rand(n, generator=g, dtype=torch.float64).to(acc)
+        for smooth, weight in ((None, None), (sm, None), (sm, w)):
+            out = torch.ops.online_softmax.cross_entropy_backward(x, lse, t, ps, ts, smooth, weight)
+            want = ps.double()[:, None] * torch.exp(x.double() - lse.double()[:, None])
+            want[torch.arange(rows), t] -= ts.double()
+            if smooth is not None:
+                want -= smooth.double()[:, None] * (weight.double()[None, :] if weight is not None else 1.0)
+            assert out.dtype == dtype
+            tol = {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, torch.finfo(dtype).eps)
+            torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_sampling_kernels_under_each_capability(capability, dtype):
     """sample_categorical and top_p_threshold under this capability's kernels: draws inside the

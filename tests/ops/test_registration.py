@@ -38,6 +38,14 @@ def _samples(device):
         (ops.sample_categorical, (xh, t64[:4], torch.full((4,), -1.0, dtype=torch.float64, device=device),
                                   u64[:4])),
         (ops.top_p_threshold, (x.detach(), t64, torch.full((5,), 0.8, dtype=torch.float64, device=device))),
+        (ops.cross_entropy_backward, (x.detach(), m + d.log(), torch.tensor([0, 3, 36, 5, 1], device=device),
+                                      torch.rand(5, device=device), torch.rand(5, device=device))),
+        (ops.cross_entropy_backward, (x3.detach()[:, :, 0].contiguous(), torch.zeros(3, dtype=torch.float64,
+                                      device=device), torch.tensor([0, 19, 4], device=device),
+                                      torch.ones(3, dtype=torch.float64, device=device),
+                                      torch.ones(3, dtype=torch.float64, device=device),
+                                      torch.full((3,), 0.1, dtype=torch.float64, device=device),
+                                      torch.rand(20, dtype=torch.float64, device=device))),
     ]
 
 
@@ -47,7 +55,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         covered.add(op._name if hasattr(op, "_name") else str(op))
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::")}
-    assert len(covered) == len(registered) == 8, (covered, registered)
+    assert len(covered) == len(registered) == 9, (covered, registered)
 
 
 def test_torch_compile_fullgraph():

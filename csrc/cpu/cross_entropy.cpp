@@ -1,0 +1,29 @@
+// The cross_entropy_backward op on the CPU: checks (shared with CUDA), the output, then the
+// kernel of the capability in use (csrc/cpu/kernels/cross_entropy.h, through dispatch.h).
+#include <ATen/ATen.h>
+
+#include "common/op_args.h"
+#include "cpu/dispatch.h"
+#include "cpu/huge_pages.h"
+#include "cpu/kernels.h"
+
+namespace online_softmax::cpu {
+
+at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
+                                  const at::Tensor& p_scale, const at::Tensor& target_scale,
+                                  const std::optional<at::Tensor>& smooth_scale,
+                                  const std::optional<at::Tensor>& weight) {
+  const CrossEntropyBackwardArgs a =
+      cross_entropy_backward_args(x, lse, target, p_scale, target_scale, smooth_scale, weight);
+  at::Tensor out = empty_output(a.x.sizes(), a.x.options());
+  if (a.rows > 0 && a.n > 0) {
+    kernels().cross_entropy_backward(CrossEntropyBackwardCall{
+        a.x.scalar_type(), a.x.const_data_ptr(), a.rows, a.n, a.lse.const_data_ptr(),
+        a.target.const_data_ptr<int64_t>(), a.p_scale.const_data_ptr(), a.target_scale.const_data_ptr(),
+        a.smooth_scale ? a.smooth_scale->const_data_ptr() : nullptr,
+        a.weight ? a.weight->const_data_ptr() : nullptr, out.mutable_data_ptr()});
+  }
+  return out;
+}
+
+}  // namespace online_softmax::cpu

@@ -46,15 +46,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         from torch.nn import _reduction
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    if reduction not in _REDUCTIONS:
-        raise checks.fail(op, f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    checks.integer(ignore_index, "ignore_index", op, minimum=-(1 << 62))
-    label_smoothing = checks.real(label_smoothing, "label_smoothing", op)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise checks.fail(op, f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    z_loss = checks.real(z_loss, "z_loss", op)
-    if softcap is not None:
-        softcap = checks.positive_finite(softcap, "softcap", op)
+    label_smoothing, z_loss, softcap = loss_options(op, reduction, ignore_index, label_smoothing, z_loss, softcap)
     x, n_classes = _rows(input, op)
     if weight is not None:
         checks.floating(weight, "weight", op)
@@ -75,6 +67,21 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     if return_lse:
         return loss, lse.detach().reshape(_target_shape(input))
     return loss
+
+
+def loss_options(op: str, reduction, ignore_index, label_smoothing, z_loss, softcap):
+    """The options every cross-entropy shares, checked: returns (label_smoothing, z_loss, softcap)
+    as floats (softcap None when off)."""
+    if reduction not in _REDUCTIONS:
+        raise checks.fail(op, f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    checks.integer(ignore_index, "ignore_index", op, minimum=-(1 << 62))
+    label_smoothing = checks.real(label_smoothing, "label_smoothing", op)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise checks.fail(op, f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    z_loss = checks.real(z_loss, "z_loss", op)
+    if softcap is not None:
+        softcap = checks.positive_finite(softcap, "softcap", op)
+    return label_smoothing, z_loss, softcap
 
 
 def _target_shape(input: torch.Tensor):

@@ -15,7 +15,7 @@ import torch
 
 from .. import _checks as checks
 from .._checks import state_dtype
-from .cross_entropy import _REDUCTIONS, reduce_losses, row_grad, row_losses
+from .cross_entropy import loss_options, reduce_losses, row_grad, row_losses
 
 _OP = "linear_cross_entropy"
 DEFAULT_CHUNK_ELEMENTS = 1 << 20  # logits per chunk: 4 MiB in float32, whatever the vocabulary
@@ -57,15 +57,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     for name, t in (("weight", weight), ("target", target), ("bias", bias), ("class_weight", class_weight)):
         if t is not None and t.device != hidden.device:
             raise checks.fail(op, f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if reduction not in _REDUCTIONS:
-        raise checks.fail(op, f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    checks.integer(ignore_index, "ignore_index", op, minimum=-(1 << 62))
-    label_smoothing = checks.real(label_smoothing, "label_smoothing", op)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise checks.fail(op, f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    z_loss = checks.real(z_loss, "z_loss", op)
-    if softcap is not None:
-        softcap = checks.positive_finite(softcap, "softcap", op)
+    label_smoothing, z_loss, softcap = loss_options(op, reduction, ignore_index, label_smoothing, z_loss, softcap)
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
     checks.positive_int(chunk_size, "chunk_size", op)

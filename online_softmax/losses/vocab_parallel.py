@@ -16,7 +16,7 @@ import torch.distributed as dist
 from .. import _checks as checks
 from .._checks import state_dtype
 from ..state import SoftmaxState
-from .cross_entropy import _REDUCTIONS, combine_row_losses, reduce_losses, row_grad
+from .cross_entropy import combine_row_losses, loss_options, reduce_losses, row_grad
 
 _ops = torch.ops.online_softmax
 
@@ -37,15 +37,7 @@ def cross_entropy(local_logits: torch.Tensor, target: torch.Tensor, vocab_start:
     checks.tensor(target, "target", op)
     checks.integer(vocab_start, "vocab_start", op, minimum=0)
     checks.tensor(weight, "weight", op, optional=True)
-    if reduction not in _REDUCTIONS:
-        raise checks.fail(op, f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    checks.integer(ignore_index, "ignore_index", op, minimum=-(1 << 62))
-    eps = checks.real(label_smoothing, "label_smoothing", op)
-    if not 0.0 <= eps <= 1.0:
-        raise checks.fail(op, f"label_smoothing must lie in [0, 1], got {eps}")
-    z = checks.real(z_loss, "z_loss", op)
-    if softcap is not None:
-        softcap = checks.positive_finite(softcap, "softcap", op)
+    eps, z, softcap = loss_options(op, reduction, ignore_index, label_smoothing, z_loss, softcap)
     _check(local_logits, -1, 1.0, "cross_entropy", name="local_logits")
     checks.floating(local_logits, "local_logits", op)
     if target.dtype not in (torch.int64, torch.uint8):

@@ -5,7 +5,12 @@
 Shapes are chosen by the plans of csrc/kernels/launch_plan.h (online_softmax.cuda_plan): rows in
 registers (each sub-warp/warp/block size), rows cached in shared memory (enough rows to fill the
 SMs), rows split over blocks (few rows), strided dims (vector and scalar columns, cached, split),
-misaligned row starts, and the fused top-k (warp, block, split) with its backward. Each result is checked against float64, so a kernel that runs clean but wrong fails too."""
+misaligned row starts, and the fused top-k (warp, block, split) with its backward. Each result is checked against float64, so a kernel that runs clean but wrong fails too.
+
+--short runs float32 and bfloat16 only (4- and 8-wide vectors: every kernel path, half the
+instantiations), the list scripts/gpu_check.sh runs in its first call; the default runs all four dtypes."""
+
+import sys
 
 import torch
 
@@ -16,7 +21,11 @@ sms = torch.cuda.get_device_properties(0).multi_processor_count
 cases = [(3, 1), (5, 3), (7, 33), (9, 257), (4, 1000), (3, 4000), (2, 16000), (sms + 1, 20000),
          (sms + 1, 40000), (2, 100000), (1, 300001)]
 checked = 0
-for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+dtypes = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
+if "--short" in sys.argv[1:]:
+    dtypes = dtypes[:2]
+for dtype in dtypes:
+    print(f"sanitize_cases: {dtype} ({checked} cases so far)", flush=True)
     tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
     for rows, n in cases:
         flat = torch.randn(rows * n + 1, device="cuda", dtype=dtype) * 3

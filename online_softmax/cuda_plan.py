@@ -19,7 +19,7 @@ import torch
 from . import _C
 
 OPS = ("forward", "stats", "backward", "softmax_topk", "softmax_topk_backward", "sample_categorical",
-       "top_p_threshold")
+       "top_p_threshold", "cross_entropy_backward")
 _SAMPLING_OPS = ("sample_categorical", "top_p_threshold")
 
 # Public figures of the SXM parts: SMs, the opt-in shared memory per block, L2, compute capability,
@@ -172,14 +172,16 @@ def _device_limits(device) -> dict:
 
 def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1, *, k: int | None = None,
               device=None, out_dtype: torch.dtype | None = None, num_samples: int | None = None,
-              min_log_ratio: bool = False) -> CudaPlan:
+              min_log_ratio: bool = False, smooth_scale: bool = False, weight: bool = False) -> CudaPlan:
     """The launch plan the CUDA kernels would run for ``op`` on a contiguous tensor of ``shape``.
 
     op: one of ``OPS``. ``dtype`` is the input's (for backward: the forward output's); ``out_dtype``
     is forward's ``dtype=`` cast (float32 output of float16/bfloat16 input) or backward's
     ``input_dtype``. ``k`` is required for the top-k ops. The sampling ops take x of shape (rows,
     vocab) along its last dim; ``num_samples`` (default 1) is sample_categorical's draws per row and
-    ``min_log_ratio`` whether the call passes a cut (min-p, top-p). ``device`` is a preset name ("h100",
+    ``min_log_ratio`` whether the call passes a cut (min-p, top-p). cross_entropy_backward takes x of
+    shape (rows, classes) along its last dim; ``smooth_scale`` and ``weight`` say whether the call passes
+    them (they add to the bytes read, not to the launches). ``device`` is a preset name ("h100",
     "h200", "a100"), a dict of limits (sm_count, max_smem_per_block, l2_bytes, cc; optional
     hbm_bytes_per_s), "cuda" (the current GPU), "cuda:N" or a torch.device of a GPU, or None: the
     current GPU, else h100.
@@ -231,13 +233,25 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     elif num_samples is not None or min_log_ratio:
         raise ValueError(f"online_softmax.cuda_plan: num_samples and min_log_ratio are only for sample_categorical, "
                          f"not {op!r}")
+    if op == "cross_entropy_backward":
+        if len(shape) != 2 or d != 1:
+            raise ValueError(f"online_softmax.cuda_plan: {op} works along the last dim of a 2-D x (rows, classes), "
+                             f"got shape {shape} and dim={dim}")
+        if out_dtype is not None and out_dtype != dtype:
+            raise ValueError(f"online_softmax.cuda_plan: {op} writes x's dtype, got out_dtype={out_dtype}")
+    elif smooth_scale or weight:
+        raise ValueError(f"online_softmax.cuda_plan: smooth_scale and weight are only for cross_entropy_backward, "
+                         f"not {op!r}")
     out = out_dtype or dtype
     acc = 8 if dtype == torch.float64 else 4
     cc = limits["cc"]
     cc_int = cc[0] * 10 + cc[1] if isinstance(cc, tuple) else int(cc)
+    # The two trailing flags only where they matter, so the other ops plan with an extension built
+    # before they existed.
+    extra = (bool(smooth_scale), bool(weight)) if op == "cross_entropy_backward" else ()
     raw = _C._cuda_plan(op, outer, size, inner, dtype.itemsize, out.itemsize, acc, k or 0, num_samples or 0,
                         bool(min_log_ratio), limits["sm_count"], limits["max_smem_per_block"], int(limits["l2_bytes"]),
-                        cc_int)
+                        cc_int, *extra)
     if topk and k == 0:  # nothing to select: the binding writes zeros / empty results, no launch
         raw = {"path": "nothing", "launches": [], "workspace_bytes": 0, "chunks": 1, "chunk": 0}
     return CudaPlan(op=op, shape=shape, dtype=dtype, dim=dim, k=k, device=limits, path=raw["path"],

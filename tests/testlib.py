@@ -5,6 +5,7 @@ from here (the tests folder is on sys.path through its conftest.py)."""
 import torch
 
 import online_softmax
+from online_softmax._checks import state_dtype
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and online_softmax.build_info()["cuda"] else [])
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -59,6 +60,72 @@ def backward_atol(g, y, log, dim=-1, scale=1.0):
     terms = (g.double() if log else g.double() * y.double()).abs().sum(dim, keepdim=True)
     factor = (y.double().exp() if log else y.double()).abs()
     return float((acc_eps * terms * factor).max()) * abs(scale) + 1e-30
+
+
+def cross_entropy_case(rows, n, dtype, *, device="cpu", seed=0, offset=0, smooth=False, weight=False, scale=3.0):
+    """The arguments of cross_entropy_backward by name: x (a view `offset` elements into its storage,
+    so rows may start off a 16-byte boundary), its true lse, random per-row scales and targets, and
+    smoothing and class weights where asked for, in the dtypes the op takes."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    acc = state_dtype(dtype)
+    x = random_logits((rows * n + offset,), dtype, device, scale=scale, seed=seed)[offset:].view(rows, n)
+
+    def rand(size, lo, width):
+        return (torch.rand(size, generator=g, dtype=torch.float64) * width + lo).to(acc).to(device)
+
+    return {
+        "x": x,
+        "lse": torch.logsumexp(x.double(), -1).to(acc) if n else torch.empty(rows, dtype=acc, device=device),
+        "target": torch.randint(0, max(n, 1), (rows,), generator=g).to(device),
+        "p_scale": rand(rows, 0.5, 1.0),
+        "target_scale": rand(rows, 0.5, 1.0),
+        "smooth_scale": rand(rows, 0.0, 0.1 / max(n, 1)) if smooth else None,
+        "weight": rand(n, 0.25, 1.0) if weight else None,
+    }
+
+
+def cross_entropy_backward_ref(x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None):
+    """The formula in float64 on the given (rounded) inputs, and the size of its terms (the error
+    budget of an evaluation in the accumulation dtype)."""
+    x, lse, target, p_scale, target_scale = (t.cpu() for t in (x, lse, target, p_scale, target_scale))
+    n = x.shape[1]
+    p = p_scale.double()[:, None] * torch.exp(x.double() - lse.double()[:, None])
+    cols = torch.arange(n)
+    hit = (cols[None, :] == target[:, None]).double()
+    one_hot = hit * target_scale.double()[:, None]
+    out = p - one_hot
+    size = p.abs() + one_hot.abs()
+    if smooth_scale is not None:
+        w = weight.cpu().double() if weight is not None else torch.ones(n, dtype=torch.float64)
+        s = smooth_scale.cpu().double()[:, None] * w[None, :]
+        out = out - s
+        size = size + s.abs()
+    # exp's argument carries its own rounding: |x - lse| ulps of the accumulation dtype.
+    spread = (x.double() - lse.double()[:, None]).abs().nan_to_num(0.0, 0.0, 0.0) + 1
+    return out, size, spread
+
+
+def assert_cross_entropy_grad(out, args, *, what):
+    """out (any device) against cross_entropy_backward_ref of the op's arguments `args` (a dict of
+    them by name): the same NaN and infinities, and finite values within the budget of a float32
+    (float64) evaluation rounded once to x's dtype."""
+    dtype = args["x"].dtype
+    ref, size, spread = cross_entropy_backward_ref(**args)
+    ours = out.cpu().double()
+    assert out.dtype == dtype and out.shape == args["x"].shape
+    assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{what}: NaN pattern differs"
+    finite = torch.isfinite(ref)
+    infinite = torch.isinf(ref)
+    assert torch.equal(ours[infinite], ref[infinite]), f"{what}: infinities differ"
+    eps_acc = torch.finfo(state_dtype(dtype)).eps
+    # A few ulps of the accumulation per term (exp2 and the multiply-subtracts), then one rounding to
+    # the output dtype (and its subnormal spacing).
+    fo = torch.finfo(dtype)
+    budget = 4 * eps_acc * spread * size + fo.eps * ref.abs() + fo.smallest_normal * fo.eps
+    err = (ours - ref).abs()
+    bad = finite & ~(err <= budget)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} elements off, worst {(err - budget)[bad].max().item():.3g} "
+                           f"beyond the budget, e.g. at {bad.nonzero()[0].tolist()}")
 
 
 # The small random-weight GPT-2 the decoding tests compare against transformers' generate() with

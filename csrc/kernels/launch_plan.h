@@ -592,4 +592,37 @@ inline LaunchPlan plan_top_p(int64_t rows, int64_t n, ElemBytes e, DeviceLimits 
   return plan;
 }
 
+// ---- cross_entropy_backward (cross_entropy.cu): out = p_scale * softmax(x) - one-hot - smoothing ----
+
+// Elementwise within a row (softmax from the saved lse, no reduction), so nothing is kept on chip:
+// the rows of plan_rows' register configurations are only the thread mapping (every thread's
+// granules loaded before any is written), and its split path cuts long or few rows into chunks of a
+// block each, with no merge to follow. `smooth` / `weight`: whether the call passes smooth_scale,
+// and weight with it (weight is read only with smooth_scale).
+inline LaunchPlan plan_cross_entropy_backward(int64_t rows, int64_t n, ElemBytes e, bool smooth, bool weight,
+                                              DeviceLimits limits) {
+  if (rows == 0 || n == 0) return LaunchPlan{};
+  const int vec = e.vec();
+  LaunchPlan plan = plan_rows(rows, n, vec, limits, 0, kMaxRegisterGranules);
+  // lse, p_scale, target_scale (and smooth_scale) per row, the int64 target, weight once: every
+  // row reads it again, from L2.
+  const int64_t row_bytes = rows * ((smooth ? 4 : 3) * e.acc + 8);
+  const int64_t weight_bytes = smooth && weight ? n * e.acc : 0;
+  const int64_t x_bytes = rows * n * e.in, out_bytes = rows * n * e.out;
+  add_on_chip_row_launch(plan, rows, n, vec, limits, {"cross_entropy_backward_rows_kernel", "", 0},
+                         x_bytes + row_bytes + weight_bytes, out_bytes);
+  if (plan.path == Path::kSplit) {
+    Launch& l = plan.add("cross_entropy_backward_chunks_kernel");
+    l.block_x = kSplitThreads;
+    l.grid = capped_grid(rows * plan.chunks, limits);
+    l.threads_per_row = kSplitThreads * plan.chunks;
+    // Each chunk's block reads its row's scalars.
+    const int64_t reread = (plan.chunks - 1) * row_bytes;
+    l.bytes_read = x_bytes + row_bytes + reread + weight_bytes;
+    l.bytes_reread = reread;
+    l.bytes_written = out_bytes;
+  }
+  return plan;
+}
+
 }  // namespace online_softmax::kernels

@@ -220,6 +220,65 @@ def test_sampling_bad_arguments_raise_naming_them():
         osm.cuda_plan("sample_categorical", (3, 5), torch.float32, k=2)
 
 
+# ---- cross_entropy_backward ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(8192, 32000), (4096, 128256), (16, 262144), (1 << 16, 10), (2048, 4096)])
+@pytest.mark.parametrize("smooth,weight", [(False, False), (True, False), (True, True), (False, True)])
+def test_cross_entropy_backward_reads_x_once_and_writes_out_once(dtype, shape, smooth, weight):
+    rows, classes = shape
+    acc = 8 if dtype == torch.float64 else 4
+    plan = osm.cuda_plan("cross_entropy_backward", shape, dtype, smooth_scale=smooth, weight=weight, device="h100")
+    (launch,) = plan.launches
+    assert plan.workspace_bytes == 0
+    assert launch.grid >= min(H100_SMS, rows)
+    # x once, out once; lse, p_scale, target_scale (and smooth_scale) and the int64 target per row,
+    # the class weights once (weight only counts with smooth_scale); every chunk of a row reads the
+    # row's scalars again.
+    per_row = (4 if smooth else 3) * acc + 8
+    weights = classes * acc if smooth and weight else 0
+    assert launch.bytes_written == x_bytes(shape, dtype)
+    assert launch.bytes_read == x_bytes(shape, dtype) + rows * plan.chunks * per_row + weights
+    assert launch.bytes_reread == rows * (plan.chunks - 1) * per_row
+    if plan.path == "registers":
+        assert launch.kernel == "cross_entropy_backward_rows_kernel" and plan.chunks == 1
+        assert launch.threads_per_row * launch.rows_per_block == launch.block[0]
+    else:
+        assert plan.path == "split" and launch.kernel == "cross_entropy_backward_chunks_kernel"
+        assert plan.chunks > 1 and launch.threads_per_row == 256 * plan.chunks
+
+
+def test_cross_entropy_backward_plans_by_row_length():
+    """Short rows share a warp, vocabulary-sized rows take a block, rows past the register
+    configurations and too few rows to fill the GPU are cut into chunks."""
+    short = osm.cuda_plan("cross_entropy_backward", (1 << 16, 10), torch.float32, device="h100")
+    assert short.path == "registers" and short.launches[0].threads_per_row < 32
+    vocab = osm.cuda_plan("cross_entropy_backward", (8192, 32000), torch.bfloat16, device="h100")
+    assert vocab.path == "registers" and vocab.launches[0].threads_per_row == vocab.launches[0].block[0]
+    long_rows = osm.cuda_plan("cross_entropy_backward", (4096, 128256), torch.float32, device="h100")
+    assert long_rows.path == "split"
+    few = osm.cuda_plan("cross_entropy_backward", (16, 32000), torch.float32, device="h100")
+    assert few.path == "split" and few.launches[0].grid >= H100_SMS
+    assert osm.cuda_plan("cross_entropy_backward", (0, 7), torch.float32, device="h100").path == "nothing"
+    assert osm.cuda_plan("cross_entropy_backward", (7, 0), torch.float32, device="h100").launches == []
+
+
+def test_cross_entropy_backward_bad_arguments_raise_naming_them():
+    with pytest.raises(ValueError, match="2-D"):
+        osm.cuda_plan("cross_entropy_backward", (2, 3, 5), torch.float32)
+    with pytest.raises(ValueError, match="last dim"):
+        osm.cuda_plan("cross_entropy_backward", (3, 5), torch.float32, dim=0)
+    with pytest.raises(ValueError, match="out_dtype"):
+        osm.cuda_plan("cross_entropy_backward", (3, 5), torch.bfloat16, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="only for the top-k"):
+        osm.cuda_plan("cross_entropy_backward", (3, 5), torch.float32, k=2)
+    with pytest.raises(ValueError, match="only for sample_categorical"):
+        osm.cuda_plan("cross_entropy_backward", (3, 5), torch.float32, num_samples=2)
+    for flag in ("smooth_scale", "weight"):
+        with pytest.raises(ValueError, match="only for cross_entropy_backward"):
+            osm.cuda_plan("backward", (3, 5), torch.float32, **{flag: True})
+
+
 # ---- device="cuda" ----
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import online_softmax as osm
-from testlib import (DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_matches_reference, backward_atol, backward_ref,
-                      random_logits)
+from testlib import (DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_cross_entropy_grad, assert_matches_reference,
+                      backward_atol, backward_ref, cross_entropy_case, random_logits)
 
 needs_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU and a CUDA build of online_softmax")
 CPU_MAX_ELEMENTS = 2_000_000
@@ -356,3 +356,72 @@ def test_mixed_devices_raise():
     y = osm.softmax(x, dim=-1)
     with pytest.raises(ValueError, match="grad_out"):
         torch.ops.online_softmax.backward(y.cpu(), y, -1, False, 1.0, None)
+
+
+# ---- cross_entropy_backward ----
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cross_entropy_backward_boundaries(device, dtype):
+    """Rows around every register configuration's capacity and in the chunked range, aligned and
+    not, with and without smoothing and class weights, against the float64 formula."""
+    poison_cache(device)
+    smoothing = [(False, False), (True, False), (True, True)]
+    for i, n in enumerate(boundary_lengths(dtype)):
+        if too_big(device, 3 * n):
+            continue
+        smooth, weight = smoothing[i % 3]
+        args = cross_entropy_case(3, n, dtype, device=device, seed=n, offset=i % 2, smooth=smooth, weight=weight)
+        out = torch.ops.online_softmax.cross_entropy_backward(**args)
+        assert_cross_entropy_grad(out, args, what=f"n={n} {dtype} smooth={smooth} weight={weight}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3), (300, 1000), (5, 40001), (2, 300001), (4096, 10)])
+def test_cross_entropy_backward_matches_cpu_backend(dtype, shape):
+    args = cross_entropy_case(*shape, dtype, smooth=True, weight=True)
+    args["x"][0, 0] = float("-inf")
+    args["x"][-1, -1] = float("nan")
+    args["lse"][0] = float("-inf")
+    want = torch.ops.online_softmax.cross_entropy_backward(**args)
+    got = torch.ops.online_softmax.cross_entropy_backward(**{k: v if v is None else v.cuda() for k, v in args.items()})
+    assert torch.equal(torch.isnan(got.cpu()), torch.isnan(want))
+    assert_cross_entropy_grad(got, args, what=f"{shape} {dtype}")
+
+
+CUDA_BAD_TARGET = """
+import torch, online_softmax
+x = torch.randn(2, 100, device="cuda")
+lse, ones = torch.logsumexp(x, -1), torch.ones(2, device="cuda")
+torch.ops.online_softmax.cross_entropy_backward(x, lse, torch.tensor([3, 100], device="cuda"), ones, ones)
+torch.cuda.synchronize()
+"""
+
+
+@needs_cuda
+def test_cuda_cross_entropy_backward_bad_target_is_a_device_side_assert():
+    """As the top-k backward's indices: the kernel flags, torch._assert_async raises, in a child
+    process (the assert poisons the CUDA context)."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", CUDA_BAD_TARGET], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "target must lie in [0" in run.stderr or "device-side assert" in run.stderr, run.stderr[-2000:]
+
+
+@needs_cuda
+def test_cuda_cross_entropy_backward_on_a_stream_and_in_a_cuda_graph():
+    args = cross_entropy_case(64, 50000, torch.bfloat16, device="cuda", smooth=True, weight=True)
+    want = torch.ops.online_softmax.cross_entropy_backward(**args)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = torch.ops.online_softmax.cross_entropy_backward(**args)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.online_softmax.cross_entropy_backward(**args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, want)

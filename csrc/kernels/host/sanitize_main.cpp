@@ -167,6 +167,44 @@ void topk_case(const char* name, int64_t rows, int64_t n, int64_t k, DeviceLimit
   check(worst <= 10 * tolerance<T>(), "topk backward values", name, n, k);
 }
 
+// Row 1's target is `bad_target` (valid when in [0, n)): flagged, and never written.
+template <typename T>
+void cross_entropy_case(const char* name, int64_t rows, int64_t n, DeviceLimits limits, size_t offset,
+                        int64_t bad_target) {
+  using A = typename AccOf<T>::type;
+  Exact<T> x(size_t(rows * n), offset), out(size_t(rows * n), offset);
+  Exact<A> lse(size_t(rows), 0), p_scale(size_t(rows), 0), target_scale(size_t(rows), 0), smooth(size_t(rows), 0);
+  Exact<A> weight(size_t(n), 0);
+  Exact<int64_t> target(size_t(rows), 0);
+  fill(x.p, size_t(rows * n));
+  for (int64_t r = 0; r < rows; ++r) {
+    double m = -INFINITY, d = 0;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, to_d(x.p[r * n + i]));
+    for (int64_t i = 0; i < n; ++i) d += std::exp(to_d(x.p[r * n + i]) - m);
+    lse.p[r] = A(m + std::log(d));
+    p_scale.p[r] = A(0.5 + 0.25 * double(r));
+    target_scale.p[r] = A(1.0);
+    smooth.p[r] = A(0.01);
+    target.p[r] = r == 1 ? bad_target : (r * 7) % n;
+  }
+  for (int64_t i = 0; i < n; ++i) weight.p[i] = A(1.0 + double(i % 3));
+  int error = 0;
+  const cudaError_t err = cross_entropy_backward<T>(x.p, lse.p, target.p, p_scale.p, target_scale.p, smooth.p,
+                                                    weight.p, out.p, rows, n, &error, limits, nullptr);
+  check(err == cudaSuccess, "cross_entropy_backward launch", name, n, bad_target);
+  check(error == (bad_target >= 0 && bad_target < n ? 0 : 1), "cross_entropy_backward flag", name, n, bad_target);
+  double worst = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::vector<double> p = reference_softmax(x.p + r * n, RowLayout{1, n, 1});
+    for (int64_t i = 0; i < n; ++i) {
+      const double want = double(p_scale.p[r]) * p[size_t(i)] - (i == target.p[r] ? 1.0 : 0.0) -
+                          double(smooth.p[r]) * double(weight.p[i]);
+      worst = std::max(worst, std::fabs(to_d(out.p[r * n + i]) - want));
+    }
+  }
+  check(worst <= 10 * tolerance<T>(), "cross_entropy_backward values", name, n, bad_target);
+}
+
 template <typename T>
 void run_dtype(const char* name) {
   const DeviceLimits one_sm{1, 48 * 1024}, big_smem{1, 400 * 1024}, split{8, 4 * 1024};
@@ -184,6 +222,10 @@ void run_dtype(const char* name) {
     topk_case<T>(name, 3, 37, 37, one_sm, offset);
     topk_case<T>(name, 2, 5000, 8, one_sm, offset);
     topk_case<T>(name, 2, 40000, 64, split, offset);                   // split + merge
+    for (int64_t n : {int64_t(1), int64_t(37), int64_t(1000)}) cross_entropy_case<T>(name, 3, n, one_sm, offset, 0);
+    cross_entropy_case<T>(name, 2, 40000, one_sm, offset, 40000);      // chunks: long rows, a bad target
+    cross_entropy_case<T>(name, 3, 9001, split, offset, -1);           // chunks: few rows
+    cross_entropy_case<T>(name, 3, 301, one_sm, offset, 301);
   }
 }
 

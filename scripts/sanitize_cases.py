@@ -5,7 +5,8 @@
 Shapes are chosen by the plans of csrc/kernels/launch_plan.h (online_softmax.cuda_plan): rows in
 registers (each sub-warp/warp/block size), rows cached in shared memory (enough rows to fill the
 SMs), rows split over blocks (few rows), strided dims (vector and scalar columns, cached, split),
-misaligned row starts, and the fused top-k (warp, block, split) with its backward. Each result is checked against float64, so a kernel that runs clean but wrong fails too.
+misaligned row starts, the fused top-k (warp, block, split) with its backward, and the
+cross-entropy backward (rows and chunks). Each result is checked against float64, so a kernel that runs clean but wrong fails too.
 
 --short runs float32 and bfloat16 only (4- and 8-wide vectors: every kernel path, half the
 instantiations), the list scripts/gpu_check.sh runs in its first call; the default runs all four dtypes."""
@@ -60,6 +61,14 @@ for dtype in dtypes:
         xw = torch.randn(rows, n, device="cuda", dtype=dtype) * 3
         v, i = osm.softmax_topk(xw, k)
         torch.testing.assert_close(v.double(), torch.softmax(xw.double(), -1).topk(k).values, rtol=tol, atol=tol)
+        checked += 1
+    for rows, n in ((5, 33), (4, 1000), (2, 100000), (sms + 1, 20000)):  # cross_entropy's backward: rows, chunks
+        xc = (torch.randn(rows, n, device="cuda", dtype=dtype) * 3).requires_grad_()
+        tc = torch.randint(0, n, (rows,), device="cuda")
+        osm.cross_entropy(xc, tc, label_smoothing=0.1).backward()
+        xd = xc.detach().double().requires_grad_()
+        torch.nn.functional.cross_entropy(xd, tc, label_smoothing=0.1).backward()
+        torch.testing.assert_close(xc.grad.double(), xd.grad, rtol=10 * tol, atol=10 * tol)
         checked += 1
 torch.cuda.synchronize()
 print(f"sanitize_cases: {checked} cases ran and matched float64")

@@ -95,30 +95,32 @@ def _accumulate(h, weight, bias, t, cw, options, row_scale, grads):
     returns their scale), the gradients folded into ``grads`` (grad_hidden, grad_weight, grad_bias,
     each None where not wanted)."""
     ignore_index, _reduction, eps, z, softcap, chunk = options
-    losses, lses, w_ts, valids = [], [], [], []
+    n = h.shape[0]
+    acc = state_dtype(h.dtype)
+    # Every chunk's per-row results go into tensors allocated once: small tensors kept alive from
+    # each iteration would sit between the chunks' large buffers and fragment the heap.
+    losses, lses, w_ts = (torch.empty(n, dtype=acc, device=h.device) for _ in range(3))
+    valids = torch.empty(n, dtype=torch.bool, device=h.device)
     gh, gw, gb = grads
-    for a, b in _chunks(h.shape[0], chunk):
+    for a, b in _chunks(n, chunk):
         logits, cap_grad = _chunk_logits(h[a:b], weight, bias, softcap)
         loss, lse, w_t, valid, safe_t = row_losses(logits, t[a:b], cw, ignore_index, eps, z)
-        losses.append(loss)
-        lses.append(lse)
-        w_ts.append(w_t)
-        valids.append(valid)
+        losses[a:b], lses[a:b], w_ts[a:b], valids[a:b] = loss, lse, w_t, valid
         if row_scale is None:
             continue
         scale = torch.where(valid, row_scale(a, b), torch.zeros_like(lse))
         g = row_grad(logits, safe_t, lse, w_t, cw, scale, eps, z)
+        del logits
         if cap_grad is not None:
             g.mul_(cap_grad)
         g = g.to(h.dtype)
         if gh is not None:
-            gh[a:b] = g @ weight
+            torch.mm(g, weight, out=gh[a:b])
         if gw is not None:
             gw.addmm_(g.t(), h[a:b])
         if gb is not None:
             gb.add_(g.sum(0).to(gb.dtype))
-    cat = (lambda xs: torch.cat(xs)) if losses else (lambda xs: h.new_zeros(0, dtype=state_dtype(h.dtype)))
-    return cat(losses), cat(lses), cat(w_ts), (torch.cat(valids) if valids else t.new_zeros(0, dtype=torch.bool))
+    return losses, lses, w_ts, valids
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

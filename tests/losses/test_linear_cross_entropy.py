@@ -104,12 +104,14 @@ def test_errors_name_the_argument():
 
 
 MEMORY_CHILD = textwrap.dedent("""
-    import resource, sys, torch
+    import sys, torch
     import online_softmax as osm
     torch.manual_seed(0)
     tokens, hidden, vocab = 8192, 1024, 32000
     def peak_mib():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM, not ru_maxrss: the latter survives exec, so a child would start at its parent's peak.
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     h = (torch.randn(tokens, hidden) * 0.1).requires_grad_()
     w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
     t = torch.randint(0, vocab, (tokens,))

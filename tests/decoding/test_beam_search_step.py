@@ -4,15 +4,14 @@ import pytest
 import torch
 
 import online_softmax as osm
-from testlib import FLOAT_DTYPES, LOW_PRECISION
+from testlib import FLOAT_DTYPES, LOW_PRECISION, random_logits
 from online_softmax.reference import unfused_beam_search_step
 
 
 def inputs(batch, beams, vocab, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(batch * beams, vocab, generator=g, dtype=torch.float64) * 4).to(dtype).to(device)
-    scores = (-torch.rand(batch, beams, generator=g, dtype=torch.float64) * 10).to(torch.float32).to(device)
-    return logits, scores
+    logits = random_logits((batch * beams, vocab), dtype, device, scale=4.0, seed=seed)
+    scores = -random_logits((batch, beams), torch.float64, device, scale=1.0, seed=seed + 1).abs() * 10
+    return logits, scores.to(torch.float32)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

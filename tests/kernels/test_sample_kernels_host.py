@@ -9,6 +9,7 @@ import torch
 import host_kernels as hkmod
 import online_softmax  # noqa: F401  (the CPU ops)
 from host_kernels import HostKernels, Limits, assert_ran, plan_for
+from testlib import random_logits
 
 pytestmark = hkmod.requires_toolchain()
 
@@ -21,8 +22,7 @@ def hk():
 
 
 def rows_of(rows, n, dtype, seed=0, scale=2.5):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, n, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return random_logits((rows, n), dtype, scale=scale, seed=seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

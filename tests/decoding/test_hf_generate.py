@@ -104,6 +104,7 @@ PROCESSORS = {
     "suppress_tokens": None,
     "begin_suppress_tokens": None,
     "min_new_tokens": dict(min_new_tokens=6),
+    "min_length": None,               # the decoder prompt's length + 6 (see _aimed)
     "combined": None,
 }
 
@@ -122,6 +123,8 @@ def _aimed(name, plain, prompt_len, pad_id):
         return dict(suppress_tokens=[common])
     if name == "begin_suppress_tokens":
         return dict(begin_suppress_tokens=sorted(set(first)))
+    if name == "min_length":
+        return dict(min_length=prompt_len + 6)
     if name == "combined":
         return dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=3, suppress_tokens=[common],
                     bad_words_ids=[pair])
@@ -322,13 +325,11 @@ def _forbid(monkeypatch, name):
 def test_sparse_processors_take_the_fused_step(monkeypatch, family):
     model = MODELS[family](0)
     ids, mask = prompts(1)
-    want = model.generate(ids, attention_mask=mask, num_beams=3, max_new_tokens=8, repetition_penalty=1.3,
-                          no_repeat_ngram_size=2, min_new_tokens=3, suppress_tokens=[5], bad_words_ids=[[7], [8, 9]],
-                          begin_suppress_tokens=[6])
+    kw = dict(num_beams=3, max_new_tokens=8, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=3,
+              min_length=9, suppress_tokens=[5], bad_words_ids=[[7], [8, 9]], begin_suppress_tokens=[6])
+    want = model.generate(ids, attention_mask=mask, **kw)
     _forbid(monkeypatch, "_dense_step")
-    got = model.generate(ids, attention_mask=mask, num_beams=3, max_new_tokens=8, repetition_penalty=1.3,
-                         no_repeat_ngram_size=2, min_new_tokens=3, suppress_tokens=[5], bad_words_ids=[[7], [8, 9]],
-                         begin_suppress_tokens=[6], custom_generate=osm.hf.generate)
+    got = model.generate(ids, attention_mask=mask, custom_generate=osm.hf.generate, **kw)
     assert torch.equal(got, want)
 
 

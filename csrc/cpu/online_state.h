@@ -130,6 +130,13 @@ inline Vectorized<A> vexp(Vectorized<A> v) {
   return v.exp_u20();
 }
 
+// exp that keeps NaN, for arguments that may be NaN: log-softmax outputs of NaN rows, or x - lse
+// where every logit is -inf; their gradients must be NaN, as in torch.
+template <typename A>
+inline Vectorized<A> vexp_keep_nan(Vectorized<A> v) {
+  return Vectorized<A>::blendv(vexp(v), v, v.isnan());
+}
+
 // Lane-wise online state: lane l of (m, d) is the state of every element that passed through lane
 // l. Strided layouts keep one LaneState per group of independent rows (one row per lane).
 template <typename A>

@@ -109,7 +109,12 @@ def _class_targets(input, target, n_classes, ignore_index) -> torch.Tensor:
                               f"{list(input.shape)} (class dim 1), got {list(target.shape)}")
     if target.device != input.device:
         raise checks.fail(op, f"target is on {target.device} but input is on {input.device}")
-    t = target.reshape(-1).long()
+    return check_class_indices(target.reshape(-1).long(), n_classes, ignore_index, op)
+
+
+def check_class_indices(t: torch.Tensor, n_classes: int, ignore_index: int, op: str) -> torch.Tensor:
+    """``t`` after checking that every target but ignore_index is a class: an IndexError as in
+    torch otherwise (one host sync; skipped under torch.compile, which cannot branch on data)."""
     if t.numel() and not torch.compiler.is_compiling():
         bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
         if bool(bad.any()):

@@ -15,7 +15,7 @@ import torch
 
 from .. import _checks as checks
 from .._checks import state_dtype
-from .cross_entropy import loss_options, reduce_losses, row_grad, row_losses
+from .cross_entropy import check_class_indices, loss_options, reduce_losses, row_grad, row_losses
 
 _OP = "linear_cross_entropy"
 DEFAULT_CHUNK_ELEMENTS = 1 << 20  # logits per chunk: 4 MiB in float32, whatever the vocabulary
@@ -62,12 +62,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
     checks.positive_int(chunk_size, "chunk_size", op)
     h = hidden.reshape(-1, hidden.shape[-1])
-    t = target.reshape(-1).long()
-    if t.numel() and not torch.compiler.is_compiling():
-        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
-        if bool(bad.any()):
-            raise IndexError(f"online_softmax.{op}: Target {int(t[bad][0])} is out of bounds (classes "
-                             f"[0, {vocab}), ignore_index {ignore_index}).")
+    t = check_class_indices(target.reshape(-1).long(), vocab, ignore_index, op)
     cw = None if class_weight is None else class_weight.to(state_dtype(hidden.dtype))
     options = (ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
     loss, lse = _LinearCrossEntropy.apply(h, weight, bias, t, cw, options)

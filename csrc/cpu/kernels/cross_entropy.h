@@ -15,13 +15,6 @@ namespace online_softmax::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-// exp(x - lse) where NaN stays NaN: the polynomial exp is only asked for finite or -inf
-// arguments elsewhere, and a row whose lse is -inf (every logit -inf) must give NaN, as torch.
-template <typename A>
-inline Vectorized<A> vexp_or_nan(Vectorized<A> v) {
-  return Vectorized<A>::blendv(vexp(v), v, v.isnan());
-}
-
 template <typename T>
 void cross_entropy_backward_kernel(const CrossEntropyBackwardCall& c) {
   using A = acc_t<T>;
@@ -46,7 +39,7 @@ void cross_entropy_backward_kernel(const CrossEntropyBackwardCall& c) {
       const A m = lse[r], ps = p_scale[r], sm = smooth != nullptr ? smooth[r] : A(0);
       const V vm(m), vps(ps), vsm(sm);
       auto grad = [&](V v, int64_t i) {
-        V g = vexp_or_nan(v - vm) * vps;
+        V g = vexp_keep_nan(v - vm) * vps;
         if (smooth != nullptr) g = g - (weight != nullptr ? V::loadu(weight + i) * vsm : vsm);
         return g;
       };

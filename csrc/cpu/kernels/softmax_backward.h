@@ -16,12 +16,6 @@ namespace online_softmax::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-// exp that keeps NaN (log-softmax outputs of NaN rows must give NaN gradients, as in torch).
-template <typename A>
-inline Vectorized<A> vexp_keep_nan(Vectorized<A> v) {
-  return Vectorized<A>::blendv(vexp(v), v, v.isnan());
-}
-
 // Lane sums are flushed into double every kLaneBlock elements, so their rounding error does not
 // grow with the row length.
 constexpr int64_t kLaneBlock = 16384;

@@ -1,4 +1,5 @@
-// beam_search_step for every backend (CompositeExplicitAutograd): the fused top-k of each beam's
+// beam_search_step for every backend without a kernel of its own (CompositeExplicitAutograd; the
+// CPU has one, csrc/cpu/beam_search_step.cpp): the fused top-k of each beam's
 // log-softmax (the CPU or CUDA kernel, through the dispatcher) reads the logits once; then each
 // batch entry merges its beams' num_beams * k candidates, which is tiny next to the logits.
 //
@@ -12,6 +13,7 @@
 #include <limits>
 #include <tuple>
 
+#include "common/beam_search_step.h"
 #include "common/checks.h"
 
 namespace online_softmax {
@@ -30,19 +32,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_softmax_topk(const Tensor& x, in
 int64_t check_token_list(const c10::optional<Tensor>& t, const char* name, const Tensor& logits, const char* op) {
   if (!t.has_value()) return 0;
   const Tensor& x = *t;
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kLong, "online_softmax.", op, ": ", name, " must be an int64 tensor, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == logits.size(0), "online_softmax.", op, ": ", name,
-                    " must be 2-D with one row per logits row (", logits.size(0), ", n), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.device() == logits.device(), "online_softmax.", op, ": ", name, " is on ", x.device(),
-                    " but logits is on ", logits.device());
+  check_token_list_layout(x, name, logits, op);
   if (x.numel() == 0) return 0;
-  // A token outside the vocabulary would gather out of bounds: refuse it here, by name.
   const Tensor facts = at::stack({x.min(), x.max(), x.ge(0).sum(1).max()}).cpu();
-  const int64_t lo = facts[0].item<int64_t>(), hi = facts[1].item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= -1 && hi < logits.size(1), "online_softmax.", op, ": ", name,
-                    " entries must be token ids in [0, vocab = ", logits.size(1), ") or -1 for padding, got values in [",
-                    lo, ", ", hi, "]");
+  check_token_range(facts[0].item<int64_t>(), facts[1].item<int64_t>(), logits.size(1), name, op);
   return facts[2].item<int64_t>();
 }
 
@@ -70,32 +63,17 @@ struct RowEdits {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> beam_search_step(const Tensor& logits, const Tensor& beam_scores, int64_t num_beams,
-                                                    int64_t num_candidates, double temperature,
-                                                    const c10::optional<Tensor>& banned_tokens,
-                                                    const c10::optional<Tensor>& penalized_tokens,
-                                                    double repetition_penalty) {
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> beam_search_step_composite(const Tensor& logits, const Tensor& beam_scores,
+                                                              int64_t num_beams, int64_t num_candidates,
+                                                              double temperature,
+                                                              const c10::optional<Tensor>& banned_tokens,
+                                                              const c10::optional<Tensor>& penalized_tokens,
+                                                              double repetition_penalty) {
   const char* op = "beam_search_step";
-  check_floating(logits, "logits", op);
-  check_floating(beam_scores, "beam_scores", op);
-  check_temperature(temperature, op);
-  TORCH_CHECK_VALUE(logits.dim() == 2, "online_softmax.", op, ": logits must be 2-D (batch * num_beams, vocab), got shape ",
-                    logits.sizes());
-  TORCH_CHECK_VALUE(beam_scores.dim() == 2, "online_softmax.", op, ": beam_scores must be 2-D (batch, num_beams), got shape ",
-                    beam_scores.sizes());
-  TORCH_CHECK_VALUE(num_beams >= 1, "online_softmax.", op, ": num_beams must be >= 1, got ", num_beams);
-  TORCH_CHECK_VALUE(beam_scores.size(1) == num_beams, "online_softmax.", op, ": beam_scores has ", beam_scores.size(1),
-                    " columns but num_beams is ", num_beams);
+  check_beam_search_step(logits, beam_scores, num_beams, num_candidates, temperature, repetition_penalty);
   const int64_t batch = beam_scores.size(0), vocab = logits.size(1);
-  TORCH_CHECK_VALUE(logits.size(0) == batch * num_beams, "online_softmax.", op, ": logits has ", logits.size(0),
-                    " rows but batch * num_beams is ", batch, " * ", num_beams);
-  TORCH_CHECK_VALUE(logits.device() == beam_scores.device(), "online_softmax.", op, ": logits is on ", logits.device(),
-                    " but beam_scores is on ", beam_scores.device());
-  TORCH_CHECK_VALUE(num_candidates >= 1 && num_candidates <= num_beams * vocab, "online_softmax.", op,
-                    ": num_candidates must satisfy 1 <= num_candidates <= num_beams * vocab = ", num_beams * vocab,
-                    ", got ", num_candidates);
-  TORCH_CHECK_VALUE(std::isfinite(repetition_penalty) && repetition_penalty > 0.0, "online_softmax.", op,
-                    ": repetition_penalty must be a finite number > 0, got ", repetition_penalty);
   const int64_t most_banned = check_token_list(banned_tokens, "banned_tokens", logits, op);
   int64_t most_penalized = check_token_list(penalized_tokens, "penalized_tokens", logits, op);
   if (repetition_penalty == 1.0) most_penalized = 0;
@@ -155,9 +133,8 @@ std::tuple<Tensor, Tensor, Tensor> beam_search_step(const Tensor& logits, const 
           best_flat.div(vocab, "floor")};
 }
 
-}  // namespace
 }  // namespace online_softmax
 
 TORCH_LIBRARY_IMPL(online_softmax, CompositeExplicitAutograd, m) {
-  m.impl("beam_search_step", &online_softmax::beam_search_step);
+  m.impl("beam_search_step", &online_softmax::beam_search_step_composite);
 }

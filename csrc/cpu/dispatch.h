@@ -57,6 +57,14 @@ struct TopKCall {  // rows contiguous (the op layer moves the dim last)
   int64_t* indices;
   void* max;
   void* sumexp;
+  // Optional: per row, `excluded_width` token ids sorted ascending (-1 pads, first) that the
+  // selection skips; their own values (same formula as the top-k's) go to excluded_values, x's
+  // dtype, rows x excluded_width (padding entries untouched). A row with fewer than k tokens left
+  // pads its top-k with index -1 and value -inf. The beam-search step uses it to edit a few tokens
+  // after normalization without widening k.
+  const int64_t* excluded = nullptr;
+  int64_t excluded_width = 0;
+  void* excluded_values = nullptr;
 };
 
 struct TopKBackwardCall {

@@ -5,6 +5,7 @@
 //   sample_categorical,
 //   top_p_threshold           csrc/cpu/sample.cpp
 //   cross_entropy_backward    csrc/cpu/cross_entropy.cpp
+//   beam_search_step          csrc/cpu/beam_search_step.cpp (other backends: csrc/common/)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,5 +42,10 @@ at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& lse, co
                                   const at::Tensor& p_scale, const at::Tensor& target_scale,
                                   const std::optional<at::Tensor>& smooth_scale,
                                   const std::optional<at::Tensor>& weight);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_search_step(
+    const at::Tensor& logits, const at::Tensor& beam_scores, int64_t num_beams, int64_t num_candidates,
+    double temperature, const std::optional<at::Tensor>& banned_tokens,
+    const std::optional<at::Tensor>& penalized_tokens, double repetition_penalty);
 
 }  // namespace online_softmax::cpu

@@ -276,6 +276,10 @@ class Beams:
 
     def _add_finished(self, step: BeamStep, cand_seqs, cand_idx, hits) -> None:
         just_done = hits & self.top_mask[None, :]
+        # Most steps finish nothing; then the merge below would only reshuffle the empty slots
+        # (score -1e9, not finished, never returned), so it is skipped: a dozen ops a step.
+        if not bool(just_done.any()):
+            return
         gen_len = self.cur_len + 1 - self.prompt
         done_scores = step.scores / float(gen_len) ** self.length_penalty
         full = self.is_finished.all(-1, keepdim=True) & (self.early_stopping is True)

@@ -78,6 +78,7 @@ class DecodingRules:
         self.new_tokens_from: Optional[int] = None
         self.begin_index: Optional[int] = None
         self.penalty_skip = None
+        self._columns = {}
         self.min_length = min_length if eos_token_id is not None else 0
         self.min_new_tokens = min_new_tokens if eos_token_id is not None else 0
         self.single_bad, self.multi_bad = [], []
@@ -126,7 +127,10 @@ class DecodingRules:
         dev = seqs.device
 
         def column(tokens):
-            return torch.tensor(tokens, dtype=torch.int64, device=dev).expand(rows, len(tokens))
+            key = (tuple(tokens), dev)
+            if key not in self._columns:  # built once: a tensor from a list costs as much as an op
+                self._columns[key] = torch.tensor(tokens, dtype=torch.int64, device=dev)[None, :]
+            return self._columns[key].expand(rows, len(tokens))
 
         early, late = [], []
         n = self.ngram

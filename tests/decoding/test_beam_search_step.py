@@ -178,3 +178,20 @@ def test_opcheck_with_edits():
     for a, b in zip(f(logits, scores, banned, pen), osm.beam_search_step(logits, scores, 4, banned_tokens=banned,
                                                                         penalized_tokens=pen, repetition_penalty=1.2)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_cpu_kernel_agrees_with_the_composite(penalty):
+    """The CPU's own step (float32/float64 logits with beam scores of their dtype) and the
+    composite every other backend runs (reached on the CPU by mixing dtypes) pick the same
+    candidates with the same scores."""
+    batch, beams, vocab = 3, 4, 2000
+    logits, scores = (t.double() for t in inputs(batch, beams, vocab, torch.float64, "cpu", seed=5))
+    banned, pen = random_edits(batch * beams, vocab, 12, 6), random_edits(batch * beams, vocab, 40, 7)
+    pen[:, 0] = logits.argmax(-1)
+    kw = dict(num_candidates=11, banned_tokens=banned, penalized_tokens=pen, repetition_penalty=penalty)
+    fused = osm.beam_search_step(logits, scores, beams, **kw)
+    composite = osm.beam_search_step(logits.float(), scores, beams, **kw)  # float32 + float64: the composite
+    assert composite.scores.dtype == torch.float64
+    assert torch.equal(fused.token_ids, composite.token_ids) and torch.equal(fused.beam_ids, composite.beam_ids)
+    torch.testing.assert_close(fused.scores, composite.scores, rtol=1e-5, atol=1e-5)

@@ -211,24 +211,76 @@ State<acc_t<T>> scan_topk(const T* x, int64_t n, int64_t first, acc_t<T> s, Sele
       [&](A v, int64_t offset) { topk.offer(v, first + offset); });
 }
 
+// A selection that skips the row's excluded tokens (sorted ids). Only candidates that pass the
+// vector filter reach the binary search, so the scan stays one compare per element.
+template <typename SelectT>
+class Excluding {
+ public:
+  using Items = typename SelectT::Items;
+  using A = typename Items::Acc;
+  explicit Excluding(int64_t k) : inner_(k) {}
+  void exclude(const int64_t* sorted_ids, int64_t count) { ids_ = sorted_ids, count_ = count; }
+  A threshold() const { return inner_.threshold(); }
+  bool full() const { return inner_.full(); }
+  void offer(A value, int64_t index) {
+    if (!std::binary_search(ids_, ids_ + count_, index)) inner_.offer(value, index);
+  }
+  void reset() { inner_.reset(); }
+  auto& candidates() { return inner_.candidates(); }
+
+ private:
+  SelectT inner_;
+  const int64_t* ids_ = nullptr;
+  int64_t count_ = 0;
+};
+
+template <typename S>
+struct TypeTag {
+  using type = S;
+};
+
+template <typename S>
+struct IsExcluding : std::false_type {};
+template <typename S>
+struct IsExcluding<Excluding<S>> : std::true_type {};
+
 template <typename Select, typename T>
 void topk_rows(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool log, T* values,
-               int64_t* indices, acc_t<T>* m_out, acc_t<T>* d_out) {
+               int64_t* indices, acc_t<T>* m_out, acc_t<T>* d_out, const int64_t* excluded = nullptr,
+               int64_t excluded_width = 0, T* excluded_values = nullptr) {
   using A = acc_t<T>;
+  constexpr bool kExcluding = IsExcluding<Select>::value;
   const RowSplit split = plan_row_split(rows, n);
   // Pieces shorter than k would only pad the merge; keep whole rows then.
   const RowSplit plan = split.chunk >= k ? split : RowSplit{1, n};
 
   using Items = typename Select::Items;
   using Item = typename Items::Item;
+  auto prepare = [&](Select& topk, int64_t r) {
+    if constexpr (kExcluding) topk.exclude(excluded + r * excluded_width, excluded_width);
+  };
   auto emit = [&](int64_t r, State<A> st, std::vector<Item>& cands) {
     st = finalize(st);
-    std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), typename Items::Better{});
+    const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(cands.size()));  // < k only when excluding
+    std::partial_sort(cands.begin(), cands.begin() + found, cands.end(), typename Items::Better{});
     const Normalizer<A> nz(st);
-    for (int64_t j = 0; j < k; ++j) {
-      const A z = (Items::value(cands[j]) - nz.m) * s;
-      values[r * k + j] = static_cast<T>(log ? z - nz.log_d : std::exp(z) * nz.inv_d);
+    auto value_of = [&](A v) {
+      const A z = (v - nz.m) * s;
+      return static_cast<T>(log ? z - nz.log_d : std::exp(z) * nz.inv_d);
+    };
+    for (int64_t j = 0; j < found; ++j) {
+      values[r * k + j] = value_of(Items::value(cands[j]));
       indices[r * k + j] = Items::index(cands[j]);
+    }
+    for (int64_t j = found; j < k; ++j) {
+      values[r * k + j] = static_cast<T>(-std::numeric_limits<A>::infinity());
+      indices[r * k + j] = -1;
+    }
+    if constexpr (kExcluding) {
+      for (int64_t j = 0; j < excluded_width; ++j) {
+        const int64_t t = excluded[r * excluded_width + j];
+        if (t >= 0) excluded_values[r * excluded_width + j] = value_of(static_cast<A>(x[r * n + t]));
+      }
     }
     m_out[r] = st.m * s;
     d_out[r] = st.d;
@@ -239,6 +291,7 @@ void topk_rows(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool 
       Select topk(k);
       for (int64_t r = begin; r < end; ++r) {
         topk.reset();  // keeps the buffer's allocation
+        prepare(topk, r);
         const State<A> st = scan_topk(x + r * n, n, 0, s, topk);
         emit(r, st, topk.candidates());
       }
@@ -251,6 +304,7 @@ void topk_rows(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t / plan.chunks, c = t % plan.chunks;
       Select topk(k);
+      prepare(topk, r);
       states[t] = scan_topk(x + r * n + c * plan.chunk, plan.length(c, n), c * plan.chunk, s, topk);
       pieces[t] = std::move(topk.candidates());
     }
@@ -271,14 +325,24 @@ void topk_rows(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool 
 
 template <typename T>
 void topk_kernel(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool log, T* values,
-                 int64_t* indices, acc_t<T>* m_out, acc_t<T>* d_out) {
+                 int64_t* indices, acc_t<T>* m_out, acc_t<T>* d_out, const int64_t* excluded,
+                 int64_t excluded_width, T* excluded_values) {
   using A = acc_t<T>;
   auto run = [&](auto items) {
     using Items = decltype(items);
+    auto with = [&](auto tag) {
+      using Select = typename decltype(tag)::type;
+      if (excluded != nullptr) {
+        topk_rows<Excluding<Select>>(x, rows, n, k, s, log, values, indices, m_out, d_out, excluded,
+                                     excluded_width, excluded_values);
+      } else {
+        topk_rows<Select>(x, rows, n, k, s, log, values, indices, m_out, d_out);
+      }
+    };
     if (k <= kSortedMaxK) {
-      topk_rows<SortedTopK<Items>>(x, rows, n, k, s, log, values, indices, m_out, d_out);
+      with(TypeTag<SortedTopK<Items>>{});
     } else {
-      topk_rows<TopK<Items>>(x, rows, n, k, s, log, values, indices, m_out, d_out);
+      with(TypeTag<TopK<Items>>{});
     }
   };
   if constexpr (std::is_same_v<A, float>) {
@@ -361,7 +425,8 @@ void topk_entry(const TopKCall& c) {
     using T = decltype(tag);
     using A = acc_t<T>;
     topk_kernel(static_cast<const T*>(c.x), c.rows, c.n, c.k, static_cast<A>(1.0 / c.temperature), c.log,
-                static_cast<T*>(c.values), c.indices, static_cast<A*>(c.max), static_cast<A*>(c.sumexp));
+                static_cast<T*>(c.values), c.indices, static_cast<A*>(c.max), static_cast<A*>(c.sumexp),
+                c.excluded, c.excluded_width, static_cast<T*>(c.excluded_values));
   });
 }
 

@@ -48,4 +48,7 @@ TORCH_LIBRARY(online_softmax, m) {
   // float64 x), target int64 in [0, classes); out has x's dtype. The per-row scales carry the
   // reduction, the target's class weight, label smoothing and z-loss (online_softmax/losses).
   m.def("cross_entropy_backward(Tensor x, Tensor lse, Tensor target, Tensor p_scale, Tensor target_scale, Tensor? smooth_scale=None, Tensor? weight=None) -> Tensor");
+  // The same gradient written over x itself (contiguous), as flash-attention's xentropy does with
+  // inplace_backward: no second logits-sized buffer. Each element is read before it is written.
+  m.def("cross_entropy_backward_(Tensor(a!) x, Tensor lse, Tensor target, Tensor p_scale, Tensor target_scale, Tensor? smooth_scale=None, Tensor? weight=None) -> ()");
 }

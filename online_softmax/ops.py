@@ -267,9 +267,7 @@ def _top_p_threshold_fake(x, temperature, top_p):
 
 # ---- cross-entropy ----
 
-@torch.library.register_fake("online_softmax::cross_entropy_backward")
-def _cross_entropy_backward_fake(x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None):
-    op = "cross_entropy_backward"
+def _check_cross_entropy_backward(op, x, lse, target, p_scale, target_scale, smooth_scale, weight):
     checks.floating(x, "x", op)
     if x.dim() != 2:
         raise checks.fail(op, f"x must be 2-D (rows, classes), got shape {list(x.shape)}")
@@ -287,4 +285,18 @@ def _cross_entropy_backward_fake(x, lse, target, p_scale, target_scale, smooth_s
         raise checks.fail(op, f"target must be int64, got {target.dtype}", TypeError)
     if weight is not None and (weight.dtype != acc or weight.dim() != 1 or weight.shape[0] != x.shape[1]):
         raise checks.fail(op, f"weight must be {acc} of shape [{x.shape[1]}], got {weight.dtype} {list(weight.shape)}")
+
+
+@torch.library.register_fake("online_softmax::cross_entropy_backward")
+def _cross_entropy_backward_fake(x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None):
+    _check_cross_entropy_backward("cross_entropy_backward", x, lse, target, p_scale, target_scale, smooth_scale,
+                                  weight)
     return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("online_softmax::cross_entropy_backward_")
+def _cross_entropy_backward_inplace_fake(x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None):
+    op = "cross_entropy_backward_"
+    _check_cross_entropy_backward(op, x, lse, target, p_scale, target_scale, smooth_scale, weight)
+    if not x.is_contiguous():
+        raise checks.fail(op, "x must be contiguous to receive its gradient in place")

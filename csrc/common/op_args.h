@@ -283,11 +283,12 @@ struct CrossEntropyBackwardArgs {
   int64_t rows, n;
 };
 
+// in_place: cross_entropy_backward_, which writes over x, so x must be contiguous already.
 inline CrossEntropyBackwardArgs cross_entropy_backward_args(
     const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target, const at::Tensor& p_scale,
     const at::Tensor& target_scale, const std::optional<at::Tensor>& smooth_scale,
-    const std::optional<at::Tensor>& weight) {
-  constexpr const char* op = "cross_entropy_backward";
+    const std::optional<at::Tensor>& weight, bool in_place = false) {
+  const char* op = in_place ? "cross_entropy_backward_" : "cross_entropy_backward";
   check_floating(x, "x", op);
   TORCH_CHECK_VALUE(x.dim() == 2, "online_softmax.", op, ": x must be 2-D (rows, classes), got shape ", x.sizes());
   CrossEntropyBackwardArgs a;
@@ -323,6 +324,8 @@ inline CrossEntropyBackwardArgs cross_entropy_backward_args(
                       " but x is on ", x.device());
     a.weight = weight->contiguous();
   }
+  TORCH_CHECK_VALUE(!in_place || x.is_contiguous(), "online_softmax.", op,
+                    ": x must be contiguous to receive its gradient in place");
   a.x = x.contiguous();
   return a;
 }

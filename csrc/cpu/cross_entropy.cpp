@@ -1,4 +1,4 @@
-// The cross_entropy_backward op on the CPU: checks (shared with CUDA), the output, then the
+// The cross_entropy_backward op (and its in-place form) on the CPU: checks (shared with CUDA), the output, then the
 // kernel of the capability in use (csrc/cpu/kernels/cross_entropy.h, through dispatch.h).
 #include <ATen/ATen.h>
 
@@ -9,6 +9,19 @@
 
 namespace online_softmax::cpu {
 
+namespace {
+
+void run_kernel(const CrossEntropyBackwardArgs& a, void* out) {
+  if (a.rows == 0 || a.n == 0) return;
+  kernels().cross_entropy_backward(CrossEntropyBackwardCall{
+      a.x.scalar_type(), a.x.const_data_ptr(), a.rows, a.n, a.lse.const_data_ptr(),
+      a.target.const_data_ptr<int64_t>(), a.p_scale.const_data_ptr(), a.target_scale.const_data_ptr(),
+      a.smooth_scale ? a.smooth_scale->const_data_ptr() : nullptr, a.weight ? a.weight->const_data_ptr() : nullptr,
+      out});
+}
+
+}  // namespace
+
 at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
                                   const at::Tensor& p_scale, const at::Tensor& target_scale,
                                   const std::optional<at::Tensor>& smooth_scale,
@@ -16,14 +29,16 @@ at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& lse, co
   const CrossEntropyBackwardArgs a =
       cross_entropy_backward_args(x, lse, target, p_scale, target_scale, smooth_scale, weight);
   at::Tensor out = empty_output(a.x.sizes(), a.x.options());
-  if (a.rows > 0 && a.n > 0) {
-    kernels().cross_entropy_backward(CrossEntropyBackwardCall{
-        a.x.scalar_type(), a.x.const_data_ptr(), a.rows, a.n, a.lse.const_data_ptr(),
-        a.target.const_data_ptr<int64_t>(), a.p_scale.const_data_ptr(), a.target_scale.const_data_ptr(),
-        a.smooth_scale ? a.smooth_scale->const_data_ptr() : nullptr,
-        a.weight ? a.weight->const_data_ptr() : nullptr, out.mutable_data_ptr()});
-  }
+  run_kernel(a, out.mutable_data_ptr());
   return out;
+}
+
+void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
+                             const at::Tensor& p_scale, const at::Tensor& target_scale,
+                             const std::optional<at::Tensor>& smooth_scale, const std::optional<at::Tensor>& weight) {
+  const CrossEntropyBackwardArgs a =
+      cross_entropy_backward_args(x, lse, target, p_scale, target_scale, smooth_scale, weight, /*in_place=*/true);
+  run_kernel(a, x.mutable_data_ptr());
 }
 
 }  // namespace online_softmax::cpu

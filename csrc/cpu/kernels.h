@@ -4,7 +4,7 @@
 //   softmax_topk(_backward)   csrc/cpu/softmax_topk.cpp
 //   sample_categorical,
 //   top_p_threshold           csrc/cpu/sample.cpp
-//   cross_entropy_backward    csrc/cpu/cross_entropy.cpp
+//   cross_entropy_backward(_) csrc/cpu/cross_entropy.cpp
 //   beam_search_step          csrc/cpu/beam_search_step.cpp (other backends: csrc/common/)
 #pragma once
 
@@ -42,6 +42,10 @@ at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& lse, co
                                   const at::Tensor& p_scale, const at::Tensor& target_scale,
                                   const std::optional<at::Tensor>& smooth_scale,
                                   const std::optional<at::Tensor>& weight);
+
+void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
+                             const at::Tensor& p_scale, const at::Tensor& target_scale,
+                             const std::optional<at::Tensor>& smooth_scale, const std::optional<at::Tensor>& weight);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_search_step(
     const at::Tensor& logits, const at::Tensor& beam_scores, int64_t num_beams, int64_t num_candidates,

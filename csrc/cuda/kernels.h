@@ -4,7 +4,7 @@
 //   softmax_topk(_backward)   csrc/cuda/softmax_topk.cpp
 //   sample_categorical,
 //   top_p_threshold           csrc/cuda/sample.cpp
-//   cross_entropy_backward    csrc/cuda/cross_entropy.cpp
+//   cross_entropy_backward(_) csrc/cuda/cross_entropy.cpp
 // Each checks its arguments (csrc/common/op_args.h, shared with the CPU backend), guards the device,
 // dispatches the dtype and makes one call into the framework-free launchers of csrc/kernels.
 #pragma once
@@ -43,5 +43,9 @@ at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& lse, co
                                   const at::Tensor& p_scale, const at::Tensor& target_scale,
                                   const std::optional<at::Tensor>& smooth_scale,
                                   const std::optional<at::Tensor>& weight);
+
+void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
+                             const at::Tensor& p_scale, const at::Tensor& target_scale,
+                             const std::optional<at::Tensor>& smooth_scale, const std::optional<at::Tensor>& weight);
 
 }  // namespace online_softmax::cuda

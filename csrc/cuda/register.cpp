@@ -12,4 +12,5 @@ TORCH_LIBRARY_IMPL(online_softmax, CUDA, m) {
   m.impl("sample_categorical", &online_softmax::cuda::sample_categorical);
   m.impl("top_p_threshold", &online_softmax::cuda::top_p_threshold);
   m.impl("cross_entropy_backward", &online_softmax::cuda::cross_entropy_backward);
+  m.impl("cross_entropy_backward_", &online_softmax::cuda::cross_entropy_backward_);
 }

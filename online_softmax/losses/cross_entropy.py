@@ -27,7 +27,7 @@ _OP = "cross_entropy"
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   size_average=None, ignore_index: int = -100, reduce=None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
-                  return_lse: bool = False):
+                  return_lse: bool = False, inplace_backward: bool = False):
     """``torch.nn.functional.cross_entropy(input, target, ...)`` with the same arguments and results,
     computed from each row's online (max, sumexp).
 
@@ -36,7 +36,15 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     ``softcap * tanh(logits / softcap)`` first; ``return_lse=True`` returns ``(loss, lse)``, with
     ``lse`` the per-row logsumexp of the (capped) logits in the target's shape (float32 for half
     inputs), not differentiable. ``size_average`` and ``reduce`` are torch's deprecated forms of
-    ``reduction``, accepted as torch accepts them."""
+    ``reduction``, accepted as torch accepts them.
+
+    ``inplace_backward=True`` (flash-attention's xentropy option) makes the backward write the
+    gradient over ``input``'s own storage instead of a new tensor, so a logits-sized buffer less
+    exists at the peak; ``input`` holds the gradient afterwards, and its version counter moves, so
+    autograd raises if another node saved it for its own backward. It applies to class-index targets
+    with the class dim last and contiguous (2-D ``(N, C)`` or 1-D ``(C,)``) and no ``softcap``
+    (whose tanh is an intermediate anyway); elsewhere, and under torch.compile, the backward is out of
+    place as usual."""
     op = _OP
     checks.tensor(input, "input", op)
     checks.tensor(target, "target", op)
@@ -47,6 +55,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
     label_smoothing, z_loss, softcap = loss_options(op, reduction, ignore_index, label_smoothing, z_loss, softcap)
+    if not isinstance(inplace_backward, bool):
+        raise checks.fail(op, f"inplace_backward must be a bool, got {type(inplace_backward).__name__}", TypeError)
     x, n_classes = _rows(input, op)
     if weight is not None:
         checks.floating(weight, "weight", op)
@@ -62,7 +72,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     else:
         t = _class_targets(input, target, n_classes, ignore_index)
         w = None if weight is None else weight.to(state_dtype(input.dtype))
-        loss, lse = _ClassTargetLoss.apply(x, t, w, ignore_index, reduction, label_smoothing, z_loss)
+        # In place only where x is input's own storage: the rows are a view of it.
+        inplace = inplace_backward and softcap is None and input.dim() <= 2 and input.is_contiguous()
+        loss, lse = _ClassTargetLoss.apply(x, t, w, ignore_index, reduction, label_smoothing, z_loss, inplace)
         loss = (loss.reshape(target.shape) if reduction == "none" else loss).to(input.dtype)
     if return_lse:
         return loss, lse.detach().reshape(_target_shape(input))
@@ -168,7 +180,7 @@ def combine_row_losses(lse, x_t, w_t, valid, eps: float, z: float, n_classes: in
 
 
 def row_grad(x, safe_t, lse, w_t, w, scale, eps: float, z: float, *, probs=None, has_target=None,
-             n_classes=None, w_sum=None) -> torch.Tensor:
+             n_classes=None, w_sum=None, inplace: bool = False) -> torch.Tensor:
     """d(sum_i scale_i * loss_i) / dx for rows x (N, C): the cross_entropy_backward op (softmax
     recomputed from x and lse, the target's one-hot and the smoothing term subtracted, in one read
     of x and one write, in x's dtype). ``scale`` is 0 on ignored rows.
@@ -178,7 +190,8 @@ def row_grad(x, safe_t, lse, w_t, w, scale, eps: float, z: float, *, probs=None,
     For a shard of the classes (vocabulary-parallel): ``probs`` are the shard's probabilities
     under the whole row's state (in the accumulation dtype; the gradient is written into them),
     ``has_target`` says which rows' targets lie in the shard (at ``safe_t``), and
-    ``n_classes``/``w_sum`` are the whole vocabulary's C and W."""
+    ``n_classes``/``w_sum`` are the whole vocabulary's C and W. ``inplace``: the gradient is written
+    over x (contiguous) and x is returned."""
     n_classes = x.shape[1] if n_classes is None else n_classes
     if w_sum is None:
         w_sum = float(n_classes) if w is None else w.sum()
@@ -187,6 +200,12 @@ def row_grad(x, safe_t, lse, w_t, w, scale, eps: float, z: float, *, probs=None,
     smooth = (eps / n_classes) * scale if eps else None
     if probs is None:
         # The fused kernel: one read of x, one write of the gradient in x's dtype.
+        if inplace:
+            _ops.cross_entropy_backward_(x, lse, safe_t, coef_p, onehot, smooth, w if eps else None)
+            # The dispatcher does not count a custom op's write: count it, so that autograd refuses
+            # to use x in another node's backward rather than read the gradient as logits.
+            torch.autograd.graph.increment_version(x)
+            return x
         return _ops.cross_entropy_backward(x, lse, safe_t, coef_p, onehot, smooth, w if eps else None)
     g = probs.mul_(coef_p[:, None])
     if has_target is not None:
@@ -211,11 +230,11 @@ class _ClassTargetLoss(torch.autograd.Function):
     softmax from x and the saved lse."""
 
     @staticmethod
-    def forward(ctx, x, t, w, ignore_index, reduction, eps, z):
+    def forward(ctx, x, t, w, ignore_index, reduction, eps, z, inplace):
         loss, lse, w_t, valid, safe_t = row_losses(x, t, w, ignore_index, eps, z)
         out, denom = reduce_losses(loss, valid, w_t, reduction)
         ctx.save_for_backward(x, safe_t, valid, lse, w_t, w, denom)
-        ctx.reduction, ctx.eps, ctx.z = reduction, eps, z
+        ctx.reduction, ctx.eps, ctx.z, ctx.inplace = reduction, eps, z, inplace
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -223,11 +242,13 @@ class _ClassTargetLoss(torch.autograd.Function):
     def backward(ctx, grad, _grad_lse):
         x, safe_t, valid, lse, w_t, w, denom = ctx.saved_tensors
         if x.numel() == 0:
-            return torch.zeros_like(x), None, None, None, None, None, None
+            return torch.zeros_like(x), None, None, None, None, None, None, None
         scale = grad.to(lse.dtype).expand(lse.shape) / denom
         scale = torch.where(valid, scale, torch.zeros_like(scale))
-        g = row_grad(x, safe_t, lse, w_t, w, scale, ctx.eps, ctx.z)
-        return g.to(x.dtype), None, None, None, None, None, None
+        # Under torch.compile the backward graph may not write over a forward input: out of place.
+        inplace = ctx.inplace and not torch.compiler.is_compiling()
+        g = row_grad(x, safe_t, lse, w_t, w, scale, ctx.eps, ctx.z, inplace=inplace)
+        return g.to(x.dtype), None, None, None, None, None, None, None
 
 
 def _probability_targets(input, x, target, weight, reduction, eps, z, n_classes):

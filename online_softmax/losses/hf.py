@@ -26,7 +26,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     x = logits.reshape(-1, vocab_size)
     t = shift_labels.reshape(-1).to(x.device).long()
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss, _lse = _ClassTargetLoss.apply(x, t, None, ignore_index, reduction, 0.0, 0.0)
+    # Out of place: the model returns these logits to its caller, who may read them after backward.
+    loss, _lse = _ClassTargetLoss.apply(x, t, None, ignore_index, reduction, 0.0, 0.0, False)
     loss = loss.to(torch.promote_types(state_dtype(x.dtype), torch.float32))
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):

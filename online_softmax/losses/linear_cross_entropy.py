@@ -104,7 +104,8 @@ def _accumulate(h, weight, bias, t, cw, options, row_scale, grads):
         if row_scale is None:
             continue
         scale = torch.where(valid, row_scale(a, b), torch.zeros_like(lse))
-        g = row_grad(logits, safe_t, lse, w_t, cw, scale, eps, z)
+        # The chunk's logits are ours and not needed again: the gradient is written over them.
+        g = row_grad(logits, safe_t, lse, w_t, cw, scale, eps, z, inplace=True)
         del logits
         if cap_grad is not None:
             g.mul_(cap_grad)

@@ -11,12 +11,12 @@ from .linear_cross_entropy import linear_cross_entropy
 
 class CrossEntropyLoss(nn.Module):
     """``nn.CrossEntropyLoss(weight, ignore_index=, reduction=, label_smoothing=)`` computed with
-    :func:`online_softmax.losses.cross_entropy`, plus its ``z_loss`` and ``softcap``. The class
-    weights are a buffer, as in torch."""
+    :func:`online_softmax.losses.cross_entropy`, plus its ``z_loss``, ``softcap`` and
+    ``inplace_backward``. The class weights are a buffer, as in torch."""
 
     def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
-                 softcap: Optional[float] = None):
+                 softcap: Optional[float] = None, inplace_backward: bool = False):
         super().__init__()
         if size_average is not None or reduce is not None:
             from torch.nn import _reduction
@@ -24,11 +24,12 @@ class CrossEntropyLoss(nn.Module):
             reduction = _reduction.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap = z_loss, softcap
+        self.z_loss, self.softcap, self.inplace_backward = z_loss, softcap, inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
+                             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                             inplace_backward=self.inplace_backward)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -353,13 +353,14 @@ class HostKernels:
         return ratio, status
 
     def cross_entropy_backward(self, x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None,
-                               limits=Limits(), return_error=False):
+                               limits=Limits(), return_error=False, in_place=False):
         """Rows of a contiguous 2-d x (a view into a larger storage keeps its offset, so rows may start
         off a 16-byte boundary); the per-row vectors and weight contiguous, in the accumulation dtype.
-        With return_error, returns (out, error flag): the flag is 1 when a target was out of range."""
+        With return_error, returns (out, error flag): the flag is 1 when a target was out of range.
+        in_place: out is x itself (cross_entropy_backward_), overwritten."""
         assert x.dim() == 2 and x.is_contiguous()
         rows, n = x.shape
-        out = _poison(torch.empty_like(x))
+        out = x if in_place else _poison(torch.empty_like(x))
         error = torch.zeros(1, dtype=torch.int32)
         self._check(self.lib.osm_host_cross_entropy_backward(DTYPE_CODES[x.dtype], _ptr(x), _ptr(lse), _ptr(target),
                                                              _ptr(p_scale), _ptr(target_scale), _ptr(smooth_scale),

@@ -147,3 +147,22 @@ def test_empty_shapes_launch_nothing(hk):
         assert out.shape == (rows, n)
         assert hk.launches() == []
         assert plan_for("cross_entropy_backward", (rows, n), torch.float32, Limits()).path == "nothing"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,limits,kernel", [(77, Limits(), ROWS_KERNEL), (40000, Limits(num_sms=1), CHUNKS_KERNEL),
+                                             (9000, Limits(num_sms=8), CHUNKS_KERNEL)])
+def test_in_place_equals_out_of_place(hk, dtype, n, limits, kernel):
+    """out = x (the in-place op): every element is read before it is written, in both kernels,
+    aligned and not, so the gradient is the out-of-place one bit for bit, the targets' included."""
+    for offset in (0, 1):
+        args = cross_entropy_case(5, n, dtype, seed=n + offset, offset=offset, smooth=True, weight=True)
+        want = run(hk, args, limits=limits, expect=kernel)
+        x = args["x"]
+        hk.launches()
+        got = hk.cross_entropy_backward(**args, limits=limits, in_place=True)
+        assert got.data_ptr() == x.data_ptr()
+        assert_ran(hk, plan_for("cross_entropy_backward", tuple(x.shape), x.dtype, limits), kernel)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        same = ~torch.isnan(want)
+        assert torch.equal(got[same], want[same]), f"in place differs {dtype} n={n} offset {offset}"

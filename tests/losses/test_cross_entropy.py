@@ -222,3 +222,94 @@ def test_half_logits_never_make_a_float32_copy_of_the_logits(dtype):
     t = torch.randint(0, 300, (16,), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(osm.cross_entropy(x, t).float(), F.cross_entropy(x.float(), t),
                                rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+INPLACE_OPTIONS = [dict(), dict(weight=True, label_smoothing=0.2), dict(ignore_index=2, reduction="sum"),
+                   dict(reduction="none", z_loss=1e-3), dict(label_smoothing=0.1, ignore_index=0, reduction="none")]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("options", INPLACE_OPTIONS)
+@pytest.mark.parametrize("shape", [(9, 37), (37,)])
+def test_inplace_backward_writes_the_gradient_over_the_logits(dtype, options, shape):
+    """inplace_backward=True gives the out-of-place gradient, bit for bit, in the logits' own storage."""
+    options = dict(options)
+    classes = shape[-1]
+    weight = torch.rand(classes, generator=torch.Generator().manual_seed(1)) if options.pop("weight", False) else None
+    x = random_logits(shape, dtype, seed=4)
+    t = torch.randint(0, classes, shape[:-1], generator=torch.Generator().manual_seed(2))
+    if t.dim():
+        t[1] = 2
+    upstream = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(3)).to(dtype) \
+        if options.get("reduction") == "none" else torch.tensor(0.75, dtype=dtype)
+
+    def gradient(inplace):
+        leaf = x.clone().requires_grad_()
+        logits = leaf * 1  # a non-leaf, as a model's head makes it
+        seen = {}
+        logits.register_hook(lambda g: seen.setdefault("grad", g))
+        loss = osm.cross_entropy(logits, t, weight, inplace_backward=inplace, **options)
+        loss.backward(upstream)
+        return seen["grad"], logits
+
+    want, _ = gradient(False)
+    got, logits = gradient(True)
+    assert torch.equal(got, want)
+    assert got.data_ptr() == logits.data_ptr() and torch.equal(logits.detach(), want)
+
+
+def test_inplace_backward_falls_back_where_it_cannot_write_in_place():
+    """Class dim not last, a softcap: the gradient is still right, and the logits keep their values."""
+    x = random_logits((3, 11, 4), torch.float64, seed=5)
+    t = torch.randint(0, 11, (3, 4), generator=torch.Generator().manual_seed(0))
+    for kw, z in ((dict(), x), (dict(softcap=3.0), x[:, :, 0])):
+        tz = t if z.dim() == 3 else t[:, 0]
+        leaf = z.clone().requires_grad_()
+        osm.cross_entropy(leaf, tz, inplace_backward=True, **kw).backward()
+        ref = z.clone().requires_grad_()
+        osm.cross_entropy(ref, tz, **kw).backward()
+        assert torch.equal(leaf.grad, ref.grad) and torch.equal(leaf.detach(), z)
+
+
+def test_inplace_backward_refuses_logits_another_node_needs():
+    """A node that saved the logits for its own backward must not read the gradient as logits:
+    autograd sees the write and raises."""
+    x = random_logits((5, 13), torch.float32).requires_grad_()
+    t = torch.randint(0, 13, (5,), generator=torch.Generator().manual_seed(0))
+    logits = x * 1
+    other = (logits * logits).sum()  # saves logits; its backward runs after the loss's
+    loss = osm.cross_entropy(logits, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+
+
+def test_inplace_backward_under_torch_compile():
+    x = random_logits((8, 50), torch.float32)
+    t = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(0))
+
+    def f(z):
+        return osm.cross_entropy(z * 1, t, label_smoothing=0.1, inplace_backward=True)
+
+    leaf = x.clone().requires_grad_()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled(leaf).backward()
+    ref = x.clone().requires_grad_()
+    osm.cross_entropy(ref, t, label_smoothing=0.1).backward()
+    torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+def test_inplace_op_checks_its_arguments():
+    x = random_logits((4, 10), torch.float32)
+    m, d = torch.ops.online_softmax.stats(x, 1)
+    args = (m + d.log(), torch.tensor([0, 1, 2, 3]), torch.ones(4), torch.ones(4))
+    with pytest.raises(ValueError, match="x must be contiguous to receive its gradient in place"):
+        torch.ops.online_softmax.cross_entropy_backward_(x.t().contiguous().t(), *args)
+    with pytest.raises(TypeError, match="inplace_backward must be a bool"):
+        osm.cross_entropy(x, args[1], inplace_backward=1)
+    module = osm.CrossEntropyLoss(inplace_backward=True)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1
+    module(logits, args[1]).backward()
+    ref = x.clone().requires_grad_()
+    F.cross_entropy(ref, args[1]).backward()
+    torch.testing.assert_close(leaf.grad, ref.grad)

@@ -119,6 +119,10 @@ def test_cross_entropy_kernel_under_each_capability(capability, dtype):
             assert out.dtype == dtype
             tol = {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, torch.finfo(dtype).eps)
             torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol, equal_nan=True)
+            # The in-place op writes the same bits over x (the target's logit is read first).
+            over = x.clone()
+            torch.ops.online_softmax.cross_entropy_backward_(over, lse, t, ps, ts, smooth, weight)
+            assert torch.equal(over.isnan(), out.isnan()) and torch.equal(over[~out.isnan()], out[~out.isnan()])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

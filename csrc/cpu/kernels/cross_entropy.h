@@ -1,7 +1,8 @@
 // CPU kernel of cross_entropy_backward: the gradient of a cross-entropy loss with respect to its
 // logits, one read of each row and one write,
 //   out[c] = p_scale * exp(x[c] - lse) - [c == target] * target_scale - smooth_scale * weight[c].
-// Rows are independent: they are spread over threads; each row is one vector loop.
+// Rows are independent: they are spread over threads; each row is one vector loop. out may be x
+// itself: every element is read before it is written.
 // Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
 #pragma once
 
@@ -37,6 +38,7 @@ void cross_entropy_backward_kernel(const CrossEntropyBackwardCall& c) {
       const T* xr = x + r * n;
       T* outr = out + r * n;
       const A m = lse[r], ps = p_scale[r], sm = smooth != nullptr ? smooth[r] : A(0);
+      const A xt = static_cast<A>(xr[t]);  // before the loop: out may be x itself (the in-place op)
       const V vm(m), vps(ps), vsm(sm);
       auto grad = [&](V v, int64_t i) {
         V g = vexp_keep_nan(v - vm) * vps;
@@ -55,7 +57,7 @@ void cross_entropy_backward_kernel(const CrossEntropyBackwardCall& c) {
         outr[i] = static_cast<T>(g);
       }
       // The one-hot, from the same terms as the loop so that the target's gradient rounds once.
-      A gt = std::exp(static_cast<A>(xr[t]) - m) * ps - target_scale[r];
+      A gt = std::exp(xt - m) * ps - target_scale[r];
       if (smooth != nullptr) gt -= (weight != nullptr ? weight[t] : A(1)) * sm;
       outr[t] = static_cast<T>(gt);
     }

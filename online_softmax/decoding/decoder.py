@@ -241,6 +241,7 @@ class Beams:
         self.improvable = torch.ones(self.batch, 1, dtype=torch.bool, device=dev)
         self.top_mask = torch.arange(self.keep, device=dev) < nb
         self.hits = None
+        self.any_finished = False  # whether any hypothesis has finished yet (keep_going's shortcut)
 
     def running_sequences(self) -> torch.Tensor:
         return self.running[:, :, :self.cur_len].reshape(self.batch * self.nb, self.cur_len)
@@ -280,6 +281,7 @@ class Beams:
         # (score -1e9, not finished, never returned), so it is skipped: a dozen ops a step.
         if not bool(just_done.any()):
             return
+        self.any_finished = True
         gen_len = self.cur_len + 1 - self.prompt
         done_scores = step.scores / float(gen_len) ** self.length_penalty
         full = self.is_finished.all(-1, keepdim=True) & (self.early_stopping is True)
@@ -301,6 +303,10 @@ class Beams:
         else:
             best_len = self.cur_len - self.prompt
         best_possible = self.running_scores[:, :1] / float(best_len) ** self.length_penalty
+        if not self.any_finished:
+            # No finished hypothesis: every slot's worst is -1e9 and no entry is full.
+            self.improvable = self.improvable & (best_possible > self.NEG)
+            return bool(self.improvable.any()) and not bool(self.hits.all())
         worst_done = torch.where(self.is_finished, self.finished_scores.min(1, keepdim=True)[0],
                                  torch.full_like(best_possible, self.NEG))
         self.improvable = self.improvable & (best_possible > worst_done).any(-1, keepdim=True)

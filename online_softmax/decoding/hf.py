@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from .._checks import fail
-from .beam_search import BeamStep, beam_search_step
+from .beam_search import BeamStep
 from .decoder import Beams
 from .rules import DecodingRules
 from .sampling import sample
@@ -266,9 +266,11 @@ def _beam_search(run: _Run, input_ids, processors, stopping_criteria):
 
 def _fused_step(logits, beams: Beams, rules: DecodingRules, flat) -> BeamStep:
     edits = rules.edits(flat, beams.prompt, beams.max_length)
-    return beam_search_step(logits, beams.running_scores, beams.nb, num_candidates=beams.keep,
-                            banned_tokens=edits.banned(), penalized_tokens=edits.penalized,
-                            repetition_penalty=rules.penalty)
+    # The op itself, without beam_search_step's argument checks: every argument here is this
+    # loop's own (the op still checks the token lists), and each Python call counts at 64 steps.
+    return BeamStep(*torch.ops.online_softmax.beam_search_step(
+        logits, beams.running_scores, beams.nb, beams.keep, 1.0, edits.banned(), edits.penalized,
+        float(rules.penalty)))
 
 
 def _dense_step(run: _Run, logits, beams: Beams, processors, flat) -> BeamStep:

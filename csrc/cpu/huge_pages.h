@@ -7,6 +7,8 @@
 // behind THP_MEM_ALLOC_ENABLE=1; this does it only for the outputs of these ops.
 // Only blocks of 32 MiB and more: glibc serves smaller ones from recycled heap memory, where the
 // pages are already mapped and the advice only costs. ONLINE_SOFTMAX_HUGE_PAGES=0 turns it off.
+// The cross-entropy gradient does without it: in a training step it follows the frees of other
+// logits-sized buffers, and the advice then often stalled in compaction (csrc/cpu/cross_entropy.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

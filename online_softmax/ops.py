@@ -1,4 +1,4 @@
-"""Fake (meta) kernels and autograd for every op in csrc/ops.cpp.
+"""Fake (meta) kernels for every op in csrc/ops.cpp, and autograd for all but forward (in C++).
 
 Fake kernels give torch.compile the output shapes and dtypes and raise the same exceptions as the
 C++ checks (csrc/common/checks.h); the backward formulas call the backward ops, so autograd and
@@ -38,21 +38,8 @@ def _backward_fake(grad_out, out, dim, log=False, temperature=1.0, input_dtype=N
     return out.new_empty(out.shape, dtype=input_dtype if input_dtype is not None else out.dtype)
 
 
-def _forward_setup_context(ctx, inputs, output):
-    x, dim = inputs[0], inputs[1]
-    log, temperature = _defaults(inputs, 2, False), _defaults(inputs, 3, 1.0)
-    ctx.save_for_backward(output)
-    ctx.dim, ctx.log, ctx.temperature, ctx.input_dtype = dim, log, temperature, x.dtype
-
-
-def _forward_backward(ctx, grad):
-    (out,) = ctx.saved_tensors
-    dx = _ops.backward(grad, out, ctx.dim, ctx.log, ctx.temperature, ctx.input_dtype)
-    return dx, None, None, None, None
-
-
-torch.library.register_autograd("online_softmax::forward", _forward_backward,
-                                setup_context=_forward_setup_context)
+# forward's autograd is in C++ (csrc/common/forward_autograd.cpp): its Python layer cost more than
+# the op on small tensors. It saves the output and calls the backward op, whose autograd is below.
 
 
 def _backward_setup_context(ctx, inputs, output):

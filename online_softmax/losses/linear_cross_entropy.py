@@ -18,13 +18,14 @@ from .._checks import state_dtype
 from .cross_entropy import check_class_indices, loss_options, reduce_losses, row_grad, row_losses
 
 _OP = "linear_cross_entropy"
-# The default chunk: 1/24 of the tokens (so the chunk's logits are about 4% of the whole logits),
+# The default chunk: 1/28 of the tokens (so the chunk's logits are under 4% of the whole logits),
 # at least MIN_CHUNK_TOKENS tokens, and at least DEFAULT_CHUNK_ELEMENTS logits for small
 # vocabularies. Every chunk reads the whole head twice and reads and writes the whole grad_weight
 # once, whatever its size, so thin chunks are memory-bound: on a 2-core Zen 4, 4096 x 1024 x 32000
-# float32 took 9.9 s in 32-token chunks (the old default of 2**20 logits) and 5.1 s in 171-token
-# ones, against 5.0 s unfused; bfloat16 3.6 s and 2.2 s, against 2.4 s.
-CHUNKS = 24
+# float32 took 9.9 s in 32-token chunks (the old default of 2**20 logits), 5.3 s in 147-token ones
+# (1/28) and 5.0 s in 171-token ones, against 5.0 s unfused; bfloat16 3.6 s and 2.2 s (171), against
+# 2.4 s.
+CHUNKS = 28
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_TOKENS = 128
 
@@ -36,7 +37,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                          chunk_size: Optional[int] = None):
     """``cross_entropy(linear(hidden, weight, bias), target, ...)`` for ``hidden`` (..., H),
     ``weight`` (V, H), ``bias`` (V,) and class-index ``target`` (...), computed ``chunk_size``
-    tokens at a time (default: 1/24 of the tokens, at least 128 and at least 2**20 logits) so that no
+    tokens at a time (default: 1/28 of the tokens, at least 128 and at least 2**20 logits) so that no
     (tokens, V) tensor exists.
 
     The options are :func:`online_softmax.losses.cross_entropy`'s, with the class weights named

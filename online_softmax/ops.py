@@ -1,4 +1,5 @@
-"""Fake (meta) kernels for every op in csrc/ops.cpp, and autograd for all but forward (in C++).
+"""Fake (meta) kernels for every op in csrc/ops.cpp, and autograd for all but forward and backward
+(in C++, csrc/common/softmax_autograd.cpp).
 
 Fake kernels give torch.compile the output shapes and dtypes and raise the same exceptions as the
 C++ checks (csrc/common/checks.h); the backward formulas call the backward ops, so autograd and
@@ -38,41 +39,8 @@ def _backward_fake(grad_out, out, dim, log=False, temperature=1.0, input_dtype=N
     return out.new_empty(out.shape, dtype=input_dtype if input_dtype is not None else out.dtype)
 
 
-# forward's autograd is in C++ (csrc/common/forward_autograd.cpp): its Python layer cost more than
-# the op on small tensors. It saves the output and calls the backward op, whose autograd is below.
-
-
-def _backward_setup_context(ctx, inputs, output):
-    grad_out, out, dim = inputs[0], inputs[1], inputs[2]
-    ctx.save_for_backward(grad_out, out)
-    ctx.dim, ctx.log, ctx.temperature = dim, _defaults(inputs, 3, False), _defaults(inputs, 4, 1.0)
-
-
-def _backward_backward(ctx, h):
-    # Double backward, in plain (differentiable) torch ops. With s = 1 / t, g = grad_out, y = out:
-    #   softmax: dx = s y (g - sum(g y))   ->  dg = s y (h - sum(h y)),  dy = s (h (g - sum(g y)) - g sum(h y))
-    #   log:     dx = s (g - e^y sum(g))   ->  dg = s (h - sum(h e^y)),  dy = -s h e^y sum(g)
-    g, y = ctx.saved_tensors
-    scalar = y.dim() == 0
-    acc = state_dtype(y.dtype)
-    ga, ya, ha = (t.to(acc).reshape(1) if scalar else t.to(acc) for t in (g, y, h))
-    dim = 0 if scalar else wrap_dim(ctx.dim, y, "backward")
-    s = 1.0 / ctx.temperature
-    if ctx.log:
-        e = torch.exp(ya)
-        dg = s * (ha - (ha * e).sum(dim, keepdim=True))
-        dy = -s * ha * e * ga.sum(dim, keepdim=True)
-    else:
-        hy = (ha * ya).sum(dim, keepdim=True)
-        dg = s * ya * (ha - hy)
-        dy = s * (ha * (ga - (ga * ya).sum(dim, keepdim=True)) - ga * hy)
-    if scalar:
-        dg, dy = dg.reshape(()), dy.reshape(())
-    return dg.to(g.dtype), dy.to(y.dtype), None, None, None, None
-
-
-torch.library.register_autograd("online_softmax::backward", _backward_backward,
-                                setup_context=_backward_setup_context)
+# forward's and backward's autograd are in C++ (csrc/common/softmax_autograd.cpp): their Python
+# layer cost more than a small op, and tens of microseconds on large ones.
 
 
 # ---- stats ----

@@ -28,6 +28,11 @@ TORCH_LIBRARY(online_softmax, m) {
   // log-probabilities: penalized_tokens (rows, n) get lp * repetition_penalty where lp < 0, else
   // lp / repetition_penalty; banned_tokens (rows, n) get -inf; -1 entries pad the lists.
   m.def("beam_search_step(Tensor logits, Tensor beam_scores, int num_beams, int num_candidates, float temperature=1.0, Tensor? banned_tokens=None, Tensor? penalized_tokens=None, float repetition_penalty=1.0) -> (Tensor scores, Tensor token_ids, Tensor beam_ids)");
+  // no_repeat_ngram_size's bans (transformers' NoRepeatNGramLogitsProcessor) for the next token of
+  // each row of sequences (rows, length) int64: out[r, j] = sequences[r, j + n - 1] where
+  // sequences[r, j : j + n - 1] equals the row's last n - 1 tokens, else -1; shape (rows,
+  // max(length - n + 1, 0)), a banned_tokens list for beam_search_step.
+  m.def("ngram_banned_tokens(Tensor sequences, int n) -> Tensor");
   // One draw per uniform from softmax(x / temperature) of each row of x (rows, vocab), restricted
   // to the tokens with (x - max) / temperature >= min_log_ratio (p >= exp(min_log_ratio) p_max:
   // log(min_p) for min-p, top_p_threshold's cut for top-p): the first token whose cumulative

@@ -144,6 +144,18 @@ torch.library.register_autograd("online_softmax::softmax_topk_backward", _topk_b
 
 # ---- beam-search step ----
 
+@torch.library.register_fake("online_softmax::ngram_banned_tokens")
+def _ngram_banned_tokens_fake(sequences, n):
+    op = "ngram_banned_tokens"
+    if sequences.dtype != torch.int64:
+        raise checks.fail(op, f"sequences must be an int64 tensor, got {sequences.dtype}", TypeError)
+    if sequences.dim() != 2:
+        raise checks.fail(op, f"sequences must be 2-D (rows, length), got shape {list(sequences.shape)}")
+    if n < 1:
+        raise checks.fail(op, f"n must be >= 1, got {n}")
+    return sequences.new_empty((sequences.shape[0], max(sequences.shape[1] - n + 1, 0)))
+
+
 @torch.library.register_fake("online_softmax::beam_search_step")
 def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, temperature=1.0, banned_tokens=None,
                            penalized_tokens=None, repetition_penalty=1.0):

@@ -6,6 +6,7 @@
 //   top_p_threshold           csrc/cpu/sample.cpp
 //   cross_entropy_backward(_) csrc/cpu/cross_entropy.cpp
 //   beam_search_step          csrc/cpu/beam_search_step.cpp (other backends: csrc/common/)
+//   ngram_banned_tokens       csrc/cpu/ngram_banned_tokens.cpp (other backends: csrc/common/)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -46,6 +47,8 @@ at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& lse, co
 void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
                              const at::Tensor& p_scale, const at::Tensor& target_scale,
                              const std::optional<at::Tensor>& smooth_scale, const std::optional<at::Tensor>& weight);
+
+at::Tensor ngram_banned_tokens(const at::Tensor& sequences, int64_t n);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_search_step(
     const at::Tensor& logits, const at::Tensor& beam_scores, int64_t num_beams, int64_t num_candidates,

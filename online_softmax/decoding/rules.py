@@ -45,7 +45,14 @@ class StepEdits(NamedTuple):
 
     def banned(self) -> Optional[torch.Tensor]:
         parts = [t for t in (self.banned_early, self.banned_late) if t is not None]
-        return torch.cat(parts, 1) if parts else None
+        return _joined(parts)
+
+
+def _joined(parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The token lists side by side (None for none; one list as it is: a cat costs an op a step)."""
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _token_list(value, name: str) -> List[int]:
@@ -136,9 +143,7 @@ class DecodingRules:
         n = self.ngram
         if n and cur_len >= n:
             # Every n-gram seen so far whose first n - 1 tokens are the row's last n - 1 bans its last.
-            windows = seqs.unfold(1, n, 1)
-            match = (windows[:, :, :n - 1] == seqs[:, None, cur_len - n + 1:]).all(-1)
-            early.append(torch.where(match, windows[:, :, -1], -1))
+            early.append(torch.ops.online_softmax.ngram_banned_tokens(seqs, n))
         if self.single_bad:
             early.append(column([w[0] for w in self.single_bad]))
         for w in self.multi_bad:
@@ -163,7 +168,7 @@ class DecodingRules:
             if pad_lengths is not None:
                 positions = torch.arange(cur_len, device=dev)
                 penalized = seqs.masked_fill(positions[None, :] < pad_lengths[:, None], -1)
-        return StepEdits(torch.cat(early, 1) if early else None, torch.cat(late, 1) if late else None, penalized,
+        return StepEdits(_joined(early), _joined(late), penalized,
                          bool(self.forced_eos) and cur_len == max_length - 1)
 
     def dense(self, seqs: torch.Tensor, scores: torch.Tensor, edits: StepEdits) -> torch.Tensor:

@@ -10,7 +10,8 @@ For each shape (softmax over the last dim):
   nanoseconds, is included there);
 - with 1 thread and with all of torch's threads: "threading" is the 1-thread time over the
   all-thread time (2.0 on two cores is perfect scaling);
-- call: the op from Python as the library benchmark calls it (ours: torch.ops.online_softmax.backward;
+- call: the op from Python as the library benchmark calls it, the two in interleaved rounds
+  (online_softmax.bench.median_times; ours: torch.ops.online_softmax.backward;
   torch: torch._softmax_backward_data), which adds Python, the dispatcher, argument checks and dx's
   allocation: "call cost" is call minus kernel.
 
@@ -21,13 +22,12 @@ against the installed online_softmax._C.
 import argparse
 import os
 import statistics
-import time
 
 import torch
 from torch.utils.cpp_extension import load_inline
 
 import online_softmax
-from online_softmax.bench import machine_info, machine_line
+from online_softmax.bench import machine_info, machine_line, median_times
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,17 +81,6 @@ def compiled():
                        extra_cflags=["-O2"], verbose=False)
 
 
-def python_call_ns(fn, seconds=0.5):
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 15 or time.perf_counter() - start < seconds:
-        a = time.perf_counter_ns()
-        fn()
-        times.append(time.perf_counter_ns() - a)
-    return statistics.median(times)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1024x1024,64x32768,4x262144")
@@ -127,8 +116,9 @@ def main(argv=None):
             kernel[t] = tuple(statistics.median(p[i] for p in pairs) for i in (0, 1))
         torch.set_num_threads(threads)
         ops = torch.ops.online_softmax
-        call = (python_call_ns(lambda: ops.backward(dy, y, -1, False, 1.0, None)),
-                python_call_ns(lambda: torch._softmax_backward_data(dy, y, -1, y.dtype)))
+        calls = median_times({"ours": lambda: ops.backward(dy, y, -1, False, 1.0, None),
+                              "torch": lambda: torch._softmax_backward_data(dy, y, -1, y.dtype)}, torch.device("cpu"))
+        call = (calls["ours"] * 1e9, calls["torch"] * 1e9)
         k, k1 = kernel[threads], kernel[1]
         us = [v / 1e3 for v in (*k, *k1, *call)]
         print(f"| {shape} | {us[0]:.1f} / {us[1]:.1f} us | {us[2]:.1f} / {us[3]:.1f} us | "

@@ -124,6 +124,9 @@ std::tuple<Tensor, Tensor, Tensor> fused_step(const Tensor& logits, const Tensor
   const Tensor scores_in = beam_scores.contiguous();
   const T* bs = scores_in.const_data_ptr<T>();
   const T penalty = static_cast<T>(repetition_penalty);
+  T* scores_out = out_scores.mutable_data_ptr<T>();
+  int64_t* tokens_out = out_tokens.mutable_data_ptr<int64_t>();
+  int64_t* beams_out = out_beams.mutable_data_ptr<int64_t>();
   std::vector<Candidate<T>> row, entry;
   for (int64_t b = 0; b < batch; ++b) {
     entry.clear();
@@ -151,9 +154,9 @@ std::tuple<Tensor, Tensor, Tensor> fused_step(const Tensor& logits, const Tensor
     // num_candidates <= num_beams * vocab and every row lists its best min(k, vocab) tokens.
     TORCH_INTERNAL_ASSERT(static_cast<int64_t>(entry.size()) == num_candidates);
     for (int64_t j = 0; j < num_candidates; ++j) {
-      out_scores.mutable_data_ptr<T>()[b * num_candidates + j] = entry[j].score;
-      out_tokens.mutable_data_ptr<int64_t>()[b * num_candidates + j] = entry[j].index % vocab;
-      out_beams.mutable_data_ptr<int64_t>()[b * num_candidates + j] = entry[j].index / vocab;
+      scores_out[b * num_candidates + j] = entry[j].score;
+      tokens_out[b * num_candidates + j] = entry[j].index % vocab;
+      beams_out[b * num_candidates + j] = entry[j].index / vocab;
     }
   }
   return {out_scores, out_tokens, out_beams};

@@ -33,6 +33,19 @@ TORCH_LIBRARY(online_softmax, m) {
   // sequences[r, j : j + n - 1] equals the row's last n - 1 tokens, else -1; shape (rows,
   // max(length - n + 1, 0)), a banned_tokens list for beam_search_step.
   m.def("ngram_banned_tokens(Tensor sequences, int n) -> Tensor");
+  // Beam search's bookkeeping after one step, as transformers' vectorized beam search (5.x) keeps it,
+  // on fixed-size state: running and finished sequences (batch, num_beams, max_length) int64, their
+  // scores (batch, num_beams) and flat beam indices (batch, num_beams, max_length - prompt_len) int32
+  // (-1 past the end), is_finished (batch, num_beams) and improvable (batch, 1) bool. The step's
+  // candidates (batch, keep, max_length) carry their new token at cur_len; candidate_scores,
+  // candidate_beams (the beam each continues) and stopped (the caller's stopping criteria) are
+  // (batch, keep). The best num_beams candidates that did not stop run on; those among the top
+  // num_beams that stopped join the finished hypotheses with score / (cur_len + 1 -
+  // prompt_len) ** length_penalty (scores are -1e9-offset where a slot takes no part);
+  // early_stopping is 0, 1 or 2 for False, True and "never". Returns the new state, the flat
+  // (batch * num_beams,) int64 beam each new running row continues (for the model's cache), and
+  // keep_going, a 0-d bool: whether any entry can still change. Selections are torch.topk's.
+  m.def("beam_search_advance(Tensor running, Tensor running_scores, Tensor running_beam_indices, Tensor finished, Tensor finished_scores, Tensor finished_beam_indices, Tensor is_finished, Tensor improvable, Tensor candidates, Tensor candidate_scores, Tensor candidate_beams, Tensor stopped, int cur_len, int prompt_len, float length_penalty, int early_stopping) -> (Tensor running, Tensor running_scores, Tensor running_beam_indices, Tensor finished, Tensor finished_scores, Tensor finished_beam_indices, Tensor is_finished, Tensor improvable, Tensor beam_idx, Tensor keep_going)");
   // One draw per uniform from softmax(x / temperature) of each row of x (rows, vocab), restricted
   // to the tokens with (x - max) / temperature >= min_log_ratio (p >= exp(min_log_ratio) p_max:
   // log(min_p) for min-p, top_p_threshold's cut for top-p): the first token whose cumulative

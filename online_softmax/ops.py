@@ -156,6 +156,21 @@ def _ngram_banned_tokens_fake(sequences, n):
     return sequences.new_empty((sequences.shape[0], max(sequences.shape[1] - n + 1, 0)))
 
 
+@torch.library.register_fake("online_softmax::beam_search_advance")
+def _beam_search_advance_fake(running, running_scores, running_beam_indices, finished, finished_scores,
+                              finished_beam_indices, is_finished, improvable, candidates, candidate_scores,
+                              candidate_beams, stopped, cur_len, prompt_len, length_penalty, early_stopping):
+    op = "beam_search_advance"
+    if running.dim() != 3 or candidates.dim() != 3:
+        raise checks.fail(op, "running and candidates must be (batch, beams or keep, max_length)")
+    if early_stopping not in (0, 1, 2):
+        raise checks.fail(op, f"early_stopping must be 0 (False), 1 (True) or 2 ('never'), got {early_stopping}")
+    state = (running, running_scores, running_beam_indices, finished, finished_scores, finished_beam_indices,
+             is_finished, improvable)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in state) + (
+        running.new_empty((running.shape[0] * running.shape[1],)), is_finished.new_empty(()))
+
+
 @torch.library.register_fake("online_softmax::beam_search_step")
 def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, temperature=1.0, banned_tokens=None,
                            penalized_tokens=None, repetition_penalty=1.0):

@@ -144,3 +144,39 @@ def tiny_gpt2(seed, vocab=VOCAB):
     with torch.no_grad():  # make EOS likely enough that hypotheses finish early
         model.transformer.wte.weight[EOS] *= 4
     return model
+
+
+def beam_state(batch, nb, prompt, max_length, *, dtype=torch.float32, device="cpu", seed=0):
+    """A fresh beam-search state as Beams keeps it (the first 8 arguments of beam_search_advance)."""
+    g = torch.Generator().manual_seed(seed)
+    running = torch.full((batch, nb, max_length), 7, dtype=torch.int64)
+    running[:, :, :prompt] = torch.randint(0, 50, (batch, 1, prompt), generator=g)
+    idx = torch.full((batch, nb, max_length - prompt), -1, dtype=torch.int32)
+    scores = torch.zeros(batch, nb, dtype=dtype)
+    scores[:, 1:] = -1e9
+    state = (running, scores, idx, running.clone(), torch.full((batch, nb), -1e9, dtype=dtype), idx.clone(),
+             torch.zeros(batch, nb, dtype=torch.bool), torch.ones(batch, 1, dtype=torch.bool))
+    return tuple(t.to(device) for t in state)
+
+
+def beam_step_inputs(state, keep, cur_len, *, stop_prob=0.2, ties=False, seed=0):
+    """One step's candidates for ``state``, as beam_search_step and the stopping criteria make them:
+    scores sorted descending (equal ones among them with ``ties``), the beams they continue, the
+    candidate sequences with their new token at cur_len, and which of them stop."""
+    running, running_scores = state[0], state[1]
+    batch, nb, _ = running.shape
+    g = torch.Generator().manual_seed(seed)
+    scores = (running_scores.double().cpu().max(1, keepdim=True)[0] - torch.rand(batch, keep, generator=g,
+              dtype=torch.float64) * 3).to(running_scores.dtype)
+    if ties:
+        scores = (scores * 2).round() / 2  # halves: several candidates share a score
+    scores = scores.sort(1, descending=True)[0]
+    beams = torch.randint(0, nb, (batch, keep), generator=g)
+    tokens = torch.randint(0, 50, (batch, keep), generator=g)
+    stopped = torch.rand(batch, keep, generator=g) < stop_prob
+    if cur_len + 1 >= running.shape[2]:
+        stopped[:] = True  # the max-length criterion
+    dev = running.device
+    cand = torch.take_along_dim(running, beams.to(dev)[:, :, None], 1)
+    cand[:, :, cur_len] = tokens.to(dev)
+    return cand, scores.to(dev), beams.to(dev), stopped.to(dev)

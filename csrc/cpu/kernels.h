@@ -7,6 +7,7 @@
 //   cross_entropy_backward(_) csrc/cpu/cross_entropy.cpp
 //   beam_search_step          csrc/cpu/beam_search_step.cpp (other backends: csrc/common/)
 //   ngram_banned_tokens       csrc/cpu/ngram_banned_tokens.cpp (other backends: csrc/common/)
+//   beam_search_advance       csrc/cpu/beam_search_advance.cpp (other backends: csrc/common/)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,6 +50,15 @@ void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& lse, const a
                              const std::optional<at::Tensor>& smooth_scale, const std::optional<at::Tensor>& weight);
 
 at::Tensor ngram_banned_tokens(const at::Tensor& sequences, int64_t n);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+beam_search_advance(const at::Tensor& running, const at::Tensor& running_scores, const at::Tensor& running_beam_indices,
+                    const at::Tensor& finished, const at::Tensor& finished_scores,
+                    const at::Tensor& finished_beam_indices, const at::Tensor& is_finished,
+                    const at::Tensor& improvable, const at::Tensor& candidates, const at::Tensor& candidate_scores,
+                    const at::Tensor& candidate_beams, const at::Tensor& stopped, int64_t cur_len,
+                    int64_t prompt_len, double length_penalty, int64_t early_stopping);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_search_step(
     const at::Tensor& logits, const at::Tensor& beam_scores, int64_t num_beams, int64_t num_candidates,

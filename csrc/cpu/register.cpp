@@ -15,4 +15,5 @@ TORCH_LIBRARY_IMPL(online_softmax, CPU, m) {
   m.impl("cross_entropy_backward_", &online_softmax::cpu::cross_entropy_backward_);
   m.impl("beam_search_step", &online_softmax::cpu::beam_search_step);
   m.impl("ngram_banned_tokens", &online_softmax::cpu::ngram_banned_tokens);
+  m.impl("beam_search_advance", &online_softmax::cpu::beam_search_advance);
 }

@@ -234,14 +234,14 @@ class Beams:
         # beam_indices, and the generated lengths.
         self.running_idx = torch.full((self.batch, nb, max_length - self.prompt), -1, dtype=torch.int32, device=dev)
         self.finished_idx = self.running_idx.clone()
-        self.running_scores = torch.zeros(self.batch, nb, device=dev)
+        self.running_scores = torch.zeros(self.batch, nb, dtype=torch.float32, device=dev)
         self.running_scores[:, 1:] = self.NEG  # the first step expands one beam per entry
-        self.finished_scores = torch.full((self.batch, nb), self.NEG, device=dev)
+        self.finished_scores = torch.full((self.batch, nb), self.NEG, dtype=torch.float32, device=dev)
         self.is_finished = torch.zeros(self.batch, nb, dtype=torch.bool, device=dev)
         self.improvable = torch.ones(self.batch, 1, dtype=torch.bool, device=dev)
-        self.top_mask = torch.arange(self.keep, device=dev) < nb
-        self.hits = None
-        self.any_finished = False  # whether any hypothesis has finished yet (keep_going's shortcut)
+        self._keep_going = True
+        # early_stopping as beam_search_advance takes it: False, True, "never" -> 0, 1, 2.
+        self._early_stopping_code = {False: 0, True: 1, "never": 2}[early_stopping]
 
     def running_sequences(self) -> torch.Tensor:
         return self.running[:, :, :self.cur_len].reshape(self.batch * self.nb, self.cur_len)
@@ -256,62 +256,22 @@ class Beams:
     def advance(self, step: BeamStep, cand_seqs: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
         """Take one step's candidates, given which of them stop (``hits``, (batch, keep)): the best
         that did not stop run on, those among the top num_beams that stopped join the finished
-        hypotheses. Returns the flat indices of the beams the new running rows continue (for the
-        caller's cache)."""
-        self.hits = hits
-        cand_idx = _gather_beams(self.running_idx, step.beam_ids)
-        offsets = torch.arange(self.batch, device=hits.device)[:, None] * self.nb
-        cand_idx[:, :, self.cur_len - self.prompt] = (step.beam_ids + offsets).to(cand_idx.dtype)
-        beam_idx = self._continue_running(step, cand_seqs, cand_idx, hits)
-        self._add_finished(step, cand_seqs, cand_idx, hits)
+        hypotheses (one :func:`beam_search_advance` op). Returns the flat indices of the beams the new
+        running rows continue (for the caller's cache)."""
+        (self.running, self.running_scores, self.running_idx, self.finished, self.finished_scores,
+         self.finished_idx, self.is_finished, self.improvable, beam_idx, keep_going) = _ops.beam_search_advance(
+            self.running, self.running_scores, self.running_idx, self.finished, self.finished_scores,
+            self.finished_idx, self.is_finished, self.improvable, cand_seqs, step.scores, step.beam_ids, hits,
+            self.cur_len, self.prompt, self.length_penalty, self._early_stopping_code)
+        self._keep_going = keep_going
         self.cur_len += 1
         return beam_idx
 
-    def _continue_running(self, step: BeamStep, cand_seqs, cand_idx, hits) -> torch.Tensor:
-        open_scores = step.scores + hits.float() * self.NEG
-        next_idx = torch.topk(open_scores, k=self.nb)[1]
-        self.running = _gather_beams(cand_seqs, next_idx)
-        self.running_scores = _gather_beams(open_scores, next_idx)
-        self.running_idx = _gather_beams(cand_idx, next_idx)
-        return self.running_idx[:, :, self.cur_len - self.prompt].reshape(-1).long()
-
-    def _add_finished(self, step: BeamStep, cand_seqs, cand_idx, hits) -> None:
-        just_done = hits & self.top_mask[None, :]
-        # Most steps finish nothing; then the merge below would only reshuffle the empty slots
-        # (score -1e9, not finished, never returned), so it is skipped: a dozen ops a step.
-        if not bool(just_done.any()):
-            return
-        self.any_finished = True
-        gen_len = self.cur_len + 1 - self.prompt
-        done_scores = step.scores / float(gen_len) ** self.length_penalty
-        full = self.is_finished.all(-1, keepdim=True) & (self.early_stopping is True)
-        done_scores = done_scores + full.float() * self.NEG + (~self.improvable).float() * self.NEG + \
-            (~just_done).float() * self.NEG
-        merged_seqs = torch.cat([self.finished, cand_seqs], 1)
-        merged_scores = torch.cat([self.finished_scores, done_scores], 1)
-        merged_done = torch.cat([self.is_finished, just_done], 1)
-        merged_idx = torch.cat([self.finished_idx, cand_idx], 1)
-        best = torch.topk(merged_scores, k=self.nb)[1]
-        self.finished, self.finished_scores = _gather_beams(merged_seqs, best), _gather_beams(merged_scores, best)
-        self.is_finished, self.finished_idx = _gather_beams(merged_done, best), _gather_beams(merged_idx, best)
-
     def keep_going(self) -> bool:
         """Whether any entry can still change: a running beam that can beat the worst finished
-        hypothesis (at the current length, or the best possible one with early_stopping="never")."""
-        if self.early_stopping == "never" and self.length_penalty > 0.0:
-            best_len = self.max_length - self.prompt
-        else:
-            best_len = self.cur_len - self.prompt
-        best_possible = self.running_scores[:, :1] / float(best_len) ** self.length_penalty
-        if not self.any_finished:
-            # No finished hypothesis: every slot's worst is -1e9 and no entry is full.
-            self.improvable = self.improvable & (best_possible > self.NEG)
-            return bool(self.improvable.any()) and not bool(self.hits.all())
-        worst_done = torch.where(self.is_finished, self.finished_scores.min(1, keepdim=True)[0],
-                                 torch.full_like(best_possible, self.NEG))
-        self.improvable = self.improvable & (best_possible > worst_done).any(-1, keepdim=True)
-        all_full = self.is_finished.all() & (self.early_stopping is True)
-        return bool(self.improvable.any() & ~all_full & ~self.hits.all())
+        hypothesis (at the current length, or the best possible one with early_stopping="never"),
+        as the last :meth:`advance` found."""
+        return bool(self._keep_going)
 
     def best(self, r: int) -> BeamSearchOutput:
         """The best ``r`` finished hypotheses of each entry, cut to the longest one generated, with

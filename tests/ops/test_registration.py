@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import online_softmax as osm
-from testlib import random_logits
+from testlib import beam_state, beam_step_inputs, random_logits
 
 ops = torch.ops.online_softmax
 
@@ -35,6 +35,8 @@ def _samples(device):
         (ops.beam_search_step, (x.detach(), torch.zeros(1, 5, device=device), 5, 10, 1.0,
                                 torch.tensor([[1, -1]] * 5, device=device), None, 1.0)),
         (ops.ngram_banned_tokens, (torch.tensor([[1, 2, 3, 1, 2], [4, 4, 4, 4, 4]], device=device), 3)),
+        (ops.beam_search_advance, beam_state(2, 3, 4, 9, device=device)
+         + beam_step_inputs(beam_state(2, 3, 4, 9, device=device), 6, 4, stop_prob=0.5) + (4, 4, 1.0, 0)),
         (ops.sample_categorical, (x.detach(), t64, None, u64)),
         (ops.sample_categorical, (xh, t64[:4], torch.full((4,), -1.0, dtype=torch.float64, device=device),
                                   u64[:4])),
@@ -59,7 +61,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         covered.add(op._name if hasattr(op, "_name") else str(op))
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::")}
-    assert len(covered) == len(registered) == 11, (covered, registered)
+    assert len(covered) == len(registered) == 12, (covered, registered)
 
 
 def test_torch_compile_fullgraph():

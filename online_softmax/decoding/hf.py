@@ -113,7 +113,12 @@ class _Run:
             inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=step_len, **self.kwargs)
             out = model(**inputs, return_dict=True)
         self.kwargs = model._update_model_kwargs_for_generation(out, self.kwargs, is_encoder_decoder=self.enc_dec)
-        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+        logits = out.logits[:, -1]
+        # transformers copies the last position out of the output. A decode step's output holds that
+        # position alone, so the view already is a whole (rows, vocab) float32 tensor: a copy would
+        # cost more than the fused step reading it (a fresh 200 KB per row, at every step).
+        if logits.dtype != torch.float32 or logits.device != input_ids.device or not logits.is_contiguous():
+            logits = logits.to(copy=True, dtype=torch.float32, device=input_ids.device)
         if self.logits is not None:
             self.logits += (logits.clone(),)
         if self.attentions is not None:

@@ -134,10 +134,10 @@ class DecodingRules:
         dev = seqs.device
 
         def column(tokens):
-            key = (tuple(tokens), dev)
+            key = (tuple(tokens), dev, rows)
             if key not in self._columns:  # built once: a tensor from a list costs as much as an op
-                self._columns[key] = torch.tensor(tokens, dtype=torch.int64, device=dev)[None, :]
-            return self._columns[key].expand(rows, len(tokens))
+                self._columns[key] = torch.tensor(tokens, dtype=torch.int64, device=dev).expand(rows, len(tokens))
+            return self._columns[key]
 
         early, late = [], []
         n = self.ngram

@@ -7,6 +7,16 @@
 TORCH_LIBRARY(online_softmax, m) {
   // softmax(x / temperature) or log_softmax(x / temperature) along dim; dtype casts on read.
   m.def("forward(Tensor x, int dim, bool log=False, float temperature=1.0, ScalarType? dtype=None) -> Tensor");
+  // softmax or log_softmax of x * scale (+ an additive mask) along dim, as models call it: a second
+  // op rather than arguments of forward, so the bare softmax keeps its short schema and fast path.
+  // mask: None, bool (True takes part, as in scaled_dot_product_attention) or floating (added to
+  // x * scale; -inf takes a position out), any shape that broadcasts to x, read through its
+  // broadcast strides (never expanded in memory). causal: key j of query i (x's last two dims; dim
+  // must be the last) takes part only where j <= i + causal_offset. A row in which no position
+  // takes part gives zeros (log: -inf); masked positions are always 0 (-inf), and a row whose
+  // positions taking part are all -inf, or hold NaN/+inf, is NaN there, as torch.softmax. The
+  // gradient is the unmasked softmax's (masked positions have zero probability): the backward op.
+  m.def("masked_forward(Tensor x, Tensor? mask=None, bool causal=False, int causal_offset=0, bool log=False, float scale=1.0, int dim=-1, ScalarType? dtype=None) -> Tensor");
   // Gradient of forward with respect to x, from the forward's output only:
   //   softmax: dx = y * (dy - sum(dy * y)) / temperature;  log: dx = (dy - exp(y) * sum(dy)) / temperature.
   // input_dtype is the dtype of forward's x (the gradient's dtype); None means out's dtype.

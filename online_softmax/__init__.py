@@ -20,7 +20,7 @@ from ._torch_check import load_extension
 _C = load_extension()  # the shared object, which registers the ops; checked against the running torch
 from . import ops  # noqa: F401,E402  (fake kernels and autograd)
 from .api import SoftmaxTopK, log_softmax, softmax, softmax_topk
-from .modules import OnlineLogSoftmax, OnlineSoftmax
+from .modules import AttnMaskType, FusedScaleMaskSoftmax, OnlineLogSoftmax, OnlineSoftmax
 from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
 from .cuda_plan import CudaPlan, cuda_plan
@@ -42,6 +42,8 @@ __all__ = [
     "merge_states",
     "OnlineSoftmax",
     "OnlineLogSoftmax",
+    "FusedScaleMaskSoftmax",
+    "AttnMaskType",
     "build_info",
     "cuda_plan",
     "CudaPlan",

@@ -36,7 +36,8 @@ def _legacy_dim(name: str, ndim: int, stacklevel: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
-def _dropin(op: str, input, dim, stacklevel, dtype, temperature, log: bool) -> torch.Tensor:
+def _dropin(op: str, input, dim, stacklevel, dtype, temperature, log: bool, mask=None, causal=False,
+            causal_offset=0, scale=None) -> torch.Tensor:
     checks.tensor(input, "input", op)
     if isinstance(stacklevel, torch.dtype):
         # torch.softmax(input, dim, dtype): the third position is torch.softmax's dtype, and
@@ -50,11 +51,25 @@ def _dropin(op: str, input, dim, stacklevel, dtype, temperature, log: bool) -> t
         raise checks.fail(op, f"dim must be an int or None, got {type(dim).__name__}", TypeError)
     if dtype is not None:
         checks.float_dtype(dtype, "dtype", op)
-    return _ops.forward(input, dim, log, checks.real(temperature, "temperature", op), dtype)
+    temperature = checks.real(temperature, "temperature", op)
+    if mask is None and not causal and scale is None:
+        return _ops.forward(input, dim, log, temperature, dtype)
+    if not isinstance(causal, bool):
+        raise checks.fail(op, f"causal must be a bool, got {type(causal).__name__}", TypeError)
+    causal_offset = checks.integer(causal_offset, "causal_offset", op, minimum=-(2 ** 62))
+    checks.tensor(mask, "mask", op, optional=True)
+    if scale is None:
+        scale = 1.0 / checks.temperature(temperature, op)
+    elif temperature != 1.0:
+        raise checks.fail(op, "give temperature or scale, not both (scale multiplies: scale = 1 / temperature)")
+    else:
+        scale = checks.real(scale, "scale", op)
+    return _ops.masked_forward(input, mask, causal, causal_offset, log, scale, dim, dtype)
 
 
 def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
-            dtype: Optional[torch.dtype] = None, *, temperature: float = 1.0) -> torch.Tensor:
+            dtype: Optional[torch.dtype] = None, *, temperature: float = 1.0, scale: Optional[float] = None,
+            mask: Optional[torch.Tensor] = None, causal: bool = False, causal_offset: int = 0) -> torch.Tensor:
     """softmax(input / temperature) along ``dim``: ``torch.softmax`` and
     ``torch.nn.functional.softmax`` with their call forms (``softmax(x, 1)``,
     ``softmax(x, 1, torch.float64)``, ``softmax(input=x, dim=1, dtype=...)``, and ``dim=None``
@@ -62,15 +77,39 @@ def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3
 
     ``dtype`` is the result dtype; float16/bfloat16 input with ``dtype=torch.float32`` is converted
     while it is read. Accumulation is float32 (float64 for float64). Differentiable.
+
+    As attention calls it, in the same single pass (the ``masked_forward`` op):
+
+    - ``scale``: multiplies the input (attention's ``1 / sqrt(head_dim)``); give it or
+      ``temperature``, not both.
+    - ``mask``: any shape that broadcasts to the input, read through its broadcast strides (never
+      expanded in memory). **bool: True takes part**, as in ``scaled_dot_product_attention``
+      (``torch._masked_softmax`` and Megatron use the opposite; see
+      :class:`~online_softmax.modules.FusedScaleMaskSoftmax`); floating: added to
+      ``input * scale``, a ``-inf`` entry takes its position out.
+    - ``causal=True``: over the last two dims (queries, keys; ``dim`` must be the last), key ``j``
+      of query ``i`` takes part only where ``j <= i + causal_offset`` (for queries at the end of a
+      KV cache of length S_k, ``causal_offset = S_k - S_q``).
+
+    Masked positions are 0. A row in which no position takes part gives zeros (padded rows do not
+    poison the backward with NaN, as in Megatron and ``torch._masked_softmax``), while a row whose
+    positions taking part are all -inf is NaN there, as in ``torch.softmax``. The gradient needs
+    only the output (masked positions have zero probability); an additive mask that requires grad
+    gets one too.
     """
-    return _dropin("softmax", input, dim, _stacklevel, dtype, temperature, False)
+    return _dropin("softmax", input, dim, _stacklevel, dtype, temperature, False, mask, causal, causal_offset,
+                   scale)
 
 
 def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
-                dtype: Optional[torch.dtype] = None, *, temperature: float = 1.0) -> torch.Tensor:
+                dtype: Optional[torch.dtype] = None, *, temperature: float = 1.0, scale: Optional[float] = None,
+                mask: Optional[torch.Tensor] = None, causal: bool = False, causal_offset: int = 0) -> torch.Tensor:
     """log_softmax(input / temperature) along ``dim``: ``torch.log_softmax`` and
-    ``torch.nn.functional.log_softmax`` with their call forms (see :func:`softmax`)."""
-    return _dropin("log_softmax", input, dim, _stacklevel, dtype, temperature, True)
+    ``torch.nn.functional.log_softmax`` with their call forms, and ``scale``, ``mask``, ``causal``
+    as :func:`softmax` takes them: masked positions and rows with no position taking part are
+    -inf, and pass no gradient."""
+    return _dropin("log_softmax", input, dim, _stacklevel, dtype, temperature, True, mask, causal, causal_offset,
+                   scale)
 
 
 def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, temperature: float = 1.0,

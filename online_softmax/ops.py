@@ -6,6 +6,8 @@ C++ checks (csrc/common/checks.h); the backward formulas call the backward ops, 
 torch.compile only ever see registered ops.
 """
 
+import math
+
 import torch
 
 from . import _checks as checks
@@ -41,6 +43,75 @@ def _backward_fake(grad_out, out, dim, log=False, temperature=1.0, input_dtype=N
 
 # forward's and backward's autograd are in C++ (csrc/common/softmax_autograd.cpp): their Python
 # layer cost more than a small op, and tens of microseconds on large ones.
+
+
+# ---- masked_forward ----
+
+def check_masked_forward(x, mask, causal, dim, scale, dtype, op="masked_forward") -> int:
+    """masked_forward's checks (as csrc/common/masked_forward_args.h makes them); returns dim wrapped."""
+    checks.tensor(x, "x", op)
+    if dtype is None:
+        checks.floating(x, "x", op)
+    else:
+        checks.float_dtype(dtype, "dtype", op)
+    d = wrap_dim(dim, x, op)
+    if not math.isfinite(scale):
+        raise checks.fail(op, f"scale must be finite, got {scale}")
+    if causal:
+        if x.dim() < 2:
+            raise checks.fail(op, f"causal needs x of at least 2 dims (..., queries, keys), got shape {list(x.shape)}")
+        if d != x.dim() - 1:
+            raise checks.fail(op, "causal masks keys j > i + causal_offset, so the softmax must run over the last "
+                                  f"dim (the keys), got dim {dim}")
+    if mask is not None:
+        checks.tensor(mask, "mask", op)
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise checks.fail(op, "mask must be bool (True takes part) or floating (added to x * scale), got "
+                                  f"{mask.dtype}", TypeError)
+        if mask.device != x.device:
+            raise checks.fail(op, f"mask must be on x's device {x.device}, got {mask.device}")
+        if mask.dim() > x.dim() or any(m not in (1, n) for m, n in zip(reversed(mask.shape), reversed(x.shape))):
+            raise checks.fail(op, f"mask of shape {list(mask.shape)} does not broadcast to x's shape {list(x.shape)}")
+    return d
+
+
+@torch.library.register_fake("online_softmax::masked_forward")
+def _masked_forward_fake(x, mask=None, causal=False, causal_offset=0, log=False, scale=1.0, dim=-1, dtype=None):
+    check_masked_forward(x, mask, causal, dim, scale, dtype)
+    return torch.empty_like(x, dtype=x.dtype if dtype is None else dtype, memory_format=torch.contiguous_format)
+
+
+def _masked_setup_context(ctx, inputs, output):
+    x, mask, _causal, _offset, log, scale, dim, _dtype = inputs
+    ctx.log, ctx.scale, ctx.dim, ctx.x_dtype = log, scale, dim, x.dtype
+    ctx.mask_shape = mask.shape if mask is not None and mask.requires_grad else None
+    ctx.mask_dtype = None if mask is None else mask.dtype
+    ctx.save_for_backward(output)
+
+
+def _masked_backward(ctx, grad):
+    """The unmasked softmax's gradient from the output alone: masked positions have probability 0
+    (their gradient is 0 without reading the mask). For log_softmax their output is -inf and
+    their incoming gradient is dropped first, so it reaches no other position either."""
+    y, = ctx.saved_tensors
+    if ctx.log:
+        grad = grad.masked_fill(y == float("-inf"), 0)
+    in_dtype = None if ctx.x_dtype == y.dtype else ctx.x_dtype
+    grad_x = grad_mask = None
+    need_x, need_mask = ctx.needs_input_grad[0], ctx.mask_shape is not None and ctx.needs_input_grad[1]
+    if need_x and ctx.scale > 0 and not need_mask:
+        grad_x = _ops.backward(grad, y, ctx.dim, ctx.log, 1.0 / ctx.scale, in_dtype)
+    elif need_x or need_mask:
+        grad_v = _ops.backward(grad, y, ctx.dim, ctx.log, 1.0, None)  # with respect to x * scale + mask
+        if need_x:
+            grad_x = (grad_v * ctx.scale).to(ctx.x_dtype)
+        if need_mask:
+            grad_mask = grad_v.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
+    return grad_x, grad_mask, None, None, None, None, None, None
+
+
+torch.library.register_autograd("online_softmax::masked_forward", _masked_backward,
+                                setup_context=_masked_setup_context)
 
 
 # ---- stats ----

@@ -28,6 +28,30 @@ struct ForwardCall {
   bool log;
 };
 
+// softmax / log_softmax over the last dim of contiguous rows (rows x n) of x * scale, with an
+// optional mask read per row through broadcast strides, and an optional causal limit.
+struct MaskedForwardCall {
+  at::ScalarType x_dtype, y_dtype;  // y_dtype: x_dtype, or float32 for float16/bfloat16 x
+  const void* x;
+  void* y;
+  int64_t rows, n;
+  double scale;
+  bool log;
+  // mask_kind 0: none; 1: bool, true takes part; 2: additive, in the accumulation type (float32,
+  // float64 for float64 x). Row r's mask is at mask + sum_k idx_k(r) * row_strides[k], where
+  // idx(r) are r's coordinates over row_sizes (x's shape without its last dim), and its element j
+  // at + j * col_stride (0 or 1).
+  int mask_kind = 0;
+  const void* mask = nullptr;
+  const int64_t* row_sizes = nullptr;
+  const int64_t* row_strides = nullptr;
+  int64_t row_dims = 0;
+  int64_t col_stride = 0;
+  // causal_rows > 0: key j of query i = r % causal_rows takes part only where j <= i + causal_offset.
+  int64_t causal_rows = 0;
+  int64_t causal_offset = 0;
+};
+
 struct StatsCall {
   at::ScalarType x_dtype;
   const void* x;
@@ -124,6 +148,7 @@ struct KernelTable {
   void (*sample_categorical)(const SampleCall&);
   void (*top_p_threshold)(const TopPCall&);
   void (*cross_entropy_backward)(const CrossEntropyBackwardCall&);
+  void (*masked_forward)(const MaskedForwardCall&);
 };
 
 // The table in use.

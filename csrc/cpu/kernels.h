@@ -8,6 +8,7 @@
 //   beam_search_step          csrc/cpu/beam_search_step.cpp (other backends: csrc/common/)
 //   ngram_banned_tokens       csrc/cpu/ngram_banned_tokens.cpp (other backends: csrc/common/)
 //   beam_search_advance       csrc/cpu/beam_search_advance.cpp (other backends: csrc/common/)
+//   masked_forward            csrc/cpu/masked_softmax.cpp (other backends: csrc/common/, until CUDA has one)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -50,6 +51,10 @@ void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& lse, const a
                              const std::optional<at::Tensor>& smooth_scale, const std::optional<at::Tensor>& weight);
 
 at::Tensor ngram_banned_tokens(const at::Tensor& sequences, int64_t n);
+
+at::Tensor masked_forward(const at::Tensor& x, const std::optional<at::Tensor>& mask, bool causal,
+                          int64_t causal_offset, bool log, double scale, int64_t dim,
+                          std::optional<at::ScalarType> dtype);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>

@@ -5,6 +5,7 @@
 
 TORCH_LIBRARY_IMPL(online_softmax, CPU, m) {
   m.impl("forward", &online_softmax::cpu::forward);
+  m.impl("masked_forward", &online_softmax::cpu::masked_forward);
   m.impl("stats", &online_softmax::cpu::stats);
   m.impl("backward", &online_softmax::cpu::backward);
   m.impl("softmax_topk", &online_softmax::cpu::softmax_topk);

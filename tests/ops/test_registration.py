@@ -25,6 +25,8 @@ def _samples(device):
         (ops.forward, (x, 1, True, 0.5, None)),
         (ops.forward, (x3, 1, False, 2.0, None)),
         (ops.forward, (xh, -1, False, 1.0, torch.float32)),
+        (ops.masked_forward, (x3, torch.rand(20, 1, device=device) > 0.3, False, 0, False, 0.5, 1, None)),
+        (ops.masked_forward, (x, torch.randn(37, device=device), True, 2, True, 1.0, -1, None)),
         (ops.backward, (torch.randn_like(y), y, -1, False, 1.0, None)),
         (ops.backward, (torch.randn_like(y), y.log(), -1, True, 1.0, torch.float16)),
         (ops.stats, (x.detach(), -1, 1.0)),
@@ -61,7 +63,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         covered.add(op._name if hasattr(op, "_name") else str(op))
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::")}
-    assert len(covered) == len(registered) == 12, (covered, registered)
+    assert len(covered) == len(registered) == 13, (covered, registered)
 
 
 def test_torch_compile_fullgraph():

@@ -11,6 +11,7 @@
 #include "cpu/kernels/softmax_topk.h"
 #include "cpu/kernels/sample.h"
 #include "cpu/kernels/cross_entropy.h"
+#include "cpu/kernels/masked_softmax.h"
 
 #define ONLINE_SOFTMAX_CPU_STR2(x) #x
 #define ONLINE_SOFTMAX_CPU_STR(x) ONLINE_SOFTMAX_CPU_STR2(x)
@@ -21,7 +22,8 @@ inline namespace CPU_CAPABILITY {
 extern const KernelTable kKernels;
 const KernelTable kKernels = {ONLINE_SOFTMAX_CPU_STR(CPU_CAPABILITY), &forward_entry, &stats_entry, &backward_entry,
                               &topk_entry, &topk_backward_entry, &sample_entry,
-                              &top_p_entry, &cross_entropy_backward_entry};
+                              &top_p_entry, &cross_entropy_backward_entry,
+                              &masked_forward_entry};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace online_softmax::cpu

@@ -1,0 +1,312 @@
+"""softmax / log_softmax with scale, mask and causal (the masked_forward op): against float64
+references of the unfused torch sequence, on the CPU kernel and on the composite that every other
+backend runs, with every broadcast pattern, hostile values under and outside the mask, 4 dtypes,
+non-contiguous inputs and every dim; gradients, opcheck, torch.compile, torch._masked_softmax."""
+
+import pytest
+import torch
+
+import online_softmax as osm
+
+ops = torch.ops.online_softmax
+INF = float("inf")
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def composite(x, mask=None, causal=False, causal_offset=0, log=False, scale=1.0, dim=-1, dtype=None):
+    return ops.masked_forward.default._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, x, mask, causal,
+                                             causal_offset, log, scale, dim, dtype)
+
+
+def reference(x, mask=None, causal=False, causal_offset=0, log=False, scale=1.0, dim=-1):
+    """float64: which positions take part, softmax over those, 0 (-inf) elsewhere and on rows with none."""
+    v = x.double() * scale
+    keep = torch.ones_like(v, dtype=torch.bool)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = keep & mask
+        else:
+            keep = keep & (mask != -INF)
+            v = v + mask.double()
+    if causal:
+        i = torch.arange(x.shape[-2])[:, None]
+        j = torch.arange(x.shape[-1])[None, :]
+        keep = keep & (j <= i + causal_offset)
+    v = v.masked_fill(~keep, -INF)
+    y = torch.log_softmax(v, dim) if log else torch.softmax(v, dim)
+    return torch.where(keep, y, torch.tensor(-INF if log else 0.0, dtype=torch.float64))
+
+
+def assert_close(got, want, dtype, log=False):
+    got = got.double()
+    assert got.shape == want.shape
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan), "NaN positions differ"
+    inf = want.isinf()
+    assert torch.equal(got[inf], want[inf]), "infinite positions differ"
+    ok = ~nan & ~inf
+    tol = TOL[dtype] * (20 if log else 1)
+    assert torch.allclose(got[ok], want[ok], rtol=tol, atol=tol), (got[ok] - want[ok]).abs().max()
+
+
+def both(x, **kw):
+    """The CPU kernel (through the Python API) and the composite."""
+    api = osm.log_softmax if kw.get("log") else osm.softmax
+    api_kw = {k: v for k, v in kw.items() if k not in ("log", "dim")}
+    return [api(x, kw.get("dim", -1), **api_kw),
+            composite(x, kw.get("mask"), kw.get("causal", False), kw.get("causal_offset", 0), kw.get("log", False),
+                      kw.get("scale", 1.0), kw.get("dim", -1))]
+
+
+B, H, S = 2, 3, 9
+MASK_SHAPES = {
+    "padding (B,1,1,S)": (B, 1, 1, S),
+    "per-query (B,1,S,S)": (B, 1, S, S),
+    "full": (B, H, S, S),
+    "keys only (S,)": (S,),
+    "per head (1,H,1,1)": (1, H, 1, 1),
+    "per row (B,H,S,1)": (B, H, S, 1),
+}
+
+
+def random_mask(shape, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(shape, generator=g) > 0.35
+    if kind == "bool":
+        return keep
+    add = torch.randn(shape, generator=g)
+    return add.masked_fill(~keep, -INF)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("pattern", list(MASK_SHAPES))
+@pytest.mark.parametrize("log", [False, True])
+def test_every_broadcast_pattern(dtype, kind, pattern, log):
+    x = torch.randn(B, H, S, S, generator=torch.Generator().manual_seed(1)).mul(3).to(dtype)
+    mask = random_mask(MASK_SHAPES[pattern], kind, seed=len(pattern))
+    if mask.dim() == 4 and mask.shape[-1] == S and mask.shape[-2] == S:
+        mask[..., 2, :] = False if kind == "bool" else -INF  # a query with no key
+        mask[..., 3, :] = False if kind == "bool" else -INF
+        mask[..., 3, 4] = True if kind == "bool" else 0.5   # a query with one
+    want = reference(x, mask, scale=0.37, log=log)
+    for got in both(x, mask=mask, scale=0.37, log=log):
+        assert got.dtype == dtype
+        assert_close(got, want, dtype, log)
+    if mask.dim() == 4 and mask.shape[-2] == S and mask.shape[-1] == S:
+        assert (want[:, :, 2] == (-INF if log else 0)).all()  # the case has a fully masked row
+
+
+@pytest.mark.parametrize("offset", [0, 2, -1, -S, 100])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("log", [False, True])
+def test_causal_with_and_without_offset(offset, with_mask, log):
+    x = torch.randn(B, H, 5, S, generator=torch.Generator().manual_seed(2)) * 4  # 5 queries at the end of 9 keys
+    mask = random_mask((B, 1, 1, S), "bool", seed=3) if with_mask else None
+    want = reference(x, mask, causal=True, causal_offset=offset, log=log)
+    for got in both(x, mask=mask, causal=True, causal_offset=offset, log=log):
+        assert_close(got, want, torch.float32, log)
+    if offset == -S:
+        assert (want == (-INF if log else 0)).all()
+
+
+def test_hostile_values_under_and_outside_the_mask():
+    x = torch.randn(6, 11, generator=torch.Generator().manual_seed(4))
+    keep = torch.ones(6, 11, dtype=torch.bool)
+    keep[:, ::3] = False
+    x[0, 0], x[0, 3] = float("nan"), INF           # under the mask only: row 0 stays finite
+    x[1, 1] = float("nan")                          # outside: row 1 is NaN where it takes part
+    x[2, 2] = INF                                   # +inf outside: NaN, as torch.softmax
+    x[3, keep[3]] = -INF                            # every position taking part is -inf: NaN there
+    x[4] = x[4] * 1e4                               # 1e4-scale logits
+    x[5, keep[5]] = -INF
+    x[5, 4] = 2.0                                   # one finite position left: probability 1
+    for log in (False, True):
+        want = reference(x, keep, log=log)
+        assert not want[0].isnan().any() and want[1, 1].isnan() and want[1, 0] == (-INF if log else 0)
+        for got in both(x, mask=keep, log=log):
+            assert_close(got, want, torch.float32, log)
+    assert osm.softmax(x, -1, mask=keep)[5, 4] == 1.0
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_every_dim_and_non_contiguous_inputs(dim):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 6, 10, generator=g).transpose(0, 2)[:, ::2]  # (10, 3, 7), non-contiguous
+    assert not x.is_contiguous()
+    full = torch.rand(10, 3, 7, generator=g) > 0.3
+    for mask in (full, full.transpose(0, 2).contiguous().transpose(0, 2),   # non-contiguous mask
+                 (torch.rand(7, 3, 10, generator=g) > 0.3).permute(2, 1, 0)[:, :1],  # (10, 1, 7), strided
+                 torch.randn(3, 1, generator=g)):                          # additive, broadcast
+        for log in (False, True):
+            want = reference(x, mask, scale=1.5, log=log, dim=dim)
+            for got in both(x, mask=mask, scale=1.5, log=log, dim=dim):
+                assert_close(got, want, torch.float32, log)
+
+
+def test_empty_zero_d_and_long_rows():
+    for x in (torch.randn(0, 5), torch.randn(3, 0), torch.randn(2, 0, 4)):
+        mask = torch.ones(x.shape[-1], dtype=torch.bool)
+        for got in both(x, mask=mask):
+            assert got.shape == x.shape
+    x0 = torch.tensor(3.0)
+    assert osm.softmax(x0, 0, mask=torch.tensor(True)) == 1.0
+    assert osm.softmax(x0, 0, mask=torch.tensor(False)) == 0.0
+    long = torch.randn(2, 300_001, generator=torch.Generator().manual_seed(6))
+    mask = torch.rand(300_001, generator=torch.Generator().manual_seed(7)) > 0.5
+    for log in (False, True):
+        want = reference(long, mask, scale=0.1, log=log)
+        for got in both(long, mask=mask, scale=0.1, log=log):
+            assert_close(got, want, torch.float32, log)
+
+
+def test_scale_and_temperature():
+    x = torch.randn(4, 33, generator=torch.Generator().manual_seed(8))
+    assert_close(osm.softmax(x, -1, scale=0.25), reference(x, scale=0.25), torch.float32)
+    assert_close(osm.softmax(x, -1, scale=-2.0), reference(x, scale=-2.0), torch.float32)  # any finite scale
+    assert_close(osm.softmax(x, -1, mask=x > 0, temperature=4.0), reference(x, x > 0, scale=0.25), torch.float32)
+    assert (osm.softmax(x, -1, scale=0.0) == 1 / 33).all()
+
+
+def test_equals_torch_masked_softmax_where_semantics_agree():
+    """torch._masked_softmax: True is masked out. Equal on every row with a position taking part;
+    on a fully masked row its CPU kernel gives NaN (2.13), where ours gives 0, as Megatron does."""
+    x = torch.randn(B, H, S, S, generator=torch.Generator().manual_seed(9))
+    masked_out = torch.rand(B, H, S, S, generator=torch.Generator().manual_seed(10)) > 0.6
+    masked_out[0, 0, 1] = True
+    theirs = torch._masked_softmax(x, masked_out, -1)
+    ours = osm.softmax(x, -1, mask=~masked_out)
+    some = ~masked_out.all(-1)
+    torch.testing.assert_close(ours[some], theirs[some], rtol=1e-6, atol=1e-7)
+    assert (ours[0, 0, 1] == 0).all() and theirs[0, 0, 1].isnan().all()
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_gradients(log):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 1, 1, 6, generator=g) > 0.3
+    keep[1, 0, 0] = False  # padded rows: zero gradient, no NaN
+    f = osm.log_softmax if log else osm.softmax
+
+    def finite(y):  # gradcheck needs finite outputs: -inf (log, masked) become 0
+        return torch.where(torch.isinf(y), torch.zeros_like(y), y)
+
+    assert torch.autograd.gradcheck(lambda t: finite(f(t, -1, mask=keep, scale=0.7)), (x,))
+    assert torch.autograd.gradcheck(lambda t: finite(f(t, -1, causal=True, causal_offset=1)), (x,))
+    add = torch.randn(1, 2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, m: f(t, -1, mask=m, scale=-1.3), (x, add))
+    y = f(x, -1, mask=keep)
+    y.masked_fill(torch.isinf(y), 0).sum().backward()
+    assert not x.grad.isnan().any() and (x.grad[1] == 0).all()
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    keep = torch.rand(2, 1, 1, 7) > 0.3
+    add = torch.randn(2, 1, 5, 7)
+    samples = [(x, keep, False, 0, False, 0.5, -1, None), (x, add, True, 1, True, 1.0, -1, None),
+               (x, None, True, 0, False, 2.0, -1, torch.float64), (x.detach().half(), keep, False, 0, False, 1.0, 1,
+                                                                   torch.float32)]
+    for args in samples:
+        torch.library.opcheck(ops.masked_forward.default, args)
+    f = torch.compile(lambda t, m: osm.softmax(t, -1, mask=m, scale=0.3) + osm.log_softmax(t, -1, causal=True),
+                      fullgraph=True)
+    want = osm.softmax(x, -1, mask=keep, scale=0.3) + osm.log_softmax(x, -1, causal=True)
+    torch.testing.assert_close(f(x, keep), want)
+
+
+def test_bad_arguments():
+    x = torch.randn(2, 4, 4)
+    cases = [
+        (dict(scale=0.5, temperature=2.0), ValueError, "not both"),
+        (dict(causal=True, dim=1), ValueError, "softmax must run over the last dim"),
+        (dict(mask=torch.ones(4, dtype=torch.int64)), TypeError, "mask must be bool"),
+        (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "does not broadcast"),
+        (dict(mask=torch.ones(1, 2, 4, 4, dtype=torch.bool)), ValueError, "does not broadcast"),
+        (dict(scale=float("nan")), ValueError, "scale must be finite"),
+        (dict(mask=[True] * 4), TypeError, "mask must be a torch.Tensor"),
+        (dict(causal=1), TypeError, "causal must be a bool"),
+    ]
+    for kw, err, match in cases:
+        dim = kw.pop("dim", -1)
+        with pytest.raises(err, match=match):
+            osm.softmax(x, dim, **kw)
+    with pytest.raises(ValueError, match="causal needs x of at least 2 dims"):
+        osm.softmax(torch.randn(4), -1, causal=True)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        composite(x, torch.ones(3, dtype=torch.bool))
+
+
+def _runnable_capabilities():
+    from online_softmax import _C
+
+    out = []
+    for c in _C.cpu_capabilities():
+        try:
+            _C._set_cpu_capability(c)
+            out.append(c)
+        except ValueError:
+            pass
+        finally:
+            _C._set_cpu_capability("")
+    return out
+
+
+@pytest.mark.parametrize("capability", _runnable_capabilities())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_masked_kernel_under_each_capability(capability, dtype):
+    from online_softmax import _C
+
+    x = torch.randn(3, 4, 37, 70, generator=torch.Generator().manual_seed(12)).mul(2).to(dtype)
+    keep = torch.rand(3, 1, 1, 70, generator=torch.Generator().manual_seed(13)) > 0.3
+    add = torch.randn(3, 1, 37, 70, generator=torch.Generator().manual_seed(14))
+    _C._set_cpu_capability(capability)
+    try:
+        for log in (False, True):
+            for kw in (dict(mask=keep, scale=0.3), dict(mask=add, causal=True, causal_offset=33)):
+                want = reference(x, log=log, **kw)
+                got = (osm.log_softmax if log else osm.softmax)(x, -1, **kw)
+                assert_close(got, want, dtype, log)
+    finally:
+        _C._set_cpu_capability("")
+
+
+def megatron_reference(scores, mask, kind, scale):
+    """Megatron's semantics: mask True masked out; causal over (sq, sk) with the queries at the end;
+    fully masked rows 0 (its fused kernels)."""
+    keep = None if mask is None or kind == "no_mask" else ~mask
+    causal = kind in ("causal", "padding_causal")
+    return reference(scores, keep, causal=causal, causal_offset=scores.shape[-1] - scores.shape[-2],
+                     scale=1.0 if scale is None else scale)
+
+
+@pytest.mark.parametrize("kind", ["padding", "causal", "padding_causal", "no_mask", "arbitrary"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_scale_mask_softmax_module(kind, dtype):
+    g = torch.Generator().manual_seed(15)
+    scores = torch.randn(2, 4, 6, 10, generator=g).mul(3).to(dtype)
+    masked_out = torch.rand(2, 1, 1, 10, generator=g) > 0.7
+    masked_out[1, ..., :] = True  # a fully padded batch entry
+    module = osm.FusedScaleMaskSoftmax(input_in_fp16=dtype == torch.float16, input_in_bf16=dtype == torch.bfloat16,
+                                       attn_mask_type=getattr(osm.AttnMaskType, kind),
+                                       scaled_masked_softmax_fusion=True, mask_func=None, softmax_in_fp32=True,
+                                       scale=0.125)
+    got = module(scores, masked_out)
+    assert got.dtype == dtype
+    assert_close(got, megatron_reference(scores, masked_out, kind, 0.125), dtype)
+    if kind in ("padding", "arbitrary", "padding_causal"):
+        assert (got[1] == 0).all()
+
+
+def test_fused_scale_mask_softmax_arguments():
+    # Megatron's own enum members work: they are read by name.
+    causal_like = type("E", (), {"name": "causal"})()
+    m = osm.FusedScaleMaskSoftmax(False, False, causal_like, True, None, True, None)
+    assert m.attn_mask_type is osm.AttnMaskType.causal
+    with pytest.raises(ValueError, match="softmax should be in fp32 when scaled"):
+        osm.FusedScaleMaskSoftmax(True, False, osm.AttnMaskType.padding, True, None, False, 0.5)
+    with pytest.raises(ValueError, match="attn_mask_type must be one of"):
+        osm.FusedScaleMaskSoftmax(attn_mask_type="sliding")
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        osm.FusedScaleMaskSoftmax()(torch.randn(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))

@@ -19,7 +19,7 @@ import torch
 from . import _C
 
 OPS = ("forward", "stats", "backward", "softmax_topk", "softmax_topk_backward", "sample_categorical",
-       "top_p_threshold", "cross_entropy_backward")
+       "top_p_threshold", "cross_entropy_backward", "masked_forward")
 _SAMPLING_OPS = ("sample_categorical", "top_p_threshold")
 
 # Public figures of the SXM parts: SMs, the opt-in shared memory per block, L2, compute capability,
@@ -172,7 +172,8 @@ def _device_limits(device) -> dict:
 
 def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1, *, k: int | None = None,
               device=None, out_dtype: torch.dtype | None = None, num_samples: int | None = None,
-              min_log_ratio: bool = False, smooth_scale: bool = False, weight: bool = False) -> CudaPlan:
+              min_log_ratio: bool = False, smooth_scale: bool = False, weight: bool = False,
+              mask_shape=None, mask_dtype: torch.dtype = torch.bool) -> CudaPlan:
     """The launch plan the CUDA kernels would run for ``op`` on a contiguous tensor of ``shape``.
 
     op: one of ``OPS``. ``dtype`` is the input's (for backward: the forward output's); ``out_dtype``
@@ -181,7 +182,10 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     vocab) along its last dim; ``num_samples`` (default 1) is sample_categorical's draws per row and
     ``min_log_ratio`` whether the call passes a cut (min-p, top-p). cross_entropy_backward takes x of
     shape (rows, classes) along its last dim; ``smooth_scale`` and ``weight`` say whether the call passes
-    them (they add to the bytes read, not to the launches). ``device`` is a preset name ("h100",
+    them (they add to the bytes read, not to the launches). masked_forward runs over ``dim`` moved
+    last; ``mask_shape`` (the mask as stored, before broadcasting; None for no mask) and
+    ``mask_dtype`` (bool, or floating: read in the accumulation dtype) add the mask's bytes to the
+    bytes read (causal masking reads nothing). ``device`` is a preset name ("h100",
     "h200", "a100"), a dict of limits (sm_count, max_smem_per_block, l2_bytes, cc; optional
     hbm_bytes_per_s), "cuda" (the current GPU), "cuda:N" or a torch.device of a GPU, or None: the
     current GPU, else h100.
@@ -208,6 +212,16 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     size = view[d]
     limits = _device_limits(device)
     topk = op.startswith("softmax_topk")
+    mask_bytes = 0
+    if op == "masked_forward":
+        outer, inner = outer * inner, 1  # the binding moves the softmax dim last
+        if mask_shape is not None:
+            numel = 1
+            for s in mask_shape:
+                numel *= int(s)
+            mask_bytes = numel * (1 if mask_dtype == torch.bool else (8 if dtype == torch.float64 else 4))
+    elif mask_shape is not None:
+        raise ValueError(f"online_softmax.cuda_plan: mask_shape is only for masked_forward, not {op!r}")
     if topk:
         if k is None:
             raise ValueError(f"online_softmax.cuda_plan: op {op!r} needs k")
@@ -249,6 +263,8 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     # The two trailing flags only where they matter, so the other ops plan with an extension built
     # before they existed.
     extra = (bool(smooth_scale), bool(weight)) if op == "cross_entropy_backward" else ()
+    if op == "masked_forward":
+        extra = (False, False, mask_bytes)
     raw = _C._cuda_plan(op, outer, size, inner, dtype.itemsize, out.itemsize, acc, k or 0, num_samples or 0,
                         bool(min_log_ratio), limits["sm_count"], limits["max_smem_per_block"], int(limits["l2_bytes"]),
                         cc_int, *extra)

@@ -5,6 +5,7 @@
 //   sample_categorical,
 //   top_p_threshold           csrc/cuda/sample.cpp
 //   cross_entropy_backward(_) csrc/cuda/cross_entropy.cpp
+//   masked_forward            csrc/cuda/masked_softmax.cpp
 // Each checks its arguments (csrc/common/op_args.h, shared with the CPU backend), guards the device,
 // dispatches the dtype and makes one call into the framework-free launchers of csrc/kernels.
 #pragma once
@@ -18,6 +19,10 @@ namespace online_softmax::cuda {
 
 at::Tensor forward(const at::Tensor& x, int64_t dim, bool log, double temperature,
                    std::optional<at::ScalarType> dtype);
+
+at::Tensor masked_forward(const at::Tensor& x, const std::optional<at::Tensor>& mask, bool causal,
+                          int64_t causal_offset, bool log, double scale, int64_t dim,
+                          std::optional<at::ScalarType> dtype);
 
 std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x, int64_t dim, double temperature);
 

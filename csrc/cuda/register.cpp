@@ -5,6 +5,7 @@
 
 TORCH_LIBRARY_IMPL(online_softmax, CUDA, m) {
   m.impl("forward", &online_softmax::cuda::forward);
+  m.impl("masked_forward", &online_softmax::cuda::masked_forward);
   m.impl("stats", &online_softmax::cuda::stats);
   m.impl("backward", &online_softmax::cuda::backward);
   m.impl("softmax_topk", &online_softmax::cuda::softmax_topk);

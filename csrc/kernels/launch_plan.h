@@ -100,6 +100,7 @@ enum class Path {
   kTopKBackward,   // top-k backward, rows split over kTopKBackwardThreads-blocks
   kSample,         // sample_categorical, a block per row
   kTopP,           // top_p_threshold, a block per row
+  kTwoPass,        // masked forward beyond the register configurations: a block per row, read twice
 };
 
 inline const char* path_name(Path p) {
@@ -117,6 +118,7 @@ inline const char* path_name(Path p) {
     case Path::kTopKBackward: return "topk_backward";
     case Path::kSample: return "sample";
     case Path::kTopP: return "top_p";
+    case Path::kTwoPass: return "two_pass";
   }
   return "?";
 }
@@ -622,6 +624,58 @@ inline LaunchPlan plan_cross_entropy_backward(int64_t rows, int64_t n, ElemBytes
     l.bytes_reread = reread;
     l.bytes_written = out_bytes;
   }
+  return plan;
+}
+
+// ---- masked_forward (masked_softmax.cu) ----
+
+constexpr int kMaxMaskDims = 8;
+
+// How the masked forward finds row r's mask: r's coordinates over sizes (x's shape without its
+// last dim, at most kMaxMaskDims after merging) dotted with strides (0 where the mask broadcasts),
+// then element j at + j * col_stride (0 or 1). kind 0: no mask; 1: bool, true takes part; 2:
+// additive, in the accumulation type. causal_rows > 0: key j of query r % causal_rows takes part
+// only where j <= that query + causal_offset.
+struct MaskLayout {
+  int kind = 0;
+  const void* mask = nullptr;
+  int dims = 0;
+  int64_t sizes[kMaxMaskDims] = {};
+  int64_t strides[kMaxMaskDims] = {};
+  int64_t col_stride = 0;
+  int64_t causal_rows = 0;
+  int64_t causal_offset = 0;
+};
+
+// The bytes of mask the rows read (its own size, not x's): what the traffic model counts.
+inline int64_t masked_mask_bytes(const MaskLayout& m, int64_t rows, int64_t n, int acc_bytes) {
+  if (m.kind == 0 || rows == 0) return 0;
+  int64_t count = m.col_stride != 0 ? n : 1;
+  for (int k = 0; k < m.dims; ++k)
+    if (m.strides[k] != 0) count *= m.sizes[k];
+  return count * (m.kind == 1 ? 1 : acc_bytes);
+}
+
+inline LaunchPlan plan_masked_forward(int64_t rows, int64_t n, ElemBytes e, int64_t mask_bytes, DeviceLimits limits) {
+  if (rows == 0 || n == 0) return LaunchPlan{};
+  const int vec = e.vec();
+  const int64_t x_bytes = rows * n * e.in, y_bytes = rows * n * e.out;
+  LaunchPlan plan = plan_rows(rows, n, vec, limits, 0, kMaxRegisterGranules);
+  if (plan.path == Path::kRegisters) {
+    // The output pass reads the mask again, from L1/L2 (it is no larger than the rows).
+    add_on_chip_row_launch(plan, rows, n, vec, limits, {"masked_rows_kernel", "", 0}, x_bytes + mask_bytes, y_bytes);
+    return plan;
+  }
+  plan = LaunchPlan{};
+  plan.path = Path::kTwoPass;
+  Launch& l = plan.add("masked_two_pass_kernel");
+  l.block_x = kSplitThreads;
+  l.grid = capped_grid(rows, limits);
+  l.threads_per_row = kSplitThreads;
+  l.rows_per_block = 1;
+  l.bytes_read = 2 * (x_bytes + mask_bytes);
+  l.bytes_reread = x_bytes + mask_bytes;
+  l.bytes_written = y_bytes;
   return plan;
 }
 

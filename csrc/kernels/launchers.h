@@ -41,6 +41,15 @@ cudaError_t softmax_forward(const T* x, O* y, typename AccOf<T>::type* max_out,
                             typename AccOf<T>::type* sumexp_out, RowLayout layout, double scale,
                             bool log, void* workspace, DeviceLimits limits, cudaStream_t stream);
 
+// ---- masked forward (masked_softmax.cu) ----
+
+// y = softmax(x * scale + additive mask) or log_softmax over the last dim of contiguous rows (rows x
+// n), positions off the mask or past the causal limit 0 (log: -inf), a row with none taking part
+// all 0 (-inf). mask.dims <= kMaxMaskDims.
+template <typename T, typename O>
+cudaError_t masked_softmax_forward(const T* x, O* y, int64_t rows, int64_t n, double scale, bool log,
+                                   const MaskLayout& mask, DeviceLimits limits, cudaStream_t stream);
+
 // ---- backward (softmax_backward.cu) ----
 
 template <typename Y>

@@ -228,6 +228,8 @@ class HostKernels:
         lib.osm_host_sample_categorical.argtypes = [i32, vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, i32]
         lib.osm_host_top_p_threshold.argtypes = [i32, vp, i64, i64, vp, vp, vp, vp, i32]
         lib.osm_host_cross_entropy_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, vp, i32, i32]
+        lib.osm_host_masked_forward.argtypes = [i32, i32, vp, vp, i64, i64, f64, i32, i32, vp, i32, vp, vp, i64,
+                                                i64, i64, i32, i32]
         lib.osm_host_set_schedule.argtypes = [i32, ctypes.c_uint64]
         lib.osm_host_last_error.restype = ctypes.c_char_p
         lib.osm_host_launch_log.restype = ctypes.c_char_p
@@ -367,3 +369,35 @@ class HostKernels:
                                                              _ptr(weight), _ptr(out), rows, n, _ptr(error),
                                                              limits.num_sms, limits.max_smem_per_block))
         return (out, int(error.item())) if return_error else out
+
+    def masked_forward(self, x, mask=None, causal=False, causal_offset=0, scale=1.0, log=False, out_dtype=None,
+                       limits=Limits()):
+        """masked_softmax_forward over the last dim of a contiguous x (a view into a larger storage
+        keeps its offset); mask: None, bool or floating, any shape that broadcasts to x (an additive
+        one is converted to the accumulation dtype), read through its broadcast strides."""
+        assert x.is_contiguous() and x.dim() >= 1
+        n = x.shape[-1]
+        rows = x.numel() // n if n else 0
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = _poison(torch.empty(x.shape, dtype=out_dtype or x.dtype))
+        kind, m = 0, None
+        sizes = strides = (ctypes.c_int64 * 1)()
+        dims, col = 0, 0
+        if mask is not None:
+            kind = 1 if mask.dtype == torch.bool else 2
+            m = mask if kind == 1 else mask.to(acc)
+            m = m.reshape((1,) * (x.dim() - m.dim()) + tuple(m.shape))
+            if m.shape[-1] > 1 and m.stride(-1) != 1:
+                m = m.contiguous()
+            self._mask_keepalive = m
+            e = m.expand(x.shape)
+            dims = x.dim() - 1
+            sizes = (ctypes.c_int64 * max(dims, 1))(*x.shape[:-1])
+            strides = (ctypes.c_int64 * max(dims, 1))(*e.stride()[:-1])
+            col = e.stride(-1)
+        causal_rows = x.shape[-2] if causal else 0
+        self._check(self.lib.osm_host_masked_forward(DTYPE_CODES[x.dtype], DTYPE_CODES[y.dtype], _ptr(x), _ptr(y),
+                                                     rows, n, scale, int(log), kind, _ptr(m), dims, sizes, strides,
+                                                     col, causal_rows, causal_offset, limits.num_sms,
+                                                     limits.max_smem_per_block))
+        return y

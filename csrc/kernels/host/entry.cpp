@@ -4,6 +4,7 @@
 #include "kernels/launchers.h"
 
 #include <cstdint>
+#include <type_traits>
 
 using namespace online_softmax::kernels;
 using online_softmax::RowLayout;
@@ -185,6 +186,40 @@ int osm_host_cross_entropy_backward(int dtype, const void* x, const void* lse, c
                                      static_cast<const A*>(p_scale), static_cast<const A*>(target_scale),
                                      static_cast<const A*>(smooth_scale), static_cast<const A*>(weight),
                                      static_cast<T*>(out), rows, n, error, limits_of(num_sms, max_smem), nullptr);
+  });
+}
+
+// masked_softmax_forward over contiguous rows (rows x n); out_dtype as osm_host_forward's. kind 0/1/2
+// (none, bool, additive in the accumulation type); sizes/strides: dims entries each.
+int osm_host_masked_forward(int dtype, int out_dtype, const void* x, void* y, int64_t rows, int64_t n, double scale,
+                            int log, int kind, const void* mask, int dims, const int64_t* sizes,
+                            const int64_t* strides, int64_t col_stride, int64_t causal_rows, int64_t causal_offset,
+                            int num_sms, int max_smem) {
+  if (dims < 0 || dims > kMaxMaskDims) return cudaErrorInvalidValue;
+  MaskLayout m;
+  m.kind = kind;
+  m.mask = mask;
+  m.dims = dims;
+  for (int k = 0; k < dims; ++k) {
+    m.sizes[k] = sizes[k];
+    m.strides[k] = strides[k];
+  }
+  m.col_stride = col_stride;
+  m.causal_rows = causal_rows;
+  m.causal_offset = causal_offset;
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    if (out_dtype == dtype) {
+      return masked_softmax_forward<T, T>(static_cast<const T*>(x), static_cast<T*>(y), rows, n, scale, log != 0, m,
+                                          limits_of(num_sms, max_smem), nullptr);
+    }
+    if constexpr (!std::is_same_v<Acc<T>, double> && !std::is_same_v<T, float>) {
+      if (out_dtype == kFloat) {
+        return masked_softmax_forward<T, float>(static_cast<const T*>(x), static_cast<float*>(y), rows, n, scale,
+                                                log != 0, m, limits_of(num_sms, max_smem), nullptr);
+      }
+    }
+    return int(cudaErrorInvalidValue);
   });
 }
 

@@ -123,3 +123,14 @@ def reduced_shape(x: torch.Tensor, dim: int) -> list:
 def generator(value: Optional[torch.Generator], op: str) -> None:
     if value is not None and not isinstance(value, torch.Generator):
         raise fail(op, f"generator must be a torch.Generator, got {type(value).__name__}", TypeError)
+
+
+def bool_mask(mask, x: torch.Tensor, op: str) -> None:
+    """A bool mask (True takes part) that broadcasts to x, on x's device."""
+    tensor(mask, "mask", op)
+    if mask.dtype != torch.bool:
+        raise fail(op, f"mask must be a bool tensor (True takes part), got {mask.dtype}", TypeError)
+    if mask.device != x.device:
+        raise fail(op, f"mask must be on input's device {x.device}, got {mask.device}")
+    if mask.dim() > x.dim() or any(m not in (1, n) for m, n in zip(reversed(mask.shape), reversed(x.shape))):
+        raise fail(op, f"mask of shape {list(mask.shape)} does not broadcast to input's shape {list(x.shape)}")

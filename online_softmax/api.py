@@ -113,7 +113,8 @@ def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int
 
 
 def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = False, temperature: float = 1.0,
-                 renormalize: bool = False, dtype: Optional[torch.dtype] = None) -> SoftmaxTopK:
+                 renormalize: bool = False, dtype: Optional[torch.dtype] = None,
+                 mask: Optional[torch.Tensor] = None) -> SoftmaxTopK:
     """The k largest entries of softmax(input / temperature) (or log_softmax with ``log=True``).
 
     Reads the input once and never materializes the softmax: the online (max, sumexp) and a
@@ -127,6 +128,11 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = Fals
     gives their log. ``dtype`` is the values' dtype (default the input's): routers keep float32
     weights for bfloat16 logits. Either one recomputes the k values from the k selected logits in
     float32 (float64 for float64), so a float32 result is not a rounded bfloat16 one.
+
+    ``mask``: a bool tensor that broadcasts to the input, True where a position takes part (as in
+    :func:`softmax`). Masked positions count as probability 0 and are never selected: where fewer
+    than k positions of a row take part, the rest of its top-k is index -1 with value 0 (-inf with
+    ``log``). It costs one pass more than the unmasked call (the masked input is built first).
     """
     op = "softmax_topk"
     checks.tensor(input, "input", op)
@@ -134,6 +140,13 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = Fals
     checks.dim_type(dim, op)
     checks.float_dtype(dtype, "dtype", op)
     temperature = checks.real(temperature, "temperature", op)  # its range: the op's own check
+    if mask is not None:
+        checks.bool_mask(mask, input, op)
+        top = softmax_topk(input.masked_fill(~mask, float("-inf")), k, dim, log=log, temperature=temperature,
+                           renormalize=renormalize, dtype=dtype)
+        taken = mask.expand(input.shape).gather(dim, top.indices)
+        return SoftmaxTopK(top.values.masked_fill(~taken, float("-inf") if log else 0.0),
+                           top.indices.masked_fill(~taken, -1))
     values, indices, m, d = _ops.softmax_topk(input, k, dim, log, temperature)
     out_dtype = input.dtype if dtype is None else dtype
     if not renormalize and out_dtype == input.dtype:

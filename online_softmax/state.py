@@ -11,7 +11,7 @@ chunks (streamed, or split across threads or ranks) and normalized afterwards.
 """
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -96,12 +96,21 @@ def merge_topk_candidates(values: torch.Tensor, indices: torch.Tensor, k: int, d
     return v.narrow(dim, 0, k), i.narrow(dim, 0, k)
 
 
-def softmax_stats(input: torch.Tensor, dim: int = -1, *, temperature: float = 1.0) -> SoftmaxState:
-    """The online state of input / temperature along dim, computed in one read of the input."""
+def softmax_stats(input: torch.Tensor, dim: int = -1, *, temperature: float = 1.0,
+                  mask: Optional[torch.Tensor] = None) -> SoftmaxState:
+    """The online state of input / temperature along dim, computed in one read of the input.
+
+    ``mask``: a bool tensor that broadcasts to the input, True where a position takes part (as in
+    :func:`~online_softmax.softmax`); the state is that of the positions taking part, and a row
+    with none is the empty state (-inf, 0). It costs one pass more (the masked input is built first).
+    """
     op = "softmax_stats"
     checks.tensor(input, "input", op)
     checks.dim_type(dim, op)
     temperature = checks.real(temperature, "temperature", op)  # its range: the op's own check
+    if mask is not None:
+        checks.bool_mask(mask, input, op)
+        input = input.masked_fill(~mask, float("-inf"))
     m, d = _ops.stats(input, dim, temperature)
     return SoftmaxState(m, d, checks.wrap_dim(dim, input, op), temperature)
 

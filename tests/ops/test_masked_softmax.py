@@ -310,3 +310,43 @@ def test_fused_scale_mask_softmax_arguments():
         osm.FusedScaleMaskSoftmax(attn_mask_type="sliding")
     with pytest.raises(TypeError, match="mask must be a bool tensor"):
         osm.FusedScaleMaskSoftmax()(torch.randn(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_topk_with_a_mask(log):
+    x = torch.randn(3, 4, 20, generator=torch.Generator().manual_seed(16))
+    keep = torch.rand(3, 1, 20, generator=torch.Generator().manual_seed(17)) > 0.4
+    keep[1, 0, :] = False
+    keep[1, 0, 5:7] = True  # two positions left in entry 1: its top-4 ends in two empty slots
+    values, indices = osm.softmax_topk(x, 4, log=log, mask=keep, temperature=0.8)
+    want = reference(x / 0.8, keep, log=log)
+    full = keep.expand(x.shape)
+    for idx in range(3):
+        for r in range(4):
+            left = int(full[idx, r].sum())
+            got_i = indices[idx, r]
+            assert (got_i[:min(4, left)] >= 0).all() and (got_i[min(4, left):] == -1).all()
+            taken = got_i[got_i >= 0]
+            assert full[idx, r][taken].all()  # masked positions are never selected
+            order = want[idx, r].sort(descending=True)
+            torch.testing.assert_close(values[idx, r, :len(taken)].double(), order.values[:len(taken)],
+                                       rtol=1e-5, atol=1e-6)
+            assert (values[idx, r, len(taken):] == (-INF if log else 0)).all()
+    x.requires_grad_()
+    osm.softmax_topk(x, 3, mask=keep).values.sum().backward()
+    assert (x.grad[~full] == 0).all() and not x.grad.isnan().any()
+
+
+def test_softmax_stats_with_a_mask():
+    x = torch.randn(2, 5, 30, generator=torch.Generator().manual_seed(18)) * 3
+    keep = torch.rand(2, 1, 30, generator=torch.Generator().manual_seed(19)) > 0.5
+    keep[0, 0, :] = False
+    st = osm.softmax_stats(x, -1, mask=keep, temperature=2.0)
+    v = (x.double() / 2.0).masked_fill(~keep, -INF)
+    assert torch.equal(st.max[0], torch.full((5,), -INF))
+    assert (st.sumexp[0] == 0).all()  # the empty state: nothing takes part
+    torch.testing.assert_close(st.logsumexp()[1].double(), torch.logsumexp(v[1], -1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        osm.softmax_stats(x, -1, mask=keep.float())
+    with pytest.raises(ValueError, match="does not broadcast"):
+        osm.softmax_topk(x, 2, mask=torch.ones(7, dtype=torch.bool))

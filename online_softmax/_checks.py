@@ -125,12 +125,18 @@ def generator(value: Optional[torch.Generator], op: str) -> None:
         raise fail(op, f"generator must be a torch.Generator, got {type(value).__name__}", TypeError)
 
 
+def mask_layout(mask, x: torch.Tensor, op: str, x_name: str = "input") -> None:
+    """A mask tensor on x's device whose shape broadcasts to x's (its dtype: the caller's check)."""
+    tensor(mask, "mask", op)
+    if mask.device != x.device:
+        raise fail(op, f"mask must be on {x_name}'s device {x.device}, got {mask.device}")
+    if mask.dim() > x.dim() or any(m not in (1, n) for m, n in zip(reversed(mask.shape), reversed(x.shape))):
+        raise fail(op, f"mask of shape {list(mask.shape)} does not broadcast to {x_name}'s shape {list(x.shape)}")
+
+
 def bool_mask(mask, x: torch.Tensor, op: str) -> None:
     """A bool mask (True takes part) that broadcasts to x, on x's device."""
     tensor(mask, "mask", op)
     if mask.dtype != torch.bool:
         raise fail(op, f"mask must be a bool tensor (True takes part), got {mask.dtype}", TypeError)
-    if mask.device != x.device:
-        raise fail(op, f"mask must be on input's device {x.device}, got {mask.device}")
-    if mask.dim() > x.dim() or any(m not in (1, n) for m, n in zip(reversed(mask.shape), reversed(x.shape))):
-        raise fail(op, f"mask of shape {list(mask.shape)} does not broadcast to input's shape {list(x.shape)}")
+    mask_layout(mask, x, op)

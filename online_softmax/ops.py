@@ -68,10 +68,7 @@ def check_masked_forward(x, mask, causal, dim, scale, dtype, op="masked_forward"
         if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
             raise checks.fail(op, "mask must be bool (True takes part) or floating (added to x * scale), got "
                                   f"{mask.dtype}", TypeError)
-        if mask.device != x.device:
-            raise checks.fail(op, f"mask must be on x's device {x.device}, got {mask.device}")
-        if mask.dim() > x.dim() or any(m not in (1, n) for m, n in zip(reversed(mask.shape), reversed(x.shape))):
-            raise checks.fail(op, f"mask of shape {list(mask.shape)} does not broadcast to x's shape {list(x.shape)}")
+        checks.mask_layout(mask, x, op, x_name="x")
     return d
 
 

@@ -180,3 +180,39 @@ def beam_step_inputs(state, keep, cur_len, *, stop_prob=0.2, ties=False, seed=0)
     cand = torch.take_along_dim(running, beams.to(dev)[:, :, None], 1)
     cand[:, :, cur_len] = tokens.to(dev)
     return cand, scores.to(dev), beams.to(dev), stopped.to(dev)
+
+
+# softmax / log_softmax with scale, mask and causal, as the masked_forward op computes them
+MASKED_TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+INF = float("inf")
+
+
+def masked_softmax_reference(x, mask=None, causal=False, causal_offset=0, log=False, scale=1.0, dim=-1):
+    """float64: which positions take part, softmax over those, 0 (-inf) elsewhere and on rows with none."""
+    v = x.double() * scale
+    keep = torch.ones_like(v, dtype=torch.bool)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = keep & mask
+        else:
+            keep = keep & (mask != -INF)
+            v = v + mask.double()
+    if causal:
+        i = torch.arange(x.shape[-2])[:, None]
+        j = torch.arange(x.shape[-1])[None, :]
+        keep = keep & (j <= i + causal_offset)
+    v = v.masked_fill(~keep, -INF)
+    y = torch.log_softmax(v, dim) if log else torch.softmax(v, dim)
+    return torch.where(keep, y, torch.tensor(-INF if log else 0.0, dtype=torch.float64))
+
+
+def assert_masked_close(got, want, dtype, log=False):
+    got = got.double()
+    assert got.shape == want.shape
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan), "NaN positions differ"
+    inf = want.isinf()
+    assert torch.equal(got[inf], want[inf]), "infinite positions differ"
+    ok = ~nan & ~inf
+    tol = MASKED_TOL[dtype] * (20 if log else 1)
+    assert torch.allclose(got[ok], want[ok], rtol=tol, atol=tol), (got[ok] - want[ok]).abs().max()

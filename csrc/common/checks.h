@@ -83,4 +83,13 @@ inline at::ScalarType state_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// x in a dtype the forward kernels read for a result of out_dtype: x itself when the kernels cast
+// it on read (the same dtype, or float16/bfloat16 into float32), else converted first, as
+// torch.softmax(dtype=) does for other casts.
+inline at::Tensor readable_input(const at::Tensor& x, at::ScalarType out_dtype) {
+  const at::ScalarType in = x.scalar_type();
+  const bool cast_on_read = in == out_dtype || (out_dtype == at::kFloat && (in == at::kHalf || in == at::kBFloat16));
+  return cast_on_read ? x : x.to(out_dtype);
+}
+
 }  // namespace online_softmax

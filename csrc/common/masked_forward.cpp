@@ -16,7 +16,7 @@ at::Tensor masked_forward_composite(const at::Tensor& x_in, const std::optional<
                                     std::optional<at::ScalarType> dtype) {
   const MaskedForwardArgs a = masked_forward_args(x_in, mask, causal, dim, scale, dtype);
   const double inf = std::numeric_limits<double>::infinity();
-  at::Tensor v = a.x.to(masked_acc_dtype(a.x.scalar_type())) * scale;
+  at::Tensor v = a.x.to(state_dtype(a.x.scalar_type())) * scale;
   at::Tensor keep = at::ones_like(v, v.options().dtype(at::kBool));
   if (a.mask.defined()) {
     if (a.mask.scalar_type() == at::kBool) {

@@ -21,9 +21,6 @@ struct MaskedForwardArgs {
   int64_t causal_rows;    // x.size(-2) when causal (query positions), else 0
 };
 
-// The accumulation dtype of the kernels for input dtype t: float32, or float64 for float64.
-inline at::ScalarType masked_acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 inline MaskedForwardArgs masked_forward_args(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in,
                                              bool causal, int64_t dim, double scale,
                                              std::optional<at::ScalarType> dtype) {
@@ -42,10 +39,7 @@ inline MaskedForwardArgs masked_forward_args(const at::Tensor& x_in, const std::
   } else {
     a.causal_rows = 0;
   }
-  const at::ScalarType in = x_in.scalar_type();
-  const bool cast_on_read = in == a.out_dtype ||
-      (a.out_dtype == at::kFloat && (in == at::kHalf || in == at::kBFloat16));
-  const at::Tensor x_cast = cast_on_read ? x_in : x_in.to(a.out_dtype);
+  const at::Tensor x_cast = readable_input(x_in, a.out_dtype);
   a.x = (nd == 0 ? x_cast : x_cast.movedim(a.dim, -1)).contiguous();
   if (!mask_in.has_value()) return a;
   at::Tensor m = *mask_in;
@@ -61,7 +55,7 @@ inline MaskedForwardArgs masked_forward_args(const at::Tensor& x_in, const std::
     TORCH_CHECK_VALUE(ms == xs || ms == 1, "online_softmax.masked_forward: mask of shape ", m.sizes(),
                       " does not broadcast to x's shape ", x_in.sizes());
   }
-  if (m.scalar_type() != at::kBool) m = m.to(masked_acc_dtype(a.x.scalar_type()));
+  if (m.scalar_type() != at::kBool) m = m.to(state_dtype(a.x.scalar_type()));
   if (nd == 0) return a.mask = m.expand({}), a;
   std::vector<int64_t> padded(nd - m.dim(), 1);
   padded.insert(padded.end(), m.sizes().begin(), m.sizes().end());

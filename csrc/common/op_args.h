@@ -27,12 +27,7 @@ inline ForwardArgs forward_args(const at::Tensor& x_in, int64_t dim, double temp
   a.out_dtype = result_dtype(x_in, dtype, "forward");
   a.dim = wrap_dim(dim, x_in, "forward");
   check_temperature(temperature, "forward");
-  // Casts on read: same dtype, or float16/bfloat16 read into a float32 result. Other casts
-  // (rarely used: downcasts, double) convert first, as torch.softmax(dtype=) does.
-  const at::ScalarType in = x_in.scalar_type();
-  const bool cast_on_read = in == a.out_dtype ||
-      (a.out_dtype == at::kFloat && (in == at::kHalf || in == at::kBFloat16));
-  a.x = (cast_on_read ? x_in : x_in.to(a.out_dtype)).contiguous();
+  a.x = readable_input(x_in, a.out_dtype).contiguous();
   return a;
 }
 

@@ -6,9 +6,6 @@ path for long rows and few rows, grids smaller than the work, bool and additive 
 broadcast pattern, causal with offsets, fully masked rows and hostile values. Each launch is the one
 online_softmax.cuda_plan reports."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,9 +13,8 @@ import host_kernels as hkmod
 import online_softmax as osm
 from host_kernels import HostKernels, Limits, assert_ran, plan_for
 from test_kernels_host import DTYPES, REGISTER_CAPACITIES, logits, vec
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
-from test_masked_softmax import assert_close, reference  # noqa: E402
+from testlib import assert_masked_close as assert_close
+from testlib import masked_softmax_reference as reference
 
 pytestmark = hkmod.requires_toolchain()
 ROWS = ["masked_rows_kernel"]

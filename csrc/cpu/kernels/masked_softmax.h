@@ -74,14 +74,11 @@ bool build_masked_row(const MaskedForwardCall& c, const T* x, A* v, int64_t len,
 }
 
 // Whether position j of row r (at mask_at) is masked: for the rare rows whose output is NaN.
-inline bool masked_at(const MaskedForwardCall& c, int64_t mask_at, int64_t j, bool is_double) {
-  if (c.mask_kind == 1) return !static_cast<const bool*>(c.mask)[mask_at + j * c.col_stride];
-  if (c.mask_kind == 2) {
-    const int64_t at = mask_at + j * c.col_stride;
-    return is_double ? static_cast<const double*>(c.mask)[at] == -std::numeric_limits<double>::infinity()
-                     : static_cast<const float*>(c.mask)[at] == -std::numeric_limits<float>::infinity();
-  }
-  return false;
+template <typename A>
+bool masked_at(const MaskedForwardCall& c, int64_t mask_at, int64_t j) {
+  const int64_t at = mask_at + j * c.col_stride;
+  if (c.mask_kind == 1) return !static_cast<const bool*>(c.mask)[at];
+  return c.mask_kind == 2 && static_cast<const A*>(c.mask)[at] == -std::numeric_limits<A>::infinity();
 }
 
 template <typename T, typename O>
@@ -124,7 +121,7 @@ void masked_forward_typed(const MaskedForwardCall& c) {
         // x holds NaN or +inf, or every position taking part is -inf: the row is NaN (torch), but
         // its masked positions still get their 0 (-inf), as on every other row.
         for (int64_t j = 0; j < len; ++j)
-          if (masked_at(c, mask_at, j, std::is_same_v<A, double>)) yr[j] = off;
+          if (masked_at<A>(c, mask_at, j)) yr[j] = off;
       }
     }
   });

@@ -51,6 +51,18 @@ inline acc_t<Y> reduce_contiguous(const Y* dy, const Y* y, int64_t n, bool log) 
   return static_cast<A>(total);
 }
 
+// One vector of dx, and one element, from dy, y and the row's reduction (sum(dy * y), or sum(dy)).
+template <bool kLog, bool kScaled, typename V>
+inline V grad_vec(V g, V yv, V total, V s) {
+  const V d = kLog ? g - vexp_keep_nan(yv) * total : yv * (g - total);
+  return kScaled ? d * s : d;
+}
+
+template <typename A>
+inline A grad_scalar(bool log, A g, A yv, A total, A s) {
+  return (log ? g - std::exp(yv) * total : yv * (g - total)) * s;
+}
+
 // The write pass, specialized on log and on s == 1 (no temperature: one multiply fewer per
 // vector, which matters in this load/store-bound loop when the rows sit in L2).
 template <bool kLog, bool kScaled, typename Y, typename X>
@@ -59,21 +71,59 @@ inline void write_grad_loop(const Y* dy, const Y* y, X* dx, int64_t n, acc_t<Y> 
   using V = Vectorized<A>;
   using IO = VecIO<Y>;
   const V vt(total), vs(s);
-  auto grad = [&](V g, V yv) {
-    const V d = kLog ? g - vexp_keep_nan(yv) * vt : yv * (g - vt);
-    return kScaled ? d * vs : d;
-  };
   int64_t i = 0;
   for (; i + IO::kStep <= n; i += IO::kStep) {
     V g0, g1, y0, y1;
     IO::load2(dy + i, g0, g1);
     IO::load2(y + i, y0, y1);
-    VecIO<X>::store2(dx + i, grad(g0, y0), grad(g1, y1));
+    VecIO<X>::store2(dx + i, grad_vec<kLog, kScaled>(g0, y0, vt, vs), grad_vec<kLog, kScaled>(g1, y1, vt, vs));
   }
   for (; i < n; ++i) {
-    const A g = static_cast<A>(dy[i]), yv = static_cast<A>(y[i]);
-    dx[i] = static_cast<X>((kLog ? g - std::exp(yv) * total : yv * (g - total)) * s);
+    dx[i] = static_cast<X>(grad_scalar<A>(kLog, static_cast<A>(dy[i]), static_cast<A>(y[i]), total, s));
   }
+}
+
+// The write pass of a row fused with the reduce pass of the next row of the same thread, returning
+// the next row's reduction (the same sums in the same order as reduce_contiguous, so the result
+// does not depend on which rows a thread got). A thread's rows are consecutive in memory: while
+// the current row is re-read from L1/L2, the next one streams in from L3 or DRAM, which would
+// otherwise wait idle through the write pass.
+template <bool kLog, bool kScaled, typename Y, typename X>
+inline acc_t<Y> write_grad_reduce_next(const Y* dy, const Y* y, X* dx, const Y* next_dy, const Y* next_y, int64_t n,
+                                      acc_t<Y> total, acc_t<Y> s) {
+  using A = acc_t<Y>;
+  using V = Vectorized<A>;
+  using IO = VecIO<Y>;
+  const V vt(total), vs(s);
+  const int64_t vec_end = n - n % IO::kStep;
+  double next_total = 0;
+  for (int64_t block = 0; block < vec_end; block += kLaneBlock) {
+    const int64_t block_end = std::min(vec_end, block + kLaneBlock);
+    V acc0(A(0)), acc1(A(0));
+    for (int64_t i = block; i < block_end; i += IO::kStep) {
+      V g0, g1, y0, y1, h0, h1;
+      IO::load2(dy + i, g0, g1);
+      IO::load2(y + i, y0, y1);
+      VecIO<X>::store2(dx + i, grad_vec<kLog, kScaled>(g0, y0, vt, vs), grad_vec<kLog, kScaled>(g1, y1, vt, vs));
+      IO::load2(next_dy + i, h0, h1);
+      if (kLog) {
+        acc0 = acc0 + h0;
+        acc1 = acc1 + h1;
+      } else {
+        V z0, z1;
+        IO::load2(next_y + i, z0, z1);
+        acc0 = at::vec::fmadd(h0, z0, acc0);
+        acc1 = at::vec::fmadd(h1, z1, acc1);
+      }
+    }
+    next_total += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc0 + acc1);
+  }
+  for (int64_t i = vec_end; i < n; ++i) {
+    dx[i] = static_cast<X>(grad_scalar<A>(kLog, static_cast<A>(dy[i]), static_cast<A>(y[i]), total, s));
+    next_total += kLog ? static_cast<double>(next_dy[i])
+                       : static_cast<double>(next_dy[i]) * static_cast<double>(next_y[i]);
+  }
+  return static_cast<A>(next_total);
 }
 
 template <typename Y, typename X>
@@ -87,15 +137,45 @@ inline void write_contiguous_grad(const Y* dy, const Y* y, X* dx, int64_t n, acc
   }
 }
 
+// Rows [begin, end) of one thread: each row's write pass runs beside the next row's reduce pass.
+// Only for rows whose dy and y together outgrow L1 (more than 4096 float32): shorter rows are
+// re-read from L1 and the hardware prefetcher already streams the next row meanwhile; there the
+// fused loop was slower (1024 x 1024: 0.81-0.87x the plain passes, 64 x 32768: 1.14-1.16x,
+// 8 x 262144: 1.09-1.11x; benchmarks/bench_backward_parts.py's machine, Zen 4, 2026-12-07).
+constexpr int64_t kPipelineRowBytes = 16384;
+
+template <bool kLog, bool kScaled, typename Y, typename X>
+void backward_rows_pipelined(const Y* dy, const Y* y, X* dx, int64_t begin, int64_t end, int64_t n, acc_t<Y> s) {
+  acc_t<Y> total = reduce_contiguous(dy + begin * n, y + begin * n, n, kLog);
+  for (int64_t r = begin; r + 1 < end; ++r) {
+    total = write_grad_reduce_next<kLog, kScaled>(dy + r * n, y + r * n, dx + r * n, dy + (r + 1) * n,
+                                                   y + (r + 1) * n, n, total, s);
+  }
+  write_grad_loop<kLog, kScaled>(dy + (end - 1) * n, y + (end - 1) * n, dx + (end - 1) * n, n, total, s);
+}
+
 template <typename Y, typename X>
 void backward_contiguous(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n, acc_t<Y> s, bool log) {
   using A = acc_t<Y>;
   const RowSplit split = plan_row_split(rows, n);
-  if (split.chunks == 1) {
+  if (split.chunks == 1 && n * static_cast<int64_t>(sizeof(Y)) <= kPipelineRowBytes) {
     at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const A total = reduce_contiguous(dy + r * n, y + r * n, n, log);
         write_contiguous_grad(dy + r * n, y + r * n, dx + r * n, n, total, s, log);
+      }
+    });
+    return;
+  }
+  if (split.chunks == 1) {
+    const bool scaled = s != A(1);
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      if (log) {
+        scaled ? backward_rows_pipelined<true, true>(dy, y, dx, begin, end, n, s)
+               : backward_rows_pipelined<true, false>(dy, y, dx, begin, end, n, s);
+      } else {
+        scaled ? backward_rows_pipelined<false, true>(dy, y, dx, begin, end, n, s)
+               : backward_rows_pipelined<false, false>(dy, y, dx, begin, end, n, s);
       }
     });
     return;

@@ -5,15 +5,15 @@
 // (the backward of 64 x 32768: 20-40 us, Python's garbage collector included). Every other op's
 // autograd stays in Python (online_softmax/ops.py), as do all the fake kernels.
 //
-// forward records a hand-made node (ForwardBackward), as ATen's generated SoftmaxBackward0 is,
-// rather than going through torch::autograd::Function: Function::apply builds a context with a
-// string-keyed map and wraps outputs for every case a custom function may have (views, dirty and
-// non-differentiable outputs), about 0.8 us of a 4 x 8 call. A plain node also works under
-// torch.func transforms (Function::apply refuses them) and carries forward-mode AD (Function::apply
-// silently dropped the tangent). Its derivative is the backward op, called through the dispatcher,
-// so torch.compile traces the same two ops as before; the backward op's own derivative (second
-// derivatives of a softmax) is written in ATen ops, which are differentiable in turn, and stays a
-// torch::autograd::Function (rare, and not worth a node of its own).
+// Both record hand-made nodes, as ATen's generated SoftmaxBackward0 is, rather than going through
+// torch::autograd::Function: Function::apply builds a context with a string-keyed map and wraps
+// outputs for every case a custom function may have (views, dirty and non-differentiable outputs),
+// about 0.8 us of a 4 x 8 call. Plain nodes also work under torch.func transforms (grad, vjp,
+// hessian: Function::apply refuses them), carry forward-mode AD (Function::apply silently dropped
+// the tangent) and give compiled autograd a traceable function. forward's derivative is the
+// backward op, called through the dispatcher, so torch.compile traces the same two ops as before;
+// the backward op's own derivatives (second derivatives of a softmax) are written in ATen ops,
+// which are differentiable in turn.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -25,12 +25,14 @@
 
 #include <c10/core/WrapDimMinimal.h>
 
+#include <array>
 #include <optional>
+#include <utility>
+#include <vector>
 
 namespace online_softmax {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
@@ -51,42 +53,135 @@ at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& out, int64_t 
   return op.call(grad, out, dim, log, temperature, input_dtype);
 }
 
-// The arguments a forward call hands its backward: everything but x, whose dtype is the gradient's.
-struct ForwardArgs {
+// The op's arguments besides its tensors, as its derivatives need them.
+struct Args {
   int64_t dim;
   bool log;
   double temperature;
-  at::ScalarType input_dtype;
+  at::ScalarType input_dtype;  // forward: x's dtype (the gradient's); backward: its own argument
 };
 
-at::Tensor forward_gradient(const at::Tensor& grad, const at::Tensor& out, const ForwardArgs& a) {
-  return call_backward(grad, out, a.dim, a.log, a.temperature, a.input_dtype);
+std::vector<c10::IValue> packed_args(const Args& a) {
+  return {a.dim, a.log, a.temperature, static_cast<int64_t>(a.input_dtype)};
 }
 
-// Compiled autograd's view of the node: a function of (grads, out, dim, log, temperature,
-// input_dtype) that it calls with proxies while tracing (the backward op has a fake kernel).
-variable_list forward_gradient_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
-  const ForwardArgs a{args[1].toInt(), args[2].toBool(), args[3].toDouble(),
-                      static_cast<at::ScalarType>(args[4].toInt())};
+Args unpacked_args(const std::vector<c10::IValue>& packed, size_t first) {
+  return {packed[first].toInt(), packed[first + 1].toBool(), packed[first + 2].toDouble(),
+          static_cast<at::ScalarType>(packed[first + 3].toInt())};
+}
+
+// dx of forward for an incoming gradient g: the backward op.
+at::Tensor forward_gradient(const at::Tensor& g, const at::Tensor& out, const Args& a) {
+  return call_backward(g, out, a.dim, a.log, a.temperature, a.input_dtype);
+}
+
+// Softmax rows in the accumulation dtype, a 0-d tensor as one row of one element: what the
+// ATen-op derivatives below work on.
+struct AccRows {
+  at::ScalarType acc;
+  bool scalar;
+  int64_t dim;
+  at::Tensor operator()(const at::Tensor& t) const {
+    const at::Tensor a = t.to(acc);
+    return scalar ? a.reshape({1}) : a;
+  }
+  at::Tensor sum(const at::Tensor& t) const { return t.sum(dim, /*keepdim=*/true); }
+  at::Tensor back(const at::Tensor& t, at::ScalarType dtype) const { return (scalar ? t.reshape({}) : t).to(dtype); }
+};
+
+AccRows acc_rows(const at::Tensor& out, int64_t dim) {
+  const bool scalar = out.dim() == 0;
+  return {out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat, scalar,
+          scalar ? 0 : c10::maybe_wrap_dim(dim, out.dim())};
+}
+
+// The derivatives of the backward op dx(g, y), with s = 1 / temperature:
+//   softmax: dx = s y (g - sum(g y))
+//   log:     dx = s (g - e^y sum(g))
+// Reverse mode, for the gradient h of dx:
+//   softmax: dg = s y (h - sum(h y)),  dy = s (h (g - sum(g y)) - g sum(h y))
+//   log:     dg = s (h - sum(h e^y)),  dy = -s h e^y sum(g)
+std::pair<at::Tensor, at::Tensor> backward_gradients(const at::Tensor& h, const at::Tensor& g, const at::Tensor& y,
+                                                     const Args& a) {
+  const AccRows rows = acc_rows(y, a.dim);
+  const at::Tensor ga = rows(g), ya = rows(y), ha = rows(h);
+  const double s = 1.0 / a.temperature;
+  at::Tensor dg, dy;
+  if (a.log) {
+    const at::Tensor e = ya.exp();
+    dg = (ha - rows.sum(ha * e)) * s;
+    dy = ha * e * rows.sum(ga) * (-s);
+  } else {
+    const at::Tensor hy = rows.sum(ha * ya);
+    dg = ya * (ha - hy) * s;
+    dy = (ha * (ga - rows.sum(ga * ya)) - ga * hy) * s;
+  }
+  return {rows.back(dg, g.scalar_type()), rows.back(dy, y.scalar_type())};
+}
+
+// Forward mode, for tangents tg of g and ty of y (an undefined one is zero):
+//   softmax: s (ty (g - sum(g y)) + y (tg - sum(tg y + g ty)))
+//   log:     s (tg - e^y (ty sum(g) + sum(tg)))
+at::Tensor backward_tangent(const at::Tensor& tg, const at::Tensor& ty, const at::Tensor& g, const at::Tensor& y,
+                            const Args& a, at::ScalarType dx_dtype) {
+  const AccRows rows = acc_rows(y, a.dim);
+  const at::Tensor ga = rows(g), ya = rows(y);
+  const at::Tensor tga = tg.defined() ? rows(tg) : at::zeros_like(ga);
+  const at::Tensor tya = ty.defined() ? rows(ty) : at::zeros_like(ya);
+  const at::Tensor t = a.log ? tga - ya.exp() * (tya * rows.sum(ga) + rows.sum(tga))
+                             : tya * (ga - rows.sum(ga * ya)) + ya * (tga - rows.sum(tga * ya + ga * tya));
+  return rows.back(t * (1.0 / a.temperature), dx_dtype);
+}
+
+// The tangent of y = softmax(s x) for a tangent t of x: J t with J = s (diag(y) - y y^T), which is
+// symmetric, so it is the backward op applied to t. For log_softmax, J = s (I - 1 e^y^T).
+at::Tensor forward_tangent(const at::Tensor& t, const at::Tensor& out, const Args& a) {
+  const at::Tensor tt = t.to(out.scalar_type());
+  if (!a.log) return call_backward(tt, out, a.dim, false, a.temperature, out.scalar_type());
+  const AccRows rows = acc_rows(out, a.dim);
+  const at::Tensor ta = rows(tt);
+  return rows.back((ta - rows.sum(ta * rows(out).exp())) * (1.0 / a.temperature), out.scalar_type());
+}
+
+// Compiled autograd's view of the nodes: a function of (grads, saved tensors..., args) that it
+// calls with proxies while tracing (the backward op has a fake kernel; the rest are ATen ops).
+variable_list forward_gradient_functional(const variable_list& grads, const std::vector<c10::IValue>& packed) {
   if (!grads[0].defined()) return {at::Tensor()};
-  return {forward_gradient(grads[0], args[0].toTensor(), a)};
+  return {forward_gradient(grads[0], packed[0].toTensor(), unpacked_args(packed, 1))};
 }
 
-struct ForwardBackward : public torch::autograd::TraceableFunction {
-  ForwardArgs args;
-  SavedVariable out_;
+variable_list backward_gradient_functional(const variable_list& grads, const std::vector<c10::IValue>& packed) {
+  if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+  auto [dg, dy] = backward_gradients(grads[0], packed[0].toTensor(), packed[1].toTensor(), unpacked_args(packed, 2));
+  return {dg, dy};
+}
 
-  std::string name() const override { return "OnlineSoftmaxForwardBackward"; }
+// A node made by hand, as ATen's generated ones are (see the top of the file): the op's arguments
+// and saved tensors; `gradient` is its derivative, `functional` the same for compiled autograd.
+template <size_t kSaved>
+struct SoftmaxNode : public torch::autograd::TraceableFunction {
+  Args args{};
+  std::array<SavedVariable, kSaved> saved_;
+  std::array<bool, kSaved> saved_is_output_{};
+
+  virtual variable_list gradient(const variable_list& grads, const std::array<at::Tensor, kSaved>& saved) = 0;
+  virtual torch::autograd::functional_apply_t functional() const = 0;
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!grads[0].defined() || !task_should_compute_output(0)) return {at::Tensor()};
-    return {forward_gradient(grads[0], out_.unpack(getptr()), args)};
+    const size_t outputs = num_outputs();
+    if (!grads[0].defined()) return variable_list(outputs);
+    std::array<at::Tensor, kSaved> saved;
+    for (size_t i = 0; i < kSaved; ++i) saved[i] = saved_[i].unpack(getptr());
+    variable_list result = gradient(grads, saved);
+    for (size_t i = 0; i < outputs; ++i)
+      if (!task_should_compute_output(i)) result[i] = at::Tensor();
+    return result;
   }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    out_.reset_data();
+    for (SavedVariable& v : saved_) v.reset_data();
   }
 
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& compiled) const override {
@@ -94,95 +189,54 @@ struct ForwardBackward : public torch::autograd::TraceableFunction {
     compiled.collect(args.log);
     compiled.collect(args.temperature);
     compiled.collect(static_cast<int64_t>(args.input_dtype));
-    compiled.collect(out_, /*is_output=*/true);
+    for (size_t i = 0; i < kSaved; ++i) compiled.collect(saved_[i], saved_is_output_[i]);
   }
 
   variable_list apply_with_saved(const variable_list& grads,
-                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    saved.before(out_);
-    const std::vector<c10::IValue> packed{out_.unpack(getptr()), args.dim, args.log, args.temperature,
-                                          static_cast<int64_t>(args.input_dtype)};
-    const std::vector<at::TypePtr> schema{at::TensorType::get(), c10::IntType::get(), c10::BoolType::get(),
-                                          c10::FloatType::get(), c10::IntType::get()};
+                                 torch::dynamo::autograd::SwapSavedVariables& swap) override {
+    for (SavedVariable& v : saved_) swap.before(v);
+    std::vector<c10::IValue> packed;
+    std::vector<at::TypePtr> schema;
+    for (SavedVariable& v : saved_) {
+      packed.emplace_back(v.unpack(getptr()));
+      schema.push_back(at::TensorType::get());
+    }
+    for (c10::IValue& v : packed_args(args)) {
+      schema.push_back(v.type());
+      packed.push_back(std::move(v));
+    }
     const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
     // Bound afresh on every cache miss, as custom functions are: the name gets a counter.
-    const std::string fn = py->bind_function(saved.get_py_compiler(), name(), forward_gradient_functional, schema,
+    const std::string fn = py->bind_function(swap.get_py_compiler(), name(), functional(), schema,
                                              /*is_custom_function=*/true, /*is_traceable=*/true);
     const auto metadata = torch::dynamo::autograd::IValuePacker<std::vector<std::optional<
         torch::autograd::InputMetadata>>>::pack(torch::dynamo::autograd::get_input_metadata(next_edges()));
-    variable_list result =
-        py->call_function(saved.get_py_compiler(), "apply_functional", fn, grads, packed, metadata);
-    saved.after(out_);
+    variable_list result = py->call_function(swap.get_py_compiler(), "apply_functional", fn, grads, packed, metadata);
+    for (SavedVariable& v : saved_) swap.after(v);
     return result;
   }
 };
 
-// The tangent of y = softmax(s x) for a tangent t of x: J t with J = s (diag(y) - y y^T), which is
-// symmetric, so it is the backward op applied to t. For log_softmax, J = s (I - 1 e^y^T).
-at::Tensor forward_tangent(const at::Tensor& t, const at::Tensor& out, const ForwardArgs& a) {
-  const at::Tensor tt = t.to(out.scalar_type());
-  if (!a.log) return call_backward(tt, out, a.dim, false, a.temperature, out.scalar_type());
-  const bool scalar = out.dim() == 0;
-  const at::ScalarType acc = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor ta = scalar ? tt.to(acc).reshape({1}) : tt.to(acc);
-  const at::Tensor ya = scalar ? out.to(acc).reshape({1}) : out.to(acc);
-  const int64_t d = scalar ? 0 : c10::maybe_wrap_dim(a.dim, out.dim());
-  at::Tensor jt = (ta - (ta * ya.exp()).sum(d, /*keepdim=*/true)) * (1.0 / a.temperature);
-  return (scalar ? jt.reshape({}) : jt).to(out.scalar_type());
-}
-
-// With s = 1 / temperature, g = grad_out, y = out and h the gradient of dx:
-//   softmax: dx = s y (g - sum(g y))  ->  dg = s y (h - sum(h y)),  dy = s (h (g - sum(g y)) - g sum(h y))
-//   log:     dx = s (g - e^y sum(g))  ->  dg = s (h - sum(h e^y)),  dy = -s h e^y sum(g)
-class SoftmaxBackwardFunction : public torch::autograd::Function<SoftmaxBackwardFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& out, int64_t dim,
-                            bool log, double temperature, std::optional<at::ScalarType> input_dtype) {
-    at::Tensor dx;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      dx = call_backward(grad_out, out, dim, log, temperature, input_dtype);
-    }
-    ctx->save_for_backward({grad_out, out});
-    ctx->saved_data["dim"] = dim;
-    ctx->saved_data["log"] = log;
-    ctx->saved_data["temperature"] = temperature;
-    return dx;
+// forward's node: saves its output y.
+struct ForwardBackward final : public SoftmaxNode<1> {
+  std::string name() const override { return "OnlineSoftmaxForwardBackward"; }
+  variable_list gradient(const variable_list& grads, const std::array<at::Tensor, 1>& saved) override {
+    return {forward_gradient(grads[0], saved[0], args)};
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& g = saved[0];
-    const at::Tensor& y = saved[1];
-    const bool scalar = y.dim() == 0;
-    const at::ScalarType acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    auto prepared = [&](const at::Tensor& t) {
-      at::Tensor a = t.to(acc);
-      return scalar ? a.reshape({1}) : a;
-    };
-    const at::Tensor ga = prepared(g), ya = prepared(y), ha = prepared(grads[0]);
-    const int64_t d = scalar ? 0 : c10::maybe_wrap_dim(ctx->saved_data["dim"].toInt(), y.dim());
-    const double s = 1.0 / ctx->saved_data["temperature"].toDouble();
-    at::Tensor dg, dy;
-    if (ctx->saved_data["log"].toBool()) {
-      const at::Tensor e = ya.exp();
-      dg = (ha - (ha * e).sum(d, /*keepdim=*/true)) * s;
-      dy = ha * e * ga.sum(d, /*keepdim=*/true) * (-s);
-    } else {
-      const at::Tensor hy = (ha * ya).sum(d, /*keepdim=*/true);
-      dg = ya * (ha - hy) * s;
-      dy = (ha * (ga - (ga * ya).sum(d, /*keepdim=*/true)) - ga * hy) * s;
-    }
-    if (scalar) {
-      dg = dg.reshape({});
-      dy = dy.reshape({});
-    }
-    return {dg.to(g.scalar_type()), dy.to(y.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
+  torch::autograd::functional_apply_t functional() const override { return forward_gradient_functional; }
 };
 
-// Nothing to record (no grad mode, or no input that requires grad): straight to the kernel below
-// autograd. Function::apply would build a node and a context first, about 1.5 us of a 4-us call.
+// backward's node (second derivatives): saves g and y.
+struct BackwardBackward final : public SoftmaxNode<2> {
+  std::string name() const override { return "OnlineSoftmaxBackwardBackward"; }
+  variable_list gradient(const variable_list& grads, const std::array<at::Tensor, 2>& saved) override {
+    auto [dg, dy] = backward_gradients(grads[0], saved[0], saved[1], args);
+    return {dg, dy};
+  }
+  torch::autograd::functional_apply_t functional() const override { return backward_gradient_functional; }
+};
+
+// Nothing to record (no grad mode, or no input that requires grad): no node.
 bool records(std::initializer_list<const at::Tensor*> inputs) {
   if (!at::GradMode::is_enabled()) return false;
   for (const at::Tensor* t : inputs)
@@ -198,29 +252,53 @@ at::Tensor forward_autograd(const at::Tensor& x, int64_t dim, bool log, double t
     at::AutoDispatchBelowADInplaceOrView below;
     out = call_forward(x, dim, log, temperature, dtype);
   }
-  const ForwardArgs args{dim, log, temperature, x.scalar_type()};
+  const Args args{dim, log, temperature, x.scalar_type()};
+  c10::intrusive_ptr<ForwardBackward> node;
   if (records({&x})) {
-    auto node = c10::make_intrusive<ForwardBackward>();
+    node = c10::make_intrusive<ForwardBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(x));
     node->args = args;
     torch::autograd::set_history(out, node);
-    node->out_ = SavedVariable(out, /*is_output=*/true);
   }
   if (tangent) {
     // Computed from the output alone, after it got its history, so that a tangent that requires
-    // grad (forward-over-reverse) differentiates through it.
+    // grad differentiates through it.
     out._set_fw_grad(forward_tangent(x._fw_grad(/*level=*/0), out, args), /*level=*/0, /*is_inplace_op=*/false);
+  }
+  if (node) {
+    // Saved last, with its tangent: forward-over-reverse (hessians) differentiates the backward
+    // through the saved y.
+    node->saved_[0] = SavedVariable(out, /*is_output=*/true);
+    node->saved_is_output_[0] = true;
   }
   return out;
 }
 
 at::Tensor backward_autograd(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log,
                              double temperature, std::optional<at::ScalarType> input_dtype) {
-  if (!records({&grad_out, &out})) {
+  const bool tangent = torch::autograd::isFwGradDefined(grad_out) || torch::autograd::isFwGradDefined(out);
+  at::Tensor dx;
+  {
     at::AutoDispatchBelowADInplaceOrView below;
-    return call_backward(grad_out, out, dim, log, temperature, input_dtype);
+    dx = call_backward(grad_out, out, dim, log, temperature, input_dtype);
   }
-  return SoftmaxBackwardFunction::apply(grad_out, out, dim, log, temperature, input_dtype);
+  const Args args{dim, log, temperature, input_dtype.value_or(out.scalar_type())};
+  if (records({&grad_out, &out})) {
+    const auto node = c10::make_intrusive<BackwardBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(grad_out, out));
+    node->args = args;
+    node->saved_[0] = SavedVariable(grad_out, /*is_output=*/false);
+    node->saved_[1] = SavedVariable(out, /*is_output=*/false);
+    torch::autograd::set_history(dx, node);
+  }
+  if (tangent) {
+    // From the primals: a tangent computed from the dual tensors would carry a tangent itself.
+    dx._set_fw_grad(backward_tangent(grad_out._fw_grad(/*level=*/0), out._fw_grad(/*level=*/0),
+                                     grad_out._fw_primal(/*level=*/0), out._fw_primal(/*level=*/0), args,
+                                     dx.scalar_type()),
+                    /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return dx;
 }
 
 }  // namespace

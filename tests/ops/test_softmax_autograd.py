@@ -1,6 +1,7 @@
-"""The autograd node of softmax / log_softmax (csrc/common/softmax_autograd.cpp) beyond first
-gradients: forward-mode AD, second derivatives, saved-tensor hooks, freeing after backward, partial
-gradients, compiled autograd. Each against torch's own softmax, in float64 where it checks numbers."""
+"""The autograd nodes of softmax / log_softmax and of their backward op
+(csrc/common/softmax_autograd.cpp) beyond first gradients: forward-mode AD, second derivatives,
+torch.func transforms, saved-tensor hooks, freeing after backward, partial gradients, compiled
+autograd. Each against torch's own softmax or finite differences, in float64 where it checks numbers."""
 
 import pytest
 import torch
@@ -20,7 +21,33 @@ def test_forward_ad_and_second_derivatives_gradcheck(name, shape, dim, temperatu
     x = random_logits(shape, torch.float64).requires_grad_()
     fn = lambda t: ours_fn(t, dim, temperature=temperature)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,), check_forward_ad=True, check_backward_ad=True)
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,), check_fwd_over_rev=True, check_rev_over_rev=True)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize("log", [False, True])
+def test_backward_op_gradcheck_both_modes(name, log):
+    """The backward op's own derivatives (in g and y), reverse and forward mode, by finite differences."""
+    g = random_logits((3, 6), torch.float64, seed=1).requires_grad_()
+    x = random_logits((3, 6), torch.float64)
+    y = (torch.log_softmax if log else torch.softmax)(x, -1).requires_grad_()
+    fn = lambda g, y: torch.ops.online_softmax.backward(g, y, -1, log, 0.8)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (g, y), check_forward_ad=True)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_torch_func_grad_and_hessian_match_torch(name):
+    """torch.func transforms (Function::apply refused them): grad, vjp and a hessian
+    (forward over reverse), against torch's own softmax."""
+    ours_fn, torch_fn = FUNCS[name]
+    x = random_logits((5,), torch.float64)
+    w = random_logits((5,), torch.float64, seed=2)
+    ours_loss = lambda a: (ours_fn(a, 0, temperature=1.3) * w).sum()  # noqa: E731
+    ref_loss = lambda a: (torch_fn(a / 1.3, 0) * w).sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(ours_loss)(x), torch.func.grad(ref_loss)(x))
+    torch.testing.assert_close(torch.func.hessian(ours_loss)(x), torch.func.hessian(ref_loss)(x))
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacrev(ours_loss))(x),
+                               torch.func.jacrev(torch.func.jacrev(ref_loss))(x))
 
 
 @pytest.mark.parametrize("name", FUNCS)
@@ -129,3 +156,23 @@ def test_compiled_autograd_traces_the_backward_op(name):
     (torch_fn(xt * 2 / 0.8, -1) * w).sum().backward()
     torch.testing.assert_close(x.grad, xt.grad)
     assert captured and "OnlineSoftmaxForwardBackward" in captured[0].code
+
+
+def test_compiled_autograd_of_a_second_derivative():
+    x = random_logits((4, 9), torch.float64).requires_grad_()
+    w = random_logits((4, 9), torch.float64, seed=5)
+    (g,) = torch.autograd.grad((osm.softmax(x, -1) * w).sum(), x, create_graph=True)
+    captured = []
+
+    def compiler(gm):
+        captured.append(gm)
+        return torch.compile(gm, backend="eager")
+
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(compiler):
+        (g * g).sum().backward()
+    xt = x.detach().requires_grad_()
+    (gt,) = torch.autograd.grad((torch.softmax(xt, -1) * w).sum(), xt, create_graph=True)
+    (gt * gt).sum().backward()
+    torch.testing.assert_close(x.grad, xt.grad)
+    assert captured and "OnlineSoftmaxBackwardBackward" in captured[0].code

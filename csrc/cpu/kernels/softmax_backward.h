@@ -20,35 +20,52 @@ namespace {
 // grow with the row length.
 constexpr int64_t kLaneBlock = 16384;
 
+// The reduction sum(dy * y) (sum(dy) for log) of one vector step at i, and of one element.
+template <typename Y, typename V = Vectorized<acc_t<Y>>>
+inline void reduce_step(const Y* dy, const Y* y, int64_t i, bool log, V& acc0, V& acc1) {
+  V g0, g1;
+  VecIO<Y>::load2(dy + i, g0, g1);
+  if (log) {
+    acc0 = acc0 + g0;
+    acc1 = acc1 + g1;
+  } else {
+    V y0, y1;
+    VecIO<Y>::load2(y + i, y0, y1);
+    acc0 = at::vec::fmadd(g0, y0, acc0);
+    acc1 = at::vec::fmadd(g1, y1, acc1);
+  }
+}
+
 template <typename Y>
-inline acc_t<Y> reduce_contiguous(const Y* dy, const Y* y, int64_t n, bool log) {
+inline double reduce_term(const Y* dy, const Y* y, int64_t i, bool log) {
+  return log ? static_cast<double>(dy[i]) : static_cast<double>(dy[i]) * static_cast<double>(y[i]);
+}
+
+// A row's reduction in blocks of kLaneBlock elements summed in double, so the error does not grow
+// with n: step(i, acc0, acc1) for each vector step, then tail(i) (a double term) for each element
+// past the last whole step.
+template <typename Y, typename Step, typename Tail>
+inline acc_t<Y> blocked_sum(int64_t n, Step&& step, Tail&& tail) {
   using A = acc_t<Y>;
   using V = Vectorized<A>;
-  using IO = VecIO<Y>;
-  const int64_t vec_end = n - n % IO::kStep;
-  double total = 0;  // blocks of kLaneBlock summed in double: the error does not grow with n
+  const int64_t vec_end = n - n % VecIO<Y>::kStep;
+  double total = 0;
   for (int64_t block = 0; block < vec_end; block += kLaneBlock) {
     const int64_t block_end = std::min(vec_end, block + kLaneBlock);
     V acc0(A(0)), acc1(A(0));
-    for (int64_t i = block; i < block_end; i += IO::kStep) {
-      V g0, g1;
-      IO::load2(dy + i, g0, g1);
-      if (log) {
-        acc0 = acc0 + g0;
-        acc1 = acc1 + g1;
-      } else {
-        V y0, y1;
-        IO::load2(y + i, y0, y1);
-        acc0 = at::vec::fmadd(g0, y0, acc0);
-        acc1 = at::vec::fmadd(g1, y1, acc1);
-      }
-    }
+    for (int64_t i = block; i < block_end; i += VecIO<Y>::kStep) step(i, acc0, acc1);
     total += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc0 + acc1);
   }
-  for (int64_t i = vec_end; i < n; ++i) {
-    total += log ? static_cast<double>(dy[i]) : static_cast<double>(dy[i]) * static_cast<double>(y[i]);
-  }
+  for (int64_t i = vec_end; i < n; ++i) total += tail(i);
   return static_cast<A>(total);
+}
+
+template <typename Y>
+inline acc_t<Y> reduce_contiguous(const Y* dy, const Y* y, int64_t n, bool log) {
+  using V = Vectorized<acc_t<Y>>;
+  return blocked_sum<Y>(
+      n, [&](int64_t i, V& acc0, V& acc1) { reduce_step(dy, y, i, log, acc0, acc1); },
+      [&](int64_t i) { return reduce_term(dy, y, i, log); });
 }
 
 // One vector of dx, and one element, from dy, y and the row's reduction (sum(dy * y), or sum(dy)).
@@ -95,35 +112,19 @@ inline acc_t<Y> write_grad_reduce_next(const Y* dy, const Y* y, X* dx, const Y* 
   using V = Vectorized<A>;
   using IO = VecIO<Y>;
   const V vt(total), vs(s);
-  const int64_t vec_end = n - n % IO::kStep;
-  double next_total = 0;
-  for (int64_t block = 0; block < vec_end; block += kLaneBlock) {
-    const int64_t block_end = std::min(vec_end, block + kLaneBlock);
-    V acc0(A(0)), acc1(A(0));
-    for (int64_t i = block; i < block_end; i += IO::kStep) {
-      V g0, g1, y0, y1, h0, h1;
-      IO::load2(dy + i, g0, g1);
-      IO::load2(y + i, y0, y1);
-      VecIO<X>::store2(dx + i, grad_vec<kLog, kScaled>(g0, y0, vt, vs), grad_vec<kLog, kScaled>(g1, y1, vt, vs));
-      IO::load2(next_dy + i, h0, h1);
-      if (kLog) {
-        acc0 = acc0 + h0;
-        acc1 = acc1 + h1;
-      } else {
-        V z0, z1;
-        IO::load2(next_y + i, z0, z1);
-        acc0 = at::vec::fmadd(h0, z0, acc0);
-        acc1 = at::vec::fmadd(h1, z1, acc1);
-      }
-    }
-    next_total += at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc0 + acc1);
-  }
-  for (int64_t i = vec_end; i < n; ++i) {
-    dx[i] = static_cast<X>(grad_scalar<A>(kLog, static_cast<A>(dy[i]), static_cast<A>(y[i]), total, s));
-    next_total += kLog ? static_cast<double>(next_dy[i])
-                       : static_cast<double>(next_dy[i]) * static_cast<double>(next_y[i]);
-  }
-  return static_cast<A>(next_total);
+  return blocked_sum<Y>(
+      n,
+      [&](int64_t i, V& acc0, V& acc1) {
+        V g0, g1, y0, y1;
+        IO::load2(dy + i, g0, g1);
+        IO::load2(y + i, y0, y1);
+        VecIO<X>::store2(dx + i, grad_vec<kLog, kScaled>(g0, y0, vt, vs), grad_vec<kLog, kScaled>(g1, y1, vt, vs));
+        reduce_step(next_dy, next_y, i, kLog, acc0, acc1);
+      },
+      [&](int64_t i) {
+        dx[i] = static_cast<X>(grad_scalar<A>(kLog, static_cast<A>(dy[i]), static_cast<A>(y[i]), total, s));
+        return reduce_term(next_dy, next_y, i, kLog);
+      });
 }
 
 template <typename Y, typename X>

@@ -5,11 +5,10 @@
 For every shape it times two same-size copies: into an existing buffer (the bandwidth limit every
 row's "% of copy" refers to) and x.clone(), which allocates its result like the ops do (on a CPU,
 first-touch page faults of a fresh large tensor can cost more than the copy itself). It reports
-each implementation's time (median of many rounds that run every implementation once, interleaved),
-effective bandwidth from an explicit byte count
-(forward: read x + write y; backward: read dy, y + write dx; top-k: read x), and the speedup over
-torch eager. Results go
-to a CSV, a JSON and (when matplotlib is installed) a PNG under --out.
+each implementation's time (median of many calls, interleaved so that every implementation follows
+every other one equally often), effective bandwidth from an explicit byte count (forward: read x +
+write y; backward: read dy, y + write dx; top-k: read x), and the speedup over torch eager. Results
+go to a CSV, a JSON and (when matplotlib is installed) a PNG under --out.
 """
 
 import argparse
@@ -58,25 +57,49 @@ def median_time(fn, device, min_runs=7, max_runs=101, budget_s=1.0):
     return median_times({"fn": fn}, device, min_runs, max_runs, budget_s)["fn"]
 
 
-def median_times(calls, device, min_runs=7, max_runs=101, budget_s=1.0):
-    """Median wall time in seconds of each of several calls, timed in interleaved rounds.
+def balanced_order(n):
+    """A cyclic order of 0..n-1 in which every implementation directly follows every other one
+    equally often (once each) and never itself: an Eulerian circuit of the complete directed graph
+    on n nodes, so each index appears n - 1 times (n = 1: [0]).
 
-    Each round runs every call once, starting one further along each time, so no call always runs
-    first or always follows the same peer. Timing each call in its own block was biased: on the
-    2-core VM one function timed in two consecutive blocks gave medians 30% apart, the first block
-    slower, so whichever implementation came first was handicapped."""
+    What ran just before a call changes its time: a call that follows one which read the same
+    tensors finds them in cache, one that follows torch.compile's temporaries does not. A rotating
+    start is not balanced: with three calls (ours, torch, torch.compile), ours followed
+    torch.compile in 2/3 of the rounds and torch eager in 1/3."""
+    if n == 1:
+        return [0]
+    unused = {a: [b for b in range(n) if b != a] for a in range(n)}
+    stack, circuit = [0], []
+    while stack:  # Hierholzer's algorithm
+        node = stack[-1]
+        if unused[node]:
+            stack.append(unused[node].pop(0))
+        else:
+            circuit.append(stack.pop())
+    circuit.reverse()
+    return circuit[:-1]  # the last step returns to the first: the order is cyclic
+
+
+def median_times(calls, device, min_runs=7, max_runs=101, budget_s=1.0):
+    """Median wall time in seconds of each of several calls, timed interleaved.
+
+    The calls run in the cyclic order of balanced_order, in which every call follows every other
+    one equally often. Timing each call in its own block was biased: on the 2-core VM one function
+    timed in two consecutive blocks gave medians 30% apart, the first block slower, so whichever
+    implementation came first was handicapped."""
     names = list(calls)
     for name in names:
         calls[name]()
     _sync(device)
     times = {name: [] for name in names}
+    order = balanced_order(len(names))
+    per_cycle = max(1, len(names) - 1)  # calls of each implementation per pass over the order
     start = time.perf_counter()
-    rounds = 0
-    while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < budget_s * len(names)):
-        for j in range(len(names)):
-            name = names[(rounds + j) % len(names)]
-            times[name].append(_time_once(calls[name], device))
-        rounds += 1
+    runs = 0
+    while runs < max_runs and (runs < min_runs or time.perf_counter() - start < budget_s * len(names)):
+        for i in order:
+            times[names[i]].append(_time_once(calls[names[i]], device))
+        runs += per_cycle
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -141,8 +141,9 @@ inline void write_contiguous_grad(const Y* dy, const Y* y, X* dx, int64_t n, acc
 // Rows [begin, end) of one thread: each row's write pass runs beside the next row's reduce pass.
 // Only for rows whose dy and y together outgrow L1 (more than 4096 float32): shorter rows are
 // re-read from L1 and the hardware prefetcher already streams the next row meanwhile; there the
-// fused loop was slower (1024 x 1024: 0.81-0.87x the plain passes, 64 x 32768: 1.14-1.16x,
-// 8 x 262144: 1.09-1.11x; benchmarks/bench_backward_parts.py's machine, Zen 4, 2026-12-07).
+// fused loop was slower (against the plain passes, both compiled into one process and timed
+// interleaved: 1024 x 1024 0.81-0.87x, 64 x 32768 1.09-1.16x, 8 x 262144 1.07-1.11x; AMD EPYC Zen 4,
+// AVX512, 2 threads, 2026-12-07).
 constexpr int64_t kPipelineRowBytes = 16384;
 
 template <bool kLog, bool kScaled, typename Y, typename X>
@@ -159,19 +160,16 @@ template <typename Y, typename X>
 void backward_contiguous(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n, acc_t<Y> s, bool log) {
   using A = acc_t<Y>;
   const RowSplit split = plan_row_split(rows, n);
-  if (split.chunks == 1 && n * static_cast<int64_t>(sizeof(Y)) <= kPipelineRowBytes) {
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const A total = reduce_contiguous(dy + r * n, y + r * n, n, log);
-        write_contiguous_grad(dy + r * n, y + r * n, dx + r * n, n, total, s, log);
-      }
-    });
-    return;
-  }
   if (split.chunks == 1) {
+    const bool pipelined = n * static_cast<int64_t>(sizeof(Y)) > kPipelineRowBytes;
     const bool scaled = s != A(1);
     at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
-      if (log) {
+      if (!pipelined) {
+        for (int64_t r = begin; r < end; ++r) {
+          const A total = reduce_contiguous(dy + r * n, y + r * n, n, log);
+          write_contiguous_grad(dy + r * n, y + r * n, dx + r * n, n, total, s, log);
+        }
+      } else if (log) {
         scaled ? backward_rows_pipelined<true, true>(dy, y, dx, begin, end, n, s)
                : backward_rows_pipelined<true, false>(dy, y, dx, begin, end, n, s);
       } else {

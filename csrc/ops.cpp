@@ -16,7 +16,7 @@ TORCH_LIBRARY(online_softmax, m) {
   // takes part gives zeros (log: -inf); masked positions are always 0 (-inf), and a row whose
   // positions taking part are all -inf, or hold NaN/+inf, is NaN there, as torch.softmax. The
   // gradient is the unmasked softmax's (masked positions have zero probability): the backward op.
-  m.def("masked_forward(Tensor x, Tensor? mask=None, bool causal=False, int causal_offset=0, bool log=False, float scale=1.0, int dim=-1, ScalarType? dtype=None) -> Tensor");
+  m.def("masked_forward(Tensor x, Tensor? mask=None, bool causal=False, SymInt causal_offset=0, bool log=False, float scale=1.0, int dim=-1, ScalarType? dtype=None) -> Tensor");
   // Gradient of forward with respect to x, from the forward's output only:
   //   softmax: dx = y * (dy - sum(dy * y)) / temperature;  log: dx = (dy - exp(y) * sum(dy)) / temperature.
   // input_dtype is the dtype of forward's x (the gradient's dtype); None means out's dtype.

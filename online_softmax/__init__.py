@@ -18,7 +18,8 @@ from ._version import __version__
 from ._torch_check import load_extension
 
 _C = load_extension()  # the shared object, which registers the ops; checked against the running torch
-from . import ops  # noqa: F401,E402  (fake kernels and autograd)
+from . import ops  # noqa: F401,E402  (fake kernels)
+from . import batching  # noqa: F401,E402  (vmap rules)
 from .api import SoftmaxTopK, log_softmax, softmax, softmax_topk
 from .modules import AttnMaskType, FusedScaleMaskSoftmax, OnlineLogSoftmax, OnlineSoftmax
 from .state import SoftmaxState, merge_states, softmax_stats

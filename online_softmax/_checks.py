@@ -48,8 +48,9 @@ def float_dtype(dtype, name: str, op: str, *, optional: bool = True) -> None:
 
 
 def integer(value, name: str, op: str, *, minimum: int) -> int:
-    """An int (never a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An int (never a bool) of at least ``minimum``; a symbolic one (torch.export, dynamic shapes)
+    too."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise fail(op, f"{name} must be an int, got {type(value).__name__}", TypeError)
     if value < minimum:
         raise fail(op, f"{name} must be >= {minimum}, got {value}")
@@ -73,7 +74,9 @@ def real(value, name: str, op: str) -> float:
 
 def positive_finite(value, name: str, op: str) -> float:
     value = real(value, name, op)
-    if not (math.isfinite(value) and value > 0):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument may be a
+    # SymFloat, which math.isfinite does not take (NaN fails both comparisons).
+    if not (0 < value < math.inf):
         raise fail(op, f"{name} must be a finite number > 0, got {value}")
     return value
 
@@ -95,10 +98,15 @@ def dim_type(dim, op: str) -> int:
 
 def wrap_dim(dim, x: torch.Tensor, op: str) -> int:
     """``dim`` counted from the front; a 0-d tensor has the one dim 0 (or -1), as in torch."""
+    return wrap_dim_of(dim, x.dim(), op)
+
+
+def wrap_dim_of(dim, dims: int, op: str) -> int:
+    """``dim`` counted from the front for a tensor of ``dims`` dimensions."""
     dim_type(dim, op)
-    ndim = max(x.dim(), 1)
+    ndim = max(dims, 1)
     if not -ndim <= dim < ndim:
-        raise fail(op, f"dim={dim} is out of range for a tensor with {x.dim()} dimension(s) "
+        raise fail(op, f"dim={dim} is out of range for a tensor with {dims} dimension(s) "
                        f"(expected {-ndim} <= dim <= {ndim - 1})", IndexError)
     return dim % ndim
 

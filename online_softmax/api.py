@@ -188,7 +188,30 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = Fals
         return SoftmaxTopK(w.to(out_dtype), indices)
     m, d = m.unsqueeze(dim).to(acc), d.unsqueeze(dim).to(acc)
     exact = (z - m - d.log()) if log else torch.exp(z - m) / d
-    # The value from the row's state; the gradient through the op's own backward (the state's
-    # outputs carry none).
-    cast = values.to(out_dtype)
-    return SoftmaxTopK(exact.detach().to(out_dtype) + (cast - cast.detach()), indices)
+    # The value from the row's state; the derivatives through the op's own (the state's outputs
+    # carry none).
+    return SoftmaxTopK(_ValueWithDerivativeOf.apply(exact.detach().to(out_dtype), values), indices)
+
+
+class _ValueWithDerivativeOf(torch.autograd.Function):
+    """``value``, differentiated as ``carrier`` (the same quantity in another dtype): the derivatives
+    of every mode go to ``carrier``. Unlike ``value + (carrier - carrier.detach())`` it never makes
+    NaN where carrier is infinite (a log-probability of 0)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(value, carrier):
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.carrier_dtype, ctx.value_dtype = inputs[1].dtype, inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad.to(ctx.carrier_dtype)
+
+    @staticmethod
+    def jvp(ctx, _value_tangent, carrier_tangent):
+        return None if carrier_tangent is None else carrier_tangent.to(ctx.value_dtype)

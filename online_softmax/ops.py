@@ -1,5 +1,8 @@
-"""Fake (meta) kernels for every op in csrc/ops.cpp, and autograd for all but forward and backward
-(in C++, csrc/common/softmax_autograd.cpp).
+"""Fake (meta) kernels for every op in csrc/ops.cpp.
+
+The differentiable ops' autograd is in C++ (csrc/common/*_autograd.cpp: hand-made nodes, which
+torch.func transforms accept and which carry forward-mode tangents); their batching rules for vmap
+are in batching.py.
 
 Fake kernels give torch.compile the output shapes and dtypes and raise the same exceptions as the
 C++ checks (csrc/common/checks.h); the backward formulas call the backward ops, so autograd and
@@ -41,10 +44,6 @@ def _backward_fake(grad_out, out, dim, log=False, temperature=1.0, input_dtype=N
     return out.new_empty(out.shape, dtype=input_dtype if input_dtype is not None else out.dtype)
 
 
-# forward's and backward's autograd are in C++ (csrc/common/softmax_autograd.cpp): their Python
-# layer cost more than a small op, and tens of microseconds on large ones.
-
-
 # ---- masked_forward ----
 
 def check_masked_forward(x, mask, causal, dim, scale, dtype, op="masked_forward") -> int:
@@ -78,39 +77,6 @@ def _masked_forward_fake(x, mask=None, causal=False, causal_offset=0, log=False,
     return torch.empty_like(x, dtype=x.dtype if dtype is None else dtype, memory_format=torch.contiguous_format)
 
 
-def _masked_setup_context(ctx, inputs, output):
-    x, mask, _causal, _offset, log, scale, dim, _dtype = inputs
-    ctx.log, ctx.scale, ctx.dim, ctx.x_dtype = log, scale, dim, x.dtype
-    ctx.mask_shape = mask.shape if mask is not None and mask.requires_grad else None
-    ctx.mask_dtype = None if mask is None else mask.dtype
-    ctx.save_for_backward(output)
-
-
-def _masked_backward(ctx, grad):
-    """The unmasked softmax's gradient from the output alone: masked positions have probability 0
-    (their gradient is 0 without reading the mask). For log_softmax their output is -inf and
-    their incoming gradient is dropped first, so it reaches no other position either."""
-    y, = ctx.saved_tensors
-    if ctx.log:
-        grad = grad.masked_fill(y == float("-inf"), 0)
-    in_dtype = None if ctx.x_dtype == y.dtype else ctx.x_dtype
-    grad_x = grad_mask = None
-    need_x, need_mask = ctx.needs_input_grad[0], ctx.mask_shape is not None and ctx.needs_input_grad[1]
-    if need_x and ctx.scale > 0 and not need_mask:
-        grad_x = _ops.backward(grad, y, ctx.dim, ctx.log, 1.0 / ctx.scale, in_dtype)
-    elif need_x or need_mask:
-        grad_v = _ops.backward(grad, y, ctx.dim, ctx.log, 1.0, None)  # with respect to x * scale + mask
-        if need_x:
-            grad_x = (grad_v * ctx.scale).to(ctx.x_dtype)
-        if need_mask:
-            grad_mask = grad_v.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
-    return grad_x, grad_mask, None, None, None, None, None, None
-
-
-torch.library.register_autograd("online_softmax::masked_forward", _masked_backward,
-                                setup_context=_masked_setup_context)
-
-
 # ---- stats ----
 
 @torch.library.register_fake("online_softmax::stats")
@@ -121,36 +87,6 @@ def _stats_fake(x, dim, temperature=1.0):
     shape = reduced_shape(x, dim)
     dt = state_dtype(x.dtype)
     return x.new_empty(shape, dtype=dt), x.new_empty(shape, dtype=dt)
-
-
-def _stats_setup_context(ctx, inputs, output):
-    x, dim = inputs[0], inputs[1]
-    ctx.save_for_backward(x, *output)
-    ctx.dim, ctx.temperature = dim, _defaults(inputs, 2, 1.0)
-
-
-def _stats_backward(ctx, grad_m, grad_d):
-    # With p = softmax(x / t) and a = argmax(x) (m is a max: its gradient is the one-hot of a),
-    #   dm/dx = e_a / t,   dd/dx = d * (p - e_a) / t.
-    # So grad of m + log(d) (the logsumexp) is p / t, as it should be.
-    x, m, d = ctx.saved_tensors
-    dim = wrap_dim(ctx.dim, x, "stats")
-    if x.dim() == 0:  # one element: m = x / t and d = 1
-        gm = grad_m if grad_m is not None else torch.zeros_like(m)
-        return (gm / ctx.temperature).to(x.dtype), None, None
-    if x.shape[dim] == 0:  # empty rows: nothing depends on x
-        return torch.zeros_like(x), None, None
-    p = _ops.forward(x, dim, False, ctx.temperature, state_dtype(x.dtype))
-    onehot = torch.zeros_like(p).scatter_(dim, x.argmax(dim, keepdim=True), 1.0)
-    gm = grad_m if grad_m is not None else torch.zeros_like(m)
-    gd = grad_d if grad_d is not None else torch.zeros_like(d)
-    gm, gd, dd = gm.unsqueeze(dim), gd.unsqueeze(dim), d.unsqueeze(dim)
-    dx = (gm * onehot + gd * dd * (p - onehot)) / ctx.temperature
-    return dx.to(x.dtype), None, None
-
-
-torch.library.register_autograd("online_softmax::stats", _stats_backward,
-                                setup_context=_stats_setup_context)
 
 
 # ---- fused softmax + top-k ----
@@ -180,34 +116,6 @@ def _softmax_topk_backward_fake(grad_values, x, indices, max, sumexp, dim, log=F
         raise ValueError("online_softmax.softmax_topk_backward: grad_values has shape "
                          f"{list(grad_values.shape)} but indices has shape {list(indices.shape)}")
     return x.new_empty(x.shape)
-
-
-def _topk_setup_context(ctx, inputs, output):
-    x, _k, dim = inputs[0], inputs[1], inputs[2]
-    _values, indices, m, d = output
-    ctx.mark_non_differentiable(indices, m, d)
-    ctx.save_for_backward(x, indices, m, d)
-    ctx.dim, ctx.log, ctx.temperature = dim, _defaults(inputs, 3, False), _defaults(inputs, 4, 1.0)
-
-
-def _topk_backward(ctx, grad_values, _grad_indices, _grad_m, _grad_d):
-    x, indices, m, d = ctx.saved_tensors
-    dx = _ops.softmax_topk_backward(grad_values, x, indices, m, d, ctx.dim, ctx.log,
-                                    ctx.temperature)
-    return dx, None, None, None, None
-
-
-torch.library.register_autograd("online_softmax::softmax_topk", _topk_backward,
-                                setup_context=_topk_setup_context)
-
-
-def _topk_backward_backward(ctx, *grads):
-    # Without this registration PyTorch's fallback would return zeros with a warning: say so instead.
-    raise NotImplementedError("online_softmax.softmax_topk: double backward (the gradient of its backward) is "
-                              "not supported; differentiate softmax(x).gather(...) for second derivatives")
-
-
-torch.library.register_autograd("online_softmax::softmax_topk_backward", _topk_backward_backward)
 
 
 # ---- beam-search step ----
@@ -279,10 +187,6 @@ def _beam_search_step_fake(logits, beam_scores, num_beams, num_candidates, tempe
     shape = (batch, num_candidates)
     return (logits.new_empty(shape, dtype=dt), logits.new_empty(shape, dtype=torch.int64),
             logits.new_empty(shape, dtype=torch.int64))
-
-
-def _defaults(inputs, i, default):
-    return inputs[i] if len(inputs) > i else default
 
 
 # ---- sampling ----

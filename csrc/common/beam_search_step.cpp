@@ -6,7 +6,6 @@
 // Why per-beam top-k suffices: a beam's score adds one constant to all of its tokens, so the
 // batch's best num_candidates are among each beam's own best num_candidates.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -15,18 +14,12 @@
 
 #include "common/beam_search_step.h"
 #include "common/checks.h"
+#include "common/op_calls.h"
 
 namespace online_softmax {
 namespace {
 
 using Tensor = at::Tensor;
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> call_softmax_topk(const Tensor& x, int64_t k, bool log, double t) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("online_softmax::softmax_topk", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, int64_t, int64_t, bool, double)>();
-  return op.call(x, k, -1, log, t);
-}
 
 // Checks a token list and returns the most real (non-padding) entries in one row; one host sync.
 int64_t check_token_list(const c10::optional<Tensor>& t, const char* name, const Tensor& logits, const char* op) {
@@ -96,7 +89,7 @@ std::tuple<Tensor, Tensor, Tensor> beam_search_step_composite(const Tensor& logi
   // lift a token from outside, the edited tokens themselves. So the logits are still read once.
   const int64_t k = std::min(num_candidates, vocab);
   const int64_t listed = std::min(vocab, k + num_edits);
-  auto [values, tokens, m, d] = call_softmax_topk(logits, listed, /*log=*/true, temperature);
+  auto [values, tokens, m, d] = call_softmax_topk(logits, listed, /*dim=*/-1, /*log=*/true, temperature);
   Tensor row_scores = values.to(out_dtype);
   Tensor row_tokens = tokens;
   if (num_edits > 0) row_scores = edits.apply(row_scores, tokens);

@@ -1,57 +1,31 @@
-// Autograd of the forward and backward ops in C++ (TORCH_LIBRARY_IMPL(online_softmax, Autograd)):
-// they are the library's most frequent calls, and the Python layer of
-// torch.library.register_autograd cost more than the whole op on small tensors (a 4 x 8 softmax
-// with requires_grad took about 2.7x torch.softmax's time) and tens of microseconds on large ones
-// (the backward of 64 x 32768: 20-40 us, Python's garbage collector included). Every other op's
-// autograd stays in Python (online_softmax/ops.py), as do all the fake kernels.
+// Autograd of the forward and backward ops (TORCH_LIBRARY_IMPL(online_softmax, Autograd)): they are
+// the library's most frequent calls, and the Python layer of torch.library.register_autograd cost
+// more than the whole op on small tensors (a 4 x 8 softmax with requires_grad took about 2.7x
+// torch.softmax's time) and tens of microseconds on large ones (the backward of 64 x 32768:
+// 20-40 us, Python's garbage collector included).
 //
-// Both record hand-made nodes, as ATen's generated SoftmaxBackward0 is, rather than going through
-// torch::autograd::Function: Function::apply builds a context with a string-keyed map and wraps
-// outputs for every case a custom function may have (views, dirty and non-differentiable outputs),
-// about 0.8 us of a 4 x 8 call. Plain nodes also work under torch.func transforms (grad, vjp,
-// hessian: Function::apply refuses them), carry forward-mode AD (Function::apply silently dropped
-// the tangent) and give compiled autograd a traceable function. forward's derivative is the
-// backward op, called through the dispatcher, so torch.compile traces the same two ops as before;
-// the backward op's own derivatives (second derivatives of a softmax) are written in ATen ops,
-// which are differentiable in turn.
+// Both record the hand-made node of csrc/common/autograd_node.h, as ATen's generated
+// SoftmaxBackward0 is: torch::autograd::Function::apply builds a context with a string-keyed map and
+// wraps outputs for every case a custom function may have, about 0.8 us of a 4 x 8 call.
+// forward's derivative is the backward op, called through the dispatcher, so torch.compile traces
+// the same two ops as before; the backward op's own derivatives (second derivatives of a softmax)
+// are written in ATen ops, which are differentiable in turn.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/functions/utils.h>
-#include <torch/csrc/autograd/saved_variable.h>
-#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <c10/core/WrapDimMinimal.h>
 
-#include <array>
 #include <optional>
 #include <utility>
 #include <vector>
 
+#include "common/autograd_node.h"
+#include "common/op_calls.h"
+
 namespace online_softmax {
 namespace {
 
-using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-
-at::Tensor call_forward(const at::Tensor& x, int64_t dim, bool log, double temperature,
-                        std::optional<at::ScalarType> dtype) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("online_softmax::forward", "")
-                       .typed<at::Tensor(const at::Tensor&, int64_t, bool, double, std::optional<at::ScalarType>)>();
-  return op.call(x, dim, log, temperature, dtype);
-}
-
-at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& out, int64_t dim, bool log, double temperature,
-                         std::optional<at::ScalarType> input_dtype) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("online_softmax::backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, double,
-                                         std::optional<at::ScalarType>)>();
-  return op.call(grad, out, dim, log, temperature, input_dtype);
-}
 
 // The op's arguments besides its tensors, as its derivatives need them.
 struct Args {
@@ -143,105 +117,14 @@ at::Tensor forward_tangent(const at::Tensor& t, const at::Tensor& out, const Arg
   return rows.back((ta - rows.sum(ta * rows(out).exp())) * (1.0 / a.temperature), out.scalar_type());
 }
 
-// Compiled autograd's view of the nodes: a function of (grads, saved tensors..., args) that it
-// calls with proxies while tracing (the backward op has a fake kernel; the rest are ATen ops).
-variable_list forward_gradient_functional(const variable_list& grads, const std::vector<c10::IValue>& packed) {
-  if (!grads[0].defined()) return {at::Tensor()};
+// The nodes' derivatives: packed holds the saved tensors, then the op's other arguments.
+variable_list forward_derivative(const variable_list& grads, const std::vector<c10::IValue>& packed) {
   return {forward_gradient(grads[0], packed[0].toTensor(), unpacked_args(packed, 1))};
 }
 
-variable_list backward_gradient_functional(const variable_list& grads, const std::vector<c10::IValue>& packed) {
-  if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+variable_list backward_derivative(const variable_list& grads, const std::vector<c10::IValue>& packed) {
   auto [dg, dy] = backward_gradients(grads[0], packed[0].toTensor(), packed[1].toTensor(), unpacked_args(packed, 2));
   return {dg, dy};
-}
-
-// A node made by hand, as ATen's generated ones are (see the top of the file): the op's arguments
-// and saved tensors; `gradient` is its derivative, `functional` the same for compiled autograd.
-template <size_t kSaved>
-struct SoftmaxNode : public torch::autograd::TraceableFunction {
-  Args args{};
-  std::array<SavedVariable, kSaved> saved_;
-  std::array<bool, kSaved> saved_is_output_{};
-
-  virtual variable_list gradient(const variable_list& grads, const std::array<at::Tensor, kSaved>& saved) = 0;
-  virtual torch::autograd::functional_apply_t functional() const = 0;
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const size_t outputs = num_outputs();
-    if (!grads[0].defined()) return variable_list(outputs);
-    std::array<at::Tensor, kSaved> saved;
-    for (size_t i = 0; i < kSaved; ++i) saved[i] = saved_[i].unpack(getptr());
-    variable_list result = gradient(grads, saved);
-    for (size_t i = 0; i < outputs; ++i)
-      if (!task_should_compute_output(i)) result[i] = at::Tensor();
-    return result;
-  }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable& v : saved_) v.reset_data();
-  }
-
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& compiled) const override {
-    compiled.collect(args.dim);
-    compiled.collect(args.log);
-    compiled.collect(args.temperature);
-    compiled.collect(static_cast<int64_t>(args.input_dtype));
-    for (size_t i = 0; i < kSaved; ++i) compiled.collect(saved_[i], saved_is_output_[i]);
-  }
-
-  variable_list apply_with_saved(const variable_list& grads,
-                                 torch::dynamo::autograd::SwapSavedVariables& swap) override {
-    for (SavedVariable& v : saved_) swap.before(v);
-    std::vector<c10::IValue> packed;
-    std::vector<at::TypePtr> schema;
-    for (SavedVariable& v : saved_) {
-      packed.emplace_back(v.unpack(getptr()));
-      schema.push_back(at::TensorType::get());
-    }
-    for (c10::IValue& v : packed_args(args)) {
-      schema.push_back(v.type());
-      packed.push_back(std::move(v));
-    }
-    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
-    // Bound afresh on every cache miss, as custom functions are: the name gets a counter.
-    const std::string fn = py->bind_function(swap.get_py_compiler(), name(), functional(), schema,
-                                             /*is_custom_function=*/true, /*is_traceable=*/true);
-    const auto metadata = torch::dynamo::autograd::IValuePacker<std::vector<std::optional<
-        torch::autograd::InputMetadata>>>::pack(torch::dynamo::autograd::get_input_metadata(next_edges()));
-    variable_list result = py->call_function(swap.get_py_compiler(), "apply_functional", fn, grads, packed, metadata);
-    for (SavedVariable& v : saved_) swap.after(v);
-    return result;
-  }
-};
-
-// forward's node: saves its output y.
-struct ForwardBackward final : public SoftmaxNode<1> {
-  std::string name() const override { return "OnlineSoftmaxForwardBackward"; }
-  variable_list gradient(const variable_list& grads, const std::array<at::Tensor, 1>& saved) override {
-    return {forward_gradient(grads[0], saved[0], args)};
-  }
-  torch::autograd::functional_apply_t functional() const override { return forward_gradient_functional; }
-};
-
-// backward's node (second derivatives): saves g and y.
-struct BackwardBackward final : public SoftmaxNode<2> {
-  std::string name() const override { return "OnlineSoftmaxBackwardBackward"; }
-  variable_list gradient(const variable_list& grads, const std::array<at::Tensor, 2>& saved) override {
-    auto [dg, dy] = backward_gradients(grads[0], saved[0], saved[1], args);
-    return {dg, dy};
-  }
-  torch::autograd::functional_apply_t functional() const override { return backward_gradient_functional; }
-};
-
-// Nothing to record (no grad mode, or no input that requires grad): no node.
-bool records(std::initializer_list<const at::Tensor*> inputs) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const at::Tensor* t : inputs)
-    if (t->requires_grad()) return true;
-  return false;
 }
 
 at::Tensor forward_autograd(const at::Tensor& x, int64_t dim, bool log, double temperature,
@@ -253,11 +136,11 @@ at::Tensor forward_autograd(const at::Tensor& x, int64_t dim, bool log, double t
     out = call_forward(x, dim, log, temperature, dtype);
   }
   const Args args{dim, log, temperature, x.scalar_type()};
-  c10::intrusive_ptr<ForwardBackward> node;
+  c10::intrusive_ptr<OpNode> node;
   if (records({&x})) {
-    node = c10::make_intrusive<ForwardBackward>();
+    node = c10::make_intrusive<OpNode>("OnlineSoftmaxForwardBackward", forward_derivative);
     node->set_next_edges(torch::autograd::collect_next_edges(x));
-    node->args = args;
+    node->args = packed_args(args);
     torch::autograd::set_history(out, node);
   }
   if (tangent) {
@@ -265,12 +148,9 @@ at::Tensor forward_autograd(const at::Tensor& x, int64_t dim, bool log, double t
     // grad differentiates through it.
     out._set_fw_grad(forward_tangent(x._fw_grad(/*level=*/0), out, args), /*level=*/0, /*is_inplace_op=*/false);
   }
-  if (node) {
-    // Saved last, with its tangent: forward-over-reverse (hessians) differentiates the backward
-    // through the saved y.
-    node->saved_[0] = SavedVariable(out, /*is_output=*/true);
-    node->saved_is_output_[0] = true;
-  }
+  // Saved last, with its tangent: forward-over-reverse (hessians) differentiates the backward
+  // through the saved y.
+  if (node) node->save(out, /*is_output=*/true);
   return out;
 }
 
@@ -284,11 +164,11 @@ at::Tensor backward_autograd(const at::Tensor& grad_out, const at::Tensor& out, 
   }
   const Args args{dim, log, temperature, input_dtype.value_or(out.scalar_type())};
   if (records({&grad_out, &out})) {
-    const auto node = c10::make_intrusive<BackwardBackward>();
+    const auto node = c10::make_intrusive<OpNode>("OnlineSoftmaxBackwardBackward", backward_derivative);
     node->set_next_edges(torch::autograd::collect_next_edges(grad_out, out));
-    node->args = args;
-    node->saved_[0] = SavedVariable(grad_out, /*is_output=*/false);
-    node->saved_[1] = SavedVariable(out, /*is_output=*/false);
+    node->args = packed_args(args);
+    node->save(grad_out, /*is_output=*/false);
+    node->save(out, /*is_output=*/false);
     torch::autograd::set_history(dx, node);
   }
   if (tangent) {

@@ -1,20 +1,10 @@
 #include "common/softmax_topk_by_sort.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "common/op_calls.h"
 
 #include <tuple>
 
 namespace online_softmax {
-namespace {
-
-std::tuple<at::Tensor, at::Tensor> call_stats(const at::Tensor& x, double temperature) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("online_softmax::stats", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double)>();
-  return op.call(x, -1, temperature);
-}
-
-}  // namespace
 
 // A stable descending sort orders NaN first and ties to the lower index, as the fused kernels do.
 // Probabilities come from the row state, as (x - M) * s with M = the top-1 (the raw row max), which
@@ -23,7 +13,7 @@ void softmax_topk_by_sort(TopKArgs& a, int64_t k, bool log, double temperature) 
   const auto sorted = at::sort(a.x, /*stable=*/true, /*dim=*/-1, /*descending=*/true);
   const at::Tensor top = std::get<0>(sorted).narrow(-1, 0, k);
   a.indices.copy_(std::get<1>(sorted).narrow(-1, 0, k));
-  const auto [m, d] = call_stats(a.x, temperature);
+  const auto [m, d] = call_stats(a.x, -1, temperature);
   a.max.copy_(m);
   a.sumexp.copy_(d);
   const at::Tensor t = top.to(a.max.scalar_type());

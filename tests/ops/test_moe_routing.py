@@ -97,3 +97,27 @@ def test_gradients_and_compile():
 def test_bad_dtype():
     with pytest.raises(TypeError, match="dtype must be a floating"):
         osm.softmax_topk(torch.randn(3, 4), 2, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("src,out_dtype", [(torch.float32, torch.float64), (torch.float16, torch.float32),
+                                           (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_log_values_of_zero_probabilities_are_minus_inf_with_a_dtype(device, src, out_dtype, masked):
+    """A selected probability of 0 has log-value -inf in any output dtype (a straight-through cast
+    of -inf made NaN), and its gradient is torch's."""
+    x = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf")], [2.0, -1.0, 0.5, 0.25]], dtype=src, device=device)
+    mask = torch.tensor([True, True, True, False], device=device) if masked else None
+    leaf = x.clone().requires_grad_()
+    got = osm.softmax_topk(leaf, 3, log=True, dtype=out_dtype, mask=mask)
+    keep = torch.ones(4, dtype=torch.bool, device=device) if mask is None else mask
+    want = torch.log_softmax(x.double().masked_fill(~keep, float("-inf")), -1).gather(-1, got.indices.clamp_min(0))
+    assert got.values.dtype == out_dtype
+    assert not got.values.isnan().any()
+    torch.testing.assert_close(got.values.double().cpu(), want.cpu(), rtol=1e-3, atol=1e-3)
+    g = torch.arange(1.0, 7.0, dtype=out_dtype, device=device).reshape(2, 3)
+    got.values.backward(g)
+    ref_leaf = x.double().clone().requires_grad_()
+    picked = torch.log_softmax(ref_leaf.masked_fill(~keep, float("-inf")), -1).gather(-1, got.indices.clamp_min(0))
+    picked.backward(g.double())
+    assert not leaf.grad.isnan().any()
+    torch.testing.assert_close(leaf.grad.double().cpu(), ref_leaf.grad.cpu(), rtol=1e-2, atol=1e-2)

@@ -202,3 +202,30 @@ def test_same_bits_with_1_and_3_threads(case, transform, expected):
 def test_every_transform_has_a_test():
     covered = set(NUMERIC) | {"compile", "export", "meta", "threads"}
     assert covered == set(TRANSFORMS)
+
+
+def test_causal_module_exports_with_dynamic_queries_and_keys():
+    """FusedScaleMaskSoftmax's causal offset (keys - queries) is symbolic when the sequence lengths
+    are: it was refused as "not an int"."""
+    import online_softmax as osm
+
+    module = osm.FusedScaleMaskSoftmax(attn_mask_type=osm.AttnMaskType.causal, scale=0.5)
+    x = random_logits((2, 3, 4, 6), torch.float64)
+    dims = {0: torch.export.Dim("batch", max=64), 2: torch.export.Dim("queries", max=64),
+            3: torch.export.Dim("keys", max=128)}
+    program = torch.export.export(module, (x,), dynamic_shapes={"input": dims})
+    for shape in ((3, 3, 5, 9), (1, 3, 7, 7)):
+        other = random_logits(shape, torch.float64, seed=1)
+        torch.testing.assert_close(program.module()(other), module(other))
+    traced = torch.jit.trace(module, (x,))
+    torch.testing.assert_close(traced(x), module(x))
+
+
+def test_docs_show_the_table_the_tests_run():
+    from pathlib import Path
+
+    from transform_table import render_markdown
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "transforms.md").read_text()
+    shown = page.split("<!-- transform-table:start -->\n", 1)[1].split("<!-- transform-table:end -->", 1)[0]
+    assert shown == render_markdown(), "docs/transforms.md: regenerate the table from tests/transform_table.py"

@@ -30,7 +30,8 @@ using Derivative = torch::autograd::variable_list (*)(const torch::autograd::var
                                                       const std::vector<c10::IValue>& packed);
 
 struct OpNode final : public torch::autograd::TraceableFunction {
-  OpNode(std::string name, Derivative derivative) : name_(std::move(name)), derivative_(derivative) {}
+  // name: a string literal (a node is built on every recorded call: no allocation for it).
+  OpNode(const char* name, Derivative derivative) : name_(name), derivative_(derivative) {}
 
   std::string name() const override { return name_; }
 
@@ -66,7 +67,7 @@ struct OpNode final : public torch::autograd::TraceableFunction {
   }
 
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& compiled) const override {
-    compiled.collect(name_);  // one C++ type serves every op: the name tells their caches apart
+    compiled.collect(std::string(name_));  // one C++ type serves every op: the name tells their caches apart
     for (const c10::IValue& a : args) compiled.collect(a);
     for (size_t i = 0; i < saved_.size(); ++i) compiled.collect(saved_[i], saved_is_output_[i]);
   }
@@ -97,7 +98,7 @@ struct OpNode final : public torch::autograd::TraceableFunction {
   }
 
  private:
-  std::string name_;
+  const char* name_;
   Derivative derivative_;
   std::vector<torch::autograd::SavedVariable> saved_;
   std::vector<bool> saved_is_output_;

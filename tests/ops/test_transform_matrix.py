@@ -18,15 +18,15 @@ TOL = dict(rtol=1e-9, atol=1e-10)
 
 
 def _weights(y, seed=11):
-    return random_logits(tuple(y.shape), torch.float64, seed=seed)
+    return random_logits(tuple(y.shape), torch.float64, seed=seed).to(y.device)
 
 
 def _loss(fn, w):
     return lambda a: (fn(a) * w).sum()
 
 
-def _input(case, seed=0, shape=None):
-    return random_logits(shape or case.shape, torch.float64, seed=seed)
+def _input(case, seed=0, shape=None, device="cpu"):
+    return random_logits(shape or case.shape, torch.float64, seed=seed).to(device)
 
 
 def _reverse(fn, x, w):
@@ -197,6 +197,24 @@ def test_same_bits_with_1_and_3_threads(case, transform, expected):
         torch.set_num_threads(before)
     for a, b in zip(*results):
         assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+ON_DEVICE = ["softmax(mask=bool)", "softmax(causal=True)", "softmax_stats(...).sumexp", "softmax_topk(log=True)",
+             "cross_entropy", "linear_cross_entropy"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ON_DEVICE], ids=lambda c: c.name)
+@pytest.mark.parametrize("transform", ["double_backward", "jvp", "hessian", "vmap_grad"])
+def test_transform_on_device(device, case, transform):
+    """A sample of the matrix on each device, so that the GPU check runs the nodes and batching
+    rules over the CUDA kernels too."""
+    x = _input(case, device=device)
+    w = _weights(case.ref(x))
+    expected = (case.raises or {}).get(transform)
+    if expected is not None:
+        _expect_error(expected, lambda: _run(transform, case.ours, x, w))
+        return
+    torch.testing.assert_close(_run(transform, case.ours, x, w), _reference(transform, case.ref, x, w), **TOL)
 
 
 def test_every_transform_has_a_test():

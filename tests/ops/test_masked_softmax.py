@@ -67,7 +67,7 @@ def random_mask(shape, kind, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("pattern", list(MASK_SHAPES))
+@pytest.mark.parametrize("pattern", list(MASK_SHAPES), ids=lambda p: p.replace(" ", ""))  # node ids without spaces
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.cuda_params(dtype=[torch.float32, torch.bfloat16])
 def test_every_broadcast_pattern(device, dtype, kind, pattern, log):

@@ -72,10 +72,28 @@ def _uses(item, package):
     return code is not None and (package in code.co_names or package in code.co_consts)
 
 
+def _sampled_out(item):
+    """A cuda case that @pytest.mark.cuda_params(name=[values], ...) does not keep: the GPU check runs a
+    sample of a long parameter product on CUDA (the tests phase's time), the CPU runs all of it."""
+    marker = item.get_closest_marker("cuda_params")
+    callspec = getattr(item, "callspec", None)
+    if marker is None or callspec is None or not any(_is_cuda(v) for v in callspec.params.values()):
+        return False
+    unknown = set(marker.kwargs) - set(callspec.params)
+    if unknown:
+        raise pytest.UsageError(f"{item.nodeid}: cuda_params names no parameter of the test: {sorted(unknown)}")
+    return any(not any(callspec.params[name] == v for v in values) for name, values in marker.kwargs.items())
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() and not online_softmax.build_info()["cuda"]:
         # A GPU is visible but this build has no CUDA kernels: say so rather than silently skip.
         print("online_softmax: CUDA is available but the extension was built without CUDA kernels")
+    sampled_out = [item for item in items if _sampled_out(item)]
+    if sampled_out:
+        config.hook.pytest_deselected(items=sampled_out)
+        dropped = {id(item) for item in sampled_out}
+        items[:] = [item for item in items if id(item) not in dropped]
     pinned = _pinned_versions()
     installed = {package: _installed_version(package) for package in pinned}
     for item in items:

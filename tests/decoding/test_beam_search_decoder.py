@@ -1,6 +1,6 @@
 """BeamSearchDecoder against Hugging Face transformers' generate(num_beams=..., do_sample=False) on a
 small GPT-2 built from a config with random weights (nothing downloaded): same sequences, same
-scores."""
+scores, on each device (the `device` fixture; the cuda cases for one seed)."""
 
 import pytest
 import torch
@@ -35,10 +35,11 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c['num_beams']}-lp{c['length_penalty']}-es{c['early_stopping']}")
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_same_sequences_and_scores_as_transformers(case, seed):
-    model = tiny_gpt2(seed)
+@pytest.mark.cuda_params(seed=[0])
+def test_same_sequences_and_scores_as_transformers(device, case, seed):
+    model = tiny_gpt2(seed).to(device)
     g = torch.Generator().manual_seed(100 + seed)
-    input_ids = torch.randint(4, 48, (3, 5), generator=g)
+    input_ids = torch.randint(4, 48, (3, 5), generator=g).to(device)
     want = hf_generate(model, input_ids, **case)
     decoder = BeamSearchDecoder(case["num_beams"], case["max_new_tokens"], eos_token_id=EOS, pad_token_id=EOS,
                                 length_penalty=case["length_penalty"], early_stopping=case["early_stopping"],

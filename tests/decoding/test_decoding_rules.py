@@ -1,7 +1,8 @@
 """BeamSearchDecoder with generate()'s logits processors, left-padded batches and a KV cache, against
 Hugging Face transformers' generate(num_beams=..., do_sample=False) on small random GPT-2s: same
 sequences, scores within 1e-5. Every option is also checked to change transformers' own output, so
-that no comparison passes by doing nothing."""
+that no comparison passes by doing nothing. The option and cache tests run on each device (the
+`device` fixture: the model and the prompts moved to the device; the cuda cases for one search)."""
 
 import pytest
 import torch
@@ -98,10 +99,11 @@ BEAMS = [dict(num_beams=4, max_new_tokens=8, num_return_sequences=2, length_pena
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("beams", range(len(BEAMS)))
-def test_each_option_matches_transformers_on_padded_batches(name, beams):
+@pytest.mark.cuda_params(beams=[1])
+def test_each_option_matches_transformers_on_padded_batches(device, name, beams):
     search = BEAMS[beams]
-    model = tiny_gpt2(beams)
-    ids, mask = left_padded(10 + beams, [5, 3, 7])
+    model = tiny_gpt2(beams).to(device)
+    ids, mask = (t.to(device) for t in left_padded(10 + beams, [5, 3, 7]))
     opts = options(ids, hf(model, ids, mask, **search).sequences)[name]
     search = {**search, **opts}
     want = hf(model, ids, mask, **hf_kwargs(search))
@@ -117,9 +119,10 @@ def test_each_option_matches_transformers_on_padded_batches(name, beams):
 
 @pytest.mark.parametrize("name", ["plain", "combined", "penalty_up", "ngram2"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_kv_cache_and_padding_match_transformers(name, seed):
-    model = tiny_gpt2(seed)
-    ids, mask = left_padded(20 + seed, [6, 2, 4, 6])
+@pytest.mark.cuda_params(seed=[0])
+def test_kv_cache_and_padding_match_transformers(device, name, seed):
+    model = tiny_gpt2(seed).to(device)
+    ids, mask = (t.to(device) for t in left_padded(20 + seed, [6, 2, 4, 6]))
     search = dict(num_beams=5, max_new_tokens=10, num_return_sequences=2)
     opts = {} if name == "plain" else options(ids, hf(model, ids, mask, **search).sequences)[name]
     want = hf(model, ids, mask, use_cache=True, **search, **hf_kwargs(opts))

@@ -1,5 +1,7 @@
 """model.generate(..., custom_generate=online_softmax.hf.generate) against transformers' own
-generate() with the same arguments: tiny random GPT-2, Llama, T5 and BART built from configs."""
+generate() with the same arguments: tiny random GPT-2, Llama, T5 and BART built from configs, on each
+device (the `device` fixture: the model and the prompts moved to the device, both generate() calls
+there; the cuda cases of the longest products for two families)."""
 
 import math
 import subprocess
@@ -57,7 +59,7 @@ def tiny_bart(seed):
 MODELS = {"gpt2": lambda s: tiny_gpt2(s), "llama": tiny_llama, "t5": tiny_t5, "bart": tiny_bart}
 
 
-def prompts(seed, lengths=(5, 3, 6)):
+def prompts(seed, lengths=(5, 3, 6), device="cpu"):
     """Left-padded prompts of different lengths and their attention mask."""
     g = torch.Generator().manual_seed(seed)
     width = max(lengths)
@@ -66,7 +68,7 @@ def prompts(seed, lengths=(5, 3, 6)):
     for row, n in enumerate(lengths):
         ids[row, width - n:] = torch.randint(4, 40, (n,), generator=g)
         mask[row, width - n:] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def both(model, ids, mask, **kw):
@@ -138,9 +140,10 @@ def _decoder_prompt_len(model, ids):
 @pytest.mark.parametrize("family", list(MODELS))
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("name", list(PROCESSORS))
-def test_each_processor_matches_transformers(family, num_beams, name):
-    model = MODELS[family](0)
-    ids, mask = prompts(1)
+@pytest.mark.cuda_params(family=["gpt2", "t5"])
+def test_each_processor_matches_transformers(device, family, num_beams, name):
+    model = MODELS[family](0).to(device)
+    ids, mask = prompts(1, device=device)
     plain = model.generate(ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=8)
     setting = _aimed(name, plain, _decoder_prompt_len(model, ids), model.generation_config.pad_token_id)
     want, got = both(model, ids, mask, num_beams=num_beams, **setting)
@@ -150,9 +153,10 @@ def test_each_processor_matches_transformers(family, num_beams, name):
 
 @pytest.mark.parametrize("family", list(MODELS))
 @pytest.mark.parametrize("early_stopping", [True, False, "never"])
-def test_beam_search_outputs_and_stopping(family, early_stopping):
-    model = MODELS[family](1)
-    ids, mask = prompts(2)
+@pytest.mark.cuda_params(family=["llama", "bart"])
+def test_beam_search_outputs_and_stopping(device, family, early_stopping):
+    model = MODELS[family](1).to(device)
+    ids, mask = prompts(2, device=device)
     want, got = both(model, ids, mask, num_beams=4, num_return_sequences=2, early_stopping=early_stopping,
                      length_penalty=0.7, max_new_tokens=10, return_dict_in_generate=True, output_scores=True,
                      output_logits=True)
@@ -161,17 +165,17 @@ def test_beam_search_outputs_and_stopping(family, early_stopping):
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_without_cache_and_with_the_fused_path_and_logits(family, num_beams):
-    model = MODELS[family](2)
-    ids, mask = prompts(3)
+def test_without_cache_and_with_the_fused_path_and_logits(device, family, num_beams):
+    model = MODELS[family](2).to(device)
+    ids, mask = prompts(3, device=device)
     want, got = both(model, ids, mask, num_beams=num_beams, use_cache=False, repetition_penalty=1.2,
                      return_dict_in_generate=True, output_logits=True)
     assert_same(want, got)
 
 
-def test_attentions_and_hidden_states_as_transformers_returns_them():
-    model = tiny_gpt2(3)
-    ids, mask = prompts(4)
+def test_attentions_and_hidden_states_as_transformers_returns_them(device):
+    model = tiny_gpt2(3).to(device)
+    ids, mask = prompts(4, device=device)
     want, got = both(model, ids, mask, num_beams=2, return_dict_in_generate=True, output_attentions=True,
                      output_hidden_states=True, max_new_tokens=4)
     assert len(got.attentions) == len(want.attentions) and len(got.hidden_states) == len(want.hidden_states)
@@ -195,13 +199,14 @@ class StopAfter(transformers.StoppingCriteria):
         self.length = length
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool,
+                          device=input_ids.device)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_user_processor_and_stopping_criteria(num_beams):
-    model = tiny_gpt2(4)
-    ids, mask = prompts(5)
+def test_user_processor_and_stopping_criteria(device, num_beams):
+    model = tiny_gpt2(4).to(device)
+    ids, mask = prompts(5, device=device)
     plain = model.generate(ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=8)
     ban = int(plain[0, ids.shape[1]])
     lp = transformers.LogitsProcessorList([BanToken(ban)])
@@ -212,9 +217,9 @@ def test_user_processor_and_stopping_criteria(num_beams):
     assert_same(want, got)
 
 
-def test_greedy_streamer_receives_the_same_tokens():
-    model = tiny_gpt2(5)
-    ids = torch.randint(4, 40, (1, 4), generator=torch.Generator().manual_seed(6))
+def test_greedy_streamer_receives_the_same_tokens(device):
+    model = tiny_gpt2(5).to(device)
+    ids = torch.randint(4, 40, (1, 4), generator=torch.Generator().manual_seed(6)).to(device)
 
     class Collect(transformers.generation.streamers.BaseStreamer):
         def __init__(self):
@@ -262,10 +267,10 @@ def _chi_square_ok(counts, probs, draws):
 
 
 @pytest.mark.parametrize("setting", range(len(SAMPLING)))
-def test_sampling_follows_transformers_warped_distribution(setting):
+def test_sampling_follows_transformers_warped_distribution(device, setting):
     kw = SAMPLING[setting]
-    model = tiny_llama(7)  # vocabulary 64 > generate()'s default top_k of 50, which therefore applies
-    ids = torch.tensor([[1, 9, 17, 9, 30]])
+    model = tiny_llama(7).to(device)  # vocabulary 64 > generate()'s default top_k of 50, which therefore applies
+    ids = torch.tensor([[1, 9, 17, 9, 30]], device=device)
     with torch.no_grad():
         logits = model(ids).logits[:, -1].float()
     if "repetition_penalty" in kw:
@@ -282,9 +287,9 @@ def test_sampling_follows_transformers_warped_distribution(setting):
     assert ok, (stat, limit)
 
 
-def test_seeded_sampling_reproduces():
-    model = tiny_gpt2(8)
-    ids, mask = prompts(9)
+def test_seeded_sampling_reproduces(device):
+    model = tiny_gpt2(8).to(device)
+    ids, mask = prompts(9, device=device)
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
@@ -293,9 +298,9 @@ def test_seeded_sampling_reproduces():
     assert torch.equal(runs[0], runs[1])
 
 
-def test_beam_sampling_runs_with_transformers_bookkeeping():
-    model = tiny_gpt2(10)
-    ids, mask = prompts(11)
+def test_beam_sampling_runs_with_transformers_bookkeeping(device):
+    model = tiny_gpt2(10).to(device)
+    ids, mask = prompts(11, device=device)
     torch.manual_seed(0)
     out = model.generate(ids, attention_mask=mask, do_sample=True, num_beams=3, max_new_tokens=6,
                          return_dict_in_generate=True, output_scores=True, custom_generate=osm.hf.generate)
@@ -322,9 +327,9 @@ def _forbid(monkeypatch, name):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
-def test_sparse_processors_take_the_fused_step(monkeypatch, family):
-    model = MODELS[family](0)
-    ids, mask = prompts(1)
+def test_sparse_processors_take_the_fused_step(device, monkeypatch, family):
+    model = MODELS[family](0).to(device)
+    ids, mask = prompts(1, device=device)
     kw = dict(num_beams=3, max_new_tokens=8, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=3,
               min_length=9, suppress_tokens=[5], bad_words_ids=[[7], [8, 9]], begin_suppress_tokens=[6])
     want = model.generate(ids, attention_mask=mask, **kw)
@@ -333,9 +338,9 @@ def test_sparse_processors_take_the_fused_step(monkeypatch, family):
     assert torch.equal(got, want)
 
 
-def test_other_processors_and_output_scores_take_the_dense_step(monkeypatch):
-    model = tiny_gpt2(0)
-    ids, mask = prompts(1)
+def test_other_processors_and_output_scores_take_the_dense_step(device, monkeypatch):
+    model = tiny_gpt2(0).to(device)
+    ids, mask = prompts(1, device=device)
     _forbid(monkeypatch, "_fused_step")
     lp = transformers.LogitsProcessorList([BanToken(5)])
     for kw in (dict(logits_processor=lp), dict(forced_eos_token_id=EOS),

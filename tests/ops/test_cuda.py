@@ -362,7 +362,7 @@ def test_mixed_devices_raise():
         torch.ops.online_softmax.backward(y.cpu(), y, -1, False, 1.0, None)
 
 
-# ---- cross_entropy_backward ----
+# ---- cross_entropy_backward, cross_entropy_backward_ ----
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_cross_entropy_backward_boundaries(device, dtype):
@@ -377,6 +377,10 @@ def test_cross_entropy_backward_boundaries(device, dtype):
         args = cross_entropy_case(3, n, dtype, device=device, seed=n, offset=i % 2, smooth=smooth, weight=weight)
         out = torch.ops.online_softmax.cross_entropy_backward(**args)
         assert_cross_entropy_grad(out, args, what=f"n={n} {dtype} smooth={smooth} weight={weight}")
+        # The in-place form writes the same values over its (misaligned, for odd i) input.
+        inplace = args["x"].new_empty(3 * n + i % 2)[i % 2:].view(3, n).copy_(args["x"])
+        torch.ops.online_softmax.cross_entropy_backward_(inplace, **{k: v for k, v in args.items() if k != "x"})
+        assert_cross_entropy_grad(inplace, args, what=f"in place: n={n} {dtype} smooth={smooth} weight={weight}")
 
 
 @needs_cuda

@@ -1,5 +1,6 @@
 """online_softmax.softmax / log_softmax / OnlineSoftmax take every call form torch.softmax,
-torch.nn.functional.softmax and nn.Softmax take, with the same results and the same warnings."""
+torch.nn.functional.softmax and nn.Softmax take, with the same results and the same warnings, on each
+device (the `device` fixture; the cuda cases of every call form for one shape)."""
 
 import warnings
 
@@ -46,10 +47,11 @@ def _call(fn, x, args, kwargs, by_name):
 @pytest.mark.parametrize("name", list(PEERS))
 @pytest.mark.parametrize("shape", [(), (7,), (3, 5), (2, 3, 5), (2, 3, 4, 5)])
 @pytest.mark.parametrize("form", range(len(CALL_FORMS)))
-def test_every_torch_call_form(name, shape, form):
+@pytest.mark.cuda_params(shape=[(2, 3, 5)])
+def test_every_torch_call_form(device, name, shape, form):
     args, kwargs, by_name = CALL_FORMS[form]
     ours_fn, torch_fns = PEERS[name]
-    x = random_logits(shape, torch.float32)
+    x = random_logits(shape, torch.float32, device)
     accepted = 0
     for torch_fn in torch_fns:
         if form == POSITIONAL_DTYPE and torch_fn in (F.softmax, F.log_softmax):
@@ -81,8 +83,8 @@ def test_implicit_dim_follows_torch_and_warns(ndim, legacy_dim):
 
 
 @pytest.mark.parametrize("dim", [None, 0, 1, -1])
-def test_module_matches_nn_softmax(dim):
-    x = random_logits((2, 3, 5), torch.float32)
+def test_module_matches_nn_softmax(device, dim):
+    x = random_logits((2, 3, 5), torch.float32, device)
     with warnings.catch_warnings(record=True) as want_warnings:
         warnings.simplefilter("always")
         want = torch.nn.Softmax(dim)(x)

@@ -1,7 +1,9 @@
 """scripts/gpu_check.sh rehearsed without a GPU: its first call fits the time a GPU is lent for, its test
-selection holds every test file with a CUDA case and leaves the rest out with reasons, a test written
-against a newer package than the machine has is left out, and scripts/gpu_results.py turns a run's
-files into the README's GPU table. The run's files here are fabricated test data, not results."""
+selection holds every test file with a CUDA case and leaves the rest out with reasons, every test file
+has a CUDA case or a stated reason, every op that runs on CUDA is called on CUDA by a selected test
+(scripts/gpu_op_coverage.py), a test written against a newer package than the machine has is left
+out, and scripts/gpu_results.py turns a run's files into the README's GPU table. The run's files here
+are fabricated test data, not results."""
 
 import json
 import os
@@ -43,7 +45,7 @@ def limits(out):
 
 
 def node_ids(out):
-    return out.split("\nnode ids:\n", 1)[1].split()
+    return out.split("\nnode ids:\n", 1)[1].splitlines()
 
 
 def test_first_call_fits_the_lease(plan):
@@ -75,6 +77,7 @@ def test_unknown_phase_is_refused():
 def test_selection_holds_every_test_file_with_a_cuda_case(plan):
     ids = node_ids(plan)
     assert ids and len(ids) == len(set(ids))
+    assert not [i for i in ids if i != i.strip() or " " in i], "node ids with spaces (one a line in the plan)"
     selected_files = {i.split("::", 1)[0] for i in ids}
     with_cuda = {p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").rglob("test_*.py"))
                  if CUDA_CASE.search(p.read_text()) and "packaging" not in p.parts}
@@ -88,6 +91,84 @@ def test_selection_holds_every_test_file_with_a_cuda_case(plan):
     assert gpu_only
     for name in gpu_only:
         assert any(i.split("[", 1)[0] == f"tests/ops/test_cuda.py::{name}" for i in ids), name
+
+
+# Test files with no CUDA case, each with the reason. Every other test file must have a selected one.
+NO_CUDA_CASE = {
+    "tests/kernels/": "the CUDA kernel sources executed by the host runtime, and cuda_plan: CPU by design",
+    "tests/distributed/": "several ranks over Gloo on the CPU; the lent machine has one GPU",
+    "tests/ops/test_cpu_dispatch.py": "the CPU kernels' ISA dispatch (DEFAULT/AVX2/AVX512)",
+    "tests/ops/test_reference.py": "the textbook references in plain PyTorch; calls no online_softmax op",
+    "tests/ops/test_argument_errors.py": "argument checks on CPU tensors; not yet run on CUDA tensors",
+}
+# Files whose CUDA cases are being written: excused until they have one, then this entry must go.
+PENDING = {
+    "tests/losses/test_cross_entropy.py": "CUDA cases being added with the device fixture",
+    "tests/losses/test_linear_cross_entropy.py": "CUDA cases being added with the device fixture",
+    "tests/losses/test_hf_loss.py": "CUDA cases being added with the device fixture",
+}
+
+
+def _reason(path, table):
+    return next((reason for prefix, reason in table.items() if path == prefix or path.startswith(prefix)
+                 and prefix.endswith("/")), None)
+
+
+def test_every_test_file_has_a_cuda_case_or_a_reason(plan):
+    selected_files = {i.split("::", 1)[0] for i in node_ids(plan)}
+    files = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py") if "packaging" not in p.parts}
+    without = sorted(f for f in files - selected_files if not _reason(f, NO_CUDA_CASE) and not _reason(f, PENDING))
+    assert not without, f"test files with no selected cuda case and no reason in NO_CUDA_CASE: {without}"
+    done = sorted(f for f in files & selected_files if _reason(f, PENDING))
+    assert not done, f"these have selected cuda cases now: take them out of PENDING: {done}"
+    stale = [k for k in {**NO_CUDA_CASE, **PENDING} if not any(f == k or f.startswith(k) for f in files)]
+    assert not stale, f"entries that name no test file: {stale}"
+
+
+def coverage_of(ids, tmp_path, *args):
+    (tmp_path / "ids.txt").write_text("".join(i + "\n" for i in ids))
+    out = tmp_path / "coverage.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_op_coverage.py"), "--ids",
+                           str(tmp_path / "ids.txt"), "--json", str(out), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def registered_for_cuda():
+    """The op names csrc/cuda/register.cpp registers for CUDA, read here on their own."""
+    body = (ROOT / "csrc" / "cuda" / "register.cpp").read_text().split("TORCH_LIBRARY_IMPL(online_softmax, CUDA", 1)[1]
+    return set(re.findall(r'm\.impl\("(\w+)"', body.split("\n}", 1)[0]))
+
+
+def test_every_op_that_runs_on_cuda_is_called_on_cuda_by_a_selected_test(plan, tmp_path):
+    """scripts/gpu_op_coverage.py: each selected cuda case's cpu twin runs under the profiler; every op
+    with a CUDA kernel or a composite must be reached by one (tests/ops/test_registration.py's opcheck
+    of every op not counted)."""
+    proc, result = coverage_of(node_ids(plan), tmp_path)
+    cuda = registered_for_cuda()
+    assert len(cuda) >= 10 and {"masked_forward", "cross_entropy_backward", "cross_entropy_backward_"} <= cuda
+    assert cuda <= set(result["ops"]) and {"beam_search_step", "beam_search_advance"} <= set(result["ops"])
+    assert not result["registry_problems"], result["registry_problems"]
+    assert proc.returncode == 0 and not result["missing"], proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert all(result["on_cuda"][op] for op in result["ops"])
+    # The counted tests are twins of selected cuda cases, none from the catch-all file.
+    selected = set(node_ids(plan))
+    assert all(case in selected and not case.startswith("tests/ops/test_registration.py")
+               for cases in result["on_cuda"].values() for case in cases)
+
+
+def test_op_coverage_fails_where_an_op_has_no_cuda_case(plan, tmp_path):
+    """The check cannot pass by itself: a selection without masked_forward's cuda cases (here, two
+    files' and the opcheck of every op, which calls masked_forward on CUDA but is not counted) fails,
+    naming it."""
+    ids = [i for i in node_ids(plan) if i.startswith(("tests/ops/test_stats.py", "tests/ops/test_registration.py"))]
+    assert any(i.startswith("tests/ops/test_registration.py::test_opcheck_every_op") for i in ids)
+    proc, result = coverage_of(ids, tmp_path)
+    assert proc.returncode == 1
+    assert {"masked_forward", "cross_entropy_backward", "beam_search_advance"} <= set(result["missing"])
+    assert "never called on CUDA by a selected test of its own: " in proc.stdout and "masked_forward" in proc.stdout
+    assert result["on_cuda"].get("stats"), "the twins of test_stats.py's cuda cases ran and were recorded"
 
 
 def test_every_test_left_out_has_a_reason(plan):

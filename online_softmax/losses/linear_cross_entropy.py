@@ -96,7 +96,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         h = hidden.reshape(-1, hidden.shape[-1])
         grad_mode = torch.is_grad_enabled()
         need = tuple(grad_mode and p is not None and p.requires_grad for p in (h, weight, bias))
-        loss, lse = _LinearCrossEntropy.apply(h, weight, bias, t, cw, options, need)[:2]
+        loss, lse = _LinearCrossEntropy.apply(h, weight, bias, t, cw, options, need, [])
     if reduction == "none":
         loss = loss.reshape(target.shape)
     loss = loss.to(hidden.dtype)
@@ -179,12 +179,13 @@ def _accumulate(h, weight, bias, t, cw, options, row_scale, grads):
 class _LinearCrossEntropy(torch.autograd.Function):
     """The chunked loss of rows h (N, H). ``need``: which of (h, weight, bias) get a gradient (grad
     mode on and requires_grad), decided by the caller, so that no gradient is computed under
-    no_grad or inference_mode. Outputs (loss, lse, grad_h, grad_weight, grad_bias): the gradients
-    are computed during the forward when the loss is a scalar (None otherwise), kept by the
-    backward and not differentiable."""
+    no_grad or inference_mode. Outputs (loss, lse). When the loss is a scalar the gradients are
+    computed during the forward and handed to the backward through ``stash`` (a list): as outputs
+    they would stay referenced by the node (its non-differentiable outputs), so that autograd
+    would copy grad_weight rather than take it."""
 
     @staticmethod
-    def forward(h, weight, bias, t, cw, options, need):
+    def forward(h, weight, bias, t, cw, options, need, stash):
         reduction = options[1]
         eager = reduction != "none" and any(need)
         grads = (torch.zeros_like(h) if eager and need[0] else None,
@@ -204,24 +205,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 return one / denom if denom is not None else one
         loss, lse, w_t, valid = _accumulate(h, weight, bias, t, cw, options, row_scale, grads)
         out, _ = reduce_losses(loss, valid, w_t, reduction)
-        return (out, lse) + grads
+        stash.append(grads)
+        return out, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        h, weight, bias, t, cw, options, need = inputs
-        out, lse, gh, gw, gb = output
-        ctx.mark_non_differentiable(lse, *[g for g in (gh, gw, gb) if g is not None])
+        h, weight, bias, t, cw, options, need, stash = inputs
+        _out, lse = output
+        ctx.mark_non_differentiable(lse)
         ctx.options, ctx.need = options, need
         ctx.eager = options[1] != "none" and any(need)
         # Kept off save_for_backward: the backward scales them in place (a second copy of
         # grad_weight would be the largest allocation of the whole loss) and lets them go.
-        ctx.grads = (gh, gw, gb) if ctx.eager else None
+        ctx.grads = stash.pop() if ctx.eager else None
+        stash.clear()
         # The inputs themselves (no copy): the backward of reduction="none" recomputes from them,
         # and a double backward differentiates the composition over them.
         ctx.save_for_backward(h, weight, bias, t, cw)
 
     @staticmethod
-    def backward(ctx, grad, _grad_lse, *_grad_grads):
+    def backward(ctx, grad, _grad_lse):
         h, weight, bias, t, cw = ctx.saved_tensors
         need = ctx.need
         if torch.is_grad_enabled():
@@ -233,7 +236,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss, _lse = _composition(h, weight, bias, t, cw, ctx.options)
                 found = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
             grads = [next(found) if n else None for n in need]
-            return grads[0], grads[1], grads[2], None, None, None, None
+            return grads[0], grads[1], grads[2], None, None, None, None, None
         if ctx.eager:
             if ctx.grads is None:
                 raise RuntimeError("online_softmax.linear_cross_entropy: its backward ran already (it computes the "
@@ -241,9 +244,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                    "retain_graph=True")
             grads, ctx.grads = ctx.grads, None
             grads = [g.mul_(grad.to(g.dtype)) if g is not None else None for g in grads]
-            return grads[0], grads[1], grads[2], None, None, None, None
+            return grads[0], grads[1], grads[2], None, None, None, None, None
         grads = (torch.zeros_like(h) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
                  torch.zeros_like(bias) if bias is not None and need[2] else None)
         g_rows = grad.to(state_dtype(h.dtype))
         _accumulate(h, weight, bias, t, cw, ctx.options, lambda a, b: g_rows[a:b], grads)
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None

@@ -70,13 +70,16 @@ TORCH_LIBRARY(online_softmax, m) {
   // distribution (NaN, +inf, all -inf). Reads x from memory once; narrowing passes hit the cache.
   m.def("top_p_threshold(Tensor x, Tensor temperature, Tensor top_p) -> (Tensor log_ratio, Tensor status)");
   // The gradient of a cross-entropy loss with respect to its logits x (rows, classes), in one read
-  // of x and one write: out[i, c] = p_scale[i] * exp(x[i, c] - lse[i]) - [c == target[i]] *
+  // of x and one write: out[i, c] = p_scale[i] * exp(x[i, c] - max[i]) / sumexp[i] - [c == target[i]] *
   // target_scale[i] - smooth_scale[i] * weight[c] (weight 1 when None; no term without
-  // smooth_scale). lse and the per-row scales are in the accumulation dtype (float32, float64 for
-  // float64 x), target int64 in [0, classes); out has x's dtype. The per-row scales carry the
-  // reduction, the target's class weight, label smoothing and z-loss (online_softmax/losses).
-  m.def("cross_entropy_backward(Tensor x, Tensor lse, Tensor target, Tensor p_scale, Tensor target_scale, Tensor? smooth_scale=None, Tensor? weight=None) -> Tensor");
+  // smooth_scale). max and sumexp are the row's online state (as the stats op gives it): the softmax
+  // comes from them, never through a rounded lse = max + log(sumexp), which loses the low bits of
+  // x - lse at large logits. max, sumexp and the per-row scales are in the accumulation dtype
+  // (float32, float64 for float64 x), target int64 in [0, classes); out has x's dtype. The per-row
+  // scales carry the reduction, the target's class weight, label smoothing and z-loss
+  // (online_softmax/losses).
+  m.def("cross_entropy_backward(Tensor x, Tensor max, Tensor sumexp, Tensor target, Tensor p_scale, Tensor target_scale, Tensor? smooth_scale=None, Tensor? weight=None) -> Tensor");
   // The same gradient written over x itself (contiguous), as flash-attention's xentropy does with
   // inplace_backward: no second logits-sized buffer. Each element is read before it is written.
-  m.def("cross_entropy_backward_(Tensor(a!) x, Tensor lse, Tensor target, Tensor p_scale, Tensor target_scale, Tensor? smooth_scale=None, Tensor? weight=None) -> ()");
+  m.def("cross_entropy_backward_(Tensor(a!) x, Tensor max, Tensor sumexp, Tensor target, Tensor p_scale, Tensor target_scale, Tensor? smooth_scale=None, Tensor? weight=None) -> ()");
 }

@@ -221,13 +221,15 @@ def _top_p_threshold_fake(x, temperature, top_p):
 
 # ---- cross-entropy ----
 
-def _check_cross_entropy_backward(op, x, lse, target, p_scale, target_scale, smooth_scale, weight):
+_CE_PER_ROW = ("max", "sumexp", "p_scale", "target_scale", "smooth_scale")
+
+
+def _check_cross_entropy_backward(op, x, max, sumexp, target, p_scale, target_scale, smooth_scale, weight):
     checks.floating(x, "x", op)
     if x.dim() != 2:
         raise checks.fail(op, f"x must be 2-D (rows, classes), got shape {list(x.shape)}")
     acc = state_dtype(x.dtype)
-    for name, t in (("lse", lse), ("p_scale", p_scale), ("target_scale", target_scale),
-                    ("smooth_scale", smooth_scale)):
+    for name, t in zip(_CE_PER_ROW, (max, sumexp, p_scale, target_scale, smooth_scale)):
         if t is None:
             continue
         if t.dtype != acc:
@@ -242,15 +244,85 @@ def _check_cross_entropy_backward(op, x, lse, target, p_scale, target_scale, smo
 
 
 @torch.library.register_fake("online_softmax::cross_entropy_backward")
-def _cross_entropy_backward_fake(x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None):
-    _check_cross_entropy_backward("cross_entropy_backward", x, lse, target, p_scale, target_scale, smooth_scale,
-                                  weight)
+def _cross_entropy_backward_fake(x, max, sumexp, target, p_scale, target_scale, smooth_scale=None, weight=None):
+    _check_cross_entropy_backward("cross_entropy_backward", x, max, sumexp, target, p_scale, target_scale,
+                                  smooth_scale, weight)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("online_softmax::cross_entropy_backward_")
-def _cross_entropy_backward_inplace_fake(x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None):
+def _cross_entropy_backward_inplace_fake(x, max, sumexp, target, p_scale, target_scale, smooth_scale=None,
+                                         weight=None):
     op = "cross_entropy_backward_"
-    _check_cross_entropy_backward(op, x, lse, target, p_scale, target_scale, smooth_scale, weight)
+    _check_cross_entropy_backward(op, x, max, sumexp, target, p_scale, target_scale, smooth_scale, weight)
     if not x.is_contiguous():
         raise checks.fail(op, "x must be contiguous to receive its gradient in place")
+
+
+def _cross_entropy_backward_backward(ctx, *grads):
+    # Without this registration PyTorch's fallback would return zeros with a warning: say so instead.
+    raise NotImplementedError("online_softmax.cross_entropy_backward: double backward (the gradient of this "
+                              "gradient op) is not supported; online_softmax.cross_entropy computes second "
+                              "derivatives without it (create_graph=True, torch.func)")
+
+
+torch.library.register_autograd("online_softmax::cross_entropy_backward", _cross_entropy_backward_backward)
+
+
+# vmap rules of cross_entropy_backward and cross_entropy_backward_, kept beside their fake kernels
+# (the other ops' batching rules live in online_softmax/batching.py). The rows are independent, so
+# the vmapped dims fold into the rows: x (B, N, C) is called as (B * N, C), each per-row argument
+# as (B * N,), an unbatched one expanded first. A batched weight (one per vmapped call) cannot fold
+# into the one (C,) weight: those calls run one by one.
+
+def _ce_fold(info, in_dims, args):
+    """The arguments with the vmapped dim first and folded into the rows (None where weight is
+    batched), and the vmapped size."""
+    b = info.batch_size
+    x, m, d, target, p_scale, target_scale, smooth, weight = args
+    rows, n = x.movedim(in_dims[0], 0).shape[1:] if in_dims[0] is not None else x.shape
+
+    def per_batch(t, dim):
+        if t is None:
+            return None
+        t = t.movedim(dim, 0) if dim is not None else t.expand(b, *t.shape)
+        return t.reshape(b * rows, *t.shape[2:])
+
+    folded = [per_batch(t, dim) for t, dim in zip(args[:7], in_dims[:7])]
+    return folded, weight, in_dims[7], b, rows, n
+
+
+def _ce_backward_batched(folded, weight, w_dim, b, rows, n):
+    """cross_entropy_backward of the folded arguments, (B, rows, C)."""
+    if w_dim is None:
+        return _ops.cross_entropy_backward(*folded, weight).view(b, rows, n)
+    weights = weight.movedim(w_dim, 0)
+    return torch.stack([_ops.cross_entropy_backward(*[t[i * rows:(i + 1) * rows] for t in folded[:6]],
+                                                    None if folded[6] is None else
+                                                    folded[6][i * rows:(i + 1) * rows], weights[i])
+                        for i in range(b)])
+
+
+@torch.library.register_vmap("online_softmax::cross_entropy_backward")
+def _cross_entropy_backward_vmap(info, in_dims, x, max, sumexp, target, p_scale, target_scale, smooth_scale=None,
+                                 weight=None):
+    folded, w, w_dim, b, rows, n = _ce_fold(info, in_dims, (x, max, sumexp, target, p_scale, target_scale,
+                                                             smooth_scale, weight))
+    return _ce_backward_batched(folded, w, w_dim, b, rows, n), 0
+
+
+@torch.library.register_vmap("online_softmax::cross_entropy_backward_")
+def _cross_entropy_backward_inplace_vmap(info, in_dims, x, max, sumexp, target, p_scale, target_scale,
+                                         smooth_scale=None, weight=None):
+    if in_dims[0] is None:
+        raise ValueError("online_softmax.cross_entropy_backward_: under vmap, x must be batched to receive "
+                         "every vmapped call's gradient in place")
+    folded, w, w_dim, b, rows, n = _ce_fold(info, in_dims, (x, max, sumexp, target, p_scale, target_scale,
+                                                             smooth_scale, weight))
+    x_first = x.movedim(in_dims[0], 0)
+    if w_dim is None and x_first.is_contiguous():
+        # The folded rows are a view of x itself: the op writes over them.
+        _ops.cross_entropy_backward_(x_first.view(b * rows, n), *folded[1:], w)
+    else:
+        x_first.copy_(_ce_backward_batched(folded, w, w_dim, b, rows, n))
+    return None, None

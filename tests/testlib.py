@@ -64,8 +64,9 @@ def backward_atol(g, y, log, dim=-1, scale=1.0):
 
 def cross_entropy_case(rows, n, dtype, *, device="cpu", seed=0, offset=0, smooth=False, weight=False, scale=3.0):
     """The arguments of cross_entropy_backward by name: x (a view `offset` elements into its storage,
-    so rows may start off a 16-byte boundary), its true lse, random per-row scales and targets, and
-    smoothing and class weights where asked for, in the dtypes the op takes."""
+    so rows may start off a 16-byte boundary), its rows' true online state (max, sumexp), random
+    per-row scales and targets, and smoothing and class weights where asked for, in the dtypes the op
+    takes."""
     g = torch.Generator().manual_seed(seed + 7919)
     acc = state_dtype(dtype)
     x = random_logits((rows * n + offset,), dtype, device, scale=scale, seed=seed)[offset:].view(rows, n)
@@ -73,9 +74,11 @@ def cross_entropy_case(rows, n, dtype, *, device="cpu", seed=0, offset=0, smooth
     def rand(size, lo, width):
         return (torch.rand(size, generator=g, dtype=torch.float64) * width + lo).to(acc).to(device)
 
+    m, d = row_state(x)
     return {
         "x": x,
-        "lse": torch.logsumexp(x.double(), -1).to(acc) if n else torch.empty(rows, dtype=acc, device=device),
+        "max": m.to(acc),
+        "sumexp": d.to(acc),
         "target": torch.randint(0, max(n, 1), (rows,), generator=g).to(device),
         "p_scale": rand(rows, 0.5, 1.0),
         "target_scale": rand(rows, 0.5, 1.0),
@@ -84,12 +87,23 @@ def cross_entropy_case(rows, n, dtype, *, device="cpu", seed=0, offset=0, smooth
     }
 
 
-def cross_entropy_backward_ref(x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None):
+def row_state(x):
+    """Each row's online state (max, sum of exp(x - max)) of a 2-d x, in float64: (-inf, 0) for
+    empty rows, as the stats op gives it."""
+    x = x.double()
+    if x.shape[1] == 0:
+        return (torch.full((x.shape[0],), float("-inf"), dtype=torch.float64, device=x.device),
+                torch.zeros(x.shape[0], dtype=torch.float64, device=x.device))
+    m = x.max(-1).values
+    return m, torch.exp(x - m[:, None]).sum(-1)
+
+
+def cross_entropy_backward_ref(x, max, sumexp, target, p_scale, target_scale, smooth_scale=None, weight=None):
     """The formula in float64 on the given (rounded) inputs, and the size of its terms (the error
     budget of an evaluation in the accumulation dtype)."""
-    x, lse, target, p_scale, target_scale = (t.cpu() for t in (x, lse, target, p_scale, target_scale))
+    x, m, d, target, p_scale, target_scale = (t.cpu() for t in (x, max, sumexp, target, p_scale, target_scale))
     n = x.shape[1]
-    p = p_scale.double()[:, None] * torch.exp(x.double() - lse.double()[:, None])
+    p = p_scale.double()[:, None] * torch.exp(x.double() - m.double()[:, None]) / d.double()[:, None]
     cols = torch.arange(n)
     hit = (cols[None, :] == target[:, None]).double()
     one_hot = hit * target_scale.double()[:, None]
@@ -100,8 +114,8 @@ def cross_entropy_backward_ref(x, lse, target, p_scale, target_scale, smooth_sca
         s = smooth_scale.cpu().double()[:, None] * w[None, :]
         out = out - s
         size = size + s.abs()
-    # exp's argument carries its own rounding: |x - lse| ulps of the accumulation dtype.
-    spread = (x.double() - lse.double()[:, None]).abs().nan_to_num(0.0, 0.0, 0.0) + 1
+    # exp's argument carries its own rounding: |x - max| ulps of the accumulation dtype.
+    spread = (x.double() - m.double()[:, None]).abs().nan_to_num(0.0, 0.0, 0.0) + 1
     return out, size, spread
 
 

@@ -272,7 +272,7 @@ inline TopPArgs top_p_args(const at::Tensor& x, const at::Tensor& temperature, c
 
 struct CrossEntropyBackwardArgs {
   at::Tensor x;                     // (rows, n), contiguous
-  at::Tensor lse, target, p_scale, target_scale;  // (rows,), contiguous
+  at::Tensor max, sumexp, target, p_scale, target_scale;  // (rows,), contiguous
   std::optional<at::Tensor> smooth_scale;          // (rows,) or none
   std::optional<at::Tensor> weight;                // (n,) or none
   int64_t rows, n;
@@ -280,8 +280,8 @@ struct CrossEntropyBackwardArgs {
 
 // in_place: cross_entropy_backward_, which writes over x, so x must be contiguous already.
 inline CrossEntropyBackwardArgs cross_entropy_backward_args(
-    const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target, const at::Tensor& p_scale,
-    const at::Tensor& target_scale, const std::optional<at::Tensor>& smooth_scale,
+    const at::Tensor& x, const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& target,
+    const at::Tensor& p_scale, const at::Tensor& target_scale, const std::optional<at::Tensor>& smooth_scale,
     const std::optional<at::Tensor>& weight, bool in_place = false) {
   const char* op = in_place ? "cross_entropy_backward_" : "cross_entropy_backward";
   check_floating(x, "x", op);
@@ -299,7 +299,8 @@ inline CrossEntropyBackwardArgs cross_entropy_backward_args(
                       " but x is on ", x.device());
     return t.contiguous();
   };
-  a.lse = per_row(lse, "lse");
+  a.max = per_row(max, "max");
+  a.sumexp = per_row(sumexp, "sumexp");
   a.p_scale = per_row(p_scale, "p_scale");
   a.target_scale = per_row(target_scale, "target_scale");
   if (smooth_scale.has_value()) a.smooth_scale = per_row(*smooth_scale, "smooth_scale");

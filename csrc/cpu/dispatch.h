@@ -129,7 +129,8 @@ struct CrossEntropyBackwardCall {  // rows contiguous
   at::ScalarType x_dtype;
   const void* x;
   int64_t rows, n;
-  const void* lse;           // (rows,) accumulation type, as the per-row scales and weight
+  const void* max;           // (rows,) the row's online state (max, sumexp); accumulation type, as
+  const void* sumexp;        // the per-row scales and weight
   const int64_t* target;     // (rows,) in [0, n)
   const void* p_scale;
   const void* target_scale;

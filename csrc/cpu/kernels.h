@@ -41,12 +41,14 @@ std::tuple<at::Tensor, at::Tensor> sample_categorical(const at::Tensor& x, const
 std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at::Tensor& temperature,
                                                    const at::Tensor& top_p);
 
-at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
+at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& max, const at::Tensor& sumexp,
+                                  const at::Tensor& target,
                                   const at::Tensor& p_scale, const at::Tensor& target_scale,
                                   const std::optional<at::Tensor>& smooth_scale,
                                   const std::optional<at::Tensor>& weight);
 
-void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
+void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& max, const at::Tensor& sumexp,
+                             const at::Tensor& target,
                              const at::Tensor& p_scale, const at::Tensor& target_scale,
                              const std::optional<at::Tensor>& smooth_scale, const std::optional<at::Tensor>& weight);
 

@@ -28,8 +28,9 @@ void run_kernel(const CrossEntropyBackwardArgs& a, void* out) {
     auto optional_ptr = [](const std::optional<at::Tensor>& t) {
       return t.has_value() ? t->const_data_ptr<A>() : nullptr;
     };
-    check_launch(kernels::cross_entropy_backward<T>(cptr<scalar_t>(a.x), a.lse.const_data_ptr<A>(),
-                                                    a.target.const_data_ptr<int64_t>(), a.p_scale.const_data_ptr<A>(),
+    check_launch(kernels::cross_entropy_backward<T>(cptr<scalar_t>(a.x), a.max.const_data_ptr<A>(),
+                                                    a.sumexp.const_data_ptr<A>(), a.target.const_data_ptr<int64_t>(),
+                                                    a.p_scale.const_data_ptr<A>(),
                                                     a.target_scale.const_data_ptr<A>(), optional_ptr(a.smooth_scale),
                                                     optional_ptr(a.weight), static_cast<T*>(out), a.rows, a.n,
                                                     error.mutable_data_ptr<int>(), limits, stream),
@@ -40,22 +41,25 @@ void run_kernel(const CrossEntropyBackwardArgs& a, void* out) {
 
 }  // namespace
 
-at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
+at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& max, const at::Tensor& sumexp,
+                                  const at::Tensor& target,
                                   const at::Tensor& p_scale, const at::Tensor& target_scale,
                                   const std::optional<at::Tensor>& smooth_scale,
                                   const std::optional<at::Tensor>& weight) {
   const CrossEntropyBackwardArgs a =
-      cross_entropy_backward_args(x, lse, target, p_scale, target_scale, smooth_scale, weight);
+      cross_entropy_backward_args(x, max, sumexp, target, p_scale, target_scale, smooth_scale, weight);
   at::Tensor out = at::empty(a.x.sizes(), a.x.options());
   run_kernel(a, out.mutable_data_ptr());
   return out;
 }
 
-void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& lse, const at::Tensor& target,
+void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& max, const at::Tensor& sumexp,
+                             const at::Tensor& target,
                              const at::Tensor& p_scale, const at::Tensor& target_scale,
                              const std::optional<at::Tensor>& smooth_scale, const std::optional<at::Tensor>& weight) {
   const CrossEntropyBackwardArgs a =
-      cross_entropy_backward_args(x, lse, target, p_scale, target_scale, smooth_scale, weight, /*in_place=*/true);
+      cross_entropy_backward_args(x, max, sumexp, target, p_scale, target_scale, smooth_scale, weight,
+                                  /*in_place=*/true);
   run_kernel(a, x.mutable_data_ptr());
 }
 

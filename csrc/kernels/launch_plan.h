@@ -596,7 +596,7 @@ inline LaunchPlan plan_top_p(int64_t rows, int64_t n, ElemBytes e, DeviceLimits 
 
 // ---- cross_entropy_backward (cross_entropy.cu): out = p_scale * softmax(x) - one-hot - smoothing ----
 
-// Elementwise within a row (softmax from the saved lse, no reduction), so nothing is kept on chip:
+// Elementwise within a row (softmax from the saved (max, sumexp), no reduction), so nothing is kept on chip:
 // the rows of plan_rows' register configurations are only the thread mapping (every thread's
 // granules loaded before any is written), and its split path cuts long or few rows into chunks of a
 // block each, with no merge to follow. `smooth` / `weight`: whether the call passes smooth_scale,
@@ -606,9 +606,9 @@ inline LaunchPlan plan_cross_entropy_backward(int64_t rows, int64_t n, ElemBytes
   if (rows == 0 || n == 0) return LaunchPlan{};
   const int vec = e.vec();
   LaunchPlan plan = plan_rows(rows, n, vec, limits, 0, kMaxRegisterGranules);
-  // lse, p_scale, target_scale (and smooth_scale) per row, the int64 target, weight once: every
-  // row reads it again, from L2.
-  const int64_t row_bytes = rows * ((smooth ? 4 : 3) * e.acc + 8);
+  // max, sumexp, p_scale, target_scale (and smooth_scale) per row, the int64 target, weight once:
+  // every row reads it again, from L2.
+  const int64_t row_bytes = rows * ((smooth ? 5 : 4) * e.acc + 8);
   const int64_t weight_bytes = smooth && weight ? n * e.acc : 0;
   const int64_t x_bytes = rows * n * e.in, out_bytes = rows * n * e.out;
   add_on_chip_row_launch(plan, rows, n, vec, limits, {"cross_entropy_backward_rows_kernel", "", 0},

@@ -113,14 +113,15 @@ cudaError_t top_p_threshold(const T* x, int64_t rows, int64_t n, const double* t
 
 // ---- cross_entropy_backward (cross_entropy.cu) ----
 
-// out[i, c] = p_scale[i] * exp(x[i, c] - lse[i]) - [c == target[i]] * target_scale[i]
+// out[i, c] = p_scale[i] * exp(x[i, c] - max[i]) / sumexp[i] - [c == target[i]] * target_scale[i]
 //             - smooth_scale[i] * (weight ? weight[c] : 1)   (the last term only with smooth_scale)
 // over contiguous rows of n elements, computed in the accumulation type and rounded once into out
 // (x's type). smooth_scale and weight may be null. A target outside [0, n) subtracts nothing (no
 // column is written out of bounds) and sets *error to 1 when error is not null; the caller zeroes
 // it and checks it.
 template <typename T>
-cudaError_t cross_entropy_backward(const T* x, const typename AccOf<T>::type* lse, const int64_t* target,
+cudaError_t cross_entropy_backward(const T* x, const typename AccOf<T>::type* max,
+                                   const typename AccOf<T>::type* sumexp, const int64_t* target,
                                    const typename AccOf<T>::type* p_scale,
                                    const typename AccOf<T>::type* target_scale,
                                    const typename AccOf<T>::type* smooth_scale,

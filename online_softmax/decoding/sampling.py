@@ -66,7 +66,7 @@ def _per_row(value: Param, name: str, rows: int, batch_shape, device, dtype) -> 
 
 
 def _check_range(t: Optional[torch.Tensor], name: str, lo, hi, lo_open=False, hi_open=False) -> None:
-    if t is None or t.numel() == 0 or torch.compiler.is_compiling():
+    if t is None or t.numel() == 0 or torch.compiler.is_compiling() or t.device.type == "meta":
         return
     a, b = torch.stack([t.min(), t.max()]).tolist()  # one host sync
     if not ((a > lo if lo_open else a >= lo) and (b < hi if hi_open else b <= hi)) or a != a or b != b:
@@ -154,8 +154,11 @@ def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = Non
     x, batch_shape = _check_logits(logits, num_samples, generator)
     rows, dev = x.shape[0], x.device
     t, k, p, mp = _row_params(temperature, top_k, top_p, min_p, rows, batch_shape, dev)
-    u = torch.rand(rows, num_samples, dtype=torch.float64, device=dev, generator=generator)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if dev.type == "meta":  # shapes and dtypes only: nothing to draw from
+        return Sample(torch.empty(*batch_shape, num_samples, dtype=torch.int64, device=dev),
+                      torch.empty(*batch_shape, num_samples, dtype=acc, device=dev))
+    u = torch.rand(rows, num_samples, dtype=torch.float64, device=dev, generator=generator)
     if rows == 0:
         return Sample(torch.empty(*batch_shape, num_samples, dtype=torch.int64, device=dev),
                       torch.empty(*batch_shape, num_samples, dtype=acc, device=dev))

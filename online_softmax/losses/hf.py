@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .._checks import state_dtype
-from .cross_entropy import _ClassTargetLoss
+from .cross_entropy import class_target_loss
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
@@ -27,7 +27,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     t = shift_labels.reshape(-1).to(x.device).long()
     reduction = "sum" if num_items_in_batch is not None else "mean"
     # Out of place: the model returns these logits to its caller, who may read them after backward.
-    loss, _lse = _ClassTargetLoss.apply(x, t, None, ignore_index, reduction, 0.0, 0.0, False)
+    loss, _lse = class_target_loss(x, t, None, ignore_index, reduction, 0.0, 0.0, False)
     loss = loss.to(torch.promote_types(state_dtype(x.dtype), torch.float32))
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):

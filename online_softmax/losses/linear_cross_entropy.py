@@ -6,7 +6,15 @@ of the logits (one more read and write), which two matmuls fold into ``grad_hidd
 ``grad_weight`` and ``grad_bias`` before the next chunk. When the loss is reduced to a scalar the
 gradients are computed during the forward (the reduction's denominator is known from the targets
 alone) and the backward only scales them by the incoming gradient, so no chunk's logits are
-computed twice; with ``reduction="none"`` the backward recomputes them, chunk by chunk.
+computed twice; with ``reduction="none"`` the backward recomputes them, chunk by chunk. With grad
+mode off (``torch.no_grad()``, ``inference_mode``) no gradient is computed.
+
+Where the chunked loop cannot run or cannot be differentiated again — torch.func's transforms, a
+tracer (torch.compile, torch.export, jit.trace), meta or fake tensors — the loss is the plain
+composition ``cross_entropy(linear(hidden, weight, bias), target)`` (the whole logits exist), with
+the same values, dynamic shapes and every derivative. A double backward of the chunked form
+(``create_graph=True``) recomputes the gradient through that composition, so second derivatives are
+exact there too.
 """
 
 from typing import Optional
@@ -15,7 +23,8 @@ import torch
 
 from .. import _checks as checks
 from .._checks import state_dtype
-from .cross_entropy import check_class_indices, loss_options, reduce_losses, row_grad, row_losses
+from .cross_entropy import _symbolic, check_class_indices, cross_entropy, loss_options, reduce_losses, row_grad, \
+    row_losses
 
 _OP = "linear_cross_entropy"
 # The default chunk: 1/28 of the tokens (so the chunk's logits are under 4% of the whole logits),
@@ -68,19 +77,49 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         if t is not None and t.device != hidden.device:
             raise checks.fail(op, f"{name} is on {t.device} but hidden is on {hidden.device}")
     label_smoothing, z_loss, softcap = loss_options(op, reduction, ignore_index, label_smoothing, z_loss, softcap)
-    if chunk_size is None:
+    composed = _composed(hidden, weight, bias)
+    if chunk_size is None and composed:
+        chunk_size = 1  # unused: the composition has no chunks (and the token count may be symbolic)
+    elif chunk_size is None:
         tokens = hidden.numel() // max(1, hidden.shape[-1])
         chunk_size = max(-(-tokens // CHUNKS), MIN_CHUNK_TOKENS, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
     checks.positive_int(chunk_size, "chunk_size", op)
-    h = hidden.reshape(-1, hidden.shape[-1])
+    if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
+        raise checks.fail(op, "class_weight cannot have requires_grad=True: the loss is not differentiable with "
+                              "respect to it (as torch's nll_loss); pass class_weight.detach()", RuntimeError)
     t = check_class_indices(target.reshape(-1).long(), vocab, ignore_index, op)
     cw = None if class_weight is None else class_weight.to(state_dtype(hidden.dtype))
     options = (ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
-    loss, lse = _LinearCrossEntropy.apply(h, weight, bias, t, cw, options)
+    if composed:
+        loss, lse = _composition(hidden.reshape(-1, hidden.shape[-1]), weight, bias, t, cw, options)
+    else:
+        h = hidden.reshape(-1, hidden.shape[-1])
+        grad_mode = torch.is_grad_enabled()
+        need = tuple(grad_mode and p is not None and p.requires_grad for p in (h, weight, bias))
+        loss, lse = _LinearCrossEntropy.apply(h, weight, bias, t, cw, options, need, [])
     if reduction == "none":
         loss = loss.reshape(target.shape)
     loss = loss.to(hidden.dtype)
     return (loss, lse.reshape(target.shape)) if return_lse else loss
+
+
+def _composed(*tensors) -> bool:
+    """Whether the loss must be the plain composition rather than the chunked loop: under
+    torch.func's transforms (whose grad, vmap and jvp need a differentiable graph) and wherever
+    there are no values to loop over (meta, fake, traced)."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return any(t is not None and _symbolic(t) for t in tensors)
+
+
+def _composition(h, weight, bias, t, cw, options):
+    """(loss, lse) of rows h (N, H) as cross_entropy(linear(h, weight, bias), t): every derivative
+    (double backward, torch.func) and dynamic shapes under torch.export, at the cost of the whole
+    (N, V) logits."""
+    ignore_index, reduction, eps, z, softcap, _chunk = options
+    logits = torch.nn.functional.linear(h, weight, bias)
+    return cross_entropy(logits, t, cw, ignore_index=ignore_index, reduction=reduction, label_smoothing=eps,
+                         z_loss=z, softcap=softcap, return_lse=True)
 
 
 def _chunk_logits(h, weight, bias, softcap, out):
@@ -117,13 +156,13 @@ def _accumulate(h, weight, bias, t, cw, options, row_scale, grads):
     gh, gw, gb = grads
     for a, b in _chunks(n, chunk):
         logits, cap_grad = _chunk_logits(h[a:b], weight, bias, softcap, buffer[:b - a])
-        loss, lse, w_t, valid, safe_t = row_losses(logits, t[a:b], cw, ignore_index, eps, z)
+        loss, lse, m, d, w_t, valid, safe_t = row_losses(logits, t[a:b], cw, ignore_index, eps, z)
         losses[a:b], lses[a:b], w_ts[a:b], valids[a:b] = loss, lse, w_t, valid
         if row_scale is None:
             continue
         scale = torch.where(valid, row_scale(a, b), torch.zeros_like(lse))
         # The chunk's logits are ours and not needed again: the gradient is written over them.
-        g = row_grad(logits, safe_t, lse, w_t, cw, scale, eps, z, inplace=True)
+        g = row_grad(logits, safe_t, m, d, w_t, cw, scale, eps, z, lse=lse, inplace=True)
         del logits
         if cap_grad is not None:
             g.mul_(cap_grad)
@@ -138,14 +177,21 @@ def _accumulate(h, weight, bias, t, cw, options, row_scale, grads):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """The chunked loss of rows h (N, H). ``need``: which of (h, weight, bias) get a gradient (grad
+    mode on and requires_grad), decided by the caller, so that no gradient is computed under
+    no_grad or inference_mode. Outputs (loss, lse). When the loss is a scalar the gradients are
+    computed during the forward and handed to the backward through ``stash`` (a list): as outputs
+    they would stay referenced by the node (its non-differentiable outputs), so that autograd
+    would copy grad_weight rather than take it."""
+
     @staticmethod
-    def forward(ctx, h, weight, bias, t, cw, options):
+    def forward(h, weight, bias, t, cw, options, need, stash):
         reduction = options[1]
-        need = ctx.needs_input_grad[:3]
         eager = reduction != "none" and any(need)
-        grads = (torch.zeros_like(h) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
-                 torch.zeros_like(bias) if bias is not None and need[2] else None)
-        denom = None
+        grads = (torch.zeros_like(h) if eager and need[0] else None,
+                 torch.zeros_like(weight) if eager and need[1] else None,
+                 torch.zeros_like(bias) if eager and bias is not None and need[2] else None)
+        row_scale = None
         if eager:
             # The mean's denominator needs only the targets, so each chunk's gradient is final as it
             # is computed (up to the incoming gradient, a scalar the backward multiplies in).
@@ -157,22 +203,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
             def row_scale(a, b):
                 one = torch.ones(b - a, dtype=w_all.dtype, device=h.device)
                 return one / denom if denom is not None else one
-        loss, lse, w_t, valid = _accumulate(h, weight, bias, t, cw, options, row_scale if eager else None, grads)
+        loss, lse, w_t, valid = _accumulate(h, weight, bias, t, cw, options, row_scale, grads)
         out, _ = reduce_losses(loss, valid, w_t, reduction)
-        ctx.options, ctx.eager = options, eager
-        if eager:
-            # Kept off save_for_backward: the backward scales them in place (a second copy of
-            # grad_weight would be the largest allocation of the whole loss) and lets them go.
-            ctx.grads = grads
-        else:
-            ctx.save_for_backward(h, weight, bias if bias is not None else torch.empty(0), t,
-                                  cw if cw is not None else torch.empty(0))
-            ctx.has_bias, ctx.has_cw = bias is not None, cw is not None
-        ctx.mark_non_differentiable(lse)
+        stash.append(grads)
         return out, lse
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, weight, bias, t, cw, options, need, stash = inputs
+        _out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.options, ctx.need = options, need
+        ctx.eager = options[1] != "none" and any(need)
+        # Kept off save_for_backward: the backward scales them in place (a second copy of
+        # grad_weight would be the largest allocation of the whole loss) and lets them go.
+        ctx.grads = stash.pop() if ctx.eager else None
+        stash.clear()
+        # The inputs themselves (no copy): the backward of reduction="none" recomputes from them,
+        # and a double backward differentiates the composition over them.
+        ctx.save_for_backward(h, weight, bias, t, cw)
+
+    @staticmethod
     def backward(ctx, grad, _grad_lse):
+        h, weight, bias, t, cw = ctx.saved_tensors
+        need = ctx.need
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must itself be differentiable. The chunked gradients are
+            # not a graph, so differentiate the composition over the saved inputs instead.
+            ctx.grads = None
+            inputs = [p for p, n in zip((h, weight, bias), need) if n]
+            with torch.enable_grad():
+                loss, _lse = _composition(h, weight, bias, t, cw, ctx.options)
+                found = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
+            grads = [next(found) if n else None for n in need]
+            return grads[0], grads[1], grads[2], None, None, None, None, None
         if ctx.eager:
             if ctx.grads is None:
                 raise RuntimeError("online_softmax.linear_cross_entropy: its backward ran already (it computes the "
@@ -180,13 +244,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                    "retain_graph=True")
             grads, ctx.grads = ctx.grads, None
             grads = [g.mul_(grad.to(g.dtype)) if g is not None else None for g in grads]
-            return grads[0], grads[1], grads[2], None, None, None
-        h, weight, bias, t, cw = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
-        cw = cw if ctx.has_cw else None
-        need = ctx.needs_input_grad[:3]
+            return grads[0], grads[1], grads[2], None, None, None, None, None
         grads = (torch.zeros_like(h) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
                  torch.zeros_like(bias) if bias is not None and need[2] else None)
         g_rows = grad.to(state_dtype(h.dtype))
         _accumulate(h, weight, bias, t, cw, ctx.options, lambda a, b: g_rows[a:b], grads)
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None

@@ -5,7 +5,8 @@ Only per-token numbers travel: the rows' (max, sumexp) states are merged by two 
 (``distributed.global_state``'s), and one more sums each token's target logit (and target weight,
 and under label smoothing its weighted logit sum) from the one rank that holds it. The backward
 needs no communication: each rank's gradient is its shard's softmax under the whole row's state,
-minus the one-hot where it holds the target.
+minus the one-hot where it holds the target. As in ``cross_entropy``, the loss is
+``log d - (x[t] - m)`` and the gradient ``exp(x - m) / d``, never through a rounded lse.
 """
 
 from typing import Optional
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from .. import _checks as checks
 from .._checks import state_dtype
 from ..state import SoftmaxState
-from .cross_entropy import combine_row_losses, loss_options, reduce_losses, row_grad
+from .cross_entropy import combine_row_losses, loss_options, reduce_losses, row_grad, smoothing_sum
 
 _ops = torch.ops.online_softmax
 
@@ -80,7 +81,8 @@ class _VocabParallelLoss(torch.autograd.Function):
             m = torch.full((n_rows,), float("-inf"), dtype=acc, device=x.device)
             d = torch.zeros((n_rows,), dtype=acc, device=x.device)
         m, d = _merge_across_ranks(m, d, group)
-        lse = m + torch.log(d)
+        log_d = torch.log(d)
+        lse = m + log_d
         valid = t != ignore_index
         here = valid & (t >= start) & (t < start + v_local)
         local_t = torch.where(here, t - start, torch.zeros_like(t))
@@ -90,7 +92,8 @@ class _VocabParallelLoss(torch.autograd.Function):
         if w is not None:
             parts.append(torch.where(here, w.gather(0, local_t), zero) if v_local else zero)
         if eps:
-            parts.append(x.sum(1, dtype=acc) if w is None else (x.to(acc) * w).sum(1))
+            # Relative to the whole row's max, so that it does not cancel against W log d.
+            parts.append(smoothing_sum(x, m, w) if v_local else zero)
         totals = torch.tensor([float(v_local), float(w.sum()) if w is not None else float(v_local)],
                               dtype=acc, device=x.device)
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
@@ -99,7 +102,8 @@ class _VocabParallelLoss(torch.autograd.Function):
         w_t = summed.pop(0) if w is not None else torch.ones_like(lse)
         wx = summed.pop(0) if eps else None
         n_classes, w_sum = int(totals[0]), totals[1]
-        loss = combine_row_losses(lse, x_t, w_t, valid, eps, z, n_classes, wx, w_sum)
+        # x_t - m on the summed x_t: only the rank holding the target contributed, so it is exact.
+        loss = combine_row_losses(log_d, x_t - m, w_t, valid, eps, z, n_classes, wx, w_sum, lse=lse)
         out, denom = reduce_losses(loss, valid, w_t, reduction)
         ctx.save_for_backward(x, local_t, here, valid, m, d, lse, w_t, w if w is not None else zero[:0], denom,
                               w_sum)
@@ -115,6 +119,6 @@ class _VocabParallelLoss(torch.autograd.Function):
         scale = grad.to(lse.dtype).expand(lse.shape) / denom
         scale = torch.where(valid, scale, torch.zeros_like(scale))
         probs = SoftmaxState(m, d, 1).normalize(x.to(lse.dtype))
-        g = row_grad(x, local_t, lse, w_t, w if ctx.has_w else None, scale, ctx.eps, ctx.z, probs=probs,
+        g = row_grad(x, local_t, m, d, w_t, w if ctx.has_w else None, scale, ctx.eps, ctx.z, lse=lse, probs=probs,
                      has_target=here, n_classes=ctx.n_classes, w_sum=w_sum)
         return g.to(x.dtype), None, None, None, None, None

@@ -244,3 +244,15 @@ def test_unfused_peer_draws_from_the_same_distribution():
     probs = warped_probs(x, 1.0, 30, 0.9)
     for r in range(2):
         assert chi_square_ok(tok[r], probs[r])[0]
+
+
+def test_meta_tensors_give_shapes_and_dtypes():
+    """On meta logits (shape inference, as torch's own functions allow) sample returns meta
+    results of the right shapes and dtypes, whatever the cuts."""
+    for dtype, acc in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        x = torch.empty(2, 3, 50, dtype=dtype, device="meta")
+        for kw in (dict(), dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1, temperature=0.7)):
+            out = osm.sample(x, num_samples=4, **kw)
+            assert out.token_ids.device.type == "meta" and out.token_ids.shape == (2, 3, 4)
+            assert out.token_ids.dtype == torch.int64 and out.log_probs.dtype == acc
+            assert out.log_probs.shape == (2, 3, 4)

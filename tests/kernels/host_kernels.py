@@ -227,7 +227,8 @@ class HostKernels:
         lib.osm_host_sample_workspace_bytes.restype = sz
         lib.osm_host_sample_categorical.argtypes = [i32, vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, i32]
         lib.osm_host_top_p_threshold.argtypes = [i32, vp, i64, i64, vp, vp, vp, vp, i32]
-        lib.osm_host_cross_entropy_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, vp, i32, i32]
+        lib.osm_host_cross_entropy_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, vp, i32,
+                                                        i32]
         lib.osm_host_masked_forward.argtypes = [i32, i32, vp, vp, i64, i64, f64, i32, i32, vp, i32, vp, vp, i64,
                                                 i64, i64, i32, i32]
         lib.osm_host_set_schedule.argtypes = [i32, ctypes.c_uint64]
@@ -354,7 +355,7 @@ class HostKernels:
                                                       _ptr(top_p), _ptr(ratio), _ptr(status), limits.num_sms))
         return ratio, status
 
-    def cross_entropy_backward(self, x, lse, target, p_scale, target_scale, smooth_scale=None, weight=None,
+    def cross_entropy_backward(self, x, max, sumexp, target, p_scale, target_scale, smooth_scale=None, weight=None,
                                limits=Limits(), return_error=False, in_place=False):
         """Rows of a contiguous 2-d x (a view into a larger storage keeps its offset, so rows may start
         off a 16-byte boundary); the per-row vectors and weight contiguous, in the accumulation dtype.
@@ -364,8 +365,9 @@ class HostKernels:
         rows, n = x.shape
         out = x if in_place else _poison(torch.empty_like(x))
         error = torch.zeros(1, dtype=torch.int32)
-        self._check(self.lib.osm_host_cross_entropy_backward(DTYPE_CODES[x.dtype], _ptr(x), _ptr(lse), _ptr(target),
-                                                             _ptr(p_scale), _ptr(target_scale), _ptr(smooth_scale),
+        self._check(self.lib.osm_host_cross_entropy_backward(DTYPE_CODES[x.dtype], _ptr(x), _ptr(max), _ptr(sumexp),
+                                                             _ptr(target), _ptr(p_scale), _ptr(target_scale),
+                                                             _ptr(smooth_scale),
                                                              _ptr(weight), _ptr(out), rows, n, _ptr(error),
                                                              limits.num_sms, limits.max_smem_per_block))
         return (out, int(error.item())) if return_error else out

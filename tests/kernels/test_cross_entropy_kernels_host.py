@@ -11,11 +11,12 @@ import torch
 import host_kernels as hkmod
 import online_softmax  # noqa: F401  (the CPU op, where this build has it)
 from host_kernels import HostKernels, Limits, assert_ran, plan_for
-from testlib import assert_cross_entropy_grad, cross_entropy_case, state_dtype
+from testlib import assert_cross_entropy_grad, cross_entropy_case, row_state, state_dtype
 from test_kernels_host import DTYPES, REGISTER_CAPACITIES, vec
 
 pytestmark = hkmod.requires_toolchain()
 
+ARG_NAMES = ("x", "max", "sumexp", "target", "p_scale", "target_scale", "smooth_scale", "weight")
 ROWS_KERNEL = ["cross_entropy_backward_rows_kernel"]
 CHUNKS_KERNEL = ["cross_entropy_backward_chunks_kernel"]
 
@@ -43,7 +44,7 @@ def run(hk, args, limits=Limits(), expect=None, return_error=False):
     assert_ran(hk, plan_for("cross_entropy_backward", tuple(x.shape), x.dtype, limits), expect)
     op = cpu_op()
     if op is not None and error == 0:
-        want = op(*[args[k] for k in ("x", "lse", "target", "p_scale", "target_scale", "smooth_scale", "weight")])
+        want = op(*[args[k] for k in ARG_NAMES])
         assert_cross_entropy_grad(want, args, what="the CPU op")
         assert torch.equal(torch.isnan(out), torch.isnan(want)), "NaN pattern differs from the CPU op's"
         infinite = torch.isinf(want)
@@ -103,18 +104,20 @@ def test_grids_smaller_than_the_work(hk):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,limits", [(77, Limits()), (40000, Limits(num_sms=1)), (9000, Limits(num_sms=8))])
 def test_special_values(hk, dtype, n, limits):
-    """-inf logits (p = 0), a row of -inf with lse = -inf (NaN, as the formula), NaN in x or lse,
-    +inf logits, and 1e4-scale logits whose differences to lse must stay exact."""
+    """-inf logits (p = 0), a row of -inf with the empty state (-inf, 0) (NaN, as the formula), NaN
+    in x, max or sumexp, +inf logits, and 1e4-scale logits whose differences to max must stay exact."""
     args = cross_entropy_case(7, n, dtype, seed=n, offset=1, smooth=True, weight=True)
-    x, lse = args["x"], args["lse"]
+    x, mx, d = args["x"], args["max"], args["sumexp"]
     x[0, ::3] = float("-inf")
     x[1] = float("-inf")
     x[2, 5] = float("nan")
     x[4] = (torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 1e4).to(dtype)
-    lse.copy_(torch.logsumexp(x.double(), -1).to(state_dtype(dtype)))
-    x[3, 2] = float("inf")  # beside a finite lse: +inf out
-    lse[1] = float("-inf")
-    lse[5] = float("nan")
+    m64, d64 = row_state(x)
+    mx.copy_(m64.to(state_dtype(dtype)))
+    d.copy_(d64.to(state_dtype(dtype)))
+    x[3, 2] = float("inf")  # beside a finite state: +inf out
+    mx[1], d[1] = float("-inf"), 0.0
+    d[5] = float("nan")
     args["target"][0] = 0  # a target at a -inf logit: the gradient is -target_scale there
     out = run(hk, args, limits=limits)
     assert_cross_entropy_grad(out, args, what=f"special values {dtype} n={n}")
@@ -166,3 +169,24 @@ def test_in_place_equals_out_of_place(hk, dtype, n, limits, kernel):
         assert torch.equal(torch.isnan(got), torch.isnan(want))
         same = ~torch.isnan(want)
         assert torch.equal(got[same], want[same]), f"in place differs {dtype} n={n} offset {offset}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,limits,kernel", [(1000, Limits(), ROWS_KERNEL), (40000, Limits(num_sms=1), CHUNKS_KERNEL)])
+def test_large_logits_keep_their_probabilities(hk, dtype, n, limits, kernel):
+    """1e4-scale logits (and 1e38-scale in float64): the softmax comes from (max, sumexp), so each
+    probability is the float64 softmax of the rounded logits within a few ulps. Through a rounded
+    lse = max + log(sumexp) it was off by up to an ulp of lse (6e-4 relative at 1e4 in float32)."""
+    scale = 1e4 if dtype == torch.float32 else 1e300
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(4, n, generator=g, dtype=torch.float64) * 2 + scale).to(dtype)
+    args = cross_entropy_case(4, n, dtype, seed=1, smooth=True, weight=True)
+    args["x"] = x
+    m, d = row_state(x)
+    args["max"], args["sumexp"] = m.to(state_dtype(dtype)), d.to(state_dtype(dtype))
+    out = run(hk, args, limits=limits, expect=kernel)
+    want = args["p_scale"].double()[:, None] * torch.softmax(x.double(), -1)
+    want[torch.arange(4), args["target"]] -= args["target_scale"].double()
+    want -= args["smooth_scale"].double()[:, None] * args["weight"].double()[None, :]
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), want, rtol=16 * eps, atol=16 * eps * float(want.abs().max()))

@@ -232,10 +232,10 @@ def test_cross_entropy_backward_reads_x_once_and_writes_out_once(dtype, shape, s
     (launch,) = plan.launches
     assert plan.workspace_bytes == 0
     assert launch.grid >= min(H100_SMS, rows)
-    # x once, out once; lse, p_scale, target_scale (and smooth_scale) and the int64 target per row,
-    # the class weights once (weight only counts with smooth_scale); every chunk of a row reads the
-    # row's scalars again.
-    per_row = (4 if smooth else 3) * acc + 8
+    # x once, out once; max, sumexp, p_scale, target_scale (and smooth_scale) and the int64 target
+    # per row, the class weights once (weight only counts with smooth_scale); every chunk of a row
+    # reads the row's scalars again.
+    per_row = (5 if smooth else 4) * acc + 8
     weights = classes * acc if smooth and weight else 0
     assert launch.bytes_written == x_bytes(shape, dtype)
     assert launch.bytes_read == x_bytes(shape, dtype) + rows * plan.chunks * per_row + weights

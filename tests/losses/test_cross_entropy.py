@@ -3,6 +3,7 @@ OpInfo samples, random shapes, every weight / ignore_index / label_smoothing / r
 combination, hostile logits, low-precision inputs, and the options beyond torch."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -301,15 +302,350 @@ def test_inplace_backward_under_torch_compile():
 def test_inplace_op_checks_its_arguments():
     x = random_logits((4, 10), torch.float32)
     m, d = torch.ops.online_softmax.stats(x, 1)
-    args = (m + d.log(), torch.tensor([0, 1, 2, 3]), torch.ones(4), torch.ones(4))
+    args = (m, d, torch.tensor([0, 1, 2, 3]), torch.ones(4), torch.ones(4))
     with pytest.raises(ValueError, match="x must be contiguous to receive its gradient in place"):
         torch.ops.online_softmax.cross_entropy_backward_(x.t().contiguous().t(), *args)
     with pytest.raises(TypeError, match="inplace_backward must be a bool"):
-        osm.cross_entropy(x, args[1], inplace_backward=1)
+        osm.cross_entropy(x, args[2], inplace_backward=1)
     module = osm.CrossEntropyLoss(inplace_backward=True)
     leaf = x.clone().requires_grad_()
     logits = leaf * 1
-    module(logits, args[1]).backward()
+    module(logits, args[2]).backward()
     ref = x.clone().requires_grad_()
-    F.cross_entropy(ref, args[1]).backward()
+    F.cross_entropy(ref, args[2]).backward()
     torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+# ---- numerics at large logits: log d - (x[t] - m), never through a rounded lse ----
+
+def test_large_logits_do_not_cancel():
+    """(m + log d) - x[t] cancels at large logits; log d - (x[t] - m) does not, as torch's
+    log-softmax (x - m) - log d."""
+    x = torch.tensor([[65504.0, 65504.0, -65504.0, 0.0]])
+    t = torch.tensor([0])
+    torch.testing.assert_close(osm.cross_entropy(x, t), F.cross_entropy(x, t), rtol=1e-6, atol=0)
+    x64 = torch.full((3, 4), -3e38, dtype=torch.float64)
+    torch.testing.assert_close(osm.cross_entropy(x64, torch.tensor([0, 1, 3]), reduction="none"),
+                               torch.full((3,), math.log(4), dtype=torch.float64), rtol=1e-15, atol=0)
+    # Label smoothing: sum_c w_c (x_c - m) against W log d, both small.
+    for kw in (dict(label_smoothing=0.3), dict(label_smoothing=0.3, weight=torch.tensor([1.0, 2.0, 0.5, 1.0]))):
+        torch.testing.assert_close(osm.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw), rtol=1e-6, atol=0)
+        w64 = kw.get("weight")
+        kw64 = dict(kw, weight=None if w64 is None else w64.double())
+        torch.testing.assert_close(osm.cross_entropy(x64, torch.tensor([0, 1, 3]), **kw64),
+                                   F.cross_entropy(x64, torch.tensor([0, 1, 3]), **kw64), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-6)])
+def test_float32_logits_around_1e4_lose_no_more_than_torch(device, options):
+    """float32 logits near 1e4: each row's loss within torch's own error of the float64 loss of the
+    same rounded logits (a rounded lse lost 4.7e-4 per row, torch 1.3e-6)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 1000, generator=g, dtype=torch.float64) * 3 + 1e4).float().to(device)
+    t = torch.randint(0, 1000, (64,), generator=g).to(device)
+    want = _reference_extras(x.double(), t, options.get("z_loss", 0.0), None, "none") \
+        if "z_loss" in options else None
+    ref = want[0] if want is not None else F.cross_entropy(x.double(), t, reduction="none", **options)
+    got = osm.cross_entropy(x, t, reduction="none", **options)
+    theirs = F.cross_entropy(x, t, reduction="none", **{k: v for k, v in options.items() if k != "z_loss"})
+    if want is not None:
+        theirs = theirs.double() + options["z_loss"] * torch.logsumexp(x.double(), 1) ** 2
+    torch_err = float((theirs.double() - ref).abs().max())
+    our_err = float((got.double() - ref).abs().max())
+    assert our_err <= max(2 * torch_err, 4e-6 * float(ref.abs().max())), (our_err, torch_err)
+
+
+def test_gradients_at_1e4_offsets_equal_torch_in_float32(device):
+    """A row offset by 1e4 in a 17 x 1000 batch with class weights, reduction sum: the gradient is
+    exp(x - m) / d as torch's, within float32 tolerance (through a rounded lse it was not)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(17, 1000, generator=g).to(device)
+    x[5] += 1e4
+    w = (torch.rand(1000, generator=g) + 0.5).to(device)
+    t = torch.randint(0, 1000, (17,), generator=g).to(device)
+    for kw in (dict(weight=w, reduction="sum"), dict(weight=w, reduction="sum", label_smoothing=0.2)):
+        a = x.clone().requires_grad_()
+        b = x.clone().requires_grad_()
+        (ga,) = torch.autograd.grad(osm.cross_entropy(a, t, **kw), a)
+        (gb,) = torch.autograd.grad(F.cross_entropy(b, t, **kw), b)
+        torch.testing.assert_close(ga, gb, rtol=1.3e-6, atol=1e-5)
+        x64 = x.double().requires_grad_()
+        (g64,) = torch.autograd.grad(F.cross_entropy(x64, t, **dict(kw, weight=w.double())), x64)
+        torch.testing.assert_close(ga.double(), g64, rtol=0, atol=2e-6 * float(g64.abs().max()))
+
+
+# ---- second derivatives and torch.func ----
+
+SECOND_ORDER = [dict(), dict(reduction="sum", ignore_index=2), dict(reduction="none", label_smoothing=0.2),
+                dict(weighted=True, label_smoothing=0.1), dict(weighted=True, reduction="none", ignore_index=0)]
+
+
+def _second_order_case(options, seed=0):
+    options = dict(options)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 7, (5,), generator=g)
+    t[1] = options.get("ignore_index", -100)
+    if options.pop("weighted", False):
+        options["weight"] = torch.rand(7, generator=g, dtype=torch.float64) + 0.2
+    return x, t, options
+
+
+@pytest.mark.parametrize("options", SECOND_ORDER)
+def test_double_backward_equals_torch(options):
+    """A gradient penalty, grad(loss, x, create_graph=True) then a second grad: the loss's own
+    Hessian is there (it was left out, silently)."""
+    x, t, kw = _second_order_case(options)
+    upstream = torch.rand(5, dtype=torch.float64) if kw.get("reduction") == "none" else torch.tensor(0.7)
+
+    def penalty(fn):
+        z = x.clone().requires_grad_()
+        loss = fn(z, t, **kw)
+        (g,) = torch.autograd.grad(loss, z, upstream.to(loss.dtype), create_graph=True)
+        (gg,) = torch.autograd.grad((g * g).sum() + (g * z).sum(), z)
+        return g, gg
+
+    for a, b in zip(penalty(osm.cross_entropy), penalty(F.cross_entropy)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", SECOND_ORDER[:4])
+def test_torch_func_transforms_equal_torch(options):
+    """hessian, jacrev, jacfwd, jvp and vmap(grad) of cross_entropy equal those of F.cross_entropy."""
+    from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+
+    x, t, kw = _second_order_case(options, seed=3)
+
+    def ours(z):
+        return osm.cross_entropy(z, t, **kw)
+
+    def theirs(z):
+        return F.cross_entropy(z, t, **kw)
+
+    scalar = kw.get("reduction", "mean") != "none"
+    for transform in ([hessian] if scalar else []) + [jacrev, jacfwd]:
+        torch.testing.assert_close(transform(ours)(x), transform(theirs)(x), rtol=1e-10, atol=1e-12)
+    v = torch.randn_like(x)
+    for a, b in zip(jvp(ours, (x,), (v,)), jvp(theirs, (x,), (v,))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if scalar:
+        xs = torch.randn(3, 5, 7, dtype=torch.float64)
+        torch.testing.assert_close(vmap(grad(ours))(xs), vmap(grad(theirs))(xs), rtol=1e-10, atol=1e-12)
+
+
+def test_z_loss_and_softcap_second_derivatives():
+    x, t, _ = _second_order_case({}, seed=4)
+
+    def ours(z):
+        return osm.cross_entropy(z, t, z_loss=0.1, softcap=3.0)
+
+    def ref(z):
+        return _reference_extras(z, t, 0.1, 3.0, "mean")[0]
+
+    torch.testing.assert_close(torch.func.hessian(ours)(x), torch.func.hessian(ref)(x), rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradgradcheck(ours, (x.clone().requires_grad_(),))
+
+
+def test_cross_entropy_backward_op_refuses_to_be_differentiated():
+    x = random_logits((4, 10), torch.float64).requires_grad_()
+    m, d = torch.ops.online_softmax.stats(x.detach(), 1)
+    ones = torch.ones(4, dtype=torch.float64)
+    g = torch.ops.online_softmax.cross_entropy_backward(x, m, d, torch.tensor([0, 1, 2, 3]), ones, ones)
+    with pytest.raises(NotImplementedError, match="cross_entropy_backward: double backward"):
+        g.sum().backward()
+
+
+# ---- in place, never over a leaf ----
+
+@pytest.mark.parametrize("shape", [(6, 11), (11,)])
+def test_inplace_backward_never_writes_a_leaf(device, shape):
+    """A parameter (or a view of one) keeps its values: the backward falls back to out of place."""
+    x = random_logits(shape, torch.float32, device, seed=3)
+    t = torch.randint(0, 11, shape[:-1], generator=torch.Generator().manual_seed(0)).to(device)
+    param = torch.nn.Parameter(x.clone())
+    osm.cross_entropy(param, t, inplace_backward=True).backward()
+    assert torch.equal(param.detach(), x)
+    assert param.grad.data_ptr() != param.data_ptr()
+    ref = x.clone().requires_grad_()
+    F.cross_entropy(ref, t).backward()
+    torch.testing.assert_close(param.grad, ref.grad)
+    whole = torch.nn.Parameter(x.reshape(-1).clone())
+    view = whole.view(shape)  # a view of a leaf: its storage is the parameter's
+    osm.cross_entropy(view, t, inplace_backward=True).backward()
+    assert torch.equal(whole.detach(), x.reshape(-1))
+    torch.testing.assert_close(whole.grad.view(shape), ref.grad)
+
+
+# ---- vmap ----
+
+def test_vmap_of_cross_entropy_equals_torch_and_checks_targets():
+    from torch.func import vmap
+
+    xs = random_logits((4, 6, 9), torch.float64)
+    ts = torch.randint(0, 9, (4, 6), generator=torch.Generator().manual_seed(0))
+    ts[1, 2] = -100
+    for kw in (dict(), dict(label_smoothing=0.1, reduction="none"), dict(reduction="sum")):
+        torch.testing.assert_close(vmap(lambda x, t: osm.cross_entropy(x, t, **kw))(xs, ts),
+                                   vmap(lambda x, t: F.cross_entropy(x, t, **kw))(xs, ts))
+    bad = ts.clone()
+    bad[3, 0] = 9
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        vmap(lambda x, t: osm.cross_entropy(x, t))(xs, bad)
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        vmap(lambda x: osm.cross_entropy(x, bad[3]))(xs)  # an unbatched target
+
+
+def test_vmap_of_the_backward_ops_has_a_batching_rule():
+    """cross_entropy_backward(_) under vmap: no fallback warning, the per-call results."""
+    import warnings
+
+    from torch.func import vmap
+
+    ops = torch.ops.online_softmax
+    xs = random_logits((3, 4, 10), torch.float32)
+    m, d = ops.stats(xs, 2)
+    t = torch.randint(0, 10, (3, 4), generator=torch.Generator().manual_seed(0))
+    ps, ts = torch.rand(3, 4), torch.rand(3, 4)
+    sm, w = torch.rand(4) * 0.01, torch.rand(10)
+    ws = torch.rand(3, 10)
+    want = torch.stack([ops.cross_entropy_backward(xs[i], m[i], d[i], t[i], ps[i], ts[i], sm, w) for i in range(3)])
+    want_ws = torch.stack([ops.cross_entropy_backward(xs[i], m[i], d[i], t[i], ps[i], ts[i], sm, ws[i])
+                           for i in range(3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = vmap(ops.cross_entropy_backward, in_dims=(0, 0, 0, 0, 0, 0, None, None))(xs, m, d, t, ps, ts, sm, w)
+        got_ws = vmap(ops.cross_entropy_backward, in_dims=(0, 0, 0, 0, 0, 0, None, 0))(xs, m, d, t, ps, ts, sm, ws)
+        over = xs.clone()
+
+        def inplace(x, *args):
+            ops.cross_entropy_backward_(x, *args)
+            return x
+
+        vmap(inplace, in_dims=(0, 0, 0, 0, 0, 0, None, None))(over, m, d, t, ps, ts, sm, w)
+    assert torch.equal(got, want) and torch.equal(got_ws, want_ws) and torch.equal(over, want)
+
+
+# ---- zero classes, meta tensors ----
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_zero_classes_like_torch(reduction, smoothing):
+    x = torch.empty(3, 0, dtype=torch.float64, requires_grad=True)
+    t = torch.full((3,), -100)
+    for target in (t, torch.empty(3, 0, dtype=torch.float64)):
+        want = F.cross_entropy(x, target, reduction=reduction, label_smoothing=smoothing)
+        got = osm.cross_entropy(x, target, reduction=reduction, label_smoothing=smoothing)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, equal_nan=True)
+        if got.requires_grad:
+            (g,) = torch.autograd.grad(got.sum(), x)
+            assert g.shape == (3, 0)
+    torch.testing.assert_close(osm.cross_entropy(torch.empty(0), torch.tensor(-100)),
+                               F.cross_entropy(torch.empty(0), torch.tensor(-100)), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_meta_tensors_give_torch_shapes_and_dtypes(dtype):
+    x = torch.empty(4, 9, 3, dtype=dtype, device="meta")
+    t = torch.empty(4, 3, dtype=torch.int64, device="meta")
+    for kw in (dict(), dict(reduction="none", label_smoothing=0.1), dict(weight=torch.empty(9, device="meta",
+                                                                                              dtype=dtype))):
+        want = F.cross_entropy(x, t, **kw)
+        got = osm.cross_entropy(x, t, **kw)
+        assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+        module = osm.CrossEntropyLoss(**kw)
+        assert module(x, t).shape == want.shape
+    q = torch.empty(4, 9, 3, dtype=dtype, device="meta")
+    assert osm.cross_entropy(x, q).shape == F.cross_entropy(x, q).shape
+    xr = torch.empty(4, 9, dtype=dtype, device="meta", requires_grad=True)
+    loss, lse = osm.cross_entropy(xr, t[:, 0], return_lse=True)
+    loss.backward()
+    assert xr.grad.shape == (4, 9) and xr.grad.device.type == "meta" and lse.shape == (4,)
+
+
+# ---- torch.export, jit.trace ----
+
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(label_smoothing=0.1, weighted=True)])
+def test_export_with_dynamic_batch_and_classes(options):
+    from torch.export import Dim, export
+
+    options = dict(options)
+    weighted = options.pop("weighted", False)
+
+    class Loss(torch.nn.Module):
+        def forward(self, x, t, w):
+            return osm.cross_entropy(x, t, w if weighted else None, **options)
+
+    x = random_logits((6, 11), torch.float32)
+    t = torch.randint(0, 11, (6,), generator=torch.Generator().manual_seed(0))
+    w = torch.rand(11)
+    batch, classes = Dim("batch", min=2), Dim("classes", min=2)
+    program = export(Loss(), (x, t, w), dynamic_shapes=({0: batch, 1: classes}, {0: batch}, {0: classes}))
+    for shape in ((6, 11), (9, 30), (3, 2)):
+        x2 = random_logits(shape, torch.float32, seed=shape[1])
+        t2 = torch.randint(0, shape[1], shape[:1], generator=torch.Generator().manual_seed(1))
+        w2 = torch.rand(shape[1])
+        torch.testing.assert_close(program.module()(x2, t2, w2),
+                                   F.cross_entropy(x2, t2, w2 if weighted else None, **options))
+
+
+def test_jit_trace_gives_equal_results():
+    x = random_logits((5, 13), torch.float32)
+    t = torch.randint(0, 13, (5,), generator=torch.Generator().manual_seed(0))
+    traced = torch.jit.trace(lambda z, tt: osm.cross_entropy(z, tt, label_smoothing=0.1), (x, t))
+    x2 = random_logits((5, 13), torch.float32, seed=2)
+    torch.testing.assert_close(traced(x2, t), F.cross_entropy(x2, t, label_smoothing=0.1))
+
+
+# ---- class weights ----
+
+def test_weight_that_requires_grad_raises_like_torch():
+    x = random_logits((4, 5), torch.float64).requires_grad_()
+    t = torch.tensor([0, 1, 2, 3])
+    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="weight"):
+        F.cross_entropy(x, t, weight=w)
+    for kw in (dict(), dict(label_smoothing=0.1)):
+        with pytest.raises(RuntimeError, match="weight .*requires_grad"):
+            osm.cross_entropy(x, t, weight=w, **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(osm.cross_entropy(x, t, weight=w), F.cross_entropy(x, t, weight=w))
+    # Probability targets: differentiable with respect to weight, in torch too.
+    q = torch.softmax(random_logits((4, 5), torch.float64, seed=1), 1)
+    (a,) = torch.autograd.grad(osm.cross_entropy(x, q, weight=w), w)
+    (b,) = torch.autograd.grad(F.cross_entropy(x, q, weight=w), w)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_all_zero_class_weights_like_torch(reduction, smoothing):
+    x = random_logits((4, 5), torch.float64).requires_grad_()
+    t = torch.tensor([0, 1, 2, 3])
+    compare(x, t, weight=torch.zeros(5, dtype=torch.float64), reduction=reduction, label_smoothing=smoothing)
+
+
+# ---- CUDA: the losses and both backward ops on the device ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_device_against_float64(device, dtype):
+    """cross_entropy (out of place and in place) on the device against torch's float64 result of
+    the same rounded logits, hostile rows included."""
+    x = random_logits((33, 1001), dtype, seed=7)
+    x[0, 5] = float("-inf")
+    x[1] += 1e4 if dtype == torch.float32 else 100
+    t = torch.randint(0, 1001, (33,), generator=torch.Generator().manual_seed(2))
+    t[3] = -100
+    w = torch.rand(1001, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    for kw in (dict(), dict(label_smoothing=0.1, weight=w)):
+        x64 = x.double().requires_grad_()
+        want = F.cross_entropy(x64, t, **kw)
+        (g_want,) = torch.autograd.grad(want, x64)
+        dkw = {k: (v.float().to(device) if torch.is_tensor(v) else v) for k, v in kw.items()}
+        for inplace in (False, True):
+            leaf = x.to(device).requires_grad_()
+            loss = osm.cross_entropy(leaf * 1, t.to(device), inplace_backward=inplace, **dkw)
+            (g,) = torch.autograd.grad(loss, leaf)
+            tol = 2e-6 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(loss.double().cpu(), want.detach(), rtol=tol, atol=tol)
+            torch.testing.assert_close(g.double().cpu(), g_want, rtol=tol, atol=tol * float(g_want.abs().max()))

@@ -38,11 +38,14 @@ def test_same_loss_and_gradients_as_transformers(num_items_in_batch, dtype):
         torch.testing.assert_close(got_grads[name].float(), want_grads[name].float(), **tol, msg=name)
 
 
-def test_shift_labels_given():
-    logits = torch.randn(2, 5, 11, requires_grad=True)
-    shift = torch.randint(0, 11, (2, 5))
+def test_shift_labels_given(device):
+    logits = torch.randn(2, 5, 11, device=device, requires_grad=True)
+    shift = torch.randint(0, 11, (2, 5), device=device)
     shift[1, 0] = -100
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    torch.testing.assert_close(causal_lm_loss(logits, None, 11, shift_labels=shift),
-                               ForCausalLMLoss(logits, None, 11, shift_labels=shift))
+    got = causal_lm_loss(logits, None, 11, shift_labels=shift)
+    want = ForCausalLMLoss(logits, None, 11, shift_labels=shift)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, logits), torch.autograd.grad(want, logits)):
+        torch.testing.assert_close(a, b)

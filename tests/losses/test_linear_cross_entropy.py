@@ -135,3 +135,141 @@ def test_peak_memory_stays_far_below_the_logits():
     base, peak = map(float, out.stdout.split())
     logits_mib = 8192 * 32000 * 4 / 2 ** 20
     assert peak - base < 0.10 * logits_mib, (base, peak, logits_mib)
+
+
+# ---- numerics, derivatives, transforms, cost, meta, export, devices ----
+
+def torch_unfused(h, w, b, t, **kw):
+    return F.cross_entropy(F.linear(h, w, b).movedim(-1, 1), t, **kw)
+
+
+def test_large_logits_do_not_cancel():
+    """A bias of 1e4 puts every logit near 1e4: the loss and the gradients are the float32
+    composition's (through a rounded lse they lost 4.7e-4 per row)."""
+    h, w, b, t = inputs(torch.float32)
+    b = (b.detach() + 1e4).requires_grad_()
+    for kw in (dict(), dict(label_smoothing=0.1)):
+        got = osm.linear_cross_entropy(h, w, t, b, chunk_size=5, **kw)
+        want = F.cross_entropy(F.linear(h, w, b).flatten(0, 1), t.flatten(), **kw)
+        ref = F.cross_entropy(F.linear(h.double(), w.double(), b.double()).flatten(0, 1), t.flatten(), **kw)
+        assert abs(float(got) - float(ref)) <= max(2 * abs(float(want) - float(ref)), 2e-6)
+        for a, c in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(want, (h, w, b))):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_equals_the_composition(reduction):
+    """create_graph=True: the gradient is differentiable, with the loss's own Hessian."""
+    h, w, b, t = inputs(torch.float64)
+    up = torch.rand(2, 13, dtype=torch.float64) if reduction == "none" else torch.tensor(0.8, dtype=torch.float64)
+
+    def penalty(fn):
+        loss = fn(h, w, b, t, reduction=reduction)
+        gs = torch.autograd.grad(loss, (h, w, b), up, create_graph=True)
+        return gs + torch.autograd.grad(sum((g * g).sum() for g in gs), (h, w, b))
+
+    def ours(hh, ww, bb, tt, **kw):
+        return osm.linear_cross_entropy(hh, ww, tt, bb, chunk_size=5, label_smoothing=0.1, **kw)
+
+    def composed(hh, ww, bb, tt, **kw):
+        return torch_unfused(hh, ww, bb, tt, label_smoothing=0.1, **kw)
+
+    for a, c in zip(penalty(ours), penalty(composed)):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_func_grad_vjp_jacrev_and_vmap():
+    from torch.func import grad, jacrev, vjp, vmap
+
+    h, w, b, t = inputs(torch.float64)
+    h, w, b = h.detach(), w.detach(), b.detach()
+
+    def ours(hh, ww):
+        return osm.linear_cross_entropy(hh, ww, t, b, chunk_size=5)
+
+    def ref(hh, ww):
+        return torch_unfused(hh, ww, b, t)
+
+    for a, c in zip(grad(ours, argnums=(0, 1))(h, w), grad(ref, argnums=(0, 1))(h, w)):
+        torch.testing.assert_close(a, c)
+    torch.testing.assert_close(jacrev(ours)(h, w), jacrev(ref)(h, w))
+    _, f = vjp(ours, h, w)
+    _, r = vjp(ref, h, w)
+    for a, c in zip(f(torch.tensor(1.5, dtype=torch.float64)), r(torch.tensor(1.5, dtype=torch.float64))):
+        torch.testing.assert_close(a, c)
+    hs = torch.randn(3, 2, 13, H, dtype=torch.float64)
+    torch.testing.assert_close(vmap(lambda x: ours(x, w))(hs), vmap(lambda x: ref(x, w))(hs))
+    bad = t.masked_fill(t == -100, V)
+    with pytest.raises(IndexError, match=f"Target {V} is out of bounds"):
+        vmap(lambda x: osm.linear_cross_entropy(x, w, bad))(hs)
+    torch.testing.assert_close(torch.func.hessian(lambda x: osm.linear_cross_entropy(x, w, t[0, :3], b))(h[0, :3]),
+                               torch.func.hessian(lambda x: torch_unfused(x, w, b, t[0, :3]))(h[0, :3]))
+
+
+def test_no_gradient_is_computed_without_grad_mode(monkeypatch):
+    """Under no_grad and inference_mode the forward computes the loss only (it computed every
+    gradient when the weight required grad)."""
+    lce = sys.modules["online_softmax.losses.linear_cross_entropy"]
+    calls = []
+    real = lce.row_grad
+    monkeypatch.setattr(lce, "row_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    h, w, b, t = inputs(torch.float32)
+    want = unfused(h.detach(), w.detach(), b.detach(), t)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            got = osm.linear_cross_entropy(h, w, t, b, chunk_size=5)
+        torch.testing.assert_close(got, want)
+        assert calls == [] and not got.requires_grad
+    osm.linear_cross_entropy(h, w, t, b, chunk_size=5)
+    assert calls  # with grad mode on it does
+
+
+def test_meta_tensors():
+    h = torch.empty(2, 5, H, device="meta", requires_grad=True)
+    w = torch.empty(V, H, device="meta", requires_grad=True)
+    t = torch.empty(2, 5, dtype=torch.int64, device="meta")
+    for reduction, shape in (("mean", ()), ("none", (2, 5))):
+        loss, lse = osm.linear_cross_entropy(h, w, t, reduction=reduction, return_lse=True)
+        assert loss.device.type == "meta" and loss.shape == shape and lse.shape == (2, 5)
+    loss = osm.linear_cross_entropy(h, w, t)
+    loss.backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape
+    module = osm.LinearCrossEntropyLoss(H, V, bias=True, device="meta")
+    assert module(h, t).shape == ()
+
+
+def test_module_exports_with_a_dynamic_batch():
+    from torch.export import Dim, export
+
+    torch.manual_seed(0)
+    module = osm.LinearCrossEntropyLoss(H, V, bias=True, label_smoothing=0.1, dtype=torch.float64)
+    h, _w, _b, t = inputs(torch.float64)
+    h = h.detach().flatten(0, 1)
+    t = t.flatten()
+    tokens = Dim("tokens", min=2)
+    program = export(module, (h, t), dynamic_shapes=({0: tokens}, {0: tokens}))
+    for n in (26, 7, 40):
+        hn = torch.randn(n, H, dtype=torch.float64)
+        tn = torch.randint(0, V, (n,))
+        want = F.cross_entropy(F.linear(hn, module.weight, module.bias), tn, label_smoothing=0.1)
+        torch.testing.assert_close(program.module()(hn, tn), want)
+
+
+def test_class_weight_that_requires_grad_raises():
+    h, w, b, t = inputs(torch.float64)
+    with pytest.raises(RuntimeError, match="class_weight cannot have requires_grad"):
+        osm.linear_cross_entropy(h, w, t, b, class_weight=torch.rand(V, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_on_device_against_float64(device, reduction):
+    h, w, b, t = inputs(torch.float32)
+    hd, wd, bd = (p.detach().to(device).requires_grad_() for p in (h, w, b))
+    got = osm.linear_cross_entropy(hd, wd, t.to(device), bd, reduction=reduction, chunk_size=7, label_smoothing=0.1)
+    h64, w64, b64 = (p.detach().double().requires_grad_() for p in (h, w, b))
+    want = unfused(h64, w64, b64, t, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    up = torch.rand(want.shape, dtype=torch.float64)
+    for a, c in zip(torch.autograd.grad(got, (hd, wd, bd), up.float().to(device)),
+                    torch.autograd.grad(want, (h64, w64, b64), up)):
+        torch.testing.assert_close(a.double().cpu(), c, rtol=1e-4, atol=1e-5)

@@ -106,13 +106,13 @@ def test_cross_entropy_kernel_under_each_capability(capability, dtype):
             x[2, 0] = float("nan")
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         g = torch.Generator().manual_seed(rows)
-        lse = torch.logsumexp(x.to(acc), 1)
+        mx, d = torch.ops.online_softmax.stats(x, 1)
         t = torch.randint(0, n, (rows,), generator=g)
         ps, ts, sm = (torch.rand(rows, generator=g, dtype=torch.float64).to(acc) for _ in range(3))
         w = torch.rand(n, generator=g, dtype=torch.float64).to(acc)
         for smooth, weight in ((None, None), (sm, None), (sm, w)):
-            out = torch.ops.online_softmax.cross_entropy_backward(x, lse, t, ps, ts, smooth, weight)
-            want = ps.double()[:, None] * torch.exp(x.double() - lse.double()[:, None])
+            out = torch.ops.online_softmax.cross_entropy_backward(x, mx, d, t, ps, ts, smooth, weight)
+            want = ps.double()[:, None] * torch.exp(x.double() - mx.double()[:, None]) / d.double()[:, None]
             want[torch.arange(rows), t] -= ts.double()
             if smooth is not None:
                 want -= smooth.double()[:, None] * (weight.double()[None, :] if weight is not None else 1.0)
@@ -121,7 +121,7 @@ def test_cross_entropy_kernel_under_each_capability(capability, dtype):
             torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol, equal_nan=True)
             # The in-place op writes the same bits over x (the target's logit is read first).
             over = x.clone()
-            torch.ops.online_softmax.cross_entropy_backward_(over, lse, t, ps, ts, smooth, weight)
+            torch.ops.online_softmax.cross_entropy_backward_(over, mx, d, t, ps, ts, smooth, weight)
             assert torch.equal(over.isnan(), out.isnan()) and torch.equal(over[~out.isnan()], out[~out.isnan()])
 
 

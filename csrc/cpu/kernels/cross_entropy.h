@@ -1,6 +1,8 @@
 // CPU kernel of cross_entropy_backward: the gradient of a cross-entropy loss with respect to its
 // logits, one read of each row and one write,
-//   out[c] = p_scale * exp(x[c] - lse) - [c == target] * target_scale - smooth_scale * weight[c].
+//   out[c] = p_scale * exp(x[c] - max) / sumexp - [c == target] * target_scale - smooth_scale * weight[c],
+// from the row's online state (max, sumexp): exp(x - max) is exact to the last bit of x - max, where
+// exp(x - lse) with a rounded lse = max + log(sumexp) would lose the low bits of x at large logits.
 // Rows are independent: they are spread over threads; each row is one vector loop. out may be x
 // itself: every element is read before it is written.
 // Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
@@ -23,7 +25,8 @@ void cross_entropy_backward_kernel(const CrossEntropyBackwardCall& c) {
   using IO = VecIO<T>;
   const T* x = static_cast<const T*>(c.x);
   T* out = static_cast<T*>(c.out);
-  const A* lse = static_cast<const A*>(c.lse);
+  const A* row_max = static_cast<const A*>(c.max);
+  const A* sumexp = static_cast<const A*>(c.sumexp);
   const A* p_scale = static_cast<const A*>(c.p_scale);
   const A* target_scale = static_cast<const A*>(c.target_scale);
   const A* smooth = static_cast<const A*>(c.smooth_scale);
@@ -37,7 +40,8 @@ void cross_entropy_backward_kernel(const CrossEntropyBackwardCall& c) {
                         "), got ", t);
       const T* xr = x + r * n;
       T* outr = out + r * n;
-      const A m = lse[r], ps = p_scale[r], sm = smooth != nullptr ? smooth[r] : A(0);
+      // p_scale / sumexp once per row: one rounding, as torch's exp(x - max) / sumexp has one.
+      const A m = row_max[r], ps = p_scale[r] / sumexp[r], sm = smooth != nullptr ? smooth[r] : A(0);
       const A xt = static_cast<A>(xr[t]);  // before the loop: out may be x itself (the in-place op)
       const V vm(m), vps(ps), vsm(sm);
       auto grad = [&](V v, int64_t i) {

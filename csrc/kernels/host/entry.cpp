@@ -175,14 +175,15 @@ int osm_host_top_p_threshold(int dtype, const void* x, int64_t rows, int64_t n, 
 
 // smooth_scale and weight may be null; error: an int the launcher sets to 1 on a target outside
 // [0, n) (may be null).
-int osm_host_cross_entropy_backward(int dtype, const void* x, const void* lse, const int64_t* target,
-                                    const void* p_scale, const void* target_scale, const void* smooth_scale,
-                                    const void* weight, void* out, int64_t rows, int64_t n, int* error, int num_sms,
-                                    int max_smem) {
+int osm_host_cross_entropy_backward(int dtype, const void* x, const void* row_max, const void* sumexp,
+                                    const int64_t* target, const void* p_scale, const void* target_scale,
+                                    const void* smooth_scale, const void* weight, void* out, int64_t rows, int64_t n,
+                                    int* error, int num_sms, int max_smem) {
   return with_dtype(dtype, [&](auto t) -> int {
     using T = decltype(t);
     using A = Acc<T>;
-    return cross_entropy_backward<T>(static_cast<const T*>(x), static_cast<const A*>(lse), target,
+    return cross_entropy_backward<T>(static_cast<const T*>(x), static_cast<const A*>(row_max),
+                                     static_cast<const A*>(sumexp), target,
                                      static_cast<const A*>(p_scale), static_cast<const A*>(target_scale),
                                      static_cast<const A*>(smooth_scale), static_cast<const A*>(weight),
                                      static_cast<T*>(out), rows, n, error, limits_of(num_sms, max_smem), nullptr);

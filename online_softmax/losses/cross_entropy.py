@@ -161,8 +161,9 @@ def _symbolic(t: torch.Tensor) -> bool:
     """Whether t has no values to read: meta, fake (torch.compile, torch.export), or traced."""
     from torch._subclasses.fake_tensor import is_fake
 
-    return (t.device.type == "meta" or is_fake(t) or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing())
+    # The compiler's own questions first: dynamo may not trace is_fake.
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or t.device.type == "meta" or is_fake(t))
 
 
 def check_class_indices(t: torch.Tensor, n_classes: int, ignore_index: int, op: str) -> torch.Tensor:

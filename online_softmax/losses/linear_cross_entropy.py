@@ -20,6 +20,7 @@ exact there too.
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .. import _checks as checks
 from .._checks import state_dtype
@@ -106,10 +107,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 def _composed(*tensors) -> bool:
     """Whether the loss must be the plain composition rather than the chunked loop: under
     torch.func's transforms (whose grad, vmap and jvp need a differentiable graph) and wherever
-    there are no values to loop over (meta, fake, traced)."""
+    there are no values to loop over (meta, fake, traced), and for dual tensors."""
     if torch._C._are_functorch_transforms_active():
         return True
-    return any(t is not None and _symbolic(t) for t in tensors)
+    # Dual tensors (forward-mode AD outside torch.func) need a tangent the chunked loop has no rule for.
+    if torch.compiler.is_compiling():
+        return True
+    return any(t is not None and (_symbolic(t) or fwAD.unpack_dual(t).tangent is not None) for t in tensors)
 
 
 def _composition(h, weight, bias, t, cw, options):

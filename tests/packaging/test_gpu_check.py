@@ -102,11 +102,7 @@ NO_CUDA_CASE = {
     "tests/ops/test_argument_errors.py": "argument checks on CPU tensors; not yet run on CUDA tensors",
 }
 # Files whose CUDA cases are being written: excused until they have one, then this entry must go.
-PENDING = {
-    "tests/losses/test_cross_entropy.py": "CUDA cases being added with the device fixture",
-    "tests/losses/test_linear_cross_entropy.py": "CUDA cases being added with the device fixture",
-    "tests/losses/test_hf_loss.py": "CUDA cases being added with the device fixture",
-}
+PENDING = {}
 
 
 def _reason(path, table):

@@ -1,9 +1,9 @@
 // How CPU work is cut into tasks: whole rows when there are enough rows to keep every thread busy,
 // otherwise chunks of rows whose partial results are merged afterwards (the CPU form of the block
 // merge: 4 rows x 1M elements still use every core). Only the scheduling depends on the thread
-// count and the number of rows: a chunk is a run of whole kRowPiece pieces (online_state.h), and
-// every path reduces a row piece by piece and merges the pieces in the same order, so the result
-// is the same whichever plan ran.
+// count and the number of rows: a split row is shared out in whole kRowPiece pieces
+// (online_state.h), and every path reduces a row piece by piece and merges the pieces in the same
+// order, so the result is the same whichever plan ran.
 #pragma once
 
 #if !defined(CPU_CAPABILITY)
@@ -31,8 +31,6 @@ struct RowSplit {
   int64_t chunks = 1;  // pieces per row
   int64_t chunk = 0;   // elements per piece (the last piece may be shorter)
   int64_t length(int64_t c, int64_t n) const { return std::min(chunk, n - c * chunk); }
-  // The row's kRowPiece pieces that chunk c holds: [first_piece(c), first_piece(c + 1)).
-  int64_t first_piece(int64_t c, int64_t n) const { return c * chunk >= n ? row_pieces(n) : c * chunk / kRowPiece; }
 };
 
 inline RowSplit plan_row_split(int64_t rows, int64_t n) {
@@ -42,7 +40,8 @@ inline RowSplit plan_row_split(int64_t rows, int64_t n) {
   if (threads <= 1 || rows >= 4 * threads || rows % threads == 0 || n < 2 * kMinTaskElements) return {1, n};
   const int64_t wanted = (4 * threads + rows - 1) / rows;
   int64_t chunks = std::min(wanted, n / kMinTaskElements);
-  // Whole pieces per chunk: the pieces, not the chunks, fix the order of the reduction.
+  // Whole pieces per chunk (the threads then share out the pieces): the pieces, not the chunks,
+  // fix the order of the reduction.
   const int64_t chunk = ((n + chunks - 1) / chunks + kRowPiece - 1) / kRowPiece * kRowPiece;
   chunks = (n + chunk - 1) / chunk;
   return {chunks, chunk};

@@ -191,16 +191,14 @@ void backward_contiguous(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n
     return;
   }
   // Rows split across threads: the pieces' block sums, then blocked_sum's order (blocks left to
-  // right in double, then the tail), so the total is that of a whole row.
+  // right in double, then the tail), so the total is that of a whole row. The threads share out
+  // the pieces of all the rows evenly (see for_each_piece in kernels/softmax.h).
   const int64_t P = row_pieces(n), vec_end = n - n % VecIO<Y>::kStep;
   std::vector<A> partial(rows * P, A(0));
-  at::parallel_for(0, rows * split.chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows * P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t r = t / split.chunks, c = t % split.chunks;
-      for (int64_t p = split.first_piece(c, n); p < split.first_piece(c + 1, n); ++p) {
-        const int64_t b0 = p * kLaneBlock, b1 = std::min(vec_end, b0 + kLaneBlock);
-        if (b0 < b1) partial[r * P + p] = reduce_block(dy + r * n, y + r * n, b0, b1, log);
-      }
+      const int64_t r = t / P, b0 = (t % P) * kLaneBlock, b1 = std::min(vec_end, b0 + kLaneBlock);
+      if (b0 < b1) partial[t] = reduce_block(dy + r * n, y + r * n, b0, b1, log);
     }
   });
   std::vector<A> totals(rows);
@@ -210,11 +208,10 @@ void backward_contiguous(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n
     for (int64_t i = vec_end; i < n; ++i) total += reduce_term(dy + r * n, y + r * n, i, log);
     totals[r] = static_cast<A>(total);
   }
-  at::parallel_for(0, rows * split.chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows * P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t off = (t / split.chunks) * n + (t % split.chunks) * split.chunk;
-      write_contiguous_grad(dy + off, y + off, dx + off, split.length(t % split.chunks, n),
-                            totals[t / split.chunks], s, log);
+      const int64_t r = t / P, i0 = (t % P) * kLaneBlock, off = r * n + i0;
+      write_contiguous_grad(dy + off, y + off, dx + off, std::min(kLaneBlock, n - i0), totals[r], s, log);
     }
   });
 }

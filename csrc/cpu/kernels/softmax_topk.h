@@ -315,28 +315,30 @@ void topk_rows(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool 
     return;
   }
   // Rows split across threads: the state of every kRowPiece piece, folded in the fixed order as
-  // scan_topk folds them on a whole row; the candidates of each chunk, merged (the top-k of their
-  // union is exact whatever the chunks).
+  // scan_topk folds them on a whole row; the candidates of each thread's run of pieces of a row,
+  // merged (the top-k of their union is exact however the pieces were shared out). The threads
+  // share out the pieces of all the rows evenly (see for_each_piece in kernels/softmax.h).
   const int64_t P = row_pieces(n);
   std::vector<State<double>> states(rows * P);
-  std::vector<std::vector<Item>> chunk_cands(rows * plan.chunks);
-  at::parallel_for(0, rows * plan.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r = t / plan.chunks, c = t % plan.chunks;
+  std::vector<std::vector<Item>> run_cands(rows * P);  // at the first piece of each run
+  at::parallel_for(0, rows * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end;) {
+      const int64_t r = t / P, run_end = std::min(end, (r + 1) * P);
       Select topk(k);
       prepare(topk, r);
-      for (int64_t p = plan.first_piece(c, n); p < plan.first_piece(c + 1, n); ++p) {
-        const int64_t i0 = p * kRowPiece;
-        states[r * P + p] = scan_topk_piece(x + r * n + i0, std::min(kRowPiece, n - i0), i0, s, topk);
+      for (int64_t u = t; u < run_end; ++u) {
+        const int64_t i0 = (u % P) * kRowPiece;
+        states[u] = scan_topk_piece(x + r * n + i0, std::min(kRowPiece, n - i0), i0, s, topk);
       }
-      chunk_cands[t] = std::move(topk.candidates());
+      run_cands[t] = std::move(topk.candidates());
+      t = run_end;
     }
   });
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      std::vector<Item> cands = std::move(chunk_cands[r * plan.chunks]);
-      for (int64_t c = 1; c < plan.chunks; ++c) {
-        auto& more = chunk_cands[r * plan.chunks + c];
+      std::vector<Item> cands;
+      for (int64_t p = 0; p < P; ++p) {
+        auto& more = run_cands[r * P + p];
         cands.insert(cands.end(), more.begin(), more.end());
       }
       emit(r, fold_pieces(states.data() + r * P, P, s), cands);

@@ -150,7 +150,9 @@ struct LaneState {
     const V m_new = at::vec::maximum(m, a);
     // The maximum settles early in almost every row, so the rescale exp is rarely taken.
     if ((m_new - m).zero_mask() != kAllLanes) {
-      d = d * vexp((m - m_new) * s);
+      // Lanes whose max stayed keep d untouched (not d * exp(0)), so a lane's result never depends
+      // on what its neighbours (other rows, in the strided kernels) did.
+      d = V::blendv(d * vexp((m - m_new) * s), d, m_new == m);
       m = m_new;
     }
     d = d + vexp((a - m) * s);
@@ -223,22 +225,77 @@ inline State<acc_t<T>> block_state(const T* x, int64_t n, acc_t<T> s, OnVector&&
 // 2^31-element row of equal values is off by 1e-3 in float32 when one float sum runs the row).
 constexpr int64_t kScanBlock = 1024;
 
-// The un-finalized state of n contiguous elements. `on_step(a, b, offset)` sees every vector pair
-// and `on_scalar(value, offset)` every tail element, in order, so the fused top-k can ride the scan.
+// The fixed split of every CPU row reduction: pieces of kRowPiece elements from the row's start
+// (the last one shorter), each reduced alone, then merged left to right. A function of the row's
+// length only, so a row gets the same bits whether one thread runs it whole or several threads
+// run its pieces, and whatever the thread count or the other rows of the batch. Rows up to this
+// length are one piece. Threads take whole pieces (row_split.h).
+constexpr int64_t kRowPiece = 16 * kScanBlock;
+
+// The one fold of the fixed tree: a block's state into its piece's, and a piece's into the row's,
+// in double, left to right from the identity.
+// Into the identity (the first block of a piece, the first piece of a row) the state is taken as
+// it is: the merge would give the same state and costs a double exp, a tenth of a 1024-wide row.
+template <typename B, typename A>
+inline void fold(State<double>& total, State<B> st, A s) {
+  const State<double> next{static_cast<double>(st.m), static_cast<double>(st.d)};
+  if (total.d == 0 && total.m == std::numeric_limits<double>::lowest()) {
+    total = next;
+  } else {
+    total = merge(total, next, static_cast<double>(s));
+  }
+}
+
+template <typename A>
+inline State<A> to_acc(State<double> st) {
+  return State<A>{static_cast<A>(st.m), static_cast<A>(st.d)};
+}
+
+// The state of one piece (n <= kRowPiece elements): its blocks folded left to right.
+// `on_step(a, b, offset)` sees every vector pair and `on_scalar(value, offset)` every tail element,
+// in order, so the fused top-k can ride the scan.
 template <typename T, typename OnStep, typename OnScalar>
-inline State<acc_t<T>> scan_contiguous(const T* x, int64_t n, acc_t<T> s, OnStep&& on_step,
-                                       OnScalar&& on_scalar) {
+inline State<double> scan_piece(const T* x, int64_t n, acc_t<T> s, OnStep&& on_step, OnScalar&& on_scalar) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   State<double> total;
   for (int64_t block = 0; block < n; block += kScanBlock) {
-    const State<A> st = block_state(
-        x + block, std::min(kScanBlock, n - block), s,
-        [&](int64_t i, V a, V b, V, V) { on_step(a, b, block + i); },
-        [&](int64_t i, A v, A) { on_scalar(v, block + i); });
-    total = merge(total, State<double>{st.m, st.d}, static_cast<double>(s));
+    fold(total,
+         block_state(
+             x + block, std::min(kScanBlock, n - block), s,
+             [&](int64_t i, V a, V b, V, V) { on_step(a, b, block + i); },
+             [&](int64_t i, A v, A) { on_scalar(v, block + i); }),
+         s);
   }
-  return State<A>{static_cast<A>(total.m), static_cast<A>(total.d)};
+  return total;
+}
+
+template <typename T>
+inline State<double> scan_piece(const T* x, int64_t n, acc_t<T> s) {
+  return scan_piece(x, n, s, [](auto, auto, int64_t) {}, [](auto, int64_t) {});
+}
+
+// The row's state from its pieces' states, in the fixed order.
+template <typename A>
+inline State<A> fold_pieces(const State<double>* pieces, int64_t count, A s) {
+  State<double> total;
+  for (int64_t p = 0; p < count; ++p) fold(total, pieces[p], s);
+  return to_acc<A>(total);
+}
+
+// The un-finalized state of a whole row of n contiguous elements, in the fixed tree above.
+template <typename T, typename OnStep, typename OnScalar>
+inline State<acc_t<T>> scan_contiguous(const T* x, int64_t n, acc_t<T> s, OnStep&& on_step,
+                                       OnScalar&& on_scalar) {
+  using A = acc_t<T>;
+  State<double> total;
+  for (int64_t p = 0; p < n; p += kRowPiece) {
+    const State<double> piece = scan_piece(
+        x + p, std::min(kRowPiece, n - p), s, [&](auto a, auto b, int64_t i) { on_step(a, b, p + i); },
+        [&](auto v, int64_t i) { on_scalar(v, p + i); });
+    fold(total, piece, s);
+  }
+  return to_acc<A>(total);
 }
 
 template <typename T>

@@ -1,6 +1,9 @@
 // How CPU work is cut into tasks: whole rows when there are enough rows to keep every thread busy,
-// otherwise pieces of rows whose partial results are merged afterwards (the CPU form of the block
-// merge: 4 rows x 1M elements still use every core).
+// otherwise chunks of rows whose partial results are merged afterwards (the CPU form of the block
+// merge: 4 rows x 1M elements still use every core). Only the scheduling depends on the thread
+// count and the number of rows: a split row is shared out in whole kRowPiece pieces
+// (online_state.h), and every path reduces a row piece by piece and merges the pieces in the same
+// order, so the result is the same whichever plan ran.
 #pragma once
 
 #if !defined(CPU_CAPABILITY)
@@ -12,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/online_state.h"
 #include "kernels/row_layout.h"
 
 namespace online_softmax::cpu {
@@ -19,6 +23,9 @@ inline namespace CPU_CAPABILITY {  // one copy per ISA (csrc/cpu/kernels/common.
 
 // Below this many elements a task is not worth a thread.
 constexpr int64_t kMinTaskElements = 16384;
+
+// The number of kRowPiece pieces of a row of n elements (one for an empty row).
+inline int64_t row_pieces(int64_t n) { return std::max<int64_t>(1, (n + kRowPiece - 1) / kRowPiece); }
 
 struct RowSplit {
   int64_t chunks = 1;  // pieces per row
@@ -33,8 +40,9 @@ inline RowSplit plan_row_split(int64_t rows, int64_t n) {
   if (threads <= 1 || rows >= 4 * threads || rows % threads == 0 || n < 2 * kMinTaskElements) return {1, n};
   const int64_t wanted = (4 * threads + rows - 1) / rows;
   int64_t chunks = std::min(wanted, n / kMinTaskElements);
-  // Round pieces to 64 elements so every piece but the last runs whole vector steps.
-  const int64_t chunk = ((n + chunks - 1) / chunks + 63) / 64 * 64;
+  // Whole pieces per chunk (the threads then share out the pieces): the pieces, not the chunks,
+  // fix the order of the reduction.
+  const int64_t chunk = ((n + chunks - 1) / chunks + kRowPiece - 1) / kRowPiece * kRowPiece;
   chunks = (n + chunk - 1) / chunk;
   return {chunks, chunk};
 }

@@ -17,8 +17,9 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 // Lane sums are flushed into double every kLaneBlock elements, so their rounding error does not
-// grow with the row length.
-constexpr int64_t kLaneBlock = 16384;
+// grow with the row length. One block is one piece of the fixed split (online_state.h): a row split
+// across threads adds the same block sums in the same order as a whole row.
+constexpr int64_t kLaneBlock = kRowPiece;
 
 // The reduction sum(dy * y) (sum(dy) for log) of one vector step at i, and of one element.
 template <typename Y, typename V = Vectorized<acc_t<Y>>>
@@ -58,6 +59,16 @@ inline acc_t<Y> blocked_sum(int64_t n, Step&& step, Tail&& tail) {
   }
   for (int64_t i = vec_end; i < n; ++i) total += tail(i);
   return static_cast<A>(total);
+}
+
+// The float sum of one block [begin, end) of whole vector steps, as blocked_sum makes it.
+template <typename Y>
+inline acc_t<Y> reduce_block(const Y* dy, const Y* y, int64_t begin, int64_t end, bool log) {
+  using A = acc_t<Y>;
+  using V = Vectorized<A>;
+  V acc0(A(0)), acc1(A(0));
+  for (int64_t i = begin; i < end; i += VecIO<Y>::kStep) reduce_step(dy, y, i, log, acc0, acc1);
+  return at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc0 + acc1);
 }
 
 template <typename Y>
@@ -179,85 +190,103 @@ void backward_contiguous(const Y* dy, const Y* y, X* dx, int64_t rows, int64_t n
     });
     return;
   }
-  std::vector<A> partial(rows * split.chunks);
-  at::parallel_for(0, rows * split.chunks, 1, [&](int64_t begin, int64_t end) {
+  // Rows split across threads: the pieces' block sums, then blocked_sum's order (blocks left to
+  // right in double, then the tail), so the total is that of a whole row. The threads share out
+  // the pieces of all the rows evenly (see for_each_piece in kernels/softmax.h).
+  const int64_t P = row_pieces(n), vec_end = n - n % VecIO<Y>::kStep;
+  std::vector<A> partial(rows * P, A(0));
+  at::parallel_for(0, rows * P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t off = (t / split.chunks) * n + (t % split.chunks) * split.chunk;
-      partial[t] = reduce_contiguous(dy + off, y + off, split.length(t % split.chunks, n), log);
+      const int64_t r = t / P, b0 = (t % P) * kLaneBlock, b1 = std::min(vec_end, b0 + kLaneBlock);
+      if (b0 < b1) partial[t] = reduce_block(dy + r * n, y + r * n, b0, b1, log);
     }
   });
-  std::vector<A> totals(rows, A(0));
-  for (int64_t t = 0; t < rows * split.chunks; ++t) totals[t / split.chunks] += partial[t];
-  at::parallel_for(0, rows * split.chunks, 1, [&](int64_t begin, int64_t end) {
+  std::vector<A> totals(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    double total = 0;
+    for (int64_t p = 0; p * kLaneBlock < vec_end; ++p) total += partial[r * P + p];
+    for (int64_t i = vec_end; i < n; ++i) total += reduce_term(dy + r * n, y + r * n, i, log);
+    totals[r] = static_cast<A>(total);
+  }
+  at::parallel_for(0, rows * P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t off = (t / split.chunks) * n + (t % split.chunks) * split.chunk;
-      write_contiguous_grad(dy + off, y + off, dx + off, split.length(t % split.chunks, n),
-                            totals[t / split.chunks], s, log);
+      const int64_t r = t / P, i0 = (t % P) * kLaneBlock, off = r * n + i0;
+      write_contiguous_grad(dy + off, y + off, dx + off, std::min(kLaneBlock, n - i0), totals[r], s, log);
     }
   });
 }
 
 // Softmax dim with stride inner > 1: each vector lane is a different row (see kernels/softmax.h).
+// Leftover rows (inner not a multiple of the vector step) run the same lane arithmetic on
+// zero-padded copies, so a row's bits do not depend on where along inner it sits.
 template <typename Y, typename X>
 void backward_strided(const Y* dy, const Y* y, X* dx, const RowLayout& g, acc_t<Y> s, bool log) {
   using A = acc_t<Y>;
   using V = Vectorized<A>;
   using IO = VecIO<Y>;
+  auto block = [&](int64_t lanes, auto&& load, auto&& store) {
+    // Per-lane sums (one row each), flushed into double every kStridedBlock positions.
+    constexpr int64_t kStridedBlock = 1024;
+    double sums[IO::kStep] = {};
+    alignas(64) A part[IO::kStep];
+    for (int64_t j0 = 0; j0 < g.size; j0 += kStridedBlock) {
+      V p0(A(0)), p1(A(0));
+      for (int64_t j = j0; j < std::min(g.size, j0 + kStridedBlock); ++j) {
+        V g0, g1, y0, y1;
+        load(j, g0, g1, y0, y1, !log);  // the sum of the log form needs no y
+        if (log) {
+          p0 = p0 + g0;
+          p1 = p1 + g1;
+        } else {
+          p0 = at::vec::fmadd(g0, y0, p0);
+          p1 = at::vec::fmadd(g1, y1, p1);
+        }
+      }
+      p0.store(part);
+      p1.store(part + IO::kWidth);
+      for (int64_t l = 0; l < lanes; ++l) sums[l] += part[l];
+    }
+    for (int64_t l = 0; l < IO::kStep; ++l) part[l] = static_cast<A>(sums[l]);
+    const V t0 = V::loadu(part), t1 = V::loadu(part + IO::kWidth);
+    const V vs(s);
+    for (int64_t j = 0; j < g.size; ++j) {
+      V g0, g1, y0, y1;
+      load(j, g0, g1, y0, y1, true);
+      if (log) {
+        store(j, (g0 - vexp_keep_nan(y0) * t0) * vs, (g1 - vexp_keep_nan(y1) * t1) * vs);
+      } else {
+        store(j, y0 * (g0 - t0) * vs, y1 * (g1 - t1) * vs);
+      }
+    }
+  };
   for_each_row_block(g, IO::kStep, [&](int64_t o, int64_t i0, int64_t lanes) {
     const int64_t base = o * g.size * g.inner + i0;
     if (lanes == IO::kStep) {
-      // Per-lane sums (one row each), flushed into double every kStridedBlock positions.
-      constexpr int64_t kStridedBlock = 1024;
-      double sums[IO::kStep] = {};
-      alignas(64) A part[IO::kStep];
-      for (int64_t j0 = 0; j0 < g.size; j0 += kStridedBlock) {
-        V p0(A(0)), p1(A(0));
-        for (int64_t j = j0; j < std::min(g.size, j0 + kStridedBlock); ++j) {
-          V g0, g1;
-          IO::load2(dy + base + j * g.inner, g0, g1);
-          if (log) {
-            p0 = p0 + g0;
-            p1 = p1 + g1;
-          } else {
-            V y0, y1;
-            IO::load2(y + base + j * g.inner, y0, y1);
-            p0 = at::vec::fmadd(g0, y0, p0);
-            p1 = at::vec::fmadd(g1, y1, p1);
-          }
-        }
-        p0.store(part);
-        p1.store(part + IO::kWidth);
-        for (int64_t l = 0; l < IO::kStep; ++l) sums[l] += part[l];
-      }
-      for (int64_t l = 0; l < IO::kStep; ++l) part[l] = static_cast<A>(sums[l]);
-      const V t0 = V::loadu(part), t1 = V::loadu(part + IO::kWidth);
-      const V vs(s);
-      for (int64_t j = 0; j < g.size; ++j) {
-        const int64_t at = base + j * g.inner;
-        V g0, g1, y0, y1;
-        IO::load2(dy + at, g0, g1);
-        IO::load2(y + at, y0, y1);
-        if (log) {
-          VecIO<X>::store2(dx + at, (g0 - vexp_keep_nan(y0) * t0) * vs, (g1 - vexp_keep_nan(y1) * t1) * vs);
-        } else {
-          VecIO<X>::store2(dx + at, y0 * (g0 - t0) * vs, y1 * (g1 - t1) * vs);
-        }
-      }
-    } else {
-      for (int64_t l = 0; l < lanes; ++l) {
-        double sum = 0;  // one long scalar sum per row: accumulate in double
-        for (int64_t j = 0; j < g.size; ++j) {
-          const int64_t at = base + j * g.inner + l;
-          sum += log ? static_cast<double>(dy[at]) : static_cast<double>(dy[at]) * static_cast<double>(y[at]);
-        }
-        const A total = static_cast<A>(sum);
-        for (int64_t j = 0; j < g.size; ++j) {
-          const int64_t at = base + j * g.inner + l;
-          const A gv = static_cast<A>(dy[at]), yv = static_cast<A>(y[at]);
-          dx[at] = static_cast<X>(log ? (gv - std::exp(yv) * total) * s : yv * (gv - total) * s);
-        }
-      }
+      block(
+          lanes,
+          [&](int64_t j, V& g0, V& g1, V& y0, V& y1, bool with_y) {
+            IO::load2(dy + base + j * g.inner, g0, g1);
+            if (with_y) IO::load2(y + base + j * g.inner, y0, y1);
+          },
+          [&](int64_t j, V a, V b) { VecIO<X>::store2(dx + base + j * g.inner, a, b); });
+      return;
     }
+    alignas(64) Y gin[IO::kStep] = {}, yin[IO::kStep] = {};
+    alignas(64) X out[IO::kStep] = {};
+    block(
+        lanes,
+        [&](int64_t j, V& g0, V& g1, V& y0, V& y1, bool with_y) {
+          for (int64_t l = 0; l < lanes; ++l) gin[l] = dy[base + j * g.inner + l];
+          IO::load2(gin, g0, g1);
+          if (with_y) {
+            for (int64_t l = 0; l < lanes; ++l) yin[l] = y[base + j * g.inner + l];
+            IO::load2(yin, y0, y1);
+          }
+        },
+        [&](int64_t j, V a, V b) {
+          VecIO<X>::store2(out, a, b);
+          for (int64_t l = 0; l < lanes; ++l) dx[base + j * g.inner + l] = out[l];
+        });
   });
 }
 

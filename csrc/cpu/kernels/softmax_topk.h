@@ -181,6 +181,28 @@ class SortedTopK {
   std::vector<Item> buf_;
 };
 
+// Offers the lanes of a vector pair (indices first, first + 1, ...) that can enter the top-k.
+template <int64_t W, typename Select, typename V>
+inline void offer_lanes(Select& topk, V a, V b, int64_t first) {
+  using A = typename Select::A;
+  // 64-bit: two vectors of 16 floats (AVX-512) make a 32-lane mask.
+  uint64_t mask = (uint64_t(1) << (2 * W)) - 1;
+  if (topk.full()) {
+    // Lanes that are not <= the threshold: greater, or NaN.
+    const V thr(topk.threshold());
+    mask = uint64_t(uint32_t((a <= thr).zero_mask())) | (uint64_t(uint32_t((b <= thr).zero_mask())) << W);
+  }
+  if (mask == 0) return;
+  alignas(64) A lanes[2 * W];
+  a.store(lanes);
+  b.store(lanes + W);
+  // Only the lanes that passed, in index order (ties keep the lower index ahead).
+  for (; mask != 0; mask &= mask - 1) {
+    const int l = __builtin_ctzll(mask);
+    topk.offer(lanes[l], first + l);
+  }
+}
+
 // State and top-k of n contiguous elements whose first element has index `first`.
 template <typename T, typename Select>
 State<acc_t<T>> scan_topk(const T* x, int64_t n, int64_t first, acc_t<T> s, Select& topk) {
@@ -188,26 +210,20 @@ State<acc_t<T>> scan_topk(const T* x, int64_t n, int64_t first, acc_t<T> s, Sele
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   return scan_contiguous(
+      x, n, s, [&](V a, V b, int64_t offset) { offer_lanes<W>(topk, a, b, first + offset); },
+      [&](A v, int64_t offset) { topk.offer(v, first + offset); });
+}
+
+// The state (one kRowPiece piece, as scan_contiguous folds it) and top-k of n <= kRowPiece
+// contiguous elements whose first element has index `first`.
+template <typename T, typename Select>
+State<double> scan_topk_piece(const T* x, int64_t n, int64_t first, acc_t<T> s, Select& topk) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  return scan_piece(
       x, n, s,
-      [&](V a, V b, int64_t offset) {
-        // 64-bit: two vectors of 16 floats (AVX-512) make a 32-lane mask.
-        uint64_t mask = (uint64_t(1) << (2 * W)) - 1;
-        if (topk.full()) {
-          // Lanes that are not <= the threshold: greater, or NaN.
-          const V thr(topk.threshold());
-          mask = uint64_t(uint32_t((a <= thr).zero_mask())) |
-                 (uint64_t(uint32_t((b <= thr).zero_mask())) << W);
-        }
-        if (mask == 0) return;
-        alignas(64) A lanes[2 * W];
-        a.store(lanes);
-        b.store(lanes + W);
-        // Only the lanes that passed, in index order (ties keep the lower index ahead).
-        for (; mask != 0; mask &= mask - 1) {
-          const int l = __builtin_ctzll(mask);
-          topk.offer(lanes[l], first + offset + l);
-        }
-      },
+      [&](V a, V b, int64_t offset) { offer_lanes<W>(topk, a, b, first + offset); },
       [&](A v, int64_t offset) { topk.offer(v, first + offset); });
 }
 
@@ -298,27 +314,34 @@ void topk_rows(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool 
     });
     return;
   }
-  std::vector<State<A>> states(rows * plan.chunks);
-  std::vector<std::vector<Item>> pieces(rows * plan.chunks);
-  at::parallel_for(0, rows * plan.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r = t / plan.chunks, c = t % plan.chunks;
+  // Rows split across threads: the state of every kRowPiece piece, folded in the fixed order as
+  // scan_topk folds them on a whole row; the candidates of each thread's run of pieces of a row,
+  // merged (the top-k of their union is exact however the pieces were shared out). The threads
+  // share out the pieces of all the rows evenly (see for_each_piece in kernels/softmax.h).
+  const int64_t P = row_pieces(n);
+  std::vector<State<double>> states(rows * P);
+  std::vector<std::vector<Item>> run_cands(rows * P);  // at the first piece of each run
+  at::parallel_for(0, rows * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end;) {
+      const int64_t r = t / P, run_end = std::min(end, (r + 1) * P);
       Select topk(k);
       prepare(topk, r);
-      states[t] = scan_topk(x + r * n + c * plan.chunk, plan.length(c, n), c * plan.chunk, s, topk);
-      pieces[t] = std::move(topk.candidates());
+      for (int64_t u = t; u < run_end; ++u) {
+        const int64_t i0 = (u % P) * kRowPiece;
+        states[u] = scan_topk_piece(x + r * n + i0, std::min(kRowPiece, n - i0), i0, s, topk);
+      }
+      run_cands[t] = std::move(topk.candidates());
+      t = run_end;
     }
   });
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      State<A> st = states[r * plan.chunks];
-      std::vector<Item> cands = std::move(pieces[r * plan.chunks]);
-      for (int64_t c = 1; c < plan.chunks; ++c) {
-        st = merge(st, states[r * plan.chunks + c], s);
-        auto& more = pieces[r * plan.chunks + c];
+      std::vector<Item> cands;
+      for (int64_t p = 0; p < P; ++p) {
+        auto& more = run_cands[r * P + p];
         cands.insert(cands.end(), more.begin(), more.end());
       }
-      emit(r, st, cands);
+      emit(r, fold_pieces(states.data() + r * P, P, s), cands);
     }
   });
 }

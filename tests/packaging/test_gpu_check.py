@@ -98,6 +98,7 @@ NO_CUDA_CASE = {
     "tests/kernels/": "the CUDA kernel sources executed by the host runtime, and cuda_plan: CPU by design",
     "tests/distributed/": "several ranks over Gloo on the CPU; the lent machine has one GPU",
     "tests/ops/test_cpu_dispatch.py": "the CPU kernels' ISA dispatch (DEFAULT/AVX2/AVX512)",
+    "tests/ops/test_thread_invariance.py": "the CPU kernels' bits across thread counts and batches",
     "tests/ops/test_reference.py": "the textbook references in plain PyTorch; calls no online_softmax op",
     "tests/ops/test_argument_errors.py": "argument checks on CPU tensors; not yet run on CUDA tensors",
 }

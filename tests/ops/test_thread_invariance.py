@@ -173,10 +173,11 @@ def test_sampling_threads(dtype):
 def test_cross_entropy_backward_threads(dtype):
     x = logits((6, 200000), dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    lse = x.to(acc).amax(-1) + 12.0  # any per-row value: amax is exact in every order
+    m = x.to(acc).amax(-1)  # any per-row state: amax is exact in every order
+    d = torch.full_like(m, 3.5)
     target = torch.tensor([0, 199999, 5, 77777, 3, 12], dtype=torch.int64)
     p_scale = torch.full((6,), 1 / 6, dtype=acc)
-    over_threads(lambda: ops.cross_entropy_backward(x, lse, target, p_scale, p_scale, None, None))
+    over_threads(lambda: ops.cross_entropy_backward(x, m, d, target, p_scale, p_scale, None, None))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -284,9 +285,9 @@ def test_cross_entropy_backward_batch(dtype):
 
     def run(a):
         x, target = a
-        lse = x.to(acc).amax(-1) + 12.0  # any per-row value: amax is exact in every order
+        m = x.to(acc).amax(-1)  # any per-row state: amax is exact in every order
         scale = torch.full((len(x),), 0.25, dtype=acc)
-        return (ops.cross_entropy_backward(x, lse, target, scale, scale, None, None),)
+        return (ops.cross_entropy_backward(x, m, torch.full_like(m, 3.5), target, scale, scale, None, None),)
 
     alone_and_in_batches(rows, run)
 

@@ -45,8 +45,8 @@ def _assert_same(got, want):
 
 @pytest.mark.parametrize("shape,dim", [((3, 7), -1), ((3, 7), 0), ((2, 3, 5), 1), ((6,), 0), ((), 0)])
 @pytest.mark.parametrize("in_dim", [0, -1])
-def test_row_ops_vmap(shape, dim, in_dim):
-    xs = random_logits((4, *shape), torch.float32).movedim(0, in_dim)
+def test_row_ops_vmap(device, shape, dim, in_dim):
+    xs = random_logits((4, *shape), torch.float32).to(device).movedim(0, in_dim)
     cases = [
         lambda x: ops.forward(x, dim, True, 0.7, torch.float64),
         lambda x: ops.stats(x, dim, 1.3),

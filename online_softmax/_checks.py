@@ -50,7 +50,7 @@ def float_dtype(dtype, name: str, op: str, *, optional: bool = True) -> None:
 def integer(value, name: str, op: str, *, minimum: int) -> int:
     """An int (never a bool) of at least ``minimum``; a symbolic one (torch.export, dynamic shapes)
     too."""
-    if torch.jit.is_tracing() and isinstance(value, torch.Tensor) and value.dim() == 0 \
+    if isinstance(value, torch.Tensor) and torch.jit.is_tracing() and value.dim() == 0 \
             and not value.is_floating_point():
         value = int(value)  # jit.trace gives sizes as 0-d tensors; the trace records the value it saw
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):

@@ -64,6 +64,24 @@ TORCH_LIBRARY(online_softmax, m) {
   // distribution drawn from (float32, float64 for float64 x); a row with NaN, +inf or only -inf
   // gives -1, NaN. Reads x once (twice with min_log_ratio) and writes nothing of its size.
   m.def("sample_categorical(Tensor x, Tensor temperature, Tensor? min_log_ratio, Tensor uniforms) -> (Tensor tokens, Tensor log_probs)");
+  // Speculative decoding's verification (chain layout): target_logits (batch, n + 1, vocab) scored
+  // at the n draft positions and one more; draft_token_ids (batch, n) int64 in [0, vocab);
+  // draft_probs (batch, n, vocab) in float32 or target_logits' dtype, or None for a deterministic
+  // draft (q one-hot at the draft token); num_draft_tokens (batch,) int64 in [0, n]: row b verifies
+  // its first n_b drafts and takes its bonus token from position n_b. temperature (batch,) float64,
+  // 0 for a greedy row; min_log_ratio (batch, n + 1) float64 or None: target position i keeps the
+  // tokens with (x - max) / t >= it, as sample_categorical. uniforms (batch, n + 1) float64 in
+  // [0, 1): [b, i] tests draft i, [b, n] draws the final token. A sampled row accepts draft v at i
+  // when u * q(v) < p(v), stops at the first rejection and draws from max(p - q, 0) normalized (from
+  // p itself when that mass rounds to zero), or after n_b acceptances draws a bonus token from
+  // position n_b. A greedy row accepts while the draft is the arg-max (ties to the lowest index)
+  // and emits the arg-max. Returns token_ids (batch, n + 1) int64 padded with -1, num_accepted
+  // (batch,) int64, and log_probs (batch, n + 1): each emitted token's log-probability under the
+  // target distribution (a greedy row: log_softmax of the logits), NaN where no token. A position
+  // with no distribution (NaN, +inf, all -inf) emits -1 with NaN and ends its row. Reads target
+  // positions 0..n_b once each for their states (twice with a cut); at a rejection, that target row
+  // and its draft row once more.
+  m.def("rejection_sample(Tensor target_logits, Tensor draft_token_ids, Tensor? draft_probs, Tensor num_draft_tokens, Tensor temperature, Tensor? min_log_ratio, Tensor uniforms) -> (Tensor token_ids, Tensor num_accepted, Tensor log_probs)");
   // transformers' top-p cut of softmax(x / temperature) per row, as the log_ratio (x - max) /
   // temperature of the smallest token it keeps (the largest value whose tokens at or above it hold
   // >= top_p); status 0 found, 1 several tokens tied at the cut within float resolution, 2 no

@@ -268,6 +268,109 @@ inline TopPArgs top_p_args(const at::Tensor& x, const at::Tensor& temperature, c
   return a;
 }
 
+// ---- rejection_sample ----
+
+struct RejectionArgs {
+  at::Tensor target, draft_ids, draft_probs, num_drafts, temperature, min_log_ratio, uniforms;  // contiguous;
+                                                                   // draft_probs, min_log_ratio undefined when absent
+  int64_t batch, n, vocab;  // n: draft positions (target_logits has n + 1)
+  at::Tensor token_ids, num_accepted, log_probs;  // allocated results
+};
+
+// The checks of rejection_sample's arguments: shapes that agree, dtypes, one device, and the values
+// the kernels rely on (draft ids in range, counts in [0, n], temperatures, cuts and uniforms in
+// range, draft probabilities nonnegative and not NaN). Each value check is one reduction and one sync.
+inline RejectionArgs rejection_args(const at::Tensor& target_logits, const at::Tensor& draft_token_ids,
+                                    const std::optional<at::Tensor>& draft_probs, const at::Tensor& num_draft_tokens,
+                                    const at::Tensor& temperature, const std::optional<at::Tensor>& min_log_ratio,
+                                    const at::Tensor& uniforms) {
+  const char* op = "rejection_sample";
+  check_floating(target_logits, "target_logits", op);
+  TORCH_CHECK_VALUE(target_logits.dim() == 3 && target_logits.size(1) >= 1, "online_softmax.", op,
+                    ": target_logits must be 3-D (batch, n + 1, vocab) with n + 1 >= 1, got shape ",
+                    target_logits.sizes());
+  RejectionArgs a;
+  a.batch = target_logits.size(0);
+  a.n = target_logits.size(1) - 1;
+  a.vocab = target_logits.size(2);
+  TORCH_CHECK_VALUE(a.vocab >= 1 || a.batch == 0, "online_softmax.", op,
+                    ": target_logits must have at least one vocabulary entry, got shape ", target_logits.sizes());
+  const auto dev = target_logits.device();
+  auto same_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.device() == dev, "online_softmax.", op, ": ", name, " is on ", t.device(),
+                      " but target_logits is on ", dev);
+  };
+  // [lo, hi] (open ends where asked) over every value of t, NaN refused: one sync.
+  auto in_range = [&](const at::Tensor& t, const char* name, double lo, double hi, bool hi_open) {
+    if (t.numel() == 0) return;
+    const at::Tensor range = at::stack({t.min().to(at::kDouble), t.max().to(at::kDouble)}).cpu();
+    const double lo_seen = range[0].item<double>(), hi_seen = range[1].item<double>();
+    const bool ok = lo_seen >= lo && (hi_open ? hi_seen < hi : hi_seen <= hi) && !std::isnan(lo_seen) &&
+                    !std::isnan(hi_seen);
+    TORCH_CHECK_VALUE(ok, "online_softmax.", op, ": ", name, " must lie in [", lo, ", ", hi, hi_open ? ")" : "]",
+                      ", got values in [", lo_seen, ", ", hi_seen, "]");
+  };
+  auto index_tensor = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "online_softmax.", op, ": ", name, " must be an int64 tensor, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == shape, "online_softmax.", op, ": ", name, " must have shape ", shape, ", got ",
+                      t.sizes());
+    same_device(t, name);
+  };
+  auto double_tensor = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, "online_softmax.", op, ": ", name,
+                     " must be a float64 tensor, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == shape, "online_softmax.", op, ": ", name, " must have shape ", shape, ", got ",
+                      t.sizes());
+    same_device(t, name);
+  };
+  index_tensor(draft_token_ids, "draft_token_ids", {a.batch, a.n});
+  in_range(draft_token_ids, "draft_token_ids", 0, double(a.vocab), true);
+  if (draft_probs.has_value()) {
+    const at::Tensor& q = *draft_probs;
+    TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == target_logits.scalar_type(),
+                     "online_softmax.", op, ": draft_probs must be float32 or target_logits' dtype (",
+                     target_logits.scalar_type(), "), got ", q.scalar_type());
+    TORCH_CHECK_VALUE(q.sizes() == at::IntArrayRef({a.batch, a.n, a.vocab}), "online_softmax.", op,
+                      ": draft_probs must have shape ", at::IntArrayRef({a.batch, a.n, a.vocab}),
+                      " (batch, n, vocab), got ", q.sizes());
+    same_device(q, "draft_probs");
+    if (q.numel() > 0) {
+      const double lo_seen = q.min().to(at::kDouble).cpu().item<double>();
+      TORCH_CHECK_VALUE(lo_seen >= 0.0, "online_softmax.", op, ": draft_probs must be probabilities (no negative ",
+                        "value, no NaN), got a minimum of ", lo_seen);
+    }
+    a.draft_probs = q.contiguous();
+  }
+  index_tensor(num_draft_tokens, "num_draft_tokens", {a.batch});
+  in_range(num_draft_tokens, "num_draft_tokens", 0, double(a.n), false);
+  double_tensor(temperature, "temperature", {a.batch});
+  in_range(temperature, "temperature", 0.0, std::numeric_limits<double>::infinity(), true);
+  if (temperature.numel() > 0) {
+    // The kernels scale by 1 / temperature in float32: a sampled row's must stay finite.
+    const bool tiny = ((temperature > 0) & (temperature < 1.0 / 3.0e38)).any().cpu().item<bool>();
+    TORCH_CHECK_VALUE(!tiny, "online_softmax.", op, ": temperature must be 0 (greedy) or at least 3.4e-39 ",
+                      "(1 / temperature must fit in float32)");
+  }
+  if (min_log_ratio.has_value()) {
+    double_tensor(*min_log_ratio, "min_log_ratio", {a.batch, a.n + 1});
+    in_range(*min_log_ratio, "min_log_ratio", -std::numeric_limits<double>::infinity(), 0.0, false);
+    a.min_log_ratio = min_log_ratio->contiguous();
+  }
+  double_tensor(uniforms, "uniforms", {a.batch, a.n + 1});
+  in_range(uniforms, "uniforms", 0.0, 1.0, true);
+  a.target = target_logits.contiguous();
+  a.draft_ids = draft_token_ids.contiguous();
+  a.num_drafts = num_draft_tokens.contiguous();
+  a.temperature = temperature.contiguous();
+  a.uniforms = uniforms.contiguous();
+  const auto opts = target_logits.options();
+  a.token_ids = at::empty({a.batch, a.n + 1}, opts.dtype(at::kLong));
+  a.num_accepted = at::empty({a.batch}, opts.dtype(at::kLong));
+  a.log_probs = at::empty({a.batch, a.n + 1}, opts.dtype(state_dtype(target_logits.scalar_type())));
+  return a;
+}
+
 // ---- cross_entropy_backward ----
 
 struct CrossEntropyBackwardArgs {

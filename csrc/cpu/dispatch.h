@@ -125,6 +125,22 @@ struct TopPCall {  // rows contiguous
   int64_t* status;            // (rows,) 0 found, 1 tied at the cut, 2 no distribution
 };
 
+struct RejectionCall {  // every array contiguous; semantics: rejection_sample in csrc/ops.cpp
+  at::ScalarType x_dtype;
+  const void* target;            // (batch, n + 1, vocab)
+  int64_t batch, n, vocab;
+  const int64_t* draft_ids;      // (batch, n) in [0, vocab)
+  at::ScalarType draft_dtype;    // float32 or x_dtype
+  const void* draft_probs;       // (batch, n, vocab) or nullptr: q one-hot at the draft token
+  const int64_t* num_drafts;     // (batch,) in [0, n]
+  const double* temperature;     // (batch,) 0 for greedy
+  const double* min_log_ratio;   // (batch, n + 1) or nullptr
+  const double* uniforms;        // (batch, n + 1) in [0, 1)
+  int64_t* token_ids;            // (batch, n + 1)
+  int64_t* num_accepted;         // (batch,)
+  void* log_probs;               // (batch, n + 1), accumulation type
+};
+
 struct CrossEntropyBackwardCall {  // rows contiguous
   at::ScalarType x_dtype;
   const void* x;
@@ -150,6 +166,7 @@ struct KernelTable {
   void (*top_p_threshold)(const TopPCall&);
   void (*cross_entropy_backward)(const CrossEntropyBackwardCall&);
   void (*masked_forward)(const MaskedForwardCall&);
+  void (*rejection_sample)(const RejectionCall&);
 };
 
 // The table in use.

@@ -151,6 +151,21 @@ def _top_p_threshold_vmap(info, in_dims, x, temperature, top_p):
     return (_unrows(log_ratio, n), _unrows(status, n)), (0, 0)
 
 
+@_register("rejection_sample")
+def _rejection_sample_vmap(info, in_dims, target_logits, draft_token_ids, draft_probs, num_draft_tokens,
+                           temperature, min_log_ratio, uniforms):
+    op, n = "rejection_sample", info.batch_size
+    outs = torch.ops.online_softmax.rejection_sample(
+        _rows_of(target_logits, in_dims[0], n, 3, op, "target_logits"),
+        _rows_of(draft_token_ids, in_dims[1], n, 2, op, "draft_token_ids"),
+        _rows_of(draft_probs, in_dims[2], n, 3, op, "draft_probs"),
+        _rows_of(num_draft_tokens, in_dims[3], n, 1, op, "num_draft_tokens"),
+        _rows_of(temperature, in_dims[4], n, 1, op, "temperature"),
+        _rows_of(min_log_ratio, in_dims[5], n, 2, op, "min_log_ratio"),
+        _rows_of(uniforms, in_dims[6], n, 2, op, "uniforms"))
+    return tuple(_unrows(t, n) for t in outs), (0, 0, 0)
+
+
 @_register("ngram_banned_tokens")
 def _ngram_banned_tokens_vmap(info, in_dims, sequences, n):
     size = info.batch_size

@@ -219,6 +219,36 @@ def _top_p_threshold_fake(x, temperature, top_p):
     return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((x.shape[0],), dtype=torch.int64)
 
 
+@torch.library.register_fake("online_softmax::rejection_sample")
+def _rejection_sample_fake(target_logits, draft_token_ids, draft_probs, num_draft_tokens, temperature,
+                           min_log_ratio, uniforms):
+    op = "rejection_sample"
+    checks.floating(target_logits, "target_logits", op)
+    if target_logits.dim() != 3 or target_logits.shape[1] < 1:
+        raise checks.fail(op, f"target_logits must be 3-D (batch, n + 1, vocab) with n + 1 >= 1, got shape "
+                              f"{list(target_logits.shape)}")
+    batch, n1, vocab = target_logits.shape
+    expected = (("draft_token_ids", draft_token_ids, torch.int64, (batch, n1 - 1)),
+                ("draft_probs", draft_probs, None, (batch, n1 - 1, vocab)),
+                ("num_draft_tokens", num_draft_tokens, torch.int64, (batch,)),
+                ("temperature", temperature, torch.float64, (batch,)),
+                ("min_log_ratio", min_log_ratio, torch.float64, (batch, n1)),
+                ("uniforms", uniforms, torch.float64, (batch, n1)))
+    for name, t, dtype, shape in expected:
+        if t is None:
+            continue
+        if dtype is not None and t.dtype != dtype:
+            raise checks.fail(op, f"{name} must be a {dtype} tensor, got {t.dtype}", TypeError)
+        if dtype is None and t.dtype not in (torch.float32, target_logits.dtype):
+            raise checks.fail(op, f"draft_probs must be float32 or target_logits' dtype ({target_logits.dtype}), "
+                                  f"got {t.dtype}", TypeError)
+        if tuple(t.shape) != shape:
+            raise checks.fail(op, f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    return (target_logits.new_empty((batch, n1), dtype=torch.int64),
+            target_logits.new_empty((batch,), dtype=torch.int64),
+            target_logits.new_empty((batch, n1), dtype=state_dtype(target_logits.dtype)))
+
+
 # ---- cross-entropy ----
 
 _CE_PER_ROW = ("max", "sumexp", "p_scale", "target_scale", "smooth_scale")

@@ -335,11 +335,7 @@ inline RejectionArgs rejection_args(const at::Tensor& target_logits, const at::T
                       ": draft_probs must have shape ", at::IntArrayRef({a.batch, a.n, a.vocab}),
                       " (batch, n, vocab), got ", q.sizes());
     same_device(q, "draft_probs");
-    if (q.numel() > 0) {
-      const double lo_seen = q.min().to(at::kDouble).cpu().item<double>();
-      TORCH_CHECK_VALUE(lo_seen >= 0.0, "online_softmax.", op, ": draft_probs must be probabilities (no negative ",
-                        "value, no NaN), got a minimum of ", lo_seen);
-    }
+    in_range(q, "draft_probs", 0.0, std::numeric_limits<double>::infinity(), true);  // probabilities: no NaN
     a.draft_probs = q.contiguous();
   }
   index_tensor(num_draft_tokens, "num_draft_tokens", {a.batch});

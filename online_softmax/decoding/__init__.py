@@ -1,8 +1,11 @@
 """Decoding on the online softmax: the fused beam-search step, a beam-search decoder over any
-next-token model, transformers' processors as fused edits, and fused sampling."""
+next-token model, transformers' processors as fused edits, fused sampling, and speculative
+decoding's verification."""
 
 from .beam_search import BeamStep, beam_search_step
 from .decoder import BeamSearchDecoder, BeamSearchOutput
 from .sampling import Sample, sample
+from .speculative import RejectionSample, rejection_sample
 
-__all__ = ["beam_search_step", "BeamStep", "BeamSearchDecoder", "BeamSearchOutput", "sample", "Sample"]
+__all__ = ["beam_search_step", "BeamStep", "BeamSearchDecoder", "BeamSearchOutput", "sample", "Sample",
+           "rejection_sample", "RejectionSample"]

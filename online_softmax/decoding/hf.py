@@ -40,11 +40,21 @@ _OP = "hf.generate"
 def generate(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config,
              synced_gpus: bool = False, streamer=None, **model_kwargs):
     """The decoding loop for ``model.generate(..., custom_generate=online_softmax.hf.generate)``:
-    greedy search, sampling, beam search and beam sampling, with generate()'s arguments and its
-    return value (a LongTensor, or the ``Generate*Output`` that ``return_dict_in_generate`` asks for)."""
-    mode = _mode(generation_config, synced_gpus)
+    greedy search, sampling, beam search and beam sampling, and speculative decoding (an
+    ``assistant_model`` or ``prompt_lookup_num_tokens``, greedy or sampling, at any batch size), with
+    generate()'s arguments and its return value (a LongTensor, or the ``Generate*Output`` that
+    ``return_dict_in_generate`` asks for)."""
+    # generate() keeps assistant_model to itself (a callable gets only the keywords _sample lacks);
+    # should a later version forward it, it must not reach the model's forward.
+    assistant = model_kwargs.pop("assistant_model", None) or _given_to_generate("assistant_model")
+    mode = _mode(generation_config, synced_gpus, assistant)
     if streamer is None:
-        streamer = _streamer_given_to_generate()
+        streamer = _given_to_generate("streamer")
+    if mode == "speculative decoding":
+        from .hf_speculative import speculative_generate
+
+        return speculative_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                    streamer, assistant, model_kwargs)
     run = _Run(model, generation_config, model_kwargs)
     if mode in ("greedy search", "sampling"):
         return _one_beam(run, input_ids, logits_processor, stopping_criteria, streamer)
@@ -53,10 +63,12 @@ def generate(model, input_ids: torch.LongTensor, logits_processor, stopping_crit
     return _beam_search(run, input_ids, logits_processor, stopping_criteria)
 
 
-def _streamer_given_to_generate():
-    """The streamer of the generate() call that runs this loop. generate() passes a callable
-    custom_generate only the keywords that ``_sample`` lacks, so the streamer it was given (and to
-    which it has already sent the prompt) is read from its frame."""
+def _given_to_generate(name: str):
+    """A local variable of the generate() call that runs this loop (``streamer``,
+    ``assistant_model``). generate() passes a callable custom_generate only the keywords that
+    ``_sample`` lacks, so what it was given for its own modes (the streamer, to which it has already
+    sent the prompt; the assistant model) is read from its frame: two frames up, generate() calling
+    :func:`generate` calling this."""
     import inspect
 
     from transformers.generation.utils import GenerationMixin
@@ -65,20 +77,31 @@ def _streamer_given_to_generate():
     try:
         caller = frame.f_back.f_back
         if caller is not None and caller.f_code is GenerationMixin.generate.__wrapped__.__code__:
-            return caller.f_locals.get("streamer")
+            return caller.f_locals.get(name)
         return None
     finally:
         del frame
 
 
-def _mode(config, synced_gpus) -> str:
+def _mode(config, synced_gpus, assistant=None) -> str:
     """The decoding mode, or a ValueError naming what this loop does not run."""
     from transformers.generation.configuration_utils import GenerationMode
 
     if synced_gpus:
         raise fail(_OP, "synced_gpus (generation across ranks in lockstep) is not supported; drop "
                         "custom_generate to use transformers' own loop")
-    mode = config.get_generation_mode()
+    mode = config.get_generation_mode(assistant)
+    if mode == GenerationMode.ASSISTED_GENERATION:
+        # transformers' candidate generators, in its order of precedence: the ones drafting from the
+        # model itself (early exit, multi-token prediction) and DFlash are not run here.
+        other = [name for name in ("assistant_early_exit", "use_mtp") if getattr(config, name, None)]
+        if getattr(config, "speculation_type", None) == "dflash":
+            other.append("speculation_type='dflash'")
+        if other or (config.prompt_lookup_num_tokens is None and assistant is None):
+            raise fail(_OP, f"assisted generation with {', '.join(other) or 'this draft'} is not supported by "
+                            "online_softmax.hf.generate (it drafts with assistant_model or prompt_lookup_num_tokens); "
+                            "drop custom_generate to use transformers' own loop")
+        return "speculative decoding"
     names = {GenerationMode.GREEDY_SEARCH: "greedy search", GenerationMode.SAMPLE: "sampling",
              GenerationMode.BEAM_SEARCH: "beam search", GenerationMode.BEAM_SAMPLE: "beam sampling"}
     if mode not in names:

@@ -170,6 +170,20 @@ def test_sampling_threads(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rejection_sample_threads(dtype):
+    x = logits((3, 5, 60000), dtype)
+    ids = torch.randint(0, 60000, (3, 4), generator=torch.Generator().manual_seed(6))
+    ids[:, :2] = x[:, :2].float().argmax(-1)
+    q = torch.softmax(logits((3, 4, 60000), torch.float32, seed=7), -1)
+    t = torch.tensor([0.8, 0.0, 1.3], dtype=torch.float64)
+    u = torch.rand((3, 5), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    u[:, :2] = 0.0
+    counts = torch.tensor([4, 2, 3])
+    over_threads(lambda: ops.rejection_sample(x, ids, q, counts, t, None, u))
+    over_threads(lambda: ops.rejection_sample(x, ids, None, counts, t, torch.full((3, 5), -2.0, dtype=torch.float64), u))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_backward_threads(dtype):
     x = logits((6, 200000), dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32

@@ -81,6 +81,63 @@ def bench_verify(device, dtypes, batches, drafts, vocabs):
                               f"{t * 1e3:8.3f} ms {least / t / 1e9:8.2f} {speedup:8.2f} {extra}", flush=True)
 
 
+def tiny_pair(vocab=8192, seed=0):
+    """A small random GPT-2 target (4 layers, n_embd 512) and a 1-layer assistant that shares its
+    embeddings, so that the assistant agrees with the target often, as a trained draft does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, n_positions=1024, n_embd=512, n_head=8, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=1)
+    target = GPT2LMHeadModel(GPT2Config(n_layer=4, **common)).eval()
+    assistant = GPT2LMHeadModel(GPT2Config(n_layer=1, **common)).eval()
+    assistant.transformer.wte.weight.data.copy_(target.transformer.wte.weight.data)
+    assistant.transformer.wpe.weight.data.copy_(target.transformer.wpe.weight.data)
+    assistant.transformer.h[0].load_state_dict(target.transformer.h[0].state_dict())
+    return target, assistant
+
+
+def bench_generate(device, batch_sizes=(1, 8), prompt_len=24, new_tokens=48):
+    target, assistant = (m.to(device) for m in tiny_pair())
+    g = torch.Generator().manual_seed(3)
+    print(f"{'generate':<9} {'B':>2} {'impl':<34} {'median':>10} {'vs transformers':>15}")
+    for batch in batch_sizes:
+        lengths = [prompt_len - (3 * r) % 7 for r in range(batch)]           # left-padded prompts of different lengths
+        ids = torch.full((batch, prompt_len), 1, dtype=torch.long)
+        mask = torch.zeros(batch, prompt_len, dtype=torch.long)
+        for r, n in enumerate(lengths):
+            ids[r, prompt_len - n:] = torch.randint(2, target.config.vocab_size, (n,), generator=g)
+            mask[r, prompt_len - n:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        common = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=1)
+
+        def ours():
+            with torch.no_grad():
+                return target.generate(ids, attention_mask=mask, assistant_model=assistant,
+                                       custom_generate=osm.hf.generate, **common)
+
+        def theirs():  # transformers' assisted generate() refuses batches: one row at a time
+            with torch.no_grad():
+                return [target.generate(ids[r:r + 1, prompt_len - n:], attention_mask=mask[r:r + 1, prompt_len - n:],
+                                        assistant_model=assistant, **common) for r, n in enumerate(lengths)]
+
+        def plain():
+            with torch.no_grad():
+                return target.generate(ids, attention_mask=mask, **common)
+
+        got, want, stock = ours(), theirs(), plain()
+        for r, n in enumerate(lengths):  # identical greedy outputs first
+            row = got[r, prompt_len - n:]
+            row = row[: want[r].shape[1]]
+            assert torch.equal(row, want[r][0]), f"row {r} differs from transformers' assisted generate()"
+        assert torch.equal(got[:, : stock.shape[1]], stock), "differs from transformers' generate() without assistant"
+        label = "transformers assisted" + (" (row by row)" if batch > 1 else "")
+        times = median_times({"online_softmax.hf.generate": ours, label: theirs, "transformers (no assistant)": plain},
+                             device, min_runs=5, max_runs=15, budget_s=3.0)
+        for name, t in times.items():
+            print(f"{'generate':<9} {batch:>2} {name:<34} {t * 1e3:7.1f} ms {times[label] / t:15.2f}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="verify,generate", type=lambda s: s.split(","))
@@ -97,6 +154,8 @@ def main(argv=None):
     print(machine_line(machine_info(device)), f"threads={torch.get_num_threads()}", machine_info(device)["date"])
     if "verify" in args.part:
         bench_verify(device, args.dtypes, args.batches, args.drafts, args.vocabs)
+    if "generate" in args.part:
+        bench_generate(device)
     return 0
 
 

@@ -286,6 +286,32 @@ def test_sampling_batch(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rejection_sample_batch(dtype):
+    n, vocab = 3, 40000
+    chain = logits((n + 1, vocab), dtype, seed=21)
+    ids_row = chain[:n].float().argmax(-1)
+    ids_row[2] = 5
+    urow = torch.rand((n + 1,), generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    urow[:2] = 0.0
+
+    def rows(b, p):
+        x = logits((b, n + 1, vocab), dtype, seed=23 + b)
+        x[p] = chain
+        ids = torch.randint(0, vocab, (b, n), generator=torch.Generator().manual_seed(b))
+        ids[p] = ids_row
+        u = torch.rand((b, n + 1), generator=torch.Generator().manual_seed(b), dtype=torch.float64)
+        u[p] = urow
+        return x, ids, u
+
+    def run(a):
+        b = len(a[0])
+        return ops.rejection_sample(a[0], a[1], None, torch.full((b,), n), torch.full((b,), 0.9, dtype=torch.float64),
+                                    None, a[2])
+
+    alone_and_in_batches(rows, run, sizes=(2, 5), threads=(1, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_backward_batch(dtype):
     n = 200000
     row = logits((n,), dtype, seed=21)

@@ -2,6 +2,8 @@
 per-dtype error budgets, and the tiny random GPT-2 of the decoding tests. Test files import them
 from here (the tests folder is on sys.path through its conftest.py)."""
 
+import math
+
 import torch
 
 import online_softmax
@@ -230,3 +232,20 @@ def assert_masked_close(got, want, dtype, log=False):
     ok = ~nan & ~inf
     tol = MASKED_TOL[dtype] * (20 if log else 1)
     assert torch.allclose(got[ok], want[ok], rtol=tol, atol=tol), (got[ok] - want[ok]).abs().max()
+
+
+def chi_square_ok(tokens: torch.Tensor, probs: torch.Tensor, z: float = 4.75) -> tuple:
+    """Pearson's chi-square of one row's draws against probs, bins with expected count >= 5 (the
+    rest pooled). Passes below the Wilson-Hilferty quantile at z (p ~ 1e-6)."""
+    n = tokens.numel()
+    counts = torch.bincount(tokens.cpu(), minlength=probs.numel()).double()
+    expected = probs.cpu().double() * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().reshape(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    if exp[-1] < 5:  # fold a small pooled bin into the last big one
+        obs, exp = torch.cat([obs[:-2], obs[-2:].sum().reshape(1)]), torch.cat([exp[:-2], exp[-2:].sum().reshape(1)])
+    stat = float(((obs - exp) ** 2 / exp.clamp_min(1e-300)).sum())
+    df = max(1, obs.numel() - 1)
+    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat < limit, stat, limit

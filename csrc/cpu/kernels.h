@@ -4,6 +4,7 @@
 //   softmax_topk(_backward)   csrc/cpu/softmax_topk.cpp
 //   sample_categorical,
 //   top_p_threshold           csrc/cpu/sample.cpp
+//   rejection_sample          csrc/cpu/rejection_sample.cpp
 //   cross_entropy_backward(_) csrc/cpu/cross_entropy.cpp
 //   beam_search_step          csrc/cpu/beam_search_step.cpp (other backends: csrc/common/)
 //   ngram_banned_tokens       csrc/cpu/ngram_banned_tokens.cpp (other backends: csrc/common/)
@@ -37,6 +38,11 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> sample_categorical(const at::Tensor& x, const at::Tensor& temperature,
                                                       const std::optional<at::Tensor>& min_log_ratio,
                                                       const at::Tensor& uniforms);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_sample(
+    const at::Tensor& target_logits, const at::Tensor& draft_token_ids, const std::optional<at::Tensor>& draft_probs,
+    const at::Tensor& num_draft_tokens, const at::Tensor& temperature, const std::optional<at::Tensor>& min_log_ratio,
+    const at::Tensor& uniforms);
 
 std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at::Tensor& temperature,
                                                    const at::Tensor& top_p);

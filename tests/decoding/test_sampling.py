@@ -11,26 +11,9 @@ import torch
 import online_softmax as osm
 from online_softmax.decoding.warpers import warped_probs
 from online_softmax.reference import unfused_sample
-from testlib import random_logits
+from testlib import chi_square_ok, random_logits
 
 DRAWS = 20000
-
-
-def chi_square_ok(tokens: torch.Tensor, probs: torch.Tensor, z: float = 4.75) -> tuple:
-    """Pearson's chi-square of one row's draws against probs, bins with expected count >= 5 (the
-    rest pooled). Passes below the Wilson-Hilferty quantile at z (p ~ 1e-6)."""
-    n = tokens.numel()
-    counts = torch.bincount(tokens.cpu(), minlength=probs.numel()).double()
-    expected = probs.cpu().double() * n
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum().reshape(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
-    if exp[-1] < 5:  # fold a small pooled bin into the last big one
-        obs, exp = torch.cat([obs[:-2], obs[-2:].sum().reshape(1)]), torch.cat([exp[:-2], exp[-2:].sum().reshape(1)])
-    stat = float(((obs - exp) ** 2 / exp.clamp_min(1e-300)).sum())
-    df = max(1, obs.numel() - 1)
-    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-    return stat < limit, stat, limit
 
 
 def logits(rows, vocab, dtype=torch.float32, seed=0, scale=2.0):

@@ -96,6 +96,19 @@ def test_sampling_ops_vmap():
     _assert_same(vmap(fn)(xs), _per_sample(fn, xs, 0))
 
 
+def test_rejection_sample_vmap():
+    xs = random_logits((2, 3, 4, 50), torch.float32)
+    ids = torch.randint(0, 50, (2, 3, 3), generator=torch.Generator().manual_seed(3))
+    q = torch.softmax(random_logits((3, 3, 50), torch.float32, seed=4), -1)   # unbatched operand
+    counts = torch.tensor([3, 1, 2])
+    t = torch.tensor([0.9, 0.0, 1.1], dtype=torch.float64)
+    u = torch.rand(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    fn = lambda x, i, uu: ops.rejection_sample(x, i, q, counts, t, None, uu)  # noqa: E731
+    got = vmap(fn)(xs, ids, u)
+    want = tuple(torch.stack(o) for o in zip(*[fn(x, i, uu) for x, i, uu in zip(xs, ids, u)]))
+    _assert_same(got, want)
+
+
 def test_decoding_ops_vmap():
     seqs = torch.randint(0, 5, (2, 3, 9), generator=torch.Generator().manual_seed(2))
     fn = lambda s: ops.ngram_banned_tokens(s, 2)  # noqa: E731

@@ -163,6 +163,30 @@ def test_sampling_kernels_under_each_capability(capability, dtype):
         assert (status == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rejection_sample_under_each_capability(capability, dtype):
+    """rejection_sample under this capability's kernels against its float64 oracle: the same
+    tokens and counts, log-probabilities within rounding (drafts with and without probabilities,
+    greedy rows, cuts, a position with no distribution)."""
+    from online_softmax.reference import rejection_sample_reference
+    ops = torch.ops.online_softmax
+    g = torch.Generator().manual_seed(2)
+    x = random_logits((4, 4, 2500), dtype, seed=12)
+    x[3, 2, 5] = float("nan")
+    ids = torch.randint(0, 2500, (4, 3), generator=g)
+    ids[:, :2] = x[:, :2].float().argmax(-1)
+    q = torch.softmax(random_logits((4, 3, 2500), torch.float32, seed=13), -1)
+    t = torch.tensor([1.0, 0.0, 0.7, 1.2], dtype=torch.float64)
+    u = torch.rand(4, 4, generator=g, dtype=torch.float64)
+    counts = torch.tensor([3, 3, 1, 3])
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    for draft, ratio in ((q, None), (None, torch.full((4, 4), -1.0, dtype=torch.float64))):
+        args = (x, ids, draft, counts, t, ratio, u)
+        got, want = ops.rejection_sample(*args), rejection_sample_reference(*args)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), capability
+        torch.testing.assert_close(got[2], want[2], rtol=tol, atol=tol, equal_nan=True)
+
+
 def test_capabilities_agree_with_each_other():
     """The same op, run by each capability's kernels, gives the same answers within rounding and
     identical top-k indices."""

@@ -20,6 +20,8 @@ def _samples(device):
     v, i, tm, td = ops.softmax_topk(x.detach(), 4, -1)
     t64 = torch.full((5,), 0.9, dtype=torch.float64, device=device)
     u64 = torch.rand(5, 3, dtype=torch.float64, device=device)
+    xr = random_logits((2, 3, 37), torch.float32, device)
+    accept_all = torch.cat([torch.zeros(2, 2, dtype=torch.float64, device=device), u64[:2, :1]], 1)  # no padding
     return [
         (ops.forward, (x, -1)),
         (ops.forward, (x, 1, True, 0.5, None)),
@@ -43,6 +45,8 @@ def _samples(device):
         (ops.sample_categorical, (xh, t64[:4], torch.full((4,), -1.0, dtype=torch.float64, device=device),
                                   u64[:4])),
         (ops.top_p_threshold, (x.detach(), t64, torch.full((5,), 0.8, dtype=torch.float64, device=device))),
+        (ops.rejection_sample, (xr, xr[:, :2].argmax(-1), torch.softmax(xr[:, :2], -1), torch.full((2,), 2, device=device),
+                                torch.tensor([0.0, 0.8], dtype=torch.float64, device=device), None, accept_all)),
         (ops.cross_entropy_backward, (x.detach(), m, d, torch.tensor([0, 3, 36, 5, 1], device=device),
                                       torch.rand(5, device=device), torch.rand(5, device=device))),
         (ops.cross_entropy_backward, (x3.detach()[:, :, 0].contiguous(), torch.zeros(3, dtype=torch.float64,
@@ -64,7 +68,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         covered.add(op._name if hasattr(op, "_name") else str(op))
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::")}
-    assert len(covered) == len(registered) == 13, (covered, registered)
+    assert len(covered) == len(registered) == 14, (covered, registered)
 
 
 def test_torch_compile_fullgraph():

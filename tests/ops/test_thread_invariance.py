@@ -170,6 +170,20 @@ def test_sampling_threads(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rejection_sample_threads(dtype):
+    x = logits((3, 5, 60000), dtype)
+    ids = torch.randint(0, 60000, (3, 4), generator=torch.Generator().manual_seed(6))
+    ids[:, :2] = x[:, :2].float().argmax(-1)
+    q = torch.softmax(logits((3, 4, 60000), torch.float32, seed=7), -1)
+    t = torch.tensor([0.8, 0.0, 1.3], dtype=torch.float64)
+    u = torch.rand((3, 5), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    u[:, :2] = 0.0
+    counts = torch.tensor([4, 2, 3])
+    over_threads(lambda: ops.rejection_sample(x, ids, q, counts, t, None, u))
+    over_threads(lambda: ops.rejection_sample(x, ids, None, counts, t, torch.full((3, 5), -2.0, dtype=torch.float64), u))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_backward_threads(dtype):
     x = logits((6, 200000), dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -269,6 +283,32 @@ def test_sampling_batch(dtype):
         rows, lambda a: ops.sample_categorical(a[0], per_row(len(a[0]), 0.9), per_row(len(a[0]), -2.0), a[1]))
     alone_and_in_batches(
         rows, lambda a: ops.top_p_threshold(a[0], per_row(len(a[0]), 0.9), per_row(len(a[0]), 0.8)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rejection_sample_batch(dtype):
+    n, vocab = 3, 40000
+    chain = logits((n + 1, vocab), dtype, seed=21)
+    ids_row = chain[:n].float().argmax(-1)
+    ids_row[2] = 5
+    urow = torch.rand((n + 1,), generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    urow[:2] = 0.0
+
+    def rows(b, p):
+        x = logits((b, n + 1, vocab), dtype, seed=23 + b)
+        x[p] = chain
+        ids = torch.randint(0, vocab, (b, n), generator=torch.Generator().manual_seed(b))
+        ids[p] = ids_row
+        u = torch.rand((b, n + 1), generator=torch.Generator().manual_seed(b), dtype=torch.float64)
+        u[p] = urow
+        return x, ids, u
+
+    def run(a):
+        b = len(a[0])
+        return ops.rejection_sample(a[0], a[1], None, torch.full((b,), n), torch.full((b,), 0.9, dtype=torch.float64),
+                                    None, a[2])
+
+    alone_and_in_batches(rows, run, sizes=(2, 5), threads=(1, 2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -12,6 +12,7 @@
 #include "cpu/kernels/sample.h"
 #include "cpu/kernels/cross_entropy.h"
 #include "cpu/kernels/masked_softmax.h"
+#include "cpu/kernels/rejection_sample.h"
 
 #define ONLINE_SOFTMAX_CPU_STR2(x) #x
 #define ONLINE_SOFTMAX_CPU_STR(x) ONLINE_SOFTMAX_CPU_STR2(x)
@@ -23,7 +24,7 @@ extern const KernelTable kKernels;
 const KernelTable kKernels = {ONLINE_SOFTMAX_CPU_STR(CPU_CAPABILITY), &forward_entry, &stats_entry, &backward_entry,
                               &topk_entry, &topk_backward_entry, &sample_entry,
                               &top_p_entry, &cross_entropy_backward_entry,
-                              &masked_forward_entry};
+                              &masked_forward_entry, &rejection_entry};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace online_softmax::cpu

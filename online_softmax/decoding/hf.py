@@ -13,7 +13,15 @@ tokens with the fused ops:
   that are sparse edits, beam scores and the top candidates in one read of the logits);
 - **sampling**: :func:`~online_softmax.sample` (temperature, top-k, top-p and min-p warpers without
   materializing the softmax);
-- **greedy search**: the processors, then the arg-max (one read, as in transformers).
+- **greedy search**: the processors, then the arg-max (one read, as in transformers);
+- **speculative decoding** (``assistant_model=`` or ``prompt_lookup_num_tokens=``, greedy or
+  sampling, any batch size): drafts verified by :func:`~online_softmax.rejection_sample`
+  (hf_speculative.py, whose docstring describes how each row keeps its own length).
+
+The model is called as transformers calls it: greedy search and sampling run their decode steps
+through the model's compiled forward exactly when transformers' ``_sample`` does (a
+``compile_config``, or a compileable static cache on an accelerator); beam search and speculative
+decoding call the model itself, as transformers' do.
 
 A processor the fused step cannot express (any class not listed in docs/decoding.md, a user's own,
 or a warper that is not at the end of the list) makes that step run the whole list densely, in
@@ -55,7 +63,7 @@ def generate(model, input_ids: torch.LongTensor, logits_processor, stopping_crit
 
         return speculative_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                     streamer, assistant, model_kwargs)
-    run = _Run(model, generation_config, model_kwargs)
+    run = _Run(model, generation_config, model_kwargs, compiled_steps=mode in ("greedy search", "sampling"))
     if mode in ("greedy search", "sampling"):
         return _one_beam(run, input_ids, logits_processor, stopping_criteria, streamer)
     if streamer is not None:
@@ -114,8 +122,14 @@ class _Run:
     """The model and what one generate() call asked for: the forward steps, and the optional
     outputs (scores, logits, attentions, hidden states) collected as transformers collects them."""
 
-    def __init__(self, model, config, model_kwargs):
+    def __init__(self, model, config, model_kwargs, compiled_steps=False):
         self.model, self.config, self.kwargs = model, config, model_kwargs
+        # transformers' _sample runs its decode steps through the model's compiled forward when
+        # generate() would compile (a compile_config, or a compileable static cache on an
+        # accelerator); its beam search and its prefill (unchunked) call the model itself.
+        self.step_forward = model.__call__
+        if compiled_steps and model._valid_auto_compile_criteria(model_kwargs, config):
+            self.step_forward = model.get_compiled_call(config.compile_config)
         self.enc_dec = bool(model.config.is_encoder_decoder)
         want = config.return_dict_in_generate
         self.scores = () if want and config.output_scores else None
@@ -134,7 +148,7 @@ class _Run:
         else:
             step_len = 1 if self.kwargs["use_cache"] else None
             inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=step_len, **self.kwargs)
-            out = model(**inputs, return_dict=True)
+            out = self.step_forward(**inputs, return_dict=True)
         self.kwargs = model._update_model_kwargs_for_generation(out, self.kwargs, is_encoder_decoder=self.enc_dec)
         logits = out.logits[:, -1]
         # transformers copies the last position out of the output. A decode step's output holds that
@@ -151,6 +165,13 @@ class _Run:
         if self.hidden is not None:
             self.hidden += ((out.decoder_hidden_states,) if self.enc_dec else (out.hidden_states,))
         return logits
+
+    def decoding(self):
+        """transformers' context for its decode steps (a faster expert kernel for mixture-of-experts
+        models on accelerators), where the installed version has one."""
+        import contextlib
+
+        return getattr(self.model, "_optimize_model_for_decode", contextlib.nullcontext)()
 
     def cache(self):
         from transformers.generation.utils import ALL_CACHE_NAMES
@@ -236,27 +257,29 @@ def _one_beam(run: _Run, input_ids, processors, stopping_criteria, streamer):
     pad = config._pad_token_tensor
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    while True:
-        logits = run.forward(input_ids)
-        scores = logits
-        for p in dense:
-            scores = p(input_ids, scores)
-        if run.scores is not None:
-            run.scores += (scores,)
-        if sampling:
-            tokens = sample(scores, **warpers).token_ids[:, 0]
-            if bool((tokens < 0).any()):
-                raise fail(_OP, "a row's processed scores hold no distribution (NaN, +inf, or every token -inf)")
-        else:
-            tokens = scores.argmax(-1)
-        if has_eos:  # finished rows continue with padding
-            tokens = tokens * unfinished + pad.to(tokens.device) * (1 - unfinished)
-        input_ids = torch.cat([input_ids, tokens[:, None]], -1)
-        unfinished = unfinished & ~stopping_criteria(input_ids, run.scores)
-        if streamer is not None:
-            streamer.put(tokens.cpu())
-        if not bool(unfinished.any()):
-            break
+    logits = run.forward(input_ids)  # the prefill, before the decode steps' context, as in transformers
+    with run.decoding():
+        while True:
+            scores = logits
+            for p in dense:
+                scores = p(input_ids, scores)
+            if run.scores is not None:
+                run.scores += (scores,)
+            if sampling:
+                tokens = sample(scores, **warpers).token_ids[:, 0]
+                if bool((tokens < 0).any()):
+                    raise fail(_OP, "a row's processed scores hold no distribution (NaN, +inf, or every token -inf)")
+            else:
+                tokens = scores.argmax(-1)
+            if has_eos:  # finished rows continue with padding
+                tokens = tokens * unfinished + pad.to(tokens.device) * (1 - unfinished)
+            input_ids = torch.cat([input_ids, tokens[:, None]], -1)
+            unfinished = unfinished & ~stopping_criteria(input_ids, run.scores)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            if not bool(unfinished.any()):
+                break
+            logits = run.forward(input_ids)
     if streamer is not None:
         streamer.end()
     return run.result(input_ids)

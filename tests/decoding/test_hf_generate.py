@@ -349,3 +349,55 @@ def test_other_processors_and_output_scores_take_the_dense_step(device, monkeypa
                dict(return_dict_in_generate=True, output_scores=True)):
         want, got = both(model, ids, mask, num_beams=3, **kw)
         assert_same(want, got)
+
+
+# ---- the compiled forward, where generate() uses it ----
+
+def compile_setting():
+    """What makes generate() compile on a CPU: a static cache, and a compile_config told to compile
+    on any device. The eager backend traces with dynamo but generates no code, which keeps it fast."""
+    config = transformers.CompileConfig(backend="eager", mode="default")
+    config._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=config)
+
+
+class CompiledCalls:
+    """Counts the calls of the compiled forward that model.get_compiled_call hands out."""
+
+    def __init__(self, monkeypatch, model):
+        self.calls = 0
+        real = model.get_compiled_call
+
+        def get_compiled_call(compile_config):
+            compiled = real(compile_config)
+
+            def counted(*args, **kwargs):
+                self.calls += 1
+                return compiled(*args, **kwargs)
+            return counted
+
+        monkeypatch.setattr(model, "get_compiled_call", get_compiled_call)
+
+
+COMPILE_MODES = {"greedy search": dict(repetition_penalty=1.2), "sampling": dict(do_sample=True, top_k=10),
+                 "beam search": dict(num_beams=3)}
+
+
+@pytest.mark.parametrize("mode", list(COMPILE_MODES))
+def test_the_compiled_forward_exactly_where_generate_uses_it(monkeypatch, mode):
+    """transformers 5.23 runs _sample's decode steps (greedy search and sampling) through the model's
+    compiled forward when its criteria hold; its beam search always calls the model itself."""
+    model = tiny_gpt2(12)
+    ids, mask = prompts(13)
+    kw = dict(attention_mask=mask, max_new_tokens=5, **COMPILE_MODES[mode])
+    ours = CompiledCalls(monkeypatch, model)
+    torch.manual_seed(0)
+    got = model.generate(ids, custom_generate=osm.hf.generate, **compile_setting(), **kw)
+    assert (ours.calls > 0) == (mode != "beam search") == hasattr(model, "_compiled_call"), ours.calls
+    theirs = CompiledCalls(monkeypatch, model)
+    want = model.generate(ids, **compile_setting(), **kw)
+    assert (theirs.calls > 0) == (ours.calls > 0)
+    if mode == "sampling":  # our draws, with and without the compiled forward
+        torch.manual_seed(0)
+        want = model.generate(ids, custom_generate=osm.hf.generate, cache_implementation="static", **kw)
+    assert torch.equal(got, want)

@@ -313,6 +313,28 @@ def test_generate_keeps_assistant_model_in_its_frame_and_does_not_forward_it():
     assert seen == {"forwarded": False, "assistant": assistant, "streamer": None}
 
 
+# ---- the compiled forward ----
+
+def test_the_model_itself_as_transformers_assisted_generation_calls_it(monkeypatch):
+    """transformers 5.23's assisted generation never runs the compiled forward: it calls the target
+    itself, drafts with a dynamic cache, and refuses the static caches that make generate() compile.
+    The speculative loop does the same, with a compile_config given as well."""
+    target, assistant = gpt2_pair(12)
+    ids, _ = prompts(1, seed=13)
+    config = transformers.CompileConfig(backend="eager", mode="default")
+    config._compile_all_devices = True  # what makes generate() compile on a CPU, given a static cache
+    asked = []
+    for m in (target, assistant):
+        monkeypatch.setattr(m, "get_compiled_call", lambda compile_config, m=m: asked.append(m) or m.__call__)
+    kw = dict(assistant_model=assistant, max_new_tokens=6, compile_config=config)
+    want = target.generate(ids, **kw)
+    got = target.generate(ids, custom_generate=osm.hf.generate, **kw)
+    assert torch.equal(got, want) and asked == []
+    for custom in ({}, dict(custom_generate=osm.hf.generate)):
+        with pytest.raises(ValueError, match="[Ss]tatic"):
+            target.generate(ids, cache_implementation="static", **kw, **custom)
+
+
 # ---- what is refused ----
 
 def test_refusals_name_the_argument():

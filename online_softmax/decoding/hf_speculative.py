@@ -457,7 +457,9 @@ class _Assistant:
             for b in feed:
                 ids[b, 0], pos[b, 0] = chosen[b], loop.lens[b] + j
             logits = self.stream.feed(ids, pos, (pos >= 0).long(), keep=1)
-        return drafts, counts, probs_out
+        # Rows stop early (EOS, low confidence): the target verifies only the columns some row drafted.
+        width = max(counts)
+        return drafts[:, :width], counts, None if probs_out is None else probs_out[:, :width]
 
     def settle(self, loop: _Speculation, need, counts, kept):
         self.stream.settle(loop.lens)

@@ -125,6 +125,34 @@ def test_greedy_matches_transformers_assisted_generation_with_scores_and_logits(
             torch.testing.assert_close(y, x, rtol=0, atol=1e-5)
 
 
+def test_at_batch_1_each_model_reads_as_many_tokens_as_in_transformers():
+    """The same work as transformers' assisted generation: as many forwards, over as many new
+    tokens, for the target and for the assistant (which stops drafting early below its confidence
+    threshold: the target verifies only what was drafted)."""
+    target, assistant = gpt2_pair(13)
+    ids, _ = prompts(1, seed=14)
+    fed = []
+
+    def record(name):
+        def hook(module, args, kwargs):
+            fed.append((name, kwargs["input_ids"].shape[1]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name), with_kwargs=True)
+             for name, m in (("target", target), ("assistant", assistant))]
+    runs = []
+    for custom in ({}, dict(custom_generate=osm.hf.generate)):
+        fed.clear()
+        out = target.generate(ids, assistant_model=assistant, max_new_tokens=16, **custom)
+        runs.append((out, [n for name, n in fed if name == "target"], sum(n for name, n in fed if name == "assistant")))
+    for h in hooks:
+        h.remove()
+    (want, target_theirs, assistant_theirs), (got, target_ours, assistant_ours) = runs
+    assert torch.equal(got, want)
+    assert target_ours == target_theirs and assistant_ours == assistant_theirs
+    assert len(target_ours) < want.shape[1] - ids.shape[1]  # and drafts were accepted
+
+
 @pytest.mark.parametrize("kind", ["assistant", "lookup"])
 def test_a_batch_with_rows_finishing_at_different_steps_scores_as_generate(kind):
     target, assistant = llama_pair(2)

@@ -381,6 +381,10 @@ def test_refusals_name_the_argument():
         target.generate(ids, assistant_model=assistant, streamer=Ignore(), **kw)
     with pytest.raises(ValueError, match="use_cache"):
         target.generate(ids, assistant_model=assistant, use_cache=False, **kw)
+    other = copy.deepcopy(assistant.config)
+    other.vocab_size = VOCAB + 16
+    with pytest.raises(ValueError, match="vocabulary"):
+        target.generate(ids, assistant_model=transformers.GPT2LMHeadModel(other).eval(), **kw)
     torch.manual_seed(0)
     t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0,

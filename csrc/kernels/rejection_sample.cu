@@ -320,7 +320,7 @@ __global__ void __launch_bounds__(kRejectionThreads)
           pos_arg[k] = arg;
         }
       }
-      __syncthreads();
+      __syncthreads();  // every position's state is in shared memory
       for (int k = 0; k < count && !done; ++k) {
         const int64_t i = g + k, row = b * n1 + i;
         const T* xr = target + row * vocab;

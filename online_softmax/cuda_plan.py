@@ -19,7 +19,7 @@ import torch
 from . import _C
 
 OPS = ("forward", "stats", "backward", "softmax_topk", "softmax_topk_backward", "sample_categorical",
-       "top_p_threshold", "cross_entropy_backward", "masked_forward")
+       "top_p_threshold", "cross_entropy_backward", "masked_forward", "rejection_sample")
 _SAMPLING_OPS = ("sample_categorical", "top_p_threshold")
 
 # Public figures of the SXM parts: SMs, the opt-in shared memory per block, L2, compute capability,
@@ -173,7 +173,8 @@ def _device_limits(device) -> dict:
 def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1, *, k: int | None = None,
               device=None, out_dtype: torch.dtype | None = None, num_samples: int | None = None,
               min_log_ratio: bool = False, smooth_scale: bool = False, weight: bool = False,
-              mask_shape=None, mask_dtype: torch.dtype = torch.bool) -> CudaPlan:
+              mask_shape=None, mask_dtype: torch.dtype = torch.bool,
+              draft_dtype: torch.dtype | None = None) -> CudaPlan:
     """The launch plan the CUDA kernels would run for ``op`` on a contiguous tensor of ``shape``.
 
     op: one of ``OPS``. ``dtype`` is the input's (for backward: the forward output's); ``out_dtype``
@@ -185,7 +186,11 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     them (they add to the bytes read, not to the launches). masked_forward runs over ``dim`` moved
     last; ``mask_shape`` (the mask as stored, before broadcasting; None for no mask) and
     ``mask_dtype`` (bool, or floating: read in the accumulation dtype) add the mask's bytes to the
-    bytes read (causal masking reads nothing). ``device`` is a preset name ("h100",
+    bytes read (causal masking reads nothing). rejection_sample takes ``shape`` = target_logits' (batch,
+    n + 1, vocab), along its last dim; ``min_log_ratio`` says whether the call passes the cuts (a max
+    pass first: the target rows are read twice) and ``draft_dtype`` is draft_probs' dtype (float32 or
+    ``dtype``), None for a call without them (one-hot drafts); its bytes assume every row verifies all
+    n drafts and ends in a rejection, the most a call reads. ``device`` is a preset name ("h100",
     "h200", "a100"), a dict of limits (sm_count, max_smem_per_block, l2_bytes, cc; optional
     hbm_bytes_per_s), "cuda" (the current GPU), "cuda:N" or a torch.device of a GPU, or None: the
     current GPU, else h100.
@@ -244,9 +249,23 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
             raise TypeError(f"online_softmax.cuda_plan: num_samples must be an int, got {type(num_samples).__name__}")
         if num_samples < 0:
             raise ValueError(f"online_softmax.cuda_plan: num_samples={num_samples} must be >= 0")
-    elif num_samples is not None or min_log_ratio:
-        raise ValueError(f"online_softmax.cuda_plan: num_samples and min_log_ratio are only for sample_categorical, "
-                         f"not {op!r}")
+    elif num_samples is not None or (min_log_ratio and op != "rejection_sample"):
+        raise ValueError(f"online_softmax.cuda_plan: num_samples is only for sample_categorical, and min_log_ratio "
+                         f"only for sample_categorical and rejection_sample, not {op!r}")
+    if op == "rejection_sample":
+        if len(shape) != 3 or d != 2 or shape[1] < 1:
+            raise ValueError(f"online_softmax.cuda_plan: {op} takes target_logits' shape (batch, n + 1, vocab) with "
+                             f"n + 1 >= 1, along its last dim, got shape {shape} and dim={dim}")
+        if shape[2] == 0 and shape[0] > 0:
+            raise ValueError(f"online_softmax.cuda_plan: {op} needs at least one vocabulary entry, got shape {shape}")
+        if draft_dtype is not None and draft_dtype not in (torch.float32, dtype):
+            raise TypeError(f"online_softmax.cuda_plan: draft_dtype must be float32 or dtype ({dtype}), got "
+                            f"{draft_dtype}")
+        if out_dtype is not None:
+            raise ValueError(f"online_softmax.cuda_plan: {op} writes its log-probabilities in the accumulation dtype, "
+                             f"got out_dtype={out_dtype}")
+    elif draft_dtype is not None:
+        raise ValueError(f"online_softmax.cuda_plan: draft_dtype is only for rejection_sample, not {op!r}")
     if op == "cross_entropy_backward":
         if len(shape) != 2 or d != 1:
             raise ValueError(f"online_softmax.cuda_plan: {op} works along the last dim of a 2-D x (rows, classes), "
@@ -265,6 +284,9 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     extra = (bool(smooth_scale), bool(weight)) if op == "cross_entropy_backward" else ()
     if op == "masked_forward":
         extra = (False, False, mask_bytes)
+    if op == "rejection_sample":  # rows of the batch, each with n + 1 target positions
+        outer = shape[0]
+        extra = (False, False, 0, shape[1], draft_dtype.itemsize if draft_dtype is not None else 0)
     raw = _C._cuda_plan(op, outer, size, inner, dtype.itemsize, out.itemsize, acc, k or 0, num_samples or 0,
                         bool(min_log_ratio), limits["sm_count"], limits["max_smem_per_block"], int(limits["l2_bytes"]),
                         cc_int, *extra)

@@ -54,15 +54,19 @@ PyObject* to_dict(const LaunchPlan& plan) {
 }  // namespace
 
 // _C._cuda_plan(op, outer, size, inner, in_bytes, out_bytes, acc_bytes, k, num_samples, min_log_ratio,
-//               num_sms, max_smem_per_block, l2_bytes, cc[, smooth_scale, weight, mask_bytes]) -> dict. Python
-// checks the arguments (online_softmax/cuda_plan.py); this only computes.
+//               num_sms, max_smem_per_block, l2_bytes, cc[, smooth_scale, weight, mask_bytes, positions,
+//               draft_bytes]) -> dict. rejection_sample passes outer = batch, size = vocab, positions = n + 1
+// and draft_bytes (0 without draft_probs). Python checks the arguments (online_softmax/cuda_plan.py);
+// this only computes.
 PyObject* cuda_plan(PyObject*, PyObject* args) {
   const char* op = nullptr;
   long long outer = 0, size = 0, inner = 0, k = 0, num_samples = 0, l2 = 0;
-  long long mask_bytes = 0;
+  long long mask_bytes = 0, positions = 1;
   int in_bytes = 0, out_bytes = 0, acc_bytes = 0, cut = 0, sms = 0, smem = 0, cc = 0, smooth = 0, weight = 0;
-  if (!PyArg_ParseTuple(args, "sLLLiiiLLpiiLi|ppL", &op, &outer, &size, &inner, &in_bytes, &out_bytes, &acc_bytes, &k,
-                        &num_samples, &cut, &sms, &smem, &l2, &cc, &smooth, &weight, &mask_bytes)) {
+  int draft_bytes = 0;
+  if (!PyArg_ParseTuple(args, "sLLLiiiLLpiiLi|ppLLi", &op, &outer, &size, &inner, &in_bytes, &out_bytes, &acc_bytes,
+                        &k, &num_samples, &cut, &sms, &smem, &l2, &cc, &smooth, &weight, &mask_bytes, &positions,
+                        &draft_bytes)) {
     return nullptr;
   }
   kernels::DeviceLimits limits;
@@ -91,6 +95,8 @@ PyObject* cuda_plan(PyObject*, PyObject* args) {
     plan = kernels::plan_cross_entropy_backward(layout.rows(), size, e, smooth != 0, weight != 0, limits);
   } else if (std::strcmp(op, "masked_forward") == 0) {
     plan = kernels::plan_masked_forward(layout.rows(), size, e, mask_bytes, limits);
+  } else if (std::strcmp(op, "rejection_sample") == 0) {
+    plan = kernels::plan_rejection_sample(outer, positions - 1, size, cut != 0, draft_bytes, e, limits);
   } else {
     PyErr_Format(PyExc_ValueError, "online_softmax.cuda_plan: unknown op %s", op);
     return nullptr;

@@ -6,6 +6,7 @@
 //   top_p_threshold           csrc/cuda/sample.cpp
 //   cross_entropy_backward(_) csrc/cuda/cross_entropy.cpp
 //   masked_forward            csrc/cuda/masked_softmax.cpp
+//   rejection_sample          csrc/cuda/rejection_sample.cpp
 // Each checks its arguments (csrc/common/op_args.h, shared with the CPU backend), guards the device,
 // dispatches the dtype and makes one call into the framework-free launchers of csrc/kernels.
 #pragma once
@@ -43,6 +44,11 @@ std::tuple<at::Tensor, at::Tensor> sample_categorical(const at::Tensor& x, const
 
 std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at::Tensor& temperature,
                                                    const at::Tensor& top_p);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_sample(
+    const at::Tensor& target_logits, const at::Tensor& draft_token_ids, const std::optional<at::Tensor>& draft_probs,
+    const at::Tensor& num_draft_tokens, const at::Tensor& temperature, const std::optional<at::Tensor>& min_log_ratio,
+    const at::Tensor& uniforms);
 
 at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& max, const at::Tensor& sumexp,
                                   const at::Tensor& target,

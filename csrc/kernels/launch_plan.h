@@ -86,6 +86,13 @@ constexpr int kTopKBackwardThreads = 256;
 constexpr int kSampleThreads = 256;
 constexpr int kSampleChunk = 256;
 
+// rejection_sample: one (m, d) per kRejectionChunk elements of every target position (8 per lane of
+// a warp), blocks of kRejectionThreads; its last kernel merges up to kRejectionGroup positions of a
+// batch row at once (a warp each), then walks them in order.
+constexpr int kRejectionThreads = 256;
+constexpr int kRejectionChunk = 256;
+constexpr int kRejectionGroup = 32;
+
 enum class Path {
   kNothing,        // an empty tensor: no launch
   kRegisters,      // rows in registers
@@ -101,6 +108,7 @@ enum class Path {
   kSample,         // sample_categorical, a block per row
   kTopP,           // top_p_threshold, a block per row
   kTwoPass,        // masked forward beyond the register configurations: a block per row, read twice
+  kRejection,      // rejection_sample: target rows' chunk states (split over blocks), then a block per batch row
 };
 
 inline const char* path_name(Path p) {
@@ -119,6 +127,7 @@ inline const char* path_name(Path p) {
     case Path::kSample: return "sample";
     case Path::kTopP: return "top_p";
     case Path::kTwoPass: return "two_pass";
+    case Path::kRejection: return "rejection";
   }
   return "?";
 }
@@ -137,7 +146,7 @@ struct Launch {
   int64_t bytes_reread = 0;    // of bytes_read, what an earlier launch of the plan read already
 };
 
-constexpr int kMaxLaunches = 2;
+constexpr int kMaxLaunches = 3;
 
 struct LaunchPlan {
   Path path = Path::kNothing;
@@ -147,12 +156,14 @@ struct LaunchPlan {
   // Path parameters the launchers read.
   int config = 0;              // kRegisters / kTopKWarp: index into kRegisterConfigs
   int64_t chunks = 1;          // blocks per row (split paths) or per column (kStridedSplit);
-                               // kSample: chunk states per row
+                               // kSample, kRejection: chunk states per row
   int64_t chunk = 0;           // granules per chunk (row paths), elements along the dim (strided
                                // and kSample)
   int strided_cols = 1;        // strided: columns per thread (1, or a granule's worth)
   int64_t strided_tiles = 1;   // strided: blocks across inner, per outer index
   bool strided_cached = false; // strided: the whole column stays in registers (1 read)
+  int64_t parts = 1;           // kRejection: blocks per target row in the state kernels
+  int64_t part_chunks = 0;     // kRejection: the chunks each of those blocks covers
 
   Launch& add(const char* kernel) {
     Launch& l = launch[count++];
@@ -591,6 +602,86 @@ inline LaunchPlan plan_top_p(int64_t rows, int64_t n, ElemBytes e, DeviceLimits 
   l.bytes_read = 2 * x_bytes + rows * 16;  // x twice, temperature and top_p
   l.bytes_reread = x_bytes;
   l.bytes_written = rows * 16;             // log_ratio and status
+  return plan;
+}
+
+// ---- rejection_sample (rejection_sample.cu) ----
+
+// The plan of rejection_sample over target (batch, n + 1, vocab): `cut` when min_log_ratio is given,
+// `draft_bytes` the element size of draft_probs (0 without them: one-hot drafts).
+//
+// Every target position 0..n of every batch row is a row of vocab elements cut into chunks of
+// kRejectionChunk; a state kernel leaves one (max, mass) per chunk, with its blocks each covering
+// part_chunks chunks of one row. Few rows (batch 1 of a speculative step: 9 rows of 128256) are cut
+// into parts so that about 8 blocks run per SM; many rows take a block per row. A row has at most
+// 1024 parts: with a cut, each state block merges its row's part maxima. The cut needs the row's
+// max before any mass is summed, so with one a max kernel runs first and the state kernel reads
+// the rows a second time (from L2 when they fit). The last kernel is a block per batch row: it merges
+// each position's chunk states and walks the positions in order; only a rejection reads a row again
+// (the target row and its draft row, for the residual's chunk masses).
+//
+// The model counts what a call reads and writes when every row verifies all n drafts and every row
+// ends in a rejection (the most a call can read); positions past a row's num_draft_tokens are never
+// read, and a row that accepts everything rescans one chunk for its bonus token instead. The chunk
+// rescans of the draws and of the greedy arg-max depend on the data and hit the cache: left out.
+inline LaunchPlan plan_rejection_sample(int64_t batch, int64_t n, int64_t vocab, bool cut, int draft_bytes,
+                                        ElemBytes e, DeviceLimits limits) {
+  LaunchPlan plan;
+  if (batch == 0 || vocab == 0) return plan;
+  plan.path = Path::kRejection;
+  const int64_t rows = batch * (n + 1);
+  const int64_t warps = kRejectionThreads / 32;
+  plan.chunk = kRejectionChunk;
+  plan.chunks = (vocab + kRejectionChunk - 1) / kRejectionChunk;
+  const int64_t sms = std::max(1, limits.num_sms);
+  const int64_t want_parts = std::max<int64_t>(1, (8 * sms + rows - 1) / rows);
+  // Whole warps' worth of chunks per block: a block with fewer chunks than warps leaves warps idle.
+  int64_t per = (plan.chunks + want_parts - 1) / want_parts;
+  per = std::max<int64_t>(warps, (per + warps - 1) / warps * warps);
+  per = std::max(per, (plan.chunks + 1023) / 1024);
+  plan.part_chunks = per;
+  plan.parts = (plan.chunks + per - 1) / per;
+
+  const int64_t x_bytes = rows * vocab * e.in;
+  const int64_t state_bytes = rows * plan.chunks * (e.acc + 8);  // m in the accumulation type, d in double
+  const int64_t part_max_bytes = cut ? rows * plan.parts * e.acc : 0;
+  const int64_t residual_bytes = batch * plan.chunks * 8;
+  plan.workspace_bytes = align256(size_t(rows * plan.chunks * e.acc)) + align256(size_t(rows * plan.chunks * 8)) +
+                         align256(size_t(part_max_bytes)) + size_t(residual_bytes);
+  const int64_t params = batch * 16 + (cut ? rows * 8 : 0);  // temperature and num_drafts per row (and the cuts)
+  auto state_launch = [&](const char* kernel) -> Launch& {
+    Launch& l = plan.add(kernel);
+    l.block_x = kRejectionThreads;
+    l.grid = capped_grid(rows * plan.parts, limits);
+    l.threads_per_row = int64_t(kRejectionThreads) * plan.parts;
+    l.rows_per_block = plan.parts == 1 ? 1 : 0;
+    return l;
+  };
+  if (cut) {
+    Launch& mx = state_launch("rejection_max_kernel");
+    mx.bytes_read = x_bytes + params;
+    mx.bytes_written = part_max_bytes;
+  }
+  Launch& st = state_launch("rejection_states_kernel");
+  // With a cut every block reads its row's part maxima.
+  const int64_t part_max_reads = cut ? rows * plan.parts * plan.parts * e.acc : 0;
+  st.bytes_read = x_bytes + params + part_max_reads;
+  st.bytes_reread = (cut ? x_bytes + params : 0) + part_max_reads;
+  st.bytes_written = state_bytes;
+  Launch& v = plan.add("rejection_sample_kernel");
+  v.block_x = kRejectionThreads;
+  v.grid = capped_grid(batch, limits);
+  v.threads_per_row = kRejectionThreads;
+  v.rows_per_block = 1;
+  // The chunk states; per position its uniform, and per draft its id, its target logit and q; at the
+  // rejection the target row again and the draft row, and the residual's chunk masses written and
+  // read back.
+  const int64_t drafts = batch * n;
+  const int64_t row_again = batch * vocab * e.in;
+  v.bytes_read = state_bytes + params + rows * 8 + drafts * (8 + e.in + draft_bytes) + row_again +
+                 batch * vocab * draft_bytes + residual_bytes;
+  v.bytes_reread = state_bytes + params + row_again + residual_bytes;
+  v.bytes_written = rows * (8 + e.acc) + batch * 8 + residual_bytes;  // token_ids, log_probs, num_accepted
   return plan;
 }
 

@@ -111,6 +111,27 @@ template <typename T>
 cudaError_t top_p_threshold(const T* x, int64_t rows, int64_t n, const double* temperature, const double* top_p,
                             double* log_ratio, int64_t* status, DeviceLimits limits, cudaStream_t stream);
 
+// ---- rejection_sample (rejection_sample.cu) ----
+
+// Bytes of scratch rejection_sample needs: every target position's chunk states (plan_rejection_sample),
+// the part maxima with a cut, and one residual mass per chunk of every batch row.
+template <typename T>
+size_t rejection_workspace_bytes(int64_t batch, int64_t n, int64_t vocab, bool cut, DeviceLimits limits);
+
+// Speculative decoding's verification (semantics: rejection_sample in csrc/ops.cpp), over contiguous
+// arrays: target (batch, n + 1, vocab); draft_ids (batch, n) in [0, vocab); draft_probs (batch, n,
+// vocab) of Q (float, or T) or null for one-hot drafts; num_drafts (batch,) in [0, n]; temperature
+// (batch,) with 0 for a greedy row; min_log_ratio (batch, n + 1) or null; uniforms (batch, n + 1) in
+// [0, 1). Writes token_ids (batch, n + 1) padded with -1, num_accepted (batch,), and log_probs (batch,
+// n + 1) in the accumulation type, NaN-padded. The arguments' values are the caller's to check (the
+// binding does, with rejection_args). Requires vocab >= 1.
+template <typename T, typename Q>
+cudaError_t rejection_sample(const T* target, int64_t batch, int64_t n, int64_t vocab, const int64_t* draft_ids,
+                             const Q* draft_probs, const int64_t* num_drafts, const double* temperature,
+                             const double* min_log_ratio, const double* uniforms, int64_t* token_ids,
+                             int64_t* num_accepted, typename AccOf<T>::type* log_probs, void* workspace,
+                             DeviceLimits limits, cudaStream_t stream);
+
 // ---- cross_entropy_backward (cross_entropy.cu) ----
 
 // out[i, c] = p_scale[i] * exp(x[i, c] - max[i]) / sumexp[i] - [c == target[i]] * target_scale[i]

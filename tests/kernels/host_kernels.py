@@ -170,14 +170,16 @@ class Limits:
     max_smem_per_block: int = 48 * 1024
 
 
-def plan_for(op, shape, dtype, limits, *, dim=-1, k=None, out_dtype=None, num_samples=None, min_log_ratio=False):
-    """online_softmax.cuda_plan (the extension's copy of launch_plan.h) for the limits a host test uses."""
+def plan_for(op, shape, dtype, limits, *, dim=-1, k=None, out_dtype=None, num_samples=None, min_log_ratio=False,
+             **more):
+    """online_softmax.cuda_plan (the extension's copy of launch_plan.h) for the limits a host test uses;
+    `more`: cuda_plan's other keywords (draft_dtype, ...)."""
     import online_softmax as osm  # here: the bare ctypes front (a subprocess's) needs no extension
 
     device = {"sm_count": limits.num_sms, "max_smem_per_block": limits.max_smem_per_block, "l2_bytes": 0,
               "cc": (9, 0)}
     return osm.cuda_plan(op, shape, dtype, dim, k=k, device=device, out_dtype=out_dtype, num_samples=num_samples,
-                         min_log_ratio=min_log_ratio)
+                         min_log_ratio=min_log_ratio, **more)
 
 
 def assert_ran(hk, plan, expect=None):
@@ -231,6 +233,10 @@ class HostKernels:
                                                         i32]
         lib.osm_host_masked_forward.argtypes = [i32, i32, vp, vp, i64, i64, f64, i32, i32, vp, i32, vp, vp, i64,
                                                 i64, i64, i32, i32]
+        lib.osm_host_rejection_workspace_bytes.argtypes = [i32, i64, i64, i64, i32, i32]
+        lib.osm_host_rejection_workspace_bytes.restype = sz
+        lib.osm_host_rejection_sample.argtypes = [i32, i32, vp, i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp,
+                                                  i32]
         lib.osm_host_set_schedule.argtypes = [i32, ctypes.c_uint64]
         lib.osm_host_last_error.restype = ctypes.c_char_p
         lib.osm_host_launch_log.restype = ctypes.c_char_p
@@ -354,6 +360,31 @@ class HostKernels:
         self._check(self.lib.osm_host_top_p_threshold(DTYPE_CODES[x.dtype], _ptr(x), rows, n, _ptr(temperature),
                                                       _ptr(top_p), _ptr(ratio), _ptr(status), limits.num_sms))
         return ratio, status
+
+    def rejection_sample(self, target_logits, draft_token_ids, draft_probs, num_draft_tokens, temperature,
+                         min_log_ratio, uniforms, limits=Limits()):
+        """The op's arguments as rejection_sample takes them (csrc/ops.cpp), contiguous: target (batch,
+        n + 1, vocab), int64 drafts (batch, n) and counts (batch,), draft_probs (batch, n, vocab) in
+        float32 or the target's dtype or None, float64 temperature (batch,), cuts (batch, n + 1) or None,
+        uniforms (batch, n + 1). Returns (token_ids, num_accepted, log_probs)."""
+        assert target_logits.dim() == 3
+        assert all(t is None or t.is_contiguous() for t in (target_logits, draft_token_ids, draft_probs,
+                                                             num_draft_tokens, temperature, min_log_ratio, uniforms))
+        batch, n1, vocab = target_logits.shape
+        acc = torch.float64 if target_logits.dtype == torch.float64 else torch.float32
+        tokens = _poison(torch.empty(batch, n1, dtype=torch.int64))
+        accepted = _poison(torch.empty(batch, dtype=torch.int64))
+        log_probs = _poison(torch.empty(batch, n1, dtype=acc))
+        code = DTYPE_CODES[target_logits.dtype]
+        draft_code = DTYPE_CODES[draft_probs.dtype] if draft_probs is not None else 0
+        ws = _workspace(self.lib.osm_host_rejection_workspace_bytes(code, batch, n1 - 1, vocab,
+                                                                     int(min_log_ratio is not None), limits.num_sms))
+        self._check(self.lib.osm_host_rejection_sample(code, draft_code, _ptr(target_logits), batch, n1 - 1, vocab,
+                                                       _ptr(draft_token_ids), _ptr(draft_probs),
+                                                       _ptr(num_draft_tokens), _ptr(temperature), _ptr(min_log_ratio),
+                                                       _ptr(uniforms), _ptr(tokens), _ptr(accepted), _ptr(log_probs),
+                                                       _ptr(ws), limits.num_sms))
+        return tokens, accepted, log_probs
 
     def cross_entropy_backward(self, x, max, sumexp, target, p_scale, target_scale, smooth_scale=None, weight=None,
                                limits=Limits(), return_error=False, in_place=False):

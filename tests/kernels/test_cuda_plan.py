@@ -220,6 +220,99 @@ def test_sampling_bad_arguments_raise_naming_them():
         osm.cuda_plan("sample_categorical", (3, 5), torch.float32, k=2)
 
 
+# ---- rejection_sample ----
+
+def test_rejection_sample_fills_the_gpu_at_batch_one():
+    """A speculative step at batch 1: 8 drafts, 9 target rows of a 128256-token vocabulary. The state
+    kernel cuts each row into parts of 8 chunks (a chunk per warp), so the GPU fills; the decisions
+    take a block per batch row."""
+    batch, n, vocab = 1, 8, 128256
+    plan = osm.cuda_plan("rejection_sample", (batch, n + 1, vocab), torch.bfloat16, device="h100")
+    assert plan.path == "rejection"
+    assert [launch.kernel for launch in plan.launches] == ["rejection_states_kernel", "rejection_sample_kernel"]
+    states, decide = plan.launches
+    chunks = -(-vocab // 256)
+    assert plan.chunks == chunks and plan.chunk == 256
+    parts = states.threads_per_row // 256
+    assert parts > 1 and states.grid == (n + 1) * parts >= 4 * H100_SMS and states.rows_per_block == 0
+    assert (decide.grid, decide.block, decide.rows_per_block) == (batch, (256, 1), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("draft", [None, "float32", "same"])
+def test_rejection_sample_reads_the_targets_once_for_their_states(dtype, draft):
+    batch, n, vocab = 16, 4, 32000
+    shape = (batch, n + 1, vocab)
+    draft_dtype = None if draft is None else (torch.float32 if draft == "float32" else dtype)
+    qb = 0 if draft_dtype is None else draft_dtype.itemsize
+    acc = 8 if dtype == torch.float64 else 4
+    plan = osm.cuda_plan("rejection_sample", shape, dtype, draft_dtype=draft_dtype, device="h100")
+    states, decide = plan.launches
+    rows, chunks = batch * (n + 1), -(-vocab // 256)
+    state_bytes = rows * chunks * (acc + 8)
+    params = batch * 16  # temperature and num_draft_tokens
+    assert states.bytes_read == x_bytes(shape, dtype) + params and states.bytes_reread == 0
+    assert states.bytes_written == state_bytes
+    # The states, a uniform per position, per draft its id, logit and q; at the rejection (every row
+    # is counted with one) the target row again, the draft row, and the residual's chunk masses.
+    row_again = batch * vocab * dtype.itemsize
+    residual = batch * chunks * 8
+    assert decide.bytes_read == (state_bytes + params + rows * 8 + batch * n * (8 + dtype.itemsize + qb) + row_again
+                                 + batch * vocab * qb + residual)
+    assert decide.bytes_reread == state_bytes + params + row_again + residual
+    assert decide.bytes_written == rows * (8 + acc) + batch * 8 + residual
+    assert plan.workspace_bytes >= state_bytes + residual
+
+
+def test_rejection_sample_with_cuts_reads_the_targets_twice():
+    shape = (4, 6, 50000)
+    plain = osm.cuda_plan("rejection_sample", shape, torch.float32, device="h100")
+    cut = osm.cuda_plan("rejection_sample", shape, torch.float32, min_log_ratio=True, device="h100")
+    assert [launch.kernel for launch in cut.launches] == ["rejection_max_kernel", "rejection_states_kernel",
+                                                          "rejection_sample_kernel"]
+    mx, states, _ = cut.launches
+    assert mx.bytes_read == x_bytes(shape, torch.float32) + 4 * 16 + 4 * 6 * 8
+    assert states.bytes_reread >= x_bytes(shape, torch.float32)
+    assert mx.grid == states.grid == plain.launches[0].grid
+    assert cut.workspace_bytes > plain.workspace_bytes  # the parts' maxima
+    # The second read comes from L2 when the target fits: DRAM traffic grows only by the cuts and maxima.
+    assert cut.dram_bytes - plain.dram_bytes < x_bytes(shape, torch.float32) // 100
+
+
+def test_rejection_sample_many_rows_take_a_block_each():
+    plan = osm.cuda_plan("rejection_sample", (256, 5, 32000), torch.bfloat16, device="h100")
+    states = plan.launches[0]
+    assert states.threads_per_row == 256 and states.rows_per_block == 1 and states.grid == 256 * 5
+    assert plan.launches[1].grid == 256
+
+
+def test_rejection_sample_plans_of_empty_batches_launch_nothing():
+    assert osm.cuda_plan("rejection_sample", (0, 3, 100), torch.float32, device="h100").launches == []
+    assert osm.cuda_plan("rejection_sample", (0, 3, 0), torch.float32, device="h100").path == "nothing"
+    assert len(osm.cuda_plan("rejection_sample", (2, 1, 7), torch.float32, device="h100").launches) == 2  # n = 0
+
+
+def test_rejection_sample_bad_arguments_raise_naming_them():
+    with pytest.raises(ValueError, match="batch, n \\+ 1, vocab"):
+        osm.cuda_plan("rejection_sample", (3, 5), torch.float32)
+    with pytest.raises(ValueError, match="batch, n \\+ 1, vocab"):
+        osm.cuda_plan("rejection_sample", (3, 5, 7), torch.float32, dim=1)
+    with pytest.raises(ValueError, match="batch, n \\+ 1, vocab"):
+        osm.cuda_plan("rejection_sample", (3, 0, 7), torch.float32)
+    with pytest.raises(ValueError, match="vocabulary"):
+        osm.cuda_plan("rejection_sample", (3, 2, 0), torch.float32)
+    with pytest.raises(TypeError, match="draft_dtype"):
+        osm.cuda_plan("rejection_sample", (3, 2, 7), torch.bfloat16, draft_dtype=torch.float16)
+    with pytest.raises(ValueError, match="draft_dtype is only for rejection_sample"):
+        osm.cuda_plan("sample_categorical", (3, 7), torch.float32, draft_dtype=torch.float32)
+    with pytest.raises(ValueError, match="only for sample_categorical"):
+        osm.cuda_plan("rejection_sample", (3, 2, 7), torch.float32, num_samples=2)
+    with pytest.raises(ValueError, match="out_dtype"):
+        osm.cuda_plan("rejection_sample", (3, 2, 7), torch.bfloat16, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="only for the top-k"):
+        osm.cuda_plan("rejection_sample", (3, 2, 7), torch.float32, k=2)
+
+
 # ---- cross_entropy_backward ----
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -173,6 +173,34 @@ int osm_host_top_p_threshold(int dtype, const void* x, int64_t rows, int64_t n, 
   });
 }
 
+size_t osm_host_rejection_workspace_bytes(int dtype, int64_t batch, int64_t n, int64_t vocab, int cut, int num_sms) {
+  return with_dtype(dtype, [&](auto t) -> size_t {
+    return rejection_workspace_bytes<decltype(t)>(batch, n, vocab, cut != 0, limits_of(num_sms, 48 * 1024));
+  });
+}
+
+// draft_dtype: float32 or dtype (ignored when draft_probs is null); min_log_ratio may be null.
+int osm_host_rejection_sample(int dtype, int draft_dtype, const void* target, int64_t batch, int64_t n, int64_t vocab,
+                              const int64_t* draft_ids, const void* draft_probs, const int64_t* num_drafts,
+                              const double* temperature, const double* min_log_ratio, const double* uniforms,
+                              int64_t* token_ids, int64_t* num_accepted, void* log_probs, void* workspace,
+                              int num_sms) {
+  const DeviceLimits limits = limits_of(num_sms, 48 * 1024);
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    auto run = [&](auto q) -> int {
+      using Q = decltype(q);
+      return rejection_sample<T, Q>(static_cast<const T*>(target), batch, n, vocab, draft_ids,
+                                    static_cast<const Q*>(draft_probs), num_drafts, temperature, min_log_ratio,
+                                    uniforms, token_ids, num_accepted, static_cast<Acc<T>*>(log_probs), workspace,
+                                    limits, nullptr);
+    };
+    if (draft_probs == nullptr || draft_dtype == kFloat) return run(float{});
+    if (draft_dtype == dtype) return run(T{});
+    return int(cudaErrorInvalidValue);
+  });
+}
+
 // smooth_scale and weight may be null; error: an int the launcher sets to 1 on a target outside
 // [0, n) (may be null).
 int osm_host_cross_entropy_backward(int dtype, const void* x, const void* row_max, const void* sumexp,

@@ -22,6 +22,7 @@
 // them are uniform and no broadcast is needed; thread 0 writes the tokens.
 #include "kernels/launchers.h"
 #include "kernels/online_state.cuh"
+#include "kernels/sampling_cut.cuh"
 
 namespace online_softmax::kernels {
 namespace {
@@ -32,14 +33,6 @@ constexpr int64_t kNoIndex = INT64_MAX;
 
 template <typename T>
 using A_t = acc_t<T>;
-
-// The raw value at or above which (x - m) s >= log_ratio, rounded as sample.cu and the oracle round it.
-template <typename A>
-__device__ __forceinline__ A threshold_value(A m, double log_ratio, A s) {
-  return static_cast<A>(static_cast<double>(m) + log_ratio / static_cast<double>(s));
-}
-
-__device__ __forceinline__ bool finite_value(double v) { return v == v && v < 1.0e308 && v > -1.0e308; }
 
 // 1 / temperature in the accumulation type; a greedy row (t == 0) works at scale 1.
 template <typename A>

@@ -10,6 +10,7 @@
 // threshold rounding, so both classify every token alike.
 #include "kernels/launchers.h"
 #include "kernels/online_state.cuh"
+#include "kernels/sampling_cut.cuh"
 
 namespace online_softmax::kernels {
 namespace {
@@ -20,12 +21,6 @@ constexpr int kProbes = 16;
 template <typename T>
 using A_t = acc_t<T>;
 
-// The raw value at or above which (x - m) s >= log_ratio; the CPU kernel rounds it the same way.
-template <typename A>
-__device__ __forceinline__ A threshold_value(A m, double log_ratio, A s) {
-  return static_cast<A>(static_cast<double>(m) + log_ratio / static_cast<double>(s));
-}
-
 template <typename T>
 __device__ A_t<T> row_max(const T* xr, int64_t n, A_t<T>* scratch) {
   using A = A_t<T>;
@@ -33,8 +28,6 @@ __device__ A_t<T> row_max(const T* xr, int64_t n, A_t<T>* scratch) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = nan_max(m, to_acc(xr[i]));
   return block_max(m, scratch);
 }
-
-__device__ __forceinline__ bool finite_value(double v) { return v == v && v < 1.0e308 && v > -1.0e308; }
 
 template <typename T>
 __global__ void __launch_bounds__(kSampleThreads)

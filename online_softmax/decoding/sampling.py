@@ -135,7 +135,8 @@ def _sample_nucleus(x, t, top_p, min_p, u):
     ratio, status = _ops.top_p_threshold(x, t, top_p)
     if min_p is not None:
         ratio = torch.maximum(ratio, min_p.log())
-    tok, lp = _ops.sample_categorical(x, t, ratio.nan_to_num(nan=0.0), u)
+    # A tie at the max can leave the cut a rounding above 0 (it still rounds to the max).
+    tok, lp = _ops.sample_categorical(x, t, ratio.nan_to_num(nan=0.0).clamp_max(0.0), u)
     if not torch.compiler.is_compiling():
         tied = (status == 1).nonzero()[:, 0]
         if tied.numel():

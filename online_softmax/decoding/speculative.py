@@ -132,8 +132,9 @@ def _cut(x, t, k, top_p, min_p) -> Optional[torch.Tensor]:
         ratio = torch.full((batch * n1,), -math.inf, dtype=torch.float64, device=x.device)
         if top_p is not None:
             r, _status = _ops.top_p_threshold(rows, t_rows, per_pos(top_p))
-            # status 1 (tokens tied at the cut): r is the tie's value, so every tied token is kept.
-            ratio = r.nan_to_num(nan=-math.inf)
+            # status 1 (tokens tied at the cut): r is the tie's value, so every tied token is kept. A
+            # tie at the max can leave r a rounding above 0 (it still rounds to the max).
+            ratio = r.nan_to_num(nan=-math.inf).clamp_max(0.0)
         if min_p is not None:
             ratio = torch.maximum(ratio, per_pos(min_p).log())
     return ratio.reshape(batch, n1)
@@ -160,20 +161,24 @@ def _cut_top_k(rows, t, k, top_p, min_p, compiling):
 
 
 def _cut_of_candidates(rows, t, k, top_p, min_p, sel):
-    """(log-ratio of the smallest kept candidate, whether the last candidate was still kept by the
-    top-k): the warpers over the ``sel`` largest logits of each row, sorted."""
+    """(log-ratio of the smallest kept candidate, whether the top-k still kept the last candidate, so
+    that ties with the k-th may lie beyond them): the warpers over the ``sel`` largest logits of each
+    row, sorted."""
     values_idx = _ops.softmax_topk(rows, sel, -1, False, 1.0)
     idx, m = values_idx[1], values_idx[2]
-    s = (1.0 / t).float().double()                 # the kernels' float32 scale 1 / t
+    s = 1.0 / t                                     # the kernels' scale: 1 / t in the accumulation dtype
+    if rows.dtype != torch.float64:
+        s = s.float().double()
     xs = rows.gather(1, idx).double()
     z = (xs - m.double()[:, None]) * s[:, None]     # (x - max) / t, sorted descending
     kth = z.gather(1, (k - 1).clamp_max(sel - 1)[:, None])
     keep = z >= kth
+    overflow = keep[:, -1]  # the top-k's own keep: ties with the k-th may go on past the candidates
     if top_p is not None:
-        keep &= _keep_top_p(torch.softmax(z.masked_fill(~keep, -math.inf), -1), top_p)
+        keep = keep & _keep_top_p(torch.softmax(z.masked_fill(~keep, -math.inf), -1), top_p)
     if min_p is not None:
-        keep &= _keep_min_p(torch.softmax(z.masked_fill(~keep, -math.inf), -1), min_p)
+        keep = keep & _keep_min_p(torch.softmax(z.masked_fill(~keep, -math.inf), -1), min_p)
     last = keep.sum(1, keepdim=True).clamp_min(1) - 1   # the kept candidates are a prefix
     ratio = z.gather(1, last)[:, 0].clamp_max(0.0)
     ratio = torch.where(torch.isfinite(m.double()), ratio, torch.full_like(ratio, -math.inf))
-    return ratio.nan_to_num(nan=-math.inf), keep[:, -1]
+    return ratio.nan_to_num(nan=-math.inf), overflow

@@ -203,6 +203,38 @@ def test_cuts_on_the_target_exclude_draft_tokens(cuts):
     _check_every_slot(out, lambda j, rows: warped[j], n, cuts)
 
 
+def test_top_p_cut_inside_a_tie_at_the_max():
+    # top_p_threshold's cut for a tie at the max can be a rounding above 0; it must keep the tie.
+    x = torch.tensor([[[2.0, 2.0, 1.0]], [[1.0, 1.0, 1.0]]]).repeat_interleave(3000, 0)
+    out = osm.rejection_sample(x, torch.empty(6000, 0, dtype=torch.int64), top_p=torch.full((6000,), 0.5),
+                               generator=torch.Generator().manual_seed(0))
+    first, second = out.token_ids[:3000, 0], out.token_ids[3000:, 0]
+    assert chi_square_ok(first, torch.tensor([0.5, 0.5, 0.0]))[0]     # both tied tokens, nothing else
+    assert chi_square_ok(second, torch.full((3,), 1 / 3))[0]
+    drawn = osm.sample(torch.tensor([[2.0, 2.0, 1.0]]), top_p=0.5, num_samples=2000)   # sample's own path too
+    assert chi_square_ok(drawn.token_ids[0], torch.tensor([0.5, 0.5, 0.0]))[0]
+
+
+def test_top_k_ties_past_the_candidates_with_top_p():
+    # 20 logits tie with the 2nd: more than the candidates hold, so the row is redone over every
+    # token before top-p; the tied tokens at the cut are all kept.
+    x = torch.tensor([1.0] + [0.0] * 20 + [-5.0] * 10).expand(ROWS, 1, 31).contiguous()
+    out = osm.rejection_sample(x, torch.empty(ROWS, 0, dtype=torch.int64), top_k=2, top_p=0.2,
+                               generator=torch.Generator().manual_seed(1))
+    want = torch.zeros(31, dtype=torch.float64)
+    want[0], want[1:21] = math.e, 1.0
+    assert chi_square_ok(out.token_ids[:, 0], want / want.sum())[0]
+
+
+def test_float64_top_k_keeps_the_kth_token():
+    # The cut is rebuilt with the kernels' own scale (float64 for float64 logits): the k-th stays.
+    x = torch.tensor([0.3, 0.1, -2.0, -3.0], dtype=torch.float64).expand(ROWS, 1, 4).contiguous()
+    for t in (0.3, 0.7, 1.3):
+        out = osm.rejection_sample(x, torch.empty(ROWS, 0, dtype=torch.int64), temperature=t, top_k=2,
+                                   generator=torch.Generator().manual_seed(2))
+        assert chi_square_ok(out.token_ids[:, 0], warped_probs(x[0], t, 2)[0])[0], t
+
+
 def test_per_row_temperatures_and_ragged_drafts():
     n = 3
     g = torch.Generator().manual_seed(9)

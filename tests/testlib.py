@@ -249,3 +249,15 @@ def chi_square_ok(tokens: torch.Tensor, probs: torch.Tensor, z: float = 4.75) ->
     df = max(1, obs.numel() - 1)
     limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
     return stat < limit, stat, limit
+
+
+def chi_square_counts_ok(counts, probs, draws, z: float = 4.0) -> tuple:
+    """Pearson's chi-square of token counts (vocab,) from `draws` draws against probs, over the
+    tokens with probability > 0. z = 4.0 is a one-sided bound far in the tail: a correct sampler
+    fails about once in 30,000 runs."""
+    keep = probs > 0
+    expected = probs[keep] * draws
+    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
+    df = max(1, int(keep.sum()) - 1)
+    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat < limit, stat, limit

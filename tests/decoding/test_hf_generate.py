@@ -3,7 +3,6 @@ generate() with the same arguments: tiny random GPT-2, Llama, T5 and BART built 
 device (the `device` fixture: the model and the prompts moved to the device, both generate() calls
 there; the cuda cases of the longest products for two families)."""
 
-import math
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import online_softmax as osm  # noqa: E402
 from online_softmax.decoding.warpers import warped_probs  # noqa: E402
-from testlib import EOS, tiny_gpt2  # noqa: E402
+from testlib import EOS, chi_square_counts_ok, tiny_gpt2  # noqa: E402
 
 VOCAB = 64
 # Per family, what makes EOS likely enough that some hypotheses finish within 8 tokens (and
@@ -258,16 +257,6 @@ SAMPLING = [dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(
 DRAWS = 4000
 
 
-def _chi_square_ok(counts, probs, draws):
-    keep = probs > 0
-    expected = probs[keep] * draws
-    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
-    df = max(1, int(keep.sum()) - 1)
-    z = 4.0  # a one-sided bound far in the tail: a correct sampler fails about once in 30,000 runs
-    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-    return stat < limit, stat, limit
-
-
 @pytest.mark.parametrize("setting", range(len(SAMPLING)))
 def test_sampling_follows_transformers_warped_distribution(device, setting):
     kw = SAMPLING[setting]
@@ -285,7 +274,7 @@ def test_sampling_follows_transformers_warped_distribution(device, setting):
     tokens = out[:, -1]
     assert bool((probs[tokens] > 0).all()), "drew a token outside the warped distribution's support"
     counts = torch.bincount(tokens, minlength=VOCAB).double()
-    ok, stat, limit = _chi_square_ok(counts, probs, DRAWS)
+    ok, stat, limit = chi_square_counts_ok(counts, probs, DRAWS)
     assert ok, (stat, limit)
 
 

@@ -19,7 +19,7 @@ import online_softmax as osm  # noqa: E402
 from online_softmax.decoding import hf as hf_module  # noqa: E402
 from online_softmax.decoding import hf_speculative  # noqa: E402
 from online_softmax.decoding.warpers import warped_probs  # noqa: E402
-from testlib import EOS, VOCAB, tiny_gpt2  # noqa: E402
+from testlib import EOS, VOCAB, chi_square_counts_ok, tiny_gpt2  # noqa: E402
 
 
 def _one_layer_copy(target, config):
@@ -260,16 +260,6 @@ SAMPLING = [dict(), dict(temperature=0.7, top_k=10), dict(top_p=0.8), dict(min_p
 DRAWS = 3000
 
 
-def _chi_square_ok(counts, probs, draws):
-    keep = probs > 0
-    expected = probs[keep] * draws
-    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
-    df = max(1, int(keep.sum()) - 1)
-    z = 4.0  # a one-sided bound far in the tail: a correct sampler fails about once in 30,000 runs
-    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-    return stat < limit, stat, limit
-
-
 @pytest.mark.parametrize("kind", ["assistant", "lookup"])
 @pytest.mark.parametrize("setting", range(len(SAMPLING)))
 def test_sampling_follows_the_target_distribution_whatever_the_draft(monkeypatch, kind, setting):
@@ -306,7 +296,7 @@ def test_sampling_follows_the_target_distribution_whatever_the_draft(monkeypatch
     tokens = out[:, prompt.shape[1]]
     assert bool((probs[tokens] > 0).all()), "emitted a token outside the target's warped distribution"
     counts = torch.bincount(tokens, minlength=VOCAB).double()
-    ok, stat, limit = _chi_square_ok(counts, probs, DRAWS)
+    ok, stat, limit = chi_square_counts_ok(counts, probs, DRAWS)
     assert ok, (stat, limit)
 
 

@@ -13,13 +13,13 @@ uniforms. Tests whose point is their uniforms (near 0, near 1) assert stability 
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 import host_kernels as hkmod
-from host_kernels import HostKernels, Limits, assert_ran, plan_for
+from test_kernels_host import default_schedule, hk  # noqa: F401  (hk is a fixture)
+from host_kernels import Limits, assert_ran, plan_for
 from online_softmax.reference import rejection_sample_reference
 from testlib import random_logits
 
@@ -29,22 +29,8 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 KERNELS = ["rejection_states_kernel", "rejection_sample_kernel"]
 CUT_KERNELS = ["rejection_max_kernel"] + KERNELS
 BELOW_ONE = math.nextafter(1.0, 0.0)
-# The schedule every test runs under, as in test_kernels_host.py: in_order (default), reversed, or
-# random:SEED.
-SCHEDULE = os.environ.get("ONLINE_SOFTMAX_HOST_SCHEDULE", "in_order")
-
-
-def default_schedule(kernels):
-    name, _, seed = SCHEDULE.partition(":")
-    kernels.set_schedule(name, int(seed or 0))
-
-
-@pytest.fixture(scope="module")
-def hk():
-    kernels = HostKernels()
-    default_schedule(kernels)
-    yield kernels
-    default_schedule(kernels)
+# hk: the kernels under the schedule every test runs under (ONLINE_SOFTMAX_HOST_SCHEDULE), as in
+# test_kernels_host.py.
 
 
 @pytest.fixture(scope="module", autouse=True)

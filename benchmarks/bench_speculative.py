@@ -45,11 +45,12 @@ def verify_inputs(batch, n, vocab, dtype, device, seed=0):
 
 
 def bytes_moved(target, q, out):
-    """What our call reads: q once (argument check), every reached position once, and per row one
-    more target row (the final draw) plus its draft row at a rejection."""
+    """What our call reads: q once (argument check), every target position up to each row's
+    num_draft_tokens (here all of them) once, and per row one more target row (the final draw) plus
+    its draft row at a rejection."""
     batch, n1, vocab = target.shape
     t_row, q_row = vocab * target.element_size(), vocab * q.element_size()
-    reached = batch * n1  # the CPU kernel's phase 1 reduces every position up to num_draft_tokens
+    reached = batch * n1
     rejected = int((out.num_accepted < n1 - 1).sum())
     return q.numel() * q.element_size() + reached * t_row + batch * t_row + rejected * q_row
 

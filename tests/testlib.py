@@ -261,3 +261,19 @@ def chi_square_counts_ok(counts, probs, draws, z: float = 4.0) -> tuple:
     df = max(1, int(keep.sum()) - 1)
     limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
     return stat < limit, stat, limit
+
+
+def next_token_probs(model, ids, settings):
+    """The distribution generate(do_sample=True, **settings) draws the token after ids (1, len)
+    from: the model's last logits, the repetition penalty if asked, then transformers' warpers
+    (generate()'s default top_k of 50 included), as float64 probabilities (vocab,)."""
+    import transformers
+
+    from online_softmax.decoding.warpers import warped_probs
+
+    with torch.no_grad():
+        logits = model(ids).logits[:, -1].float()
+    if "repetition_penalty" in settings:
+        logits = transformers.RepetitionPenaltyLogitsProcessor(settings["repetition_penalty"])(ids, logits)
+    return warped_probs(logits, settings.get("temperature", 1.0), settings.get("top_k", 50), settings.get("top_p"),
+                        settings.get("min_p"))[0].double()

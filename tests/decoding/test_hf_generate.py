@@ -12,8 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import online_softmax as osm  # noqa: E402
-from online_softmax.decoding.warpers import warped_probs  # noqa: E402
-from testlib import EOS, chi_square_counts_ok, tiny_gpt2  # noqa: E402
+from testlib import EOS, chi_square_counts_ok, next_token_probs, tiny_gpt2  # noqa: E402
 
 VOCAB = 64
 # Per family, what makes EOS likely enough that some hypotheses finish within 8 tokens (and
@@ -262,12 +261,7 @@ def test_sampling_follows_transformers_warped_distribution(device, setting):
     kw = SAMPLING[setting]
     model = tiny_llama(7).to(device)  # vocabulary 64 > generate()'s default top_k of 50, which therefore applies
     ids = torch.tensor([[1, 9, 17, 9, 30]], device=device)
-    with torch.no_grad():
-        logits = model(ids).logits[:, -1].float()
-    if "repetition_penalty" in kw:
-        logits = transformers.RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"])(ids, logits)
-    probs = warped_probs(logits, kw.get("temperature", 1.0), kw.get("top_k", 50), kw.get("top_p"),
-                         kw.get("min_p"))[0].double()
+    probs = next_token_probs(model, ids, kw)
     torch.manual_seed(setting)
     out = model.generate(ids.expand(DRAWS, -1), do_sample=True, max_new_tokens=1, custom_generate=osm.hf.generate,
                          **kw)

@@ -18,8 +18,7 @@ transformers = pytest.importorskip("transformers")
 import online_softmax as osm  # noqa: E402
 from online_softmax.decoding import hf as hf_module  # noqa: E402
 from online_softmax.decoding import hf_speculative  # noqa: E402
-from online_softmax.decoding.warpers import warped_probs  # noqa: E402
-from testlib import EOS, VOCAB, chi_square_counts_ok, tiny_gpt2  # noqa: E402
+from testlib import EOS, VOCAB, chi_square_counts_ok, next_token_probs, tiny_gpt2  # noqa: E402
 
 
 def _one_layer_copy(target, config):
@@ -270,12 +269,7 @@ def test_sampling_follows_the_target_distribution_whatever_the_draft(monkeypatch
     # Prompt lookup drafts "40 19" for the first tokens. (transformers' lookup drops a candidate its
     # processors ban on a row of ones: top-p on equal scores bans the lowest token ids.)
     prompt = torch.tensor([[19, 27, 40, 19, 27]])
-    with torch.no_grad():
-        logits = target(prompt).logits[:, -1].float()
-    if "repetition_penalty" in kw:
-        logits = transformers.RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"])(prompt, logits)
-    probs = warped_probs(logits, kw.get("temperature", 1.0), kw.get("top_k", 50), kw.get("top_p"),
-                         kw.get("min_p"))[0].double()
+    probs = next_token_probs(target, prompt, kw)
     torch.manual_seed(setting)
     rounds = []
 

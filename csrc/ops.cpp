@@ -100,4 +100,15 @@ TORCH_LIBRARY(online_softmax, m) {
   // The same gradient written over x itself (contiguous), as flash-attention's xentropy does with
   // inplace_backward: no second logits-sized buffer. Each element is read before it is written.
   m.def("cross_entropy_backward_(Tensor(a!) x, Tensor max, Tensor sumexp, Tensor target, Tensor p_scale, Tensor target_scale, Tensor? smooth_scale=None, Tensor? weight=None) -> ()");
+  // The gradient of token_logprobs' log_probs and entropy with respect to its x (rows, vocab), in
+  // one read of x and one write, for the row's token_ids[r] (int64 in [0, vocab)):
+  //   dx[r, j] = s * (g_lp[r] * ([j == tok_r] - p_rj) - g_H[r] * p_rj * (log p_rj + H_r)),  s = 1 / temperature,
+  // with p and log p of softmax(x / t) from the row's online state (max, sumexp of x / t, as the stats
+  // op gives it), never through a rounded lse (see cross_entropy_backward); a p = 0 term is 0 (an x
+  // of -inf adds nothing, not 0 * -inf). entropy is the forward's H. grad_log_probs, grad_entropy
+  // (None: no entropy term), max, sumexp and entropy are (rows,) in the accumulation dtype (float32,
+  // float64 for float64 x); the result has x's dtype.
+  m.def("token_logprobs_backward(Tensor grad_log_probs, Tensor? grad_entropy, Tensor x, Tensor token_ids, Tensor max, Tensor sumexp, Tensor entropy, float temperature=1.0) -> Tensor");
+  // The same gradient written over x itself (contiguous): each element is read before it is written.
+  m.def("token_logprobs_backward_(Tensor(a!) x, Tensor grad_log_probs, Tensor? grad_entropy, Tensor token_ids, Tensor max, Tensor sumexp, Tensor entropy, float temperature=1.0) -> ()");
 }

@@ -19,7 +19,7 @@ import torch
 from . import _C
 
 OPS = ("forward", "stats", "backward", "softmax_topk", "softmax_topk_backward", "sample_categorical",
-       "top_p_threshold", "cross_entropy_backward", "masked_forward", "rejection_sample")
+       "top_p_threshold", "cross_entropy_backward", "masked_forward", "rejection_sample", "token_logprobs_backward")
 _SAMPLING_OPS = ("sample_categorical", "top_p_threshold")
 
 # Public figures of the SXM parts: SMs, the opt-in shared memory per block, L2, compute capability,
@@ -174,7 +174,7 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
               device=None, out_dtype: torch.dtype | None = None, num_samples: int | None = None,
               min_log_ratio: bool = False, smooth_scale: bool = False, weight: bool = False,
               mask_shape=None, mask_dtype: torch.dtype = torch.bool,
-              draft_dtype: torch.dtype | None = None) -> CudaPlan:
+              draft_dtype: torch.dtype | None = None, grad_entropy: bool = False) -> CudaPlan:
     """The launch plan the CUDA kernels would run for ``op`` on a contiguous tensor of ``shape``.
 
     op: one of ``OPS``. ``dtype`` is the input's (for backward: the forward output's); ``out_dtype``
@@ -183,7 +183,9 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     vocab) along its last dim; ``num_samples`` (default 1) is sample_categorical's draws per row and
     ``min_log_ratio`` whether the call passes a cut (min-p, top-p). cross_entropy_backward takes x of
     shape (rows, classes) along its last dim; ``smooth_scale`` and ``weight`` say whether the call passes
-    them (they add to the bytes read, not to the launches). masked_forward runs over ``dim`` moved
+    them (they add to the bytes read, not to the launches). token_logprobs_backward takes x of shape
+    (rows, vocab) along its last dim; ``grad_entropy`` says whether the call passes it (it and the
+    entropy add to the bytes read). masked_forward runs over ``dim`` moved
     last; ``mask_shape`` (the mask as stored, before broadcasting; None for no mask) and
     ``mask_dtype`` (bool, or floating: read in the accumulation dtype) add the mask's bytes to the
     bytes read (causal masking reads nothing). rejection_sample takes ``shape`` = target_logits' (batch,
@@ -266,7 +268,7 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
                              f"got out_dtype={out_dtype}")
     elif draft_dtype is not None:
         raise ValueError(f"online_softmax.cuda_plan: draft_dtype is only for rejection_sample, not {op!r}")
-    if op == "cross_entropy_backward":
+    if op in ("cross_entropy_backward", "token_logprobs_backward"):
         if len(shape) != 2 or d != 1:
             raise ValueError(f"online_softmax.cuda_plan: {op} works along the last dim of a 2-D x (rows, classes), "
                              f"got shape {shape} and dim={dim}")
@@ -275,6 +277,8 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     elif smooth_scale or weight:
         raise ValueError(f"online_softmax.cuda_plan: smooth_scale and weight are only for cross_entropy_backward, "
                          f"not {op!r}")
+    if grad_entropy and op != "token_logprobs_backward":
+        raise ValueError(f"online_softmax.cuda_plan: grad_entropy is only for token_logprobs_backward, not {op!r}")
     out = out_dtype or dtype
     acc = 8 if dtype == torch.float64 else 4
     cc = limits["cc"]
@@ -282,6 +286,8 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     # The two trailing flags only where they matter, so the other ops plan with an extension built
     # before they existed.
     extra = (bool(smooth_scale), bool(weight)) if op == "cross_entropy_backward" else ()
+    if op == "token_logprobs_backward":  # the smooth flag's slot carries grad_entropy
+        extra = (bool(grad_entropy), False)
     if op == "masked_forward":
         extra = (False, False, mask_bytes)
     if op == "rejection_sample":  # rows of the batch, each with n + 1 target positions

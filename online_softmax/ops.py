@@ -254,12 +254,17 @@ def _rejection_sample_fake(target_logits, draft_token_ids, draft_probs, num_draf
 _CE_PER_ROW = ("max", "sumexp", "p_scale", "target_scale", "smooth_scale")
 
 
-def _check_cross_entropy_backward(op, x, max, sumexp, target, p_scale, target_scale, smooth_scale, weight):
+def _check_row_gradient(op, x, per_row, ids_name, ids, in_place=False):
+    """The checks the elementwise gradient ops (cross_entropy_backward, token_logprobs_backward)
+    share: x (rows, classes); per_row: (name, tensor or None) pairs of (rows,) in the accumulation
+    dtype; ids: the int64 class or token ids."""
     checks.floating(x, "x", op)
     if x.dim() != 2:
         raise checks.fail(op, f"x must be 2-D (rows, classes), got shape {list(x.shape)}")
+    if in_place and not x.is_contiguous():
+        raise checks.fail(op, "x must be contiguous to receive its gradient in place")
     acc = state_dtype(x.dtype)
-    for name, t in zip(_CE_PER_ROW, (max, sumexp, p_scale, target_scale, smooth_scale)):
+    for name, t in per_row:
         if t is None:
             continue
         if t.dtype != acc:
@@ -267,8 +272,16 @@ def _check_cross_entropy_backward(op, x, max, sumexp, target, p_scale, target_sc
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise checks.fail(op, f"{name} must have shape [{x.shape[0]}] (one value per row of x), got "
                                   f"{list(t.shape)}")
-    if target.dtype != torch.int64:
-        raise checks.fail(op, f"target must be int64, got {target.dtype}", TypeError)
+    if ids.dtype != torch.int64:
+        raise checks.fail(op, f"{ids_name} must be int64, got {ids.dtype}", TypeError)
+    if ids.dim() != 1 or ids.shape[0] != x.shape[0]:
+        raise checks.fail(op, f"{ids_name} must have shape [{x.shape[0]}], got {list(ids.shape)}")
+
+
+def _check_cross_entropy_backward(op, x, max, sumexp, target, p_scale, target_scale, smooth_scale, weight):
+    _check_row_gradient(op, x, zip(_CE_PER_ROW, (max, sumexp, p_scale, target_scale, smooth_scale)), "target",
+                        target)
+    acc = state_dtype(x.dtype)
     if weight is not None and (weight.dtype != acc or weight.dim() != 1 or weight.shape[0] != x.shape[1]):
         raise checks.fail(op, f"weight must be {acc} of shape [{x.shape[1]}], got {weight.dtype} {list(weight.shape)}")
 
@@ -355,4 +368,72 @@ def _cross_entropy_backward_inplace_vmap(info, in_dims, x, max, sumexp, target, 
         _ops.cross_entropy_backward_(x_first.view(b * rows, n), *folded[1:], w)
     else:
         x_first.copy_(_ce_backward_batched(folded, w, w_dim, b, rows, n))
+    return None, None
+
+
+# ---- token_logprobs_backward ----
+
+_TLP_PER_ROW = ("grad_log_probs", "grad_entropy", "max", "sumexp", "entropy")
+
+
+@torch.library.register_fake("online_softmax::token_logprobs_backward")
+def _token_logprobs_backward_fake(grad_log_probs, grad_entropy, x, token_ids, max, sumexp, entropy, temperature=1.0):
+    op = "token_logprobs_backward"
+    _check_row_gradient(op, x, zip(_TLP_PER_ROW, (grad_log_probs, grad_entropy, max, sumexp, entropy)), "token_ids",
+                        token_ids)
+    checks.temperature(temperature, op)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("online_softmax::token_logprobs_backward_")
+def _token_logprobs_backward_inplace_fake(x, grad_log_probs, grad_entropy, token_ids, max, sumexp, entropy,
+                                          temperature=1.0):
+    op = "token_logprobs_backward_"
+    _check_row_gradient(op, x, zip(_TLP_PER_ROW, (grad_log_probs, grad_entropy, max, sumexp, entropy)), "token_ids",
+                        token_ids, in_place=True)
+    checks.temperature(temperature, op)
+
+
+# vmap rules of token_logprobs_backward and token_logprobs_backward_: the rows are independent, so
+# the vmapped dim folds into the rows (as cross_entropy_backward's), an unbatched argument expanded.
+
+def _tlp_fold(info, in_dims, args):
+    """args (x first, then the per-row tensors, None where absent) with the vmapped dim first and
+    folded into the rows, and (B, rows, V)."""
+    b = info.batch_size
+    x = args[0]
+    rows, n = x.movedim(in_dims[0], 0).shape[1:] if in_dims[0] is not None else x.shape
+
+    def fold(t, dim):
+        if t is None:
+            return None
+        t = t.movedim(dim, 0) if dim is not None else t.expand(b, *t.shape)
+        return t.reshape(b * rows, *t.shape[2:])
+
+    return [fold(t, dim) for t, dim in zip(args, in_dims)], (b, rows, n)
+
+
+@torch.library.register_vmap("online_softmax::token_logprobs_backward")
+def _token_logprobs_backward_vmap(info, in_dims, grad_log_probs, grad_entropy, x, token_ids, max, sumexp, entropy,
+                                  temperature=1.0):
+    dims = (in_dims[2], in_dims[0], in_dims[1]) + tuple(in_dims[3:7])
+    (x, g, gh, ids, m, d, h), shape = _tlp_fold(info, dims, (x, grad_log_probs, grad_entropy, token_ids, max, sumexp,
+                                                             entropy))
+    return _ops.token_logprobs_backward(g, gh, x, ids, m, d, h, temperature).view(shape), 0
+
+
+@torch.library.register_vmap("online_softmax::token_logprobs_backward_")
+def _token_logprobs_backward_inplace_vmap(info, in_dims, x, grad_log_probs, grad_entropy, token_ids, max, sumexp,
+                                          entropy, temperature=1.0):
+    if in_dims[0] is None:
+        raise ValueError("online_softmax.token_logprobs_backward_: under vmap, x must be batched to receive "
+                         "every vmapped call's gradient in place")
+    folded, shape = _tlp_fold(info, in_dims[:7], (x, grad_log_probs, grad_entropy, token_ids, max, sumexp, entropy))
+    x_first = x.movedim(in_dims[0], 0)
+    if x_first.is_contiguous():
+        # The folded rows are a view of x itself: the op writes over them.
+        _ops.token_logprobs_backward_(x_first.view(shape[0] * shape[1], shape[2]), *folded[1:], temperature)
+    else:
+        x_first.copy_(_ops.token_logprobs_backward(folded[1], folded[2], folded[0], *folded[3:], temperature)
+                      .view(shape))
     return None, None

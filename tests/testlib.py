@@ -144,6 +144,81 @@ def assert_cross_entropy_grad(out, args, *, what):
                            f"beyond the budget, e.g. at {bad.nonzero()[0].tolist()}")
 
 
+def token_logprobs_backward_case(rows, n, dtype, *, device="cpu", seed=0, offset=0, entropy=True, temperature=1.0,
+                                 scale=3.0):
+    """The arguments of token_logprobs_backward by name: x (a view `offset` elements into its
+    storage, so rows may start off a 16-byte boundary), its rows' true online state of x / t and
+    entropy, random per-row gradients (grad_entropy None without `entropy`) and token ids."""
+    g = torch.Generator().manual_seed(seed + 104729)
+    acc = state_dtype(dtype)
+    x = random_logits((rows * n + offset,), dtype, device, scale=scale, seed=seed)[offset:].view(rows, n)
+    m, d, h = token_row_state(x, temperature)
+
+    def rand(size):
+        return (torch.rand(size, generator=g, dtype=torch.float64) * 3 - 1.5).to(acc).to(device)
+
+    return {
+        "grad_log_probs": rand(rows),
+        "grad_entropy": rand(rows) if entropy else None,
+        "x": x,
+        "token_ids": torch.randint(0, max(n, 1), (rows,), generator=g).to(device),
+        "max": m.to(acc),
+        "sumexp": d.to(acc),
+        "entropy": h.to(acc),
+        "temperature": temperature,
+    }
+
+
+def token_row_state(x, temperature=1.0):
+    """(max, sumexp) of x / t as the stats op gives them, and the entropy of softmax(x / t), in
+    float64; (-inf, 0, NaN) for empty rows."""
+    z = x.double() / temperature
+    m, d = row_state(z)
+    log_p = z - m[:, None] - d.log()[:, None]
+    p = log_p.exp()
+    return m, d, -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+
+
+def token_logprobs_backward_ref(grad_log_probs, grad_entropy, x, token_ids, max, sumexp, entropy, temperature=1.0):
+    """The formula in float64 on the given (rounded) inputs, and the error budget's scale of each
+    element (its terms' size times the exponent's spread)."""
+    s = 1.0 / temperature
+    x, m, d, h, gl = (t.cpu().double() for t in (x, max, sumexp, entropy, grad_log_probs))
+    z = x * s - m[:, None]
+    p = torch.exp(z) / d[:, None]
+    log_p = z - d.log()[:, None]
+    hit = (torch.arange(x.shape[1])[None, :] == token_ids.cpu()[:, None]).double()
+    out = s * gl[:, None] * (hit - p)
+    size = s * gl.abs()[:, None] * (hit + p)
+    if grad_entropy is not None:
+        gh = grad_entropy.cpu().double()[:, None]
+        term = torch.where(p == 0, torch.zeros_like(p), p * (log_p + h[:, None]))
+        out = out - s * gh * term
+        size = size + s * gh.abs() * torch.where(p == 0, torch.zeros_like(p),
+                                                 p * (log_p.abs() + h.abs()[:, None] + d.log().abs()[:, None]))
+    spread = z.abs().nan_to_num(0.0, 0.0, 0.0) + 1
+    return out, size * spread
+
+
+def assert_token_logprobs_grad(out, args, *, what):
+    """out (any device) against token_logprobs_backward_ref of the op's arguments `args` (a dict by
+    name): the same NaN and infinities, finite values within a few ulps of the accumulation dtype
+    per term, rounded once to x's dtype."""
+    dtype = args["x"].dtype
+    ref, size = token_logprobs_backward_ref(**args)
+    ours = out.cpu().double()
+    assert out.dtype == dtype and out.shape == args["x"].shape
+    assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{what}: NaN pattern differs"
+    infinite = torch.isinf(ref)
+    assert torch.equal(ours[infinite], ref[infinite]), f"{what}: infinities differ"
+    fo = torch.finfo(dtype)
+    budget = 8 * torch.finfo(state_dtype(dtype)).eps * size + fo.eps * ref.abs() + fo.smallest_normal * fo.eps
+    err = (ours - ref).abs()
+    bad = torch.isfinite(ref) & ~(err <= budget)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} elements off, worst {(err - budget)[bad].max().item():.3g} "
+                           f"beyond the budget, e.g. at {bad.nonzero()[0].tolist()}")
+
+
 # The small random-weight GPT-2 the decoding tests compare against transformers' generate() with
 # (built from a config, nothing downloaded). Call after pytest.importorskip("transformers").
 EOS = 3      # also BOS and the pad id

@@ -71,6 +71,17 @@ class Case:
     raises: dict = None
 
 
+def _token_logprobs(x):
+    """linear_token_logprobs' log-probabilities plus half its entropy (both outputs in one row)."""
+    lp, ent = osm.linear_token_logprobs(x, _head(x), _classes(x) % 11, temperature=0.8, return_entropy=True)
+    return lp + 0.5 * ent
+
+
+def _token_logprobs_ref(x):
+    log_p = torch.log_softmax(x @ _head(x).t() / 0.8, -1)
+    return log_p.gather(-1, (_classes(x) % 11).unsqueeze(-1)).squeeze(-1) - 0.5 * (log_p.exp() * log_p).sum(-1)
+
+
 def _topk_ref(x, k, log=False, renormalize=False):
     p = torch.softmax(x, -1)
     v, i = p.topk(k, -1)
@@ -119,6 +130,8 @@ CASES = [
          lambda x: F.cross_entropy(x, _classes(x), label_smoothing=0.1, reduction="none")),
     Case("linear_cross_entropy", lambda x: osm.linear_cross_entropy(x, _head(x), _classes(x) % 11),
          lambda x: F.cross_entropy(x @ _head(x).t(), _classes(x) % 11), shape=(5, 4), long_shape=(300, 64)),
+    Case("linear_token_logprobs(return_entropy=True)", _token_logprobs, _token_logprobs_ref, shape=(5, 4),
+         long_shape=(300, 64)),
 ]
 
 

@@ -93,6 +93,8 @@ PyObject* cuda_plan(PyObject*, PyObject* args) {
     plan = kernels::plan_top_p(layout.rows(), size, e, limits);
   } else if (std::strcmp(op, "cross_entropy_backward") == 0) {
     plan = kernels::plan_cross_entropy_backward(layout.rows(), size, e, smooth != 0, weight != 0, limits);
+  } else if (std::strcmp(op, "token_logprobs_backward") == 0) {
+    plan = kernels::plan_token_logprobs_backward(layout.rows(), size, e, smooth != 0, limits);
   } else if (std::strcmp(op, "masked_forward") == 0) {
     plan = kernels::plan_masked_forward(layout.rows(), size, e, mask_bytes, limits);
   } else if (std::strcmp(op, "rejection_sample") == 0) {

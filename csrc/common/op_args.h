@@ -367,6 +367,43 @@ inline RejectionArgs rejection_args(const at::Tensor& target_logits, const at::T
   return a;
 }
 
+// ---- per-row arguments of the elementwise gradient ops (cross_entropy_backward, token_logprobs_backward) ----
+
+// t: (rows,) in the accumulation dtype acc, on x's device; returned contiguous.
+inline at::Tensor per_row_arg(const at::Tensor& t, const char* name, const char* op, const at::Tensor& x,
+                              at::ScalarType acc, int64_t rows) {
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, "online_softmax.", op, ": ", name, " must be ", acc,
+                   " (the accumulation dtype of x), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == rows, "online_softmax.", op, ": ", name,
+                    " must have shape [", rows, "] (one value per row of x), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "online_softmax.", op, ": ", name, " is on ", t.device(),
+                    " but x is on ", x.device());
+  return t.contiguous();
+}
+
+// t: (rows,) int64 class or token ids on x's device (their range is the kernels' to check, where
+// they read them); returned contiguous.
+inline at::Tensor per_row_ids(const at::Tensor& t, const char* name, const char* op, const at::Tensor& x,
+                              int64_t rows) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "online_softmax.", op, ": ", name, " must be int64, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == rows, "online_softmax.", op, ": ", name, " must have shape [",
+                    rows, "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "online_softmax.", op, ": ", name, " is on ", t.device(),
+                    " but x is on ", x.device());
+  return t.contiguous();
+}
+
+// x of an elementwise gradient op: floating, (rows, classes); in place (the op writes over x), x
+// must be contiguous already.
+inline at::Tensor gradient_logits_arg(const at::Tensor& x, const char* op, bool in_place) {
+  check_floating(x, "x", op);
+  TORCH_CHECK_VALUE(x.dim() == 2, "online_softmax.", op, ": x must be 2-D (rows, classes), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(!in_place || x.is_contiguous(), "online_softmax.", op,
+                    ": x must be contiguous to receive its gradient in place");
+  return x.contiguous();
+}
+
 // ---- cross_entropy_backward ----
 
 struct CrossEntropyBackwardArgs {
@@ -383,33 +420,18 @@ inline CrossEntropyBackwardArgs cross_entropy_backward_args(
     const at::Tensor& p_scale, const at::Tensor& target_scale, const std::optional<at::Tensor>& smooth_scale,
     const std::optional<at::Tensor>& weight, bool in_place = false) {
   const char* op = in_place ? "cross_entropy_backward_" : "cross_entropy_backward";
-  check_floating(x, "x", op);
-  TORCH_CHECK_VALUE(x.dim() == 2, "online_softmax.", op, ": x must be 2-D (rows, classes), got shape ", x.sizes());
   CrossEntropyBackwardArgs a;
+  a.x = gradient_logits_arg(x, op, in_place);
   a.rows = x.size(0);
   a.n = x.size(1);
   const at::ScalarType acc = state_dtype(x.scalar_type());
-  auto per_row = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == acc, "online_softmax.", op, ": ", name, " must be ", acc,
-                     " (the accumulation dtype of x), got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == a.rows, "online_softmax.", op, ": ", name,
-                      " must have shape [", a.rows, "] (one value per row of x), got ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == x.device(), "online_softmax.", op, ": ", name, " is on ", t.device(),
-                      " but x is on ", x.device());
-    return t.contiguous();
-  };
+  auto per_row = [&](const at::Tensor& t, const char* name) { return per_row_arg(t, name, op, x, acc, a.rows); };
   a.max = per_row(max, "max");
   a.sumexp = per_row(sumexp, "sumexp");
   a.p_scale = per_row(p_scale, "p_scale");
   a.target_scale = per_row(target_scale, "target_scale");
   if (smooth_scale.has_value()) a.smooth_scale = per_row(*smooth_scale, "smooth_scale");
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "online_softmax.", op, ": target must be int64, got ",
-                   target.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == a.rows, "online_softmax.", op,
-                    ": target must have shape [", a.rows, "], got ", target.sizes());
-  TORCH_CHECK_VALUE(target.device() == x.device(), "online_softmax.", op, ": target is on ", target.device(),
-                    " but x is on ", x.device());
-  a.target = target.contiguous();
+  a.target = per_row_ids(target, "target", op, x, a.rows);
   if (weight.has_value()) {
     TORCH_CHECK_TYPE(weight->scalar_type() == acc, "online_softmax.", op, ": weight must be ", acc, ", got ",
                      weight->scalar_type());
@@ -419,9 +441,39 @@ inline CrossEntropyBackwardArgs cross_entropy_backward_args(
                       " but x is on ", x.device());
     a.weight = weight->contiguous();
   }
-  TORCH_CHECK_VALUE(!in_place || x.is_contiguous(), "online_softmax.", op,
-                    ": x must be contiguous to receive its gradient in place");
-  a.x = x.contiguous();
+  return a;
+}
+
+// ---- token_logprobs_backward ----
+
+struct TokenLogprobsBackwardArgs {
+  at::Tensor x;  // (rows, n), contiguous
+  at::Tensor grad_log_probs, max, sumexp, entropy, token_ids;  // (rows,), contiguous
+  std::optional<at::Tensor> grad_entropy;                      // (rows,) or none
+  double temperature;
+  int64_t rows, n;
+};
+
+// in_place: token_logprobs_backward_, which writes over x, so x must be contiguous already.
+inline TokenLogprobsBackwardArgs token_logprobs_backward_args(
+    const at::Tensor& grad_log_probs, const std::optional<at::Tensor>& grad_entropy, const at::Tensor& x,
+    const at::Tensor& token_ids, const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& entropy,
+    double temperature, bool in_place = false) {
+  const char* op = in_place ? "token_logprobs_backward_" : "token_logprobs_backward";
+  TokenLogprobsBackwardArgs a;
+  a.x = gradient_logits_arg(x, op, in_place);
+  a.rows = x.size(0);
+  a.n = x.size(1);
+  check_temperature(temperature, op);
+  a.temperature = temperature;
+  const at::ScalarType acc = state_dtype(x.scalar_type());
+  auto per_row = [&](const at::Tensor& t, const char* name) { return per_row_arg(t, name, op, x, acc, a.rows); };
+  a.grad_log_probs = per_row(grad_log_probs, "grad_log_probs");
+  if (grad_entropy.has_value()) a.grad_entropy = per_row(*grad_entropy, "grad_entropy");
+  a.max = per_row(max, "max");
+  a.sumexp = per_row(sumexp, "sumexp");
+  a.entropy = per_row(entropy, "entropy");
+  a.token_ids = per_row_ids(token_ids, "token_ids", op, x, a.rows);
   return a;
 }
 

@@ -65,4 +65,28 @@ inline at::Tensor call_softmax_topk_backward(const at::Tensor& grad_values, cons
   return op.call(grad_values, x, indices, max, sumexp, dim, log, temperature);
 }
 
+using TokenLogprobsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline TokenLogprobsResult call_token_logprobs(const at::Tensor& x, const at::Tensor& token_ids, int64_t top_n,
+                                               double temperature, const std::optional<at::Tensor>& token_values) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("online_softmax::token_logprobs", "")
+                       .typed<TokenLogprobsResult(const at::Tensor&, const at::Tensor&, int64_t, double,
+                                                  const std::optional<at::Tensor>&)>();
+  return op.call(x, token_ids, top_n, temperature, token_values);
+}
+
+inline at::Tensor call_token_logprobs_backward(const at::Tensor& grad_log_probs,
+                                               const std::optional<at::Tensor>& grad_entropy, const at::Tensor& x,
+                                               const at::Tensor& token_ids, const at::Tensor& max,
+                                               const at::Tensor& sumexp, const at::Tensor& entropy,
+                                               double temperature) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("online_softmax::token_logprobs_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         double)>();
+  return op.call(grad_log_probs, grad_entropy, x, token_ids, max, sumexp, entropy, temperature);
+}
+
 }  // namespace online_softmax

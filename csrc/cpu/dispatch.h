@@ -155,6 +155,20 @@ struct CrossEntropyBackwardCall {  // rows contiguous
   void* out;                 // (rows, n), x's dtype
 };
 
+struct TokenLogprobsBackwardCall {  // rows contiguous
+  at::ScalarType x_dtype;
+  const void* x;
+  int64_t rows, n;
+  double temperature;
+  const int64_t* token_ids;   // (rows,) in [0, n)
+  const void* grad_log_probs; // (rows,) accumulation type, as the rest
+  const void* grad_entropy;   // (rows,) or nullptr: no entropy term
+  const void* max;            // the row's online state of x / temperature
+  const void* sumexp;
+  const void* entropy;        // the forward's entropy of softmax(x / temperature)
+  void* out;                  // (rows, n), x's dtype; may be x
+};
+
 struct KernelTable {
   const char* capability;  // "DEFAULT", "AVX2", "AVX512"
   void (*forward)(const ForwardCall&);
@@ -167,6 +181,7 @@ struct KernelTable {
   void (*cross_entropy_backward)(const CrossEntropyBackwardCall&);
   void (*masked_forward)(const MaskedForwardCall&);
   void (*rejection_sample)(const RejectionCall&);
+  void (*token_logprobs_backward)(const TokenLogprobsBackwardCall&);
 };
 
 // The table in use.

@@ -6,6 +6,7 @@
 //   top_p_threshold           csrc/cpu/sample.cpp
 //   rejection_sample          csrc/cpu/rejection_sample.cpp
 //   cross_entropy_backward(_) csrc/cpu/cross_entropy.cpp
+//   token_logprobs_backward(_) csrc/cpu/token_logprobs_backward.cpp
 //   beam_search_step          csrc/cpu/beam_search_step.cpp (other backends: csrc/common/)
 //   ngram_banned_tokens       csrc/cpu/ngram_banned_tokens.cpp (other backends: csrc/common/)
 //   beam_search_advance       csrc/cpu/beam_search_advance.cpp (other backends: csrc/common/)
@@ -77,5 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> beam_search_step(
     const at::Tensor& logits, const at::Tensor& beam_scores, int64_t num_beams, int64_t num_candidates,
     double temperature, const std::optional<at::Tensor>& banned_tokens,
     const std::optional<at::Tensor>& penalized_tokens, double repetition_penalty);
+
+at::Tensor token_logprobs_backward(const at::Tensor& grad_log_probs, const std::optional<at::Tensor>& grad_entropy,
+                                   const at::Tensor& x, const at::Tensor& token_ids, const at::Tensor& max,
+                                   const at::Tensor& sumexp, const at::Tensor& entropy, double temperature);
+
+void token_logprobs_backward_(const at::Tensor& x, const at::Tensor& grad_log_probs,
+                              const std::optional<at::Tensor>& grad_entropy, const at::Tensor& token_ids,
+                              const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& entropy,
+                              double temperature);
 
 }  // namespace online_softmax::cpu

@@ -15,6 +15,8 @@ TORCH_LIBRARY_IMPL(online_softmax, CPU, m) {
   m.impl("rejection_sample", &online_softmax::cpu::rejection_sample);
   m.impl("cross_entropy_backward", &online_softmax::cpu::cross_entropy_backward);
   m.impl("cross_entropy_backward_", &online_softmax::cpu::cross_entropy_backward_);
+  m.impl("token_logprobs_backward", &online_softmax::cpu::token_logprobs_backward);
+  m.impl("token_logprobs_backward_", &online_softmax::cpu::token_logprobs_backward_);
   m.impl("beam_search_step", &online_softmax::cpu::beam_search_step);
   m.impl("ngram_banned_tokens", &online_softmax::cpu::ngram_banned_tokens);
   m.impl("beam_search_advance", &online_softmax::cpu::beam_search_advance);

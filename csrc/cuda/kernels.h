@@ -5,6 +5,7 @@
 //   sample_categorical,
 //   top_p_threshold           csrc/cuda/sample.cpp
 //   cross_entropy_backward(_) csrc/cuda/cross_entropy.cpp
+//   token_logprobs_backward(_) csrc/cuda/token_logprobs_backward.cpp
 //   masked_forward            csrc/cuda/masked_softmax.cpp
 //   rejection_sample          csrc/cuda/rejection_sample.cpp
 // Each checks its arguments (csrc/common/op_args.h, shared with the CPU backend), guards the device,
@@ -60,5 +61,14 @@ void cross_entropy_backward_(const at::Tensor& x, const at::Tensor& max, const a
                              const at::Tensor& target,
                              const at::Tensor& p_scale, const at::Tensor& target_scale,
                              const std::optional<at::Tensor>& smooth_scale, const std::optional<at::Tensor>& weight);
+
+at::Tensor token_logprobs_backward(const at::Tensor& grad_log_probs, const std::optional<at::Tensor>& grad_entropy,
+                                   const at::Tensor& x, const at::Tensor& token_ids, const at::Tensor& max,
+                                   const at::Tensor& sumexp, const at::Tensor& entropy, double temperature);
+
+void token_logprobs_backward_(const at::Tensor& x, const at::Tensor& grad_log_probs,
+                              const std::optional<at::Tensor>& grad_entropy, const at::Tensor& token_ids,
+                              const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& entropy,
+                              double temperature);
 
 }  // namespace online_softmax::cuda

@@ -15,4 +15,6 @@ TORCH_LIBRARY_IMPL(online_softmax, CUDA, m) {
   m.impl("rejection_sample", &online_softmax::cuda::rejection_sample);
   m.impl("cross_entropy_backward", &online_softmax::cuda::cross_entropy_backward);
   m.impl("cross_entropy_backward_", &online_softmax::cuda::cross_entropy_backward_);
+  m.impl("token_logprobs_backward", &online_softmax::cuda::token_logprobs_backward);
+  m.impl("token_logprobs_backward_", &online_softmax::cuda::token_logprobs_backward_);
 }

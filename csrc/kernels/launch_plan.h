@@ -685,37 +685,54 @@ inline LaunchPlan plan_rejection_sample(int64_t batch, int64_t n, int64_t vocab,
   return plan;
 }
 
-// ---- cross_entropy_backward (cross_entropy.cu): out = p_scale * softmax(x) - one-hot - smoothing ----
+// ---- the elementwise gradients (row_gradient.cuh): cross_entropy_backward, token_logprobs_backward ----
 
 // Elementwise within a row (softmax from the saved (max, sumexp), no reduction), so nothing is kept on chip:
 // the rows of plan_rows' register configurations are only the thread mapping (every thread's
 // granules loaded before any is written), and its split path cuts long or few rows into chunks of a
-// block each, with no merge to follow. `smooth` / `weight`: whether the call passes smooth_scale,
-// and weight with it (weight is read only with smooth_scale).
-inline LaunchPlan plan_cross_entropy_backward(int64_t rows, int64_t n, ElemBytes e, bool smooth, bool weight,
-                                              DeviceLimits limits) {
+// block each, with no merge to follow. row_bytes: the per-row arguments of all rows (each chunk's
+// block reads its row's again); once_bytes: what every row reads again from L2 (counted once).
+inline LaunchPlan plan_row_gradient(int64_t rows, int64_t n, ElemBytes e, int64_t row_bytes, int64_t once_bytes,
+                                    const char* rows_kernel, const char* chunks_kernel, DeviceLimits limits) {
   if (rows == 0 || n == 0) return LaunchPlan{};
   const int vec = e.vec();
   LaunchPlan plan = plan_rows(rows, n, vec, limits, 0, kMaxRegisterGranules);
-  // max, sumexp, p_scale, target_scale (and smooth_scale) per row, the int64 target, weight once:
-  // every row reads it again, from L2.
-  const int64_t row_bytes = rows * ((smooth ? 5 : 4) * e.acc + 8);
-  const int64_t weight_bytes = smooth && weight ? n * e.acc : 0;
   const int64_t x_bytes = rows * n * e.in, out_bytes = rows * n * e.out;
-  add_on_chip_row_launch(plan, rows, n, vec, limits, {"cross_entropy_backward_rows_kernel", "", 0},
-                         x_bytes + row_bytes + weight_bytes, out_bytes);
+  add_on_chip_row_launch(plan, rows, n, vec, limits, {rows_kernel, "", 0}, x_bytes + row_bytes + once_bytes,
+                         out_bytes);
   if (plan.path == Path::kSplit) {
-    Launch& l = plan.add("cross_entropy_backward_chunks_kernel");
+    Launch& l = plan.add(chunks_kernel);
     l.block_x = kSplitThreads;
     l.grid = capped_grid(rows * plan.chunks, limits);
     l.threads_per_row = kSplitThreads * plan.chunks;
-    // Each chunk's block reads its row's scalars.
     const int64_t reread = (plan.chunks - 1) * row_bytes;
-    l.bytes_read = x_bytes + row_bytes + reread + weight_bytes;
+    l.bytes_read = x_bytes + row_bytes + reread + once_bytes;
     l.bytes_reread = reread;
     l.bytes_written = out_bytes;
   }
   return plan;
+}
+
+// cross_entropy_backward (cross_entropy.cu): out = p_scale * softmax(x) - one-hot - smoothing.
+// `smooth` / `weight`: whether the call passes smooth_scale, and weight with it (weight is read only
+// with smooth_scale).
+inline LaunchPlan plan_cross_entropy_backward(int64_t rows, int64_t n, ElemBytes e, bool smooth, bool weight,
+                                              DeviceLimits limits) {
+  // max, sumexp, p_scale, target_scale (and smooth_scale) per row, the int64 target; weight once.
+  const int64_t row_bytes = rows * ((smooth ? 5 : 4) * e.acc + 8);
+  const int64_t weight_bytes = smooth && weight ? n * e.acc : 0;
+  return plan_row_gradient(rows, n, e, row_bytes, weight_bytes, "cross_entropy_backward_rows_kernel",
+                           "cross_entropy_backward_chunks_kernel", limits);
+}
+
+// token_logprobs_backward (token_logprobs_backward.cu): the gradient of log p[token] and of the entropy.
+// grad_entropy: whether the call passes it (and with it the entropy is read).
+inline LaunchPlan plan_token_logprobs_backward(int64_t rows, int64_t n, ElemBytes e, bool grad_entropy,
+                                               DeviceLimits limits) {
+  // grad_log_probs, max, sumexp (with grad_entropy: it and entropy) per row, the int64 token id.
+  const int64_t row_bytes = rows * ((grad_entropy ? 5 : 3) * e.acc + 8);
+  return plan_row_gradient(rows, n, e, row_bytes, 0, "token_logprobs_backward_rows_kernel",
+                           "token_logprobs_backward_chunks_kernel", limits);
 }
 
 // ---- masked_forward (masked_softmax.cu) ----

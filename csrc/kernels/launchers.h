@@ -149,4 +149,20 @@ cudaError_t cross_entropy_backward(const T* x, const typename AccOf<T>::type* ma
                                    const typename AccOf<T>::type* weight, T* out, int64_t rows, int64_t n,
                                    int* error, DeviceLimits limits, cudaStream_t stream);
 
+// ---- token_logprobs_backward (token_logprobs_backward.cu) ----
+
+// dx[r, j] = s * (g_lp[r] * ([j == tok_r] - p_rj) - g_H[r] * p_rj * (log p_rj + H_r)), s = scale =
+// 1 / temperature, p from the row's state (max of x * s, sumexp), over contiguous rows of n
+// elements, computed in the accumulation type and rounded once into out (x's type; may be x).
+// grad_entropy may be null (no entropy term; entropy is then not read). A token id outside [0, n)
+// adds no one-hot (no column is written out of bounds) and sets *error to 1 when error is not null;
+// the caller zeroes it and checks it.
+template <typename T>
+cudaError_t token_logprobs_backward(const T* x, const int64_t* token_ids,
+                                    const typename AccOf<T>::type* grad_log_probs,
+                                    const typename AccOf<T>::type* grad_entropy,
+                                    const typename AccOf<T>::type* max, const typename AccOf<T>::type* sumexp,
+                                    const typename AccOf<T>::type* entropy, double scale, T* out, int64_t rows,
+                                    int64_t n, int* error, DeviceLimits limits, cudaStream_t stream);
+
 }  // namespace online_softmax::kernels

@@ -59,14 +59,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         checks.tensor(t, name, op)
     checks.tensor(bias, "bias", op, optional=True)
     checks.tensor(class_weight, "class_weight", op, optional=True)
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        checks.floating(t, name, op)
-    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise checks.fail(op, f"hidden (..., H) and weight (V, H) must share H, got {list(hidden.shape)} and "
-                              f"{list(weight.shape)}")
-    vocab = weight.shape[0]
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != vocab):
-        raise checks.fail(op, f"bias must have shape [{vocab}], got {list(bias.shape)}")
+    vocab = check_head(op, hidden, weight, bias)
     if target.dtype.is_floating_point or target.dtype not in (torch.int64, torch.uint8):
         raise checks.fail(op, f"target must hold class indices (int64), got {target.dtype}", TypeError)
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
@@ -79,12 +72,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
             raise checks.fail(op, f"{name} is on {t.device} but hidden is on {hidden.device}")
     label_smoothing, z_loss, softcap = loss_options(op, reduction, ignore_index, label_smoothing, z_loss, softcap)
     composed = _composed(hidden, weight, bias)
-    if chunk_size is None and composed:
-        chunk_size = 1  # unused: the composition has no chunks (and the token count may be symbolic)
-    elif chunk_size is None:
-        tokens = hidden.numel() // max(1, hidden.shape[-1])
-        chunk_size = max(-(-tokens // CHUNKS), MIN_CHUNK_TOKENS, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
-    checks.positive_int(chunk_size, "chunk_size", op)
+    chunk_size = token_chunk(op, hidden, vocab, chunk_size, composed)
     if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
         raise checks.fail(op, "class_weight cannot have requires_grad=True: the loss is not differentiable with "
                               "respect to it (as torch's nll_loss); pass class_weight.detach()", RuntimeError)
@@ -102,6 +90,31 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         loss = loss.reshape(target.shape)
     loss = loss.to(hidden.dtype)
     return (loss, lse.reshape(target.shape)) if return_lse else loss
+
+
+def check_head(op, hidden, weight, bias) -> int:
+    """The checks of a vocabulary head's arguments, hidden (..., H), weight (V, H) and bias (V,),
+    shared by the linear_* losses; returns V."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        checks.floating(t, name, op)
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise checks.fail(op, f"hidden (..., H) and weight (V, H) must share H, got {list(hidden.shape)} and "
+                              f"{list(weight.shape)}")
+    vocab = weight.shape[0]
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != vocab):
+        raise checks.fail(op, f"bias must have shape [{vocab}], got {list(bias.shape)}")
+    return vocab
+
+
+def token_chunk(op, hidden, vocab, chunk_size, composed) -> int:
+    """The chunk of tokens: chunk_size, checked, or the default (see CHUNKS)."""
+    if chunk_size is None and composed:
+        chunk_size = 1  # unused: the composition has no chunks (and the token count may be symbolic)
+    elif chunk_size is None:
+        tokens = hidden.numel() // max(1, hidden.shape[-1])
+        chunk_size = max(-(-tokens // CHUNKS), MIN_CHUNK_TOKENS, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
+    checks.positive_int(chunk_size, "chunk_size", op)
+    return chunk_size
 
 
 def _composed(*tensors) -> bool:

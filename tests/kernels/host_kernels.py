@@ -231,6 +231,8 @@ class HostKernels:
         lib.osm_host_top_p_threshold.argtypes = [i32, vp, i64, i64, vp, vp, vp, vp, i32]
         lib.osm_host_cross_entropy_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, vp, i32,
                                                         i32]
+        lib.osm_host_token_logprobs_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, vp, f64, vp, i64, i64, vp,
+                                                         i32, i32]
         lib.osm_host_masked_forward.argtypes = [i32, i32, vp, vp, i64, i64, f64, i32, i32, vp, i32, vp, vp, i64,
                                                 i64, i64, i32, i32]
         lib.osm_host_rejection_workspace_bytes.argtypes = [i32, i64, i64, i64, i32, i32]
@@ -401,6 +403,21 @@ class HostKernels:
                                                              _ptr(smooth_scale),
                                                              _ptr(weight), _ptr(out), rows, n, _ptr(error),
                                                              limits.num_sms, limits.max_smem_per_block))
+        return (out, int(error.item())) if return_error else out
+
+    def token_logprobs_backward(self, grad_log_probs, grad_entropy, x, token_ids, max, sumexp, entropy,
+                                temperature=1.0, limits=Limits(), return_error=False, in_place=False):
+        """As cross_entropy_backward: rows of a contiguous 2-d x, per-row vectors contiguous in the
+        accumulation dtype; grad_entropy may be None. With return_error, returns (out, error flag);
+        in_place: out is x itself (token_logprobs_backward_), overwritten."""
+        assert x.dim() == 2 and x.is_contiguous()
+        rows, n = x.shape
+        out = x if in_place else _poison(torch.empty_like(x))
+        error = torch.zeros(1, dtype=torch.int32)
+        self._check(self.lib.osm_host_token_logprobs_backward(
+            DTYPE_CODES[x.dtype], _ptr(x), _ptr(token_ids), _ptr(grad_log_probs), _ptr(grad_entropy), _ptr(max),
+            _ptr(sumexp), _ptr(entropy), float(temperature), _ptr(out), rows, n, _ptr(error), limits.num_sms,
+            limits.max_smem_per_block))
         return (out, int(error.item())) if return_error else out
 
     def masked_forward(self, x, mask=None, causal=False, causal_offset=0, scale=1.0, log=False, out_dtype=None,

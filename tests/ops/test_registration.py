@@ -59,6 +59,16 @@ def _samples(device):
         (ops.cross_entropy_backward_, (x.detach().clone(), m, d, torch.tensor([4, 0, 36, 2, 1], device=device),
                                        torch.rand(5, device=device), torch.rand(5, device=device),
                                        torch.full((5,), 0.01, device=device), None)),
+        (ops.token_logprobs_backward, (torch.randn(5, device=device), torch.randn(5, device=device), x.detach(),
+                                       torch.tensor([0, 3, 36, 5, 1], device=device), m, d,
+                                       torch.rand(5, device=device), 0.8)),
+        (ops.token_logprobs_backward, (torch.randn(3, dtype=torch.float64, device=device), None,
+                                       x3.detach()[:, :, 0].contiguous(),
+                                       torch.tensor([0, 19, 4], device=device), *ops.stats(x3.detach()[:, :, 0], -1),
+                                       torch.ones(3, dtype=torch.float64, device=device), 1.0)),
+        (ops.token_logprobs_backward_, (x.detach().clone(), torch.randn(5, device=device),
+                                        torch.randn(5, device=device), torch.tensor([4, 0, 36, 2, 1], device=device),
+                                        m, d, torch.rand(5, device=device), 1.0)),
     ]
 
 
@@ -68,7 +78,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         covered.add(op._name if hasattr(op, "_name") else str(op))
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::")}
-    assert len(covered) == len(registered) == 14, (covered, registered)
+    assert len(covered) == len(registered) == 16, (covered, registered)
 
 
 def test_torch_compile_fullgraph():

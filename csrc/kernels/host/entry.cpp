@@ -218,6 +218,23 @@ int osm_host_cross_entropy_backward(int dtype, const void* x, const void* row_ma
   });
 }
 
+// grad_entropy may be null (entropy is then not read); error: an int the launcher sets to 1 on a
+// token id outside [0, n) (may be null).
+int osm_host_token_logprobs_backward(int dtype, const void* x, const int64_t* token_ids, const void* grad_log_probs,
+                                     const void* grad_entropy, const void* row_max, const void* sumexp,
+                                     const void* entropy, double temperature, void* out, int64_t rows, int64_t n,
+                                     int* error, int num_sms, int max_smem) {
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    using A = Acc<T>;
+    return token_logprobs_backward<T>(static_cast<const T*>(x), token_ids, static_cast<const A*>(grad_log_probs),
+                                      static_cast<const A*>(grad_entropy), static_cast<const A*>(row_max),
+                                      static_cast<const A*>(sumexp), static_cast<const A*>(entropy),
+                                      1.0 / temperature, static_cast<T*>(out), rows, n, error,
+                                      limits_of(num_sms, max_smem), nullptr);
+  });
+}
+
 // masked_softmax_forward over contiguous rows (rows x n); out_dtype as osm_host_forward's. kind 0/1/2
 // (none, bool, additive in the accumulation type); sizes/strides: dims entries each.
 int osm_host_masked_forward(int dtype, int out_dtype, const void* x, void* y, int64_t rows, int64_t n, double scale,

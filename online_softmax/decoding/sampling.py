@@ -30,6 +30,7 @@ _ops = torch.ops.online_softmax
 
 Param = Union[None, int, float, torch.Tensor]
 TIE_SLACK = 8              # selected past k, so that logits tied with the k-th stay in (as transformers keeps them)
+EDIT_SLACK = 64            # selected past k for the row's edited tokens; rows with more among them select again
 
 
 class Sample(NamedTuple):
@@ -128,7 +129,7 @@ def _sample_top_k(x, t, k, top_p, min_p, u, edits: Optional[RowEdits], least: in
     rows, vocab = x.shape
     kmax = int(k.max()) if not torch.compiler.is_compiling() else vocab
     width = edits.ids.shape[1] if edits is not None else 0
-    sel = min(vocab, max(kmax + TIE_SLACK + width, least))
+    sel = min(vocab, max(kmax + TIE_SLACK + min(width, EDIT_SLACK), least))
     _v, idx, m, d = _ops.softmax_topk(x, sel, -1, False, 1.0)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     raw = x.gather(1, idx).to(acc)
@@ -148,9 +149,14 @@ def _sample_top_k(x, t, k, top_p, min_p, u, edits: Optional[RowEdits], least: in
         overflow = ~(kth[:, 0] > bound[:, 0]) & ~bad & torch.isfinite(kth[:, 0])
     if overflow is not None and bool(overflow.any()):
         o = overflow.nonzero()[:, 0]
-        xo = dense_rows(x[o], _rows_of(edits, o))
-        tokens[o], logp[o] = exact_draw(xo, t[o], k[o], _rows(top_p, o), _rows(min_p, o), u[o])
-        every[o] = float("nan")  # not the candidates' any more: the fields come from the whole rows
+        wider = kmax + TIE_SLACK + width
+        if sel < min(vocab, wider):  # more edited tokens among the candidates than EDIT_SLACK: select more
+            redo = _sample_top_k(x[o], t[o], k[o], _rows(top_p, o), _rows(min_p, o), u[o], _rows_of(edits, o), wider)
+            tokens[o], logp[o] = redo.tokens, redo.log_probs
+        else:
+            xo = dense_rows(x[o], _rows_of(edits, o))
+            tokens[o], logp[o] = exact_draw(xo, t[o], k[o], _rows(top_p, o), _rows(min_p, o), u[o])
+        every[o] = float("nan")  # not these candidates' any more: the fields come from the whole rows
     tokens = tokens.masked_fill(bad[:, None], -1)
     logp = logp.masked_fill(bad[:, None], float("nan"))
     return _Drawn(tokens, logp, (idx, raw, m, d), (ids, every), None)

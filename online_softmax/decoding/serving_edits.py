@@ -20,7 +20,8 @@ whitelist, the opposite of sparse: such rows are sampled from their allowed toke
 into a short row of their own (``Restriction``).
 """
 
-from typing import NamedTuple, Optional, Sequence
+import itertools
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -89,14 +90,14 @@ def _coo(lists, name: str, rows: int, vocab: int, device):
     if not isinstance(lists, (list, tuple)) or len(lists) != rows:
         got = f"{len(lists)} entries" if isinstance(lists, (list, tuple)) else type(lists).__name__
         raise checks.fail(_OP, f"{name} must have one entry per row ({rows}), got {got}")
-    flat, lengths = [], []
-    for row in lists:
-        ids = _ids(row, name)
-        flat.extend(ids)
-        lengths.append(len(ids))
-    if flat and (min(flat) < 0 or max(flat) >= vocab):
-        raise checks.fail(_OP, f"{name} must hold token ids in [0, {vocab}), got {min(flat)}..{max(flat)}")
-    tok = torch.tensor(flat, dtype=torch.int64).to(device)
+    per_row = [_ids(row, name) for row in lists]
+    lengths = [len(ids) for ids in per_row]
+    flat = torch.tensor(list(itertools.chain.from_iterable(per_row)), dtype=None if any(lengths) else torch.int64)
+    if flat.dtype != torch.int64:
+        raise checks.fail(_OP, f"{name} must hold integer token ids, got {flat.dtype} values", TypeError)
+    if flat.numel() and bool((flat < 0).any() | (flat >= vocab).any()):
+        raise checks.fail(_OP, f"{name} must hold token ids in [0, {vocab}), got {int(flat.min())}..{int(flat.max())}")
+    tok = flat.to(device)
     r = torch.repeat_interleave(torch.arange(rows), torch.tensor(lengths, dtype=torch.int64)).to(device)
     return r, tok
 
@@ -108,9 +109,17 @@ def _ids(row, name: str) -> list:
         if row.dim() != 1 or row.dtype.is_floating_point or row.dtype == torch.bool:
             raise checks.fail(_OP, f"each row of {name} must be a 1-D integer tensor or a list of ints", TypeError)
         return row.tolist()
-    if not isinstance(row, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in row):
+    if not isinstance(row, (list, tuple)):
         raise checks.fail(_OP, f"each row of {name} must be None, a list of ints or a 1-D integer tensor", TypeError)
-    return list(row)
+    return row
+
+
+def _int_list(row, name: str) -> list:
+    """A short token list (a bad word, stop tokens, allowed tokens) as a list of Python ints."""
+    ids = list(_ids(row, name))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
+        raise checks.fail(_OP, f"{name} must hold integer token ids", TypeError)
+    return ids
 
 
 def _output_lists(output_token_ids, rows: int) -> list:
@@ -120,7 +129,7 @@ def _output_lists(output_token_ids, rows: int) -> list:
         return [[] for _ in range(rows)]
     if isinstance(output_token_ids, torch.Tensor):
         return [[v for v in row if v >= 0] for row in output_token_ids.tolist()]
-    return [_ids(row, "output_token_ids") for row in output_token_ids]
+    return [list(_ids(row, "output_token_ids")) for row in output_token_ids]
 
 
 def _per_row_list(value, name: str, rows: int) -> list:
@@ -137,7 +146,7 @@ def _bans(rows: int, vocab: int, bad_words, min_tokens, stop_token_ids, outputs:
     banned_r, banned_t = [], []
     for r, words in enumerate(_per_row_list(bad_words, "bad_words", rows)):
         for word in words or ():
-            word = _ids(word, "bad_words")
+            word = _int_list(word, "bad_words")
             if not word:
                 raise checks.fail(_OP, "bad_words must not hold an empty sequence")
             prefix = word[:-1]
@@ -153,7 +162,7 @@ def _bans(rows: int, vocab: int, bad_words, min_tokens, stop_token_ids, outputs:
         if isinstance(least, bool) or not isinstance(least, int) or least < 0:
             raise checks.fail(_OP, f"min_tokens must be ints >= 0, got {least!r}")
         if len(outputs[r]) < least:
-            ids = _ids(stop, "stop_token_ids")
+            ids = _int_list(stop, "stop_token_ids")
             banned_r.extend([r] * len(ids))
             banned_t.extend(ids)
     if banned_t and (min(banned_t) < 0 or max(banned_t) >= vocab):
@@ -172,9 +181,12 @@ def _bias(rows: int, vocab: int, logit_bias, device, dtype):
         for tok, value in biases.items():
             if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab:
                 raise checks.fail(_OP, f"logit_bias keys must be token ids in [0, {vocab}), got {tok!r}")
+            value = checks.real(value, "logit_bias", _OP)
+            if value != value or value == float("inf"):
+                raise checks.fail(_OP, f"logit_bias values must be numbers below +inf (-inf bans), got {value}")
             r.append(row)
             t.append(tok)
-            b.append(float(value))
+            b.append(value)
     return (torch.tensor(r, dtype=torch.int64).to(device), torch.tensor(t, dtype=torch.int64).to(device),
             torch.tensor(b, dtype=torch.float64).to(device=device, dtype=dtype))
 
@@ -289,7 +301,7 @@ def _restriction(allowed_token_ids, rows: int, vocab: int, dev) -> Optional[Rest
         return None
     sets = []
     for r in rows_with:
-        ids = sorted(set(_ids(lists[r], "allowed_token_ids")))
+        ids = sorted(set(_int_list(lists[r], "allowed_token_ids")))
         if not ids:
             raise checks.fail(_OP, f"allowed_token_ids of row {r} is empty (None allows every token)")
         if ids[0] < 0 or ids[-1] >= vocab:

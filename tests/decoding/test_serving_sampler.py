@@ -200,3 +200,22 @@ def test_more_edited_tokens_among_the_top_than_the_selection_slack(device, mode)
     out = osm.sample(x, top_k=40, num_samples=20, logprobs=30, logprobs_mode=mode, generator=gen(device, 4), **kw)
     ref = sample_fields_reference(x.cpu(), out.token_ids.cpu(), top_k=40, logprobs=30, logprobs_mode=mode, **kw)
     check_fields(out, {k: v.to(device) for k, v in ref.items()}, mode)
+
+
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+@pytest.mark.parametrize("cut", [dict(top_k=10), dict(top_p=0.9), dict()], ids=["top_k", "top_p", "whole"])
+def test_hostile_rows(device, cut, mode):
+    x = logits(device=device)[:5].clone()
+    x[0, 3] = float("nan")
+    x[1] = float("-inf")
+    x[2] *= 1e4 / 3
+    x[3, 9] = float("inf")
+    kw = dict(logit_bias=[{1: 1.0}] * 5, repetition_penalty=1.3, output_token_ids=[[2, 3]] * 5)
+    out = osm.sample(x, num_samples=2, logprobs=3, logprobs_mode=mode, generator=gen(device, 8), **cut, **kw)
+    for r in (0, 1, 3):  # no distribution: -1, rank -1, NaN
+        assert (out.token_ids[r] == -1).all() and out.log_probs[r].isnan().all()
+        assert (out.rank[r] == -1).all() and out.token_log_probs[r].isnan().all()
+    good = [2, 4]
+    ref = sample_fields_reference(x[good].cpu(), out.token_ids[good].cpu(), logprobs=3, logprobs_mode=mode, **cut,
+                                  **{k: (v[:2] if isinstance(v, list) else v) for k, v in kw.items()})
+    check_fields(osm.Sample(*(f[good] for f in out)), {k: v.to(device) for k, v in ref.items()}, mode)

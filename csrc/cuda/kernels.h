@@ -8,6 +8,7 @@
 //   token_logprobs_backward(_) csrc/cuda/token_logprobs_backward.cpp
 //   masked_forward            csrc/cuda/masked_softmax.cpp
 //   rejection_sample          csrc/cuda/rejection_sample.cpp
+//   token_logprobs            csrc/cuda/token_logprobs.cpp
 // Each checks its arguments (csrc/common/op_args.h, shared with the CPU backend), guards the device,
 // dispatches the dtype and makes one call into the framework-free launchers of csrc/kernels.
 #pragma once
@@ -45,6 +46,11 @@ std::tuple<at::Tensor, at::Tensor> sample_categorical(const at::Tensor& x, const
 
 std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at::Tensor& temperature,
                                                    const at::Tensor& top_p);
+
+using TokenLogprobsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+TokenLogprobsResult token_logprobs(const at::Tensor& x, const at::Tensor& token_ids, int64_t top_n, double temperature,
+                                   const std::optional<at::Tensor>& token_values);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_sample(
     const at::Tensor& target_logits, const at::Tensor& draft_token_ids, const std::optional<at::Tensor>& draft_probs,

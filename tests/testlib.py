@@ -3,6 +3,7 @@ per-dtype error budgets, and the tiny random GPT-2 of the decoding tests. Test f
 from here (the tests folder is on sys.path through its conftest.py)."""
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -182,9 +183,16 @@ def token_row_state(x, temperature=1.0):
 def token_logprobs_backward_ref(grad_log_probs, grad_entropy, x, token_ids, max, sumexp, entropy, temperature=1.0):
     """The formula in float64 on the given (rounded) inputs, and the error budget's scale of each
     element (its terms' size times the exponent's spread)."""
-    s = 1.0 / temperature
+    # 1 / t as the kernels (and the forward's state) round it: in the accumulation dtype.
+    s = torch.tensor(1.0 / temperature, dtype=max.dtype).item()
     x, m, d, h, gl = (t.cpu().double() for t in (x, max, sumexp, entropy, grad_log_probs))
-    z = x * s - m[:, None]
+    # z = x s - m: x s rounds at the scale of x (1e-12 at 1e4-scale float64 logits), more than the
+    # kernels err; (x - R) s + (R s - m), R = m / s, with R s - m exact (fractions) does not.
+    finite = torch.isfinite(m)
+    r = torch.where(finite, m / s, torch.zeros_like(m))
+    c = torch.tensor([float(Fraction(ri) * Fraction(s) - Fraction(mi)) if fi else 0.0
+                      for ri, mi, fi in zip(r.tolist(), m.tolist(), finite.tolist())], dtype=torch.float64)
+    z = torch.where(finite[:, None], (x - r[:, None]) * s + c[:, None], x * s - m[:, None])
     p = torch.exp(z) / d[:, None]
     log_p = z - d.log()[:, None]
     hit = (torch.arange(x.shape[1])[None, :] == token_ids.cpu()[:, None]).double()

@@ -62,7 +62,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids:
         lp, entropy = _composition(h, weight, bias, t, temperature)
     else:
         need = tuple(torch.is_grad_enabled() and p is not None and p.requires_grad for p in (h, weight, bias))
-        lp, entropy = _LinearTokenLogprobs.apply(h, weight, bias, t, temperature, chunk_size, need)
+        lp, entropy, _m, _d = _LinearTokenLogprobs.apply(h, weight, bias, t, temperature, chunk_size, need)
     lp = lp.reshape(token_ids.shape)
     return (lp, entropy.reshape(token_ids.shape)) if return_entropy else lp
 

@@ -65,8 +65,9 @@ def test_values_and_three_gradients_equal_unfused_float64(chunk_size, temperatur
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_against_float64(dtype):
-    """float32 and bfloat16 inputs: float32 results; values and gradients within the rounding of the
-    inputs' own logits (bfloat16: no worse than torch's unfused composition in that dtype)."""
+    """float32 and bfloat16 inputs: float32 results; values and gradients no worse than twice torch's
+    unfused composition in that dtype, plus a few roundings of the dtype: grad_weight sums the
+    chunks in the inputs' dtype (as linear_cross_entropy), one rounding per chunk."""
     h, w, b, t = inputs(dtype, shape=(3, 11), seed=2)
     lp, ent = osm.linear_token_logprobs(h, w, t, bias=b, temperature=0.8, return_entropy=True, chunk_size=4)
     assert lp.dtype == ent.dtype == torch.float32
@@ -80,7 +81,7 @@ def test_low_precision_against_float64(dtype):
     for ours, ref, theirs in zip((lp, ent) + got, (want_lp, want_ent) + want, (torch_lp, torch_ent) + torch_g):
         assert ours.dtype == theirs.dtype
         err = (ours.double() - ref).abs().max().item()
-        budget = (theirs.double() - ref).abs().max().item() * 2 + 1e-5 * (1 + ref.abs().max().item())
+        budget = (theirs.double() - ref).abs().max().item() * 2 + 4 * torch.finfo(dtype).eps * ref.abs().max().item()
         assert err <= budget, (err, budget)
 
 
@@ -204,7 +205,7 @@ def test_on_device_against_float64(device):
     got = torch.autograd.grad((lp * adv.float()).sum() + (ent * c.float()).sum(), (h, w, b))
     want = torch.autograd.grad((want_lp * adv).sum() + (want_ent * c).sum(), (h, w, b))
     for a, r in zip(got, want):
-        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.double(), r.double(), rtol=1e-4, atol=1e-4)
 
 
 MEMORY_CHILD = textwrap.dedent("""

@@ -18,7 +18,9 @@ import torch
 
 import online_softmax as osm
 from online_softmax import _C
-from testlib import backward_ref, random_logits
+from testlib import assert_token_logprobs_grad, backward_ref, random_logits, token_logprobs_backward_case
+
+TLP_ARGS = ("grad_log_probs", "grad_entropy", "x", "token_ids", "max", "sumexp", "entropy", "temperature")
 
 COMPILED = _C.cpu_capabilities()
 
@@ -122,6 +124,26 @@ def test_cross_entropy_kernel_under_each_capability(capability, dtype):
             # The in-place op writes the same bits over x (the target's logit is read first).
             over = x.clone()
             torch.ops.online_softmax.cross_entropy_backward_(over, mx, d, t, ps, ts, smooth, weight)
+            assert torch.equal(over.isnan(), out.isnan()) and torch.equal(over[~out.isnan()], out[~out.isnan()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_token_logprobs_backward_kernel_under_each_capability(capability, dtype):
+    """token_logprobs_backward against its formula in float64, rows crossing every vector width,
+    with and without grad_entropy, at a temperature, -inf and NaN logits included; in place alike."""
+    for rows, n in ((7, 1000), (3, 40001), (5, 17), (2, 1)):
+        args = token_logprobs_backward_case(rows, n, dtype, seed=n, temperature=0.8)
+        x = args["x"]
+        x.view(-1)[min(3, x.numel() - 1)] = float("-inf")
+        if rows > 2 and n > 1:
+            x[2, 0] = float("nan")
+        args["max"], args["sumexp"] = torch.ops.online_softmax.stats(x, 1, 0.8)
+        for g_h in (args["grad_entropy"], None):
+            a = dict(args, grad_entropy=g_h)
+            out = torch.ops.online_softmax.token_logprobs_backward(*[a[k] for k in TLP_ARGS])
+            assert_token_logprobs_grad(out, a, what=f"{capability} {dtype} {rows}x{n}")
+            over = x.clone()
+            torch.ops.online_softmax.token_logprobs_backward_(over, *[a[k] for k in TLP_ARGS if k != "x"])
             assert torch.equal(over.isnan(), out.isnan()) and torch.equal(over[~out.isnan()], out[~out.isnan()])
 
 

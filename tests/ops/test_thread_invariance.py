@@ -206,6 +206,17 @@ def test_cross_entropy_backward_threads(dtype):
     over_threads(lambda: ops.cross_entropy_backward(x, m, d, target, p_scale, p_scale, None, None))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_logprobs_backward_threads(dtype):
+    x = logits((6, 200000), dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    m = x.to(acc).amax(-1) / 0.8  # any per-row state: amax is exact in every order
+    d = torch.full_like(m, 3.5)
+    ids = torch.tensor([0, 199999, 5, 77777, 3, 12], dtype=torch.int64)
+    g = torch.linspace(-1, 1, 6, dtype=acc)
+    over_threads(lambda: ops.token_logprobs_backward(g, g.flip(0), x, ids, m, d, d, 0.8))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_beam_search_step_threads(dtype):
     logits_ = logits((6, 70001), dtype)

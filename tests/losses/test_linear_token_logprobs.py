@@ -3,15 +3,12 @@ the gradients of hidden, weight and bias, against the float64 unfused compositio
 log_softmax + gather, entropy -sum p log p), at chunk sizes that do not divide the sizes; derivatives,
 hostile scales, bad input and peak memory."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import online_softmax as osm
+from testlib import head_peak_rise_mib
 
 V, H = 37, 8
 
@@ -208,36 +205,10 @@ def test_on_device_against_float64(device):
         torch.testing.assert_close(a.double(), r.double(), rtol=1e-4, atol=1e-4)
 
 
-MEMORY_CHILD = textwrap.dedent("""
-    import sys, torch
-    import online_softmax as osm
-    torch.manual_seed(0)
-    tokens, hidden, vocab = 8192, 1024, 32000
-    def peak_mib():
-        # VmHWM, not ru_maxrss: the latter survives exec, so a child would start at its parent's peak.
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    h = (torch.randn(tokens, hidden) * 0.1).requires_grad_()
-    w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
-    t = torch.randint(0, vocab, (tokens,))
-    adv = torch.randn(tokens)
-    # The gradients' own memory, allocated and freed once so that the baseline peak holds them.
-    g = [torch.ones_like(h), torch.ones_like(w)]
-    del g
-    base = peak_mib()
-    lp, ent = osm.linear_token_logprobs(h, w, t, return_entropy=True)
-    ((lp * adv).sum() + 0.01 * ent.sum()).backward()
-    assert h.grad is not None and w.grad is not None and torch.isfinite(lp).all()
-    print(base, peak_mib())
-""")
-
-
 def test_peak_memory_stays_far_below_the_logits():
     """8192 tokens x hidden 1024 x vocabulary 32000 in float32: the logits would take 1000 MiB. The
     forward and backward together may raise the peak RSS above the inputs, weights and gradients
     by less than 10% of that."""
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    base, peak = map(float, out.stdout.split())
+    rise = head_peak_rise_mib("lp, ent = osm.linear_token_logprobs(h, w, t, return_entropy=True); ((lp * adv).sum() + 0.01 * ent.sum()).backward()")
     logits_mib = 8192 * 32000 * 4 / 2 ** 20
-    assert peak - base < 0.10 * logits_mib, (base, peak, logits_mib)
+    assert rise < 0.10 * logits_mib, (rise, logits_mib)

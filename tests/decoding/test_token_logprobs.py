@@ -223,3 +223,13 @@ def test_bad_arguments_name_the_argument(device):
         osm.token_logprobs(x, ids, temperature=0)
     with pytest.raises(TypeError, match="logits"):
         osm.token_logprobs(ids, ids)
+
+
+def test_torch_compile_fullgraph_and_meta():
+    logits = random_logits((3, 4, 50), torch.float32, seed=11)
+    ids = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(12))
+    compiled = torch.compile(lambda x, i: osm.token_logprobs(x, i, top_n=2, temperature=0.9), fullgraph=True)
+    for got, want in zip(compiled(logits, ids), osm.token_logprobs(logits, ids, top_n=2, temperature=0.9)):
+        assert torch.equal(got, want)
+    meta = osm.token_logprobs(logits.to("meta"), ids.to("meta"), top_n=2)
+    assert meta.log_probs.shape == (3, 4) and meta.top_log_probs.shape == (3, 4, 2)

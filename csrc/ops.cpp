@@ -63,7 +63,13 @@ TORCH_LIBRARY(online_softmax, m) {
   // num_samples) float64 in [0, 1). Returns int64 tokens and their log-probabilities under the
   // distribution drawn from (float32, float64 for float64 x); a row with NaN, +inf or only -inf
   // gives -1, NaN. Reads x once (twice with min_log_ratio) and writes nothing of its size.
-  m.def("sample_categorical(Tensor x, Tensor temperature, Tensor? min_log_ratio, Tensor uniforms) -> (Tensor tokens, Tensor log_probs)");
+  // edit_ids (rows, E) int64 and edit_values (rows, E) in the accumulation dtype, both or neither:
+  // sparse replacements of logits (bans, biases, penalties) read instead of x wherever x is read:
+  // row r's logit at edit_ids[r, j] is edit_values[r, j] (before the temperature: -inf bans the
+  // token, +inf or NaN leave the row no distribution). Each row's real ids are strictly ascending in
+  // [0, vocab), then -1 padding (E may be 0). The outputs are exactly those of the op on the dense
+  // edited copy x.to(acc).scatter(1, ids, values) (real entries only), which is never written.
+  m.def("sample_categorical(Tensor x, Tensor temperature, Tensor? min_log_ratio, Tensor uniforms, Tensor? edit_ids=None, Tensor? edit_values=None) -> (Tensor tokens, Tensor log_probs)");
   // Speculative decoding's verification (chain layout): target_logits (batch, n + 1, vocab) scored
   // at the n draft positions and one more; draft_token_ids (batch, n) int64 in [0, vocab);
   // draft_probs (batch, n, vocab) in float32 or target_logits' dtype, or None for a deterministic
@@ -100,7 +106,9 @@ TORCH_LIBRARY(online_softmax, m) {
   // temperature of the smallest token it keeps (the largest value whose tokens at or above it hold
   // >= top_p); status 0 found, 1 several tokens tied at the cut within float resolution, 2 no
   // distribution (NaN, +inf, all -inf). Reads x from memory once; narrowing passes hit the cache.
-  m.def("top_p_threshold(Tensor x, Tensor temperature, Tensor top_p) -> (Tensor log_ratio, Tensor status)");
+  // edit_ids, edit_values: sparse logit replacements, as sample_categorical takes them (the cut is
+  // that of the dense edited copy, exactly).
+  m.def("top_p_threshold(Tensor x, Tensor temperature, Tensor top_p, Tensor? edit_ids=None, Tensor? edit_values=None) -> (Tensor log_ratio, Tensor status)");
   // The gradient of a cross-entropy loss with respect to its logits x (rows, classes), in one read
   // of x and one write: out[i, c] = p_scale[i] * exp(x[i, c] - max[i]) / sumexp[i] - [c == target[i]] *
   // target_scale[i] - smooth_scale[i] * weight[c] (weight 1 when None; no term without

@@ -133,21 +133,24 @@ def _unrows(t, size):
 
 
 @_register("sample_categorical")
-def _sample_categorical_vmap(info, in_dims, x, temperature, min_log_ratio, uniforms):
+def _sample_categorical_vmap(info, in_dims, x, temperature, min_log_ratio, uniforms, edit_ids=None,
+                             edit_values=None):
     op, n = "sample_categorical", info.batch_size
     tokens, log_probs = torch.ops.online_softmax.sample_categorical(
         _rows_of(x, in_dims[0], n, 2, op, "x"), _rows_of(temperature, in_dims[1], n, 1, op, "temperature"),
         _rows_of(min_log_ratio, in_dims[2], n, 1, op, "min_log_ratio"),
-        _rows_of(uniforms, in_dims[3], n, 2, op, "uniforms"))
+        _rows_of(uniforms, in_dims[3], n, 2, op, "uniforms"), _rows_of(edit_ids, in_dims[4], n, 2, op, "edit_ids"),
+        _rows_of(edit_values, in_dims[5], n, 2, op, "edit_values"))
     return (_unrows(tokens, n), _unrows(log_probs, n)), (0, 0)
 
 
 @_register("top_p_threshold")
-def _top_p_threshold_vmap(info, in_dims, x, temperature, top_p):
+def _top_p_threshold_vmap(info, in_dims, x, temperature, top_p, edit_ids=None, edit_values=None):
     op, n = "top_p_threshold", info.batch_size
     log_ratio, status = torch.ops.online_softmax.top_p_threshold(
         _rows_of(x, in_dims[0], n, 2, op, "x"), _rows_of(temperature, in_dims[1], n, 1, op, "temperature"),
-        _rows_of(top_p, in_dims[2], n, 1, op, "top_p"))
+        _rows_of(top_p, in_dims[2], n, 1, op, "top_p"), _rows_of(edit_ids, in_dims[3], n, 2, op, "edit_ids"),
+        _rows_of(edit_values, in_dims[4], n, 2, op, "edit_values"))
     return (_unrows(log_ratio, n), _unrows(status, n)), (0, 0)
 
 

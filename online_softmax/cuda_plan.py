@@ -176,7 +176,7 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
               min_log_ratio: bool = False, smooth_scale: bool = False, weight: bool = False,
               mask_shape=None, mask_dtype: torch.dtype = torch.bool,
               draft_dtype: torch.dtype | None = None, token_values: bool = False,
-              grad_entropy: bool = False) -> CudaPlan:
+              grad_entropy: bool = False, num_edits: int = 0) -> CudaPlan:
     """The launch plan the CUDA kernels would run for ``op`` on a contiguous tensor of ``shape``.
 
     op: one of ``OPS``. ``dtype`` is the input's (for backward: the forward output's); ``out_dtype``
@@ -196,7 +196,8 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     ``dtype``), None for a call without them (one-hot drafts); its bytes assume every row verifies all
     n drafts and ends in a rejection, the most a call reads. token_logprobs takes x of shape (rows,
     vocab) along its last dim, ``k`` its top_n (default 0) and ``token_values`` whether the call passes
-    them (read instead of the token's logit). ``device`` is a preset name ("h100",
+    them (read instead of the token's logit). ``num_edits`` is the width of the sampling ops'
+    edit_ids (their sparse logit edits, read with x; 0 without). ``device`` is a preset name ("h100",
     "h200", "a100"), a dict of limits (sm_count, max_smem_per_block, l2_bytes, cc; optional
     hbm_bytes_per_s), "cuda" (the current GPU), "cuda:N" or a torch.device of a GPU, or None: the
     current GPU, else h100.
@@ -260,6 +261,10 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
         if shape[1] == 0 and shape[0] > 0:
             raise ValueError(f"online_softmax.cuda_plan: {op} needs x with at least one column to draw from, got "
                              f"shape {shape}")
+    if not isinstance(num_edits, int) or isinstance(num_edits, bool) or num_edits < 0:
+        raise ValueError(f"online_softmax.cuda_plan: num_edits must be an int >= 0, got {num_edits!r}")
+    if num_edits and op not in _SAMPLING_OPS:
+        raise ValueError(f"online_softmax.cuda_plan: num_edits is only for {_SAMPLING_OPS}, not {op!r}")
     if op == "sample_categorical":
         num_samples = 1 if num_samples is None else num_samples
         if not isinstance(num_samples, int) or isinstance(num_samples, bool):
@@ -308,6 +313,8 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     if op == "rejection_sample":  # rows of the batch, each with n + 1 target positions
         outer = shape[0]
         extra = (False, False, 0, shape[1], draft_dtype.itemsize if draft_dtype is not None else 0)
+    if num_edits:
+        extra = (False, False, 0, 1, 0, num_edits)
     raw = _C._cuda_plan(op, outer, size, inner, dtype.itemsize, out.itemsize, acc, k or 0, num_samples or 0,
                         bool(min_log_ratio or token_values), limits["sm_count"], limits["max_smem_per_block"], int(limits["l2_bytes"]),
                         cc_int, *extra)

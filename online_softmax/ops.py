@@ -205,17 +205,41 @@ def _check_sample_params(op, x, params):
                              f"{'(rows,)' if dims == 1 else '(rows, num_samples)'} with rows = {x.shape[0]}")
 
 
+def _check_sample_edits(op, x, edit_ids, edit_values):
+    """The metadata checks of the ops' sparse edits (the values' order and range are checked by the
+    kernels' bindings, which can read them)."""
+    if (edit_ids is None) != (edit_values is None):
+        given, missing = ("edit_ids", "edit_values") if edit_values is None else ("edit_values", "edit_ids")
+        raise ValueError(f"online_softmax.{op}: {missing} must be given with {given} (both or neither)")
+    if edit_ids is None:
+        return
+    if edit_ids.dtype != torch.int64:
+        raise TypeError(f"online_softmax.{op}: edit_ids must be an int64 tensor, got {edit_ids.dtype}")
+    if edit_values.dtype != state_dtype(x.dtype):
+        acc = "float64" if state_dtype(x.dtype) == torch.float64 else "float32"
+        raise TypeError(f"online_softmax.{op}: edit_values must be {acc} (the accumulation dtype of x), got "
+                        f"{edit_values.dtype}")
+    if edit_ids.dim() != 2 or edit_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"online_softmax.{op}: edit_ids must have shape (rows, num_edits) with rows = "
+                         f"{x.shape[0]}, got shape {list(edit_ids.shape)}")
+    if edit_values.shape != edit_ids.shape:
+        raise ValueError(f"online_softmax.{op}: edit_values must have edit_ids' shape {list(edit_ids.shape)}, "
+                         f"got {list(edit_values.shape)}")
+
+
 @torch.library.register_fake("online_softmax::sample_categorical")
-def _sample_categorical_fake(x, temperature, min_log_ratio, uniforms):
+def _sample_categorical_fake(x, temperature, min_log_ratio, uniforms, edit_ids=None, edit_values=None):
     _check_sample_params("sample_categorical", x, (("temperature", temperature, 1),
                                                    ("min_log_ratio", min_log_ratio, 1), ("uniforms", uniforms, 2)))
+    _check_sample_edits("sample_categorical", x, edit_ids, edit_values)
     shape = (x.shape[0], uniforms.shape[1])
     return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=state_dtype(x.dtype))
 
 
 @torch.library.register_fake("online_softmax::top_p_threshold")
-def _top_p_threshold_fake(x, temperature, top_p):
+def _top_p_threshold_fake(x, temperature, top_p, edit_ids=None, edit_values=None):
     _check_sample_params("top_p_threshold", x, (("temperature", temperature, 1), ("top_p", top_p, 1)))
+    _check_sample_edits("top_p_threshold", x, edit_ids, edit_values)
     return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((x.shape[0],), dtype=torch.int64)
 
 

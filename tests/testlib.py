@@ -397,3 +397,36 @@ def next_token_probs(model, ids, settings):
         logits = transformers.RepetitionPenaltyLogitsProcessor(settings["repetition_penalty"])(ids, logits)
     return warped_probs(logits, settings.get("temperature", 1.0), settings.get("top_k", 50), settings.get("top_p"),
                         settings.get("min_p"))[0].double()
+
+
+def pad_edits(id_lists, value_lists, acc, device="cpu", width=None):
+    """Sparse logit edits as the sampling ops take them: (rows, E) ids ascending then -1 padding, and
+    their values in the accumulation dtype acc (the padding's are NaN: never read)."""
+    width = max([len(ids) for ids in id_lists] + [0]) if width is None else width
+    ids = torch.full((len(id_lists), width), -1, dtype=torch.int64)
+    values = torch.full((len(id_lists), width), float("nan"), dtype=acc)
+    for r, (i, v) in enumerate(zip(id_lists, value_lists)):
+        order = torch.as_tensor(i, dtype=torch.int64).argsort()
+        ids[r, :len(i)] = torch.as_tensor(i, dtype=torch.int64)[order]
+        values[r, :len(i)] = torch.as_tensor(v, dtype=acc)[order]
+    return ids.to(device), values.to(device)
+
+
+def random_edits(vocab, counts, acc, device="cpu", seed=0, scale=4.0):
+    """counts[r] distinct random ids of row r with normal(0, scale) values, padded (pad_edits)."""
+    g = torch.Generator().manual_seed(seed)
+    id_lists, value_lists = [], []
+    for c in counts:
+        id_lists.append(torch.randperm(vocab, generator=g)[:c].tolist())
+        value_lists.append((torch.randn(c, generator=g, dtype=torch.float64) * scale).tolist())
+    return pad_edits(id_lists, value_lists, acc, device)
+
+
+def dense_edited(x, ids, values):
+    """x in its accumulation dtype with the real edits written in: the dense copy that the sampling
+    ops with edits must match bit for bit."""
+    out = x.to(state_dtype(x.dtype)).clone()
+    real = ids >= 0
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(ids)
+    out[rows[real], ids[real]] = values[real]
+    return out

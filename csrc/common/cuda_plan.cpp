@@ -55,19 +55,20 @@ PyObject* to_dict(const LaunchPlan& plan) {
 
 // _C._cuda_plan(op, outer, size, inner, in_bytes, out_bytes, acc_bytes, k, num_samples, min_log_ratio,
 //               num_sms, max_smem_per_block, l2_bytes, cc[, smooth_scale, weight, mask_bytes, positions,
-//               draft_bytes]) -> dict. rejection_sample passes outer = batch, size = vocab, positions = n + 1
-// and draft_bytes (0 without draft_probs); token_logprobs passes k = top_n and min_log_ratio = whether
-// token_values are given. Python checks the arguments (online_softmax/cuda_plan.py);
-// this only computes.
+//               draft_bytes, num_edits]) -> dict. rejection_sample passes outer = batch, size = vocab, positions = n + 1
+// and draft_bytes (0 without draft_probs); the sampling ops may pass num_edits (edit_ids' width);
+// token_logprobs passes k = top_n and min_log_ratio = whether token_values are given. Python checks
+// the arguments (online_softmax/cuda_plan.py); this only computes.
 PyObject* cuda_plan(PyObject*, PyObject* args) {
   const char* op = nullptr;
   long long outer = 0, size = 0, inner = 0, k = 0, num_samples = 0, l2 = 0;
   long long mask_bytes = 0, positions = 1;
   int in_bytes = 0, out_bytes = 0, acc_bytes = 0, cut = 0, sms = 0, smem = 0, cc = 0, smooth = 0, weight = 0;
   int draft_bytes = 0;
-  if (!PyArg_ParseTuple(args, "sLLLiiiLLpiiLi|ppLLi", &op, &outer, &size, &inner, &in_bytes, &out_bytes, &acc_bytes,
+  long long num_edits = 0;
+  if (!PyArg_ParseTuple(args, "sLLLiiiLLpiiLi|ppLLiL", &op, &outer, &size, &inner, &in_bytes, &out_bytes, &acc_bytes,
                         &k, &num_samples, &cut, &sms, &smem, &l2, &cc, &smooth, &weight, &mask_bytes, &positions,
-                        &draft_bytes)) {
+                        &draft_bytes, &num_edits)) {
     return nullptr;
   }
   kernels::DeviceLimits limits;
@@ -89,9 +90,9 @@ PyObject* cuda_plan(PyObject*, PyObject* args) {
   } else if (std::strcmp(op, "softmax_topk_backward") == 0) {
     plan = kernels::plan_topk_backward(layout.rows(), size, k, e, limits);
   } else if (std::strcmp(op, "sample_categorical") == 0) {
-    plan = kernels::plan_sample(layout.rows(), size, num_samples, cut != 0, e, limits);
+    plan = kernels::plan_sample(layout.rows(), size, num_samples, cut != 0, e, limits, num_edits);
   } else if (std::strcmp(op, "top_p_threshold") == 0) {
-    plan = kernels::plan_top_p(layout.rows(), size, e, limits);
+    plan = kernels::plan_top_p(layout.rows(), size, e, limits, num_edits);
   } else if (std::strcmp(op, "cross_entropy_backward") == 0) {
     plan = kernels::plan_cross_entropy_backward(layout.rows(), size, e, smooth != 0, weight != 0, limits);
   } else if (std::strcmp(op, "token_logprobs_backward") == 0) {

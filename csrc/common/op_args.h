@@ -7,6 +7,7 @@
 
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -193,6 +194,11 @@ inline at::Tensor topk_backward_result(const at::Tensor& dx, const at::Tensor& x
 struct SampleRows {
   at::Tensor x, temperature;
   int64_t rows, n;
+  at::Tensor edit_ids, edit_values;  // contiguous (rows, num_edits); undefined without edits
+  int64_t num_edits = 0;
+  // What the kernels read: null without edits.
+  const int64_t* edit_ids_data() const { return num_edits > 0 ? edit_ids.const_data_ptr<int64_t>() : nullptr; }
+  const void* edit_values_data() const { return num_edits > 0 ? edit_values.const_data_ptr() : nullptr; }
 };
 
 struct SampleArgs : SampleRows {
@@ -235,11 +241,56 @@ inline void sample_rows(const char* op, const at::Tensor& x, const at::Tensor& t
                                std::numeric_limits<double>::infinity(), false, true);
 }
 
+// The sparse logit edits of both sampling ops: edit_ids (rows, E) int64, each row's real ids strictly
+// ascending in [0, vocab) and then -1 padding; edit_values (rows, E) in the accumulation dtype. The
+// kernels walk each row's list with a cursor and stop at its first -1, so these properties are what
+// keeps their reads in bounds. One sync for the three value checks.
+inline void sample_edits(const char* op, const std::optional<at::Tensor>& edit_ids,
+                         const std::optional<at::Tensor>& edit_values, SampleRows& a) {
+  TORCH_CHECK_VALUE(edit_ids.has_value() == edit_values.has_value(), "online_softmax.", op, ": ",
+                    edit_ids.has_value() ? "edit_values" : "edit_ids", " must be given with ",
+                    edit_ids.has_value() ? "edit_ids" : "edit_values", " (both or neither)");
+  if (!edit_ids.has_value()) return;
+  const at::Tensor& ids = *edit_ids;
+  const at::Tensor& values = *edit_values;
+  const at::ScalarType acc = state_dtype(a.x.scalar_type());
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "online_softmax.", op, ": edit_ids must be an int64 tensor, got ",
+                   ids.scalar_type());
+  TORCH_CHECK_TYPE(values.scalar_type() == acc, "online_softmax.", op, ": edit_values must be ",
+                   acc == at::kDouble ? "float64" : "float32", " (the accumulation dtype of x), got ",
+                   values.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == a.rows, "online_softmax.", op,
+                    ": edit_ids must have shape (rows, num_edits) with rows = ", a.rows, ", got shape ", ids.sizes());
+  TORCH_CHECK_VALUE(values.sizes() == ids.sizes(), "online_softmax.", op, ": edit_values must have edit_ids' shape ",
+                    ids.sizes(), ", got ", values.sizes());
+  for (const auto& [t, name] : {std::pair{&ids, "edit_ids"}, std::pair{&values, "edit_values"}}) {
+    TORCH_CHECK_VALUE(t->device() == a.x.device(), "online_softmax.", op, ": ", name, " is on ", t->device(),
+                      " but x is on ", a.x.device());
+  }
+  if (ids.numel() > 0) {
+    const at::Tensor prev = ids.narrow(1, 0, ids.size(1) - 1), next = ids.narrow(1, 1, ids.size(1) - 1);
+    const at::Tensor bad = at::stack({((ids < -1) | (ids >= a.n)).any(),
+                                      ((next != -1) & (prev == -1)).any(),
+                                      ((next != -1) & (next <= prev)).any()})
+                               .cpu();
+    const bool* b = bad.const_data_ptr<bool>();
+    TORCH_CHECK_VALUE(!b[0], "online_softmax.", op, ": edit_ids must lie in [0, ", a.n, ") (vocab), or be -1 padding");
+    TORCH_CHECK_VALUE(!b[1], "online_softmax.", op, ": edit_ids must put its -1 padding after a row's real ids");
+    TORCH_CHECK_VALUE(!b[2], "online_softmax.", op, ": edit_ids must be strictly ascending within a row");
+  }
+  a.edit_ids = ids.contiguous();
+  a.edit_values = values.contiguous();
+  a.num_edits = ids.size(1);
+}
+
 inline SampleArgs sample_args(const at::Tensor& x, const at::Tensor& temperature,
-                              const std::optional<at::Tensor>& min_log_ratio, const at::Tensor& uniforms) {
+                              const std::optional<at::Tensor>& min_log_ratio, const at::Tensor& uniforms,
+                              const std::optional<at::Tensor>& edit_ids = std::nullopt,
+                              const std::optional<at::Tensor>& edit_values = std::nullopt) {
   const char* op = "sample_categorical";
   SampleArgs a;
   sample_rows(op, x, temperature, a);
+  sample_edits(op, edit_ids, edit_values, a);
   if (min_log_ratio.has_value()) {
     a.min_log_ratio = sample_param(op, *min_log_ratio, "min_log_ratio", x, 1, -std::numeric_limits<double>::infinity(),
                                    0.0, false, false);
@@ -258,10 +309,13 @@ struct TopPArgs : SampleRows {
   at::Tensor log_ratio, status;  // allocated results (rows,)
 };
 
-inline TopPArgs top_p_args(const at::Tensor& x, const at::Tensor& temperature, const at::Tensor& top_p) {
+inline TopPArgs top_p_args(const at::Tensor& x, const at::Tensor& temperature, const at::Tensor& top_p,
+                           const std::optional<at::Tensor>& edit_ids = std::nullopt,
+                           const std::optional<at::Tensor>& edit_values = std::nullopt) {
   const char* op = "top_p_threshold";
   TopPArgs a;
   sample_rows(op, x, temperature, a);
+  sample_edits(op, edit_ids, edit_values, a);
   a.top_p = sample_param(op, top_p, "top_p", x, 1, 0.0, 1.0, false, false);
   a.log_ratio = at::empty({a.rows}, x.options().dtype(at::kDouble));
   a.status = at::empty({a.rows}, x.options().dtype(at::kLong));

@@ -113,6 +113,9 @@ struct SampleCall {  // rows contiguous
   const double* uniforms;     // (rows, num_samples) in [0, 1)
   int64_t* tokens;            // (rows, num_samples); -1 for a row with no distribution
   void* log_probs;            // (rows, num_samples), accumulation type
+  const int64_t* edit_ids = nullptr;    // (rows, num_edits): ascending ids, then -1 padding
+  const void* edit_values = nullptr;    // (rows, num_edits), accumulation type
+  int64_t num_edits = 0;
 };
 
 struct TopPCall {  // rows contiguous
@@ -123,6 +126,9 @@ struct TopPCall {  // rows contiguous
   const double* top_p;        // (rows,)
   double* log_ratio;          // (rows,) the cut, as (x - max) / t of the smallest token kept
   int64_t* status;            // (rows,) 0 found, 1 tied at the cut, 2 no distribution
+  const int64_t* edit_ids = nullptr;    // as SampleCall's
+  const void* edit_values = nullptr;
+  int64_t num_edits = 0;
 };
 
 struct RejectionCall {  // every array contiguous; semantics: rejection_sample in csrc/ops.cpp

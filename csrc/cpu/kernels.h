@@ -39,7 +39,9 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> sample_categorical(const at::Tensor& x, const at::Tensor& temperature,
                                                       const std::optional<at::Tensor>& min_log_ratio,
-                                                      const at::Tensor& uniforms);
+                                                      const at::Tensor& uniforms,
+                                                      const std::optional<at::Tensor>& edit_ids,
+                                                      const std::optional<at::Tensor>& edit_values);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_sample(
     const at::Tensor& target_logits, const at::Tensor& draft_token_ids, const std::optional<at::Tensor>& draft_probs,
@@ -52,7 +54,9 @@ TokenLogprobsResult token_logprobs(const at::Tensor& x, const at::Tensor& token_
                                    const std::optional<at::Tensor>& token_values);
 
 std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at::Tensor& temperature,
-                                                   const at::Tensor& top_p);
+                                                   const at::Tensor& top_p,
+                                                   const std::optional<at::Tensor>& edit_ids,
+                                                   const std::optional<at::Tensor>& edit_values);
 
 at::Tensor cross_entropy_backward(const at::Tensor& x, const at::Tensor& max, const at::Tensor& sumexp,
                                   const at::Tensor& target,

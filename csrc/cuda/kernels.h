@@ -42,10 +42,14 @@ at::Tensor softmax_topk_backward(const at::Tensor& grad_values, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> sample_categorical(const at::Tensor& x, const at::Tensor& temperature,
                                                       const std::optional<at::Tensor>& min_log_ratio,
-                                                      const at::Tensor& uniforms);
+                                                      const at::Tensor& uniforms,
+                                                      const std::optional<at::Tensor>& edit_ids,
+                                                      const std::optional<at::Tensor>& edit_values);
 
 std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at::Tensor& temperature,
-                                                   const at::Tensor& top_p);
+                                                   const at::Tensor& top_p,
+                                                   const std::optional<at::Tensor>& edit_ids,
+                                                   const std::optional<at::Tensor>& edit_values);
 
 using TokenLogprobsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

@@ -570,17 +570,23 @@ inline Launch& add_row_block_launch(LaunchPlan& plan, const char* kernel, int64_
   return l;
 }
 
+// The bytes of num_edits sparse logit edits per row: an int64 id and an accumulation-type value each.
+inline int64_t sample_edit_bytes(int64_t rows, int64_t num_edits, ElemBytes e) {
+  return rows * num_edits * (8 + e.acc);
+}
+
 // sample_categorical with num_samples draws per row; `cut` when min_log_ratio is given (a max pass
 // first, so x is read twice). A draw walks its row's chunk states to one chunk and scans that chunk
-// of x: both are in cache and depend on the uniforms, so the model leaves them out.
+// of x: both are in cache and depend on the uniforms, so the model leaves them out. num_edits: the
+// width of edit_ids (0 without edits), read with x on every pass.
 inline LaunchPlan plan_sample(int64_t rows, int64_t n, int64_t num_samples, bool cut, ElemBytes e,
-                              DeviceLimits limits) {
+                              DeviceLimits limits, int64_t num_edits = 0) {
   LaunchPlan plan;
   if (rows == 0 || n == 0 || num_samples == 0) return plan;
   plan.path = Path::kSample;
   plan.chunk = kSampleChunk;
   plan.chunks = (n + kSampleChunk - 1) / kSampleChunk;
-  const int64_t x_bytes = rows * n * e.in;
+  const int64_t x_bytes = rows * n * e.in + sample_edit_bytes(rows, num_edits, e);
   const int64_t state_bytes = sample_state_bytes(rows, n, e);
   const int64_t draws = rows * num_samples;
   plan.workspace_bytes = size_t(state_bytes);
@@ -595,12 +601,12 @@ inline LaunchPlan plan_sample(int64_t rows, int64_t n, int64_t num_samples, bool
 
 // top_p_threshold: a max pass, then passes that each count 16 probes of a narrowing bracket. Only
 // the first probe pass is modelled: how many follow (at most 23) depends on the data, and every one
-// re-reads the row from cache.
-inline LaunchPlan plan_top_p(int64_t rows, int64_t n, ElemBytes e, DeviceLimits limits) {
+// re-reads the row from cache. num_edits as plan_sample's.
+inline LaunchPlan plan_top_p(int64_t rows, int64_t n, ElemBytes e, DeviceLimits limits, int64_t num_edits = 0) {
   LaunchPlan plan;
   if (rows == 0 || n == 0) return plan;
   plan.path = Path::kTopP;
-  const int64_t x_bytes = rows * n * e.in;
+  const int64_t x_bytes = rows * n * e.in + sample_edit_bytes(rows, num_edits, e);
   Launch& l = add_row_block_launch(plan, "top_p_kernel", rows, limits);
   l.bytes_read = 2 * x_bytes + rows * 16;  // x twice, temperature and top_p
   l.bytes_reread = x_bytes;

@@ -98,18 +98,24 @@ size_t sample_workspace_bytes(int64_t rows, int64_t n);
 // One draw per uniform from softmax(x * scale) of each contiguous row, scale = 1 / temperature[r],
 // restricted to (x - max) / t >= min_log_ratio[r] when min_log_ratio is not null: the first token
 // whose cumulative probability exceeds u. tokens/log_probs are (rows, num_samples); a row with NaN,
-// +inf or only -inf draws -1 with log-probability NaN. Requires n >= 1.
+// +inf or only -inf draws -1 with log-probability NaN. Requires n >= 1. edit_ids/edit_values
+// (rows, num_edits), null when num_edits is 0: each row's logit replacements, ids strictly ascending
+// in [0, n) then -1 padding (checked by the caller), read instead of x.
 template <typename T>
 cudaError_t sample_categorical(const T* x, int64_t rows, int64_t n, const double* temperature,
                                const double* min_log_ratio, const double* uniforms, int64_t num_samples,
                                int64_t* tokens, typename AccOf<T>::type* log_probs, void* workspace,
-                               DeviceLimits limits, cudaStream_t stream);
+                               DeviceLimits limits, cudaStream_t stream, const int64_t* edit_ids = nullptr,
+                               const typename AccOf<T>::type* edit_values = nullptr, int64_t num_edits = 0);
 
 // transformers' top-p cut per row, as the log-ratio (x - max) / t of the smallest token kept;
-// status 0 found, 1 tied at the cut within float resolution, 2 no distribution.
+// status 0 found, 1 tied at the cut within float resolution, 2 no distribution. Edits as
+// sample_categorical's.
 template <typename T>
 cudaError_t top_p_threshold(const T* x, int64_t rows, int64_t n, const double* temperature, const double* top_p,
-                            double* log_ratio, int64_t* status, DeviceLimits limits, cudaStream_t stream);
+                            double* log_ratio, int64_t* status, DeviceLimits limits, cudaStream_t stream,
+                            const int64_t* edit_ids = nullptr, const typename AccOf<T>::type* edit_values = nullptr,
+                            int64_t num_edits = 0);
 
 // ---- rejection_sample (rejection_sample.cu) ----
 

@@ -8,6 +8,12 @@
 // top_p_threshold: one block per row narrows a bracket [lo, hi) on the log-ratio (x - max) / t by
 // 16 probes per pass over the row (from L2 after the first), as the CPU kernel does, with the same
 // threshold rounding, so both classify every token alike.
+//
+// Sparse edits (each row's ascending (id, value) list in global memory) replace x wherever a thread
+// reads it, without changing which thread reads which element or the order of any sum: a warp's
+// chunk finds its edits by a binary search and patches its registers; a thread scanning a chunk for
+// a draw or striding over the row for top-p walks a cursor along the list. So a row with edits gives
+// the bits the dense edited copy (in the accumulation type) gives.
 #include "kernels/launchers.h"
 #include "kernels/online_state.cuh"
 #include "kernels/sampling_cut.cuh"
@@ -21,11 +27,84 @@ constexpr int kProbes = 16;
 template <typename T>
 using A_t = acc_t<T>;
 
+// One row's edits: ids strictly ascending in [0, n), values in the accumulation type; count stops at
+// the -1 padding.
+template <typename A>
+struct RowEdits {
+  const int64_t* ids;
+  const A* values;
+  int64_t count;
+};
+
+// The first index k >= from with ids[k] >= i, or the end (count); ids[lo, hi) is ascending.
+template <typename A>
+__device__ __forceinline__ int64_t first_edit(const RowEdits<A>& e, int64_t i, int64_t from = 0) {
+  int64_t lo = from, hi = e.count;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (e.ids[mid] < i) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+template <typename A>
+__device__ RowEdits<A> row_edits(const int64_t* ids, const A* values, int64_t num_edits, int64_t row) {
+  RowEdits<A> e{ids + row * num_edits, values + row * num_edits, 0};
+  if (num_edits == 0) return e;
+  int64_t lo = 0, hi = num_edits;  // the real ids come first: the first -1
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (e.ids[mid] >= 0) lo = mid + 1; else hi = mid;
+  }
+  e.count = lo;
+  return e;
+}
+
+// The edited value at i for a thread whose reads of the row ascend: k is its cursor in the list.
+template <typename A>
+__device__ __forceinline__ A edited(A v, int64_t i, const RowEdits<A>& e, int64_t& k) {
+  while (k < e.count && e.ids[k] < i) ++k;
+  return k < e.count && e.ids[k] == i ? e.values[k] : v;
+}
+
+// A warp's chunk in registers, v[j] holding element base + j * 32 + lane: the chunk's edits applied.
+template <int kPer, typename A>
+__device__ __forceinline__ void patch_chunk(A (&v)[kPer], int64_t base, int lane, const RowEdits<A>& e) {
+  if (e.count == 0) return;
+  for (int64_t k = first_edit(e, base); k < e.count && e.ids[k] < base + kPer * 32; ++k) {
+    const int64_t offset = e.ids[k] - base;
+    if ((offset & 31) == lane) {
+      const A value = e.values[k];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        if ((offset >> 5) == j) v[j] = value;
+      }
+    }
+  }
+}
+
+// The row's max (NaN if any). Without edits, strided over the block's threads; with them, a warp per
+// chunk (the max is exact, so any split gives the same bits).
 template <typename T>
-__device__ A_t<T> row_max(const T* xr, int64_t n, A_t<T>* scratch) {
+__device__ A_t<T> row_max(const T* xr, int64_t n, const RowEdits<A_t<T>>& e, A_t<T>* scratch) {
   using A = A_t<T>;
   A m = Limits<A>::lowest();
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = nan_max(m, to_acc(xr[i]));
+  if (e.count == 0) {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = nan_max(m, to_acc(xr[i]));
+  } else {
+    const int lane = threadIdx.x % 32;
+    for (int64_t c = threadIdx.x / 32; c * kSampleChunk < n; c += blockDim.x / 32) {
+      A v[kPerLane];
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        const int64_t i = c * kSampleChunk + j * 32 + lane;
+        v[j] = i < n ? to_acc(xr[i]) : Limits<A>::lowest();
+      }
+      patch_chunk(v, c * kSampleChunk, lane, e);
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) m = nan_max(m, v[j]);
+    }
+  }
   return block_max(m, scratch);
 }
 
@@ -34,7 +113,8 @@ __global__ void __launch_bounds__(kSampleThreads)
     sample_kernel(const T* __restrict__ x, int64_t rows, int64_t n, const double* __restrict__ temperature,
                   const double* __restrict__ min_log_ratio, const double* __restrict__ uniforms, int64_t num_samples,
                   int64_t* __restrict__ tokens, A_t<T>* __restrict__ log_probs, A_t<T>* __restrict__ chunk_m,
-                  A_t<T>* __restrict__ chunk_d) {
+                  A_t<T>* __restrict__ chunk_d, const int64_t* __restrict__ edit_ids,
+                  const A_t<T>* __restrict__ edit_values, int64_t num_edits) {
   using A = A_t<T>;
   __shared__ A scratch[32];
   __shared__ double dscratch[32];
@@ -47,10 +127,11 @@ __global__ void __launch_bounds__(kSampleThreads)
     const A s = static_cast<A>(1.0 / temperature[row]);
     const A s2 = Exp<A>::scale(s);
     const bool cut = min_log_ratio != nullptr && min_log_ratio[row] > -1.0e308;
+    const RowEdits<A> edits = row_edits(edit_ids, edit_values, num_edits, row);
     A m = Limits<A>::lowest();
     A threshold = -Limits<A>::inf();
     if (cut) {
-      m = row_max(xr, n, scratch);
+      m = row_max(xr, n, edits, scratch);
       threshold = threshold_value(m, min_log_ratio[row], s);
     }
     // Chunk states, one warp per chunk.
@@ -62,6 +143,7 @@ __global__ void __launch_bounds__(kSampleThreads)
         const int64_t i = c * kSampleChunk + j * 32 + lane;
         v[j] = i < n ? to_acc(xr[i]) : -Limits<A>::inf();
       }
+      patch_chunk(v, c * kSampleChunk, lane, edits);
       A cmax = m;
       if (!cut) {
         cmax = Limits<A>::lowest();
@@ -111,21 +193,30 @@ __global__ void __launch_bounds__(kSampleThreads)
       }
       const int64_t begin = c * kSampleChunk, end = imin(n, begin + kSampleChunk);
       int64_t pick = -1, best = begin;
+      A pick_v = 0, best_v = 0;
       double acc = 0.0;
+      int64_t k = edits.count > 0 ? first_edit(edits, begin) : 0;
       for (int64_t i = begin; i < end; ++i) {
-        const A v = to_acc(xr[i]);
-        if (v > to_acc(xr[best])) best = i;
+        const A v = edited(to_acc(xr[i]), i, edits, k);
+        if (i == begin || v > best_v) {
+          best = i;
+          best_v = v;
+        }
         if (!(v >= threshold)) continue;
         const double e = exp(static_cast<double>((v - m) * s));
         if (e > 0.0) {
           pick = i;
+          pick_v = v;
           acc += e;
           if (acc > target) break;
         }
       }
-      if (pick < 0) pick = best;
+      if (pick < 0) {
+        pick = best;
+        pick_v = best_v;
+      }
       *tok = pick;
-      *lp = static_cast<A>(static_cast<double>((to_acc(xr[pick]) - m) * s) - log(total));
+      *lp = static_cast<A>(static_cast<double>((pick_v - m) * s) - log(total));
     }
     __syncthreads();  // the next row reuses the shared scratch
   }
@@ -134,7 +225,8 @@ __global__ void __launch_bounds__(kSampleThreads)
 template <typename T>
 __global__ void __launch_bounds__(kSampleThreads)
     top_p_kernel(const T* __restrict__ x, int64_t rows, int64_t n, const double* __restrict__ temperature,
-                 const double* __restrict__ top_p, double* __restrict__ log_ratio, int64_t* __restrict__ status) {
+                 const double* __restrict__ top_p, double* __restrict__ log_ratio, int64_t* __restrict__ status,
+                 const int64_t* __restrict__ edit_ids, const A_t<T>* __restrict__ edit_values, int64_t num_edits) {
   using A = A_t<T>;
   __shared__ A scratch[32];
   __shared__ double part_mass[kProbes][32];
@@ -149,7 +241,8 @@ __global__ void __launch_bounds__(kSampleThreads)
     const A s = static_cast<A>(1.0 / temperature[row]);
     const A s2 = Exp<A>::scale(s);
     const double p = top_p[row];
-    const A m = row_max(xr, n, scratch);
+    const RowEdits<A> edits = row_edits(edit_ids, edit_values, num_edits, row);
+    const A m = row_max(xr, n, edits, scratch);
     if (!finite_value(static_cast<double>(m)) || p <= 0.0) {
       if (threadIdx.x == 0) {
         log_ratio[row] = p <= 0.0 && finite_value(static_cast<double>(m)) ? 0.0 : Limits<double>::nan();
@@ -177,8 +270,9 @@ __global__ void __launch_bounds__(kSampleThreads)
         mass[j] = 0.0;
         count[j] = 0;
       }
+      int64_t k = 0;
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        const A v = to_acc(xr[i]);
+        const A v = edits.count > 0 ? edited(to_acc(xr[i]), i, edits, k) : to_acc(xr[i]);
         const A e = Exp<A>::of((v - m) * s2);
 #pragma unroll
         for (int j = 0; j < kProbes; ++j) {
@@ -254,25 +348,32 @@ template <typename T>
 cudaError_t sample_categorical(const T* x, int64_t rows, int64_t n, const double* temperature,
                                const double* min_log_ratio, const double* uniforms, int64_t num_samples,
                                int64_t* tokens, typename AccOf<T>::type* log_probs, void* workspace,
-                               DeviceLimits limits, cudaStream_t stream) {
+                               DeviceLimits limits, cudaStream_t stream, const int64_t* edit_ids,
+                               const typename AccOf<T>::type* edit_values, int64_t num_edits) {
   if (rows <= 0 || num_samples <= 0) return cudaSuccess;
-  if (n <= 0 || workspace == nullptr) return cudaErrorInvalidValue;
-  const LaunchPlan plan = plan_sample(rows, n, num_samples, min_log_ratio != nullptr, elem_bytes<T>(), limits);
+  if (n <= 0 || workspace == nullptr || (num_edits > 0 && (edit_ids == nullptr || edit_values == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  const LaunchPlan plan =
+      plan_sample(rows, n, num_samples, min_log_ratio != nullptr, elem_bytes<T>(), limits, num_edits > 0 ? num_edits : 0);
   const Launch& l = plan.launch[0];
   auto* cm = static_cast<A_t<T>*>(workspace);
   auto* cd = cm + rows * plan.chunks;
   OSM_LAUNCH(l.grid, l.block_x, 0, stream, sample_kernel<T>)(
-      x, rows, n, temperature, min_log_ratio, uniforms, num_samples, tokens, log_probs, cm, cd);
+      x, rows, n, temperature, min_log_ratio, uniforms, num_samples, tokens, log_probs, cm, cd, edit_ids, edit_values,
+      num_edits > 0 ? num_edits : 0);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t top_p_threshold(const T* x, int64_t rows, int64_t n, const double* temperature, const double* top_p,
-                            double* log_ratio, int64_t* status, DeviceLimits limits, cudaStream_t stream) {
+                            double* log_ratio, int64_t* status, DeviceLimits limits, cudaStream_t stream,
+                            const int64_t* edit_ids, const typename AccOf<T>::type* edit_values, int64_t num_edits) {
   if (rows <= 0) return cudaSuccess;
-  if (n <= 0) return cudaErrorInvalidValue;
-  const Launch& l = plan_top_p(rows, n, elem_bytes<T>(), limits).launch[0];
-  OSM_LAUNCH(l.grid, l.block_x, 0, stream, top_p_kernel<T>)(x, rows, n, temperature, top_p, log_ratio, status);
+  if (n <= 0 || (num_edits > 0 && (edit_ids == nullptr || edit_values == nullptr))) return cudaErrorInvalidValue;
+  const Launch& l = plan_top_p(rows, n, elem_bytes<T>(), limits, num_edits > 0 ? num_edits : 0).launch[0];
+  OSM_LAUNCH(l.grid, l.block_x, 0, stream, top_p_kernel<T>)(x, rows, n, temperature, top_p, log_ratio, status,
+                                                           edit_ids, edit_values, num_edits > 0 ? num_edits : 0);
   return cudaGetLastError();
 }
 
@@ -280,9 +381,11 @@ cudaError_t top_p_threshold(const T* x, int64_t rows, int64_t n, const double* t
   template size_t sample_workspace_bytes<T>(int64_t, int64_t);                                               \
   template cudaError_t sample_categorical<T>(const T*, int64_t, int64_t, const double*, const double*,       \
                                              const double*, int64_t, int64_t*, typename AccOf<T>::type*, void*, \
-                                             DeviceLimits, cudaStream_t);                                    \
+                                             DeviceLimits, cudaStream_t, const int64_t*,                     \
+                                             const typename AccOf<T>::type*, int64_t);                       \
   template cudaError_t top_p_threshold<T>(const T*, int64_t, int64_t, const double*, const double*, double*, \
-                                          int64_t*, DeviceLimits, cudaStream_t);
+                                          int64_t*, DeviceLimits, cudaStream_t, const int64_t*,              \
+                                          const typename AccOf<T>::type*, int64_t);
 OSM_INSTANTIATE_SAMPLE(float)
 OSM_INSTANTIATE_SAMPLE(double)
 OSM_INSTANTIATE_SAMPLE(__half)

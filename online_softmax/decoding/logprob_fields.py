@@ -8,7 +8,8 @@ their row once more through ``token_logprobs``: the raw top N + E (E: the row's 
 count of tokens ranked ahead of the drawn one, which the edits then correct.
 
 Ranks and the top-N order compare logits (edited ones under "processed") before the temperature
-divides them: larger first, equal values by token id, as ``torch.topk`` orders them.
+divides them: larger first, NaN above every number, equal values by the lower token id (a stable
+descending sort's order; torch.topk leaves the order of equal values unspecified).
 """
 
 from typing import NamedTuple, Optional

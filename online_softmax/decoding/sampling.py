@@ -219,7 +219,7 @@ def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = Non
     the same tokens whatever its position in the batch and whatever the other rows are.
 
     ``logprobs=N`` (vLLM's ``logprobs``) also returns each drawn token's log-probability and rank
-    (1 = the most likely; equal logits rank by token id, as ``torch.topk`` orders them; ranks
+    (1 = the most likely; equal logits by the lower token id, a stable sort's order; ranks
     compare the (edited) logits before the temperature divides them) and each row's N most likely
     tokens, under ``logprobs_mode``: ``"raw"``, log_softmax of the logits as given (vLLM's default),
     or ``"processed"``, the distribution drawn from (edits, temperature and cuts; -inf for cut

@@ -202,6 +202,14 @@ def _poison(t):
     return t
 
 
+def _edit_args(edit_ids, edit_values):
+    """The sampling launchers' trailing (edit_ids, edit_values, num_edits): contiguous (rows, E)."""
+    if edit_ids is None or edit_ids.shape[1] == 0:
+        return ctypes.c_void_p(0), ctypes.c_void_p(0), 0
+    assert edit_ids.is_contiguous() and edit_values.is_contiguous() and edit_ids.shape == edit_values.shape
+    return _ptr(edit_ids), _ptr(edit_values), edit_ids.shape[1]
+
+
 def _workspace(nbytes):
     return _poison(torch.empty(max(int(nbytes), 1), dtype=torch.uint8)) if nbytes else None
 
@@ -227,8 +235,8 @@ class HostKernels:
         lib.osm_host_topk_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, i64, i64, i64, f64, i32, vp, i32, i32]
         lib.osm_host_sample_workspace_bytes.argtypes = [i32, i64, i64]
         lib.osm_host_sample_workspace_bytes.restype = sz
-        lib.osm_host_sample_categorical.argtypes = [i32, vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, i32]
-        lib.osm_host_top_p_threshold.argtypes = [i32, vp, i64, i64, vp, vp, vp, vp, i32]
+        lib.osm_host_sample_categorical.argtypes = [i32, vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, i32, vp, vp, i64]
+        lib.osm_host_top_p_threshold.argtypes = [i32, vp, i64, i64, vp, vp, vp, vp, i32, vp, vp, i64]
         lib.osm_host_cross_entropy_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, vp, i32,
                                                         i32]
         lib.osm_host_token_logprobs_backward.argtypes = [i32, vp, vp, vp, vp, vp, vp, vp, f64, vp, i64, i64, vp,
@@ -340,9 +348,10 @@ class HostKernels:
                                                     limits.max_smem_per_block))
         return (dx, int(error.item())) if return_error else dx
 
-    def sample_categorical(self, x, temperature, min_log_ratio, uniforms, limits=Limits()):
+    def sample_categorical(self, x, temperature, min_log_ratio, uniforms, limits=Limits(), edit_ids=None,
+                           edit_values=None):
         """Rows of a contiguous 2-d x; float64 (rows,) temperature and cut (or None), (rows, S)
-        uniforms. Returns (tokens, log_probs)."""
+        uniforms; contiguous (rows, E) edits as the op takes them, or None. Returns (tokens, log_probs)."""
         assert x.is_contiguous() and x.dim() == 2
         rows, n = x.shape
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -352,16 +361,18 @@ class HostKernels:
         ws = _workspace(self.lib.osm_host_sample_workspace_bytes(code, rows, n))
         self._check(self.lib.osm_host_sample_categorical(code, _ptr(x), rows, n, _ptr(temperature), _ptr(min_log_ratio),
                                                          _ptr(uniforms), uniforms.shape[1], _ptr(tokens),
-                                                         _ptr(log_probs), _ptr(ws), limits.num_sms))
+                                                         _ptr(log_probs), _ptr(ws), limits.num_sms,
+                                                         *_edit_args(edit_ids, edit_values)))
         return tokens, log_probs
 
-    def top_p_threshold(self, x, temperature, top_p, limits=Limits()):
+    def top_p_threshold(self, x, temperature, top_p, limits=Limits(), edit_ids=None, edit_values=None):
         assert x.is_contiguous() and x.dim() == 2
         rows, n = x.shape
         ratio = _poison(torch.empty(rows, dtype=torch.float64))
         status = _poison(torch.empty(rows, dtype=torch.int64))
         self._check(self.lib.osm_host_top_p_threshold(DTYPE_CODES[x.dtype], _ptr(x), rows, n, _ptr(temperature),
-                                                      _ptr(top_p), _ptr(ratio), _ptr(status), limits.num_sms))
+                                                      _ptr(top_p), _ptr(ratio), _ptr(status), limits.num_sms,
+                                                      *_edit_args(edit_ids, edit_values)))
         return ratio, status
 
     def rejection_sample(self, target_logits, draft_token_ids, draft_probs, num_draft_tokens, temperature,

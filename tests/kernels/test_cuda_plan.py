@@ -177,6 +177,21 @@ def test_sample_categorical_with_a_cut_reads_x_twice():
     assert cut.dram_bytes == plain.dram_bytes + 8 * 8
 
 
+def test_sampling_edits_add_their_bytes_to_each_read_of_x():
+    shape, edits = (8, 50000), 300
+    edit_bytes = 8 * edits * (8 + 4)  # an int64 id and a float32 value each
+    for op, reads in (("sample_categorical", 1), ("top_p_threshold", 2)):
+        plain = osm.cuda_plan(op, shape, torch.bfloat16, device="h100")
+        edited = osm.cuda_plan(op, shape, torch.bfloat16, num_edits=edits, device="h100")
+        assert [l.kernel for l in edited.launches] == [l.kernel for l in plain.launches]
+        assert edited.launches[0].grid == plain.launches[0].grid
+        assert edited.bytes_read - plain.bytes_read == reads * edit_bytes
+    with pytest.raises(ValueError, match="num_edits is only for"):
+        osm.cuda_plan("forward", (8, 100), torch.float32, num_edits=3)
+    with pytest.raises(ValueError, match="num_edits must be an int >= 0"):
+        osm.cuda_plan("top_p_threshold", (8, 100), torch.float32, num_edits=-1)
+
+
 def test_sampling_grids_are_capped_and_loop_over_rows():
     rows = 132 * 64 + 5
     for op in ("sample_categorical", "top_p_threshold"):

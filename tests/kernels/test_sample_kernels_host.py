@@ -9,7 +9,8 @@ import torch
 import host_kernels as hkmod
 import online_softmax  # noqa: F401  (the CPU ops)
 from host_kernels import HostKernels, Limits, assert_ran, plan_for
-from testlib import random_logits
+from online_softmax._checks import state_dtype
+from testlib import dense_edited, pad_edits, random_edits, random_logits
 
 pytestmark = hkmod.requires_toolchain()
 
@@ -104,3 +105,51 @@ def test_top_p_threshold_reports_ties(hk):
     want = ops.top_p_threshold(x, t, top_p)
     got = hk.top_p_threshold(x, t, top_p)
     assert got[1].tolist() == want[1].tolist() == [1, 1]
+
+
+def host_edit_case(dtype, n, seed):
+    """Rows without edits, with edits at the 256-element chunk edges, with hundreds of random ones,
+    banning all but two tokens, and with hostile values (+inf; an edit over x's NaN)."""
+    x = rows_of(6, n, dtype, seed=seed)
+    x[5, n // 3] = float("nan")
+    acc = state_dtype(dtype)
+    edges = sorted({i for i in (0, 255, 256, 511, 512, n // 2, n - 1) if i < n})
+    ids, values = random_edits(n, [0, 0, len(edges), min(n, 400), n - 2, 1], acc, seed=seed)
+    lists = [ids[r][ids[r] >= 0].tolist() for r in range(6)]
+    vals = [values[r][ids[r] >= 0].tolist() for r in range(6)]
+    lists[1], vals[1] = [n - 1], [float("inf")]
+    lists[2], vals[2] = edges, [5.0, -1.0, float("-inf"), 2.0, 0.5, 7.0, 1.0][:len(edges)]
+    vals[4] = [float("-inf")] * len(lists[4])
+    lists[5], vals[5] = [n // 3], [0.25]
+    return x, *pad_edits(lists, vals, acc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [2, 300, 3001])
+@pytest.mark.parametrize("cut", [None, -2.0])
+def test_edited_rows_draw_what_the_dense_edited_copy_draws(hk, dtype, n, cut):
+    """The kernels read the edits instead of x: the same bits as the same kernels on the dense edited
+    copy in the accumulation dtype (float32 for float16/bfloat16 x), and the draws of the CPU op."""
+    x, ids, values = host_edit_case(dtype, n, seed=n + 7)
+    rows, draws = x.shape[0], 9
+    t = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.8, 1.3], dtype=torch.float64)
+    ratio = None if cut is None else torch.full((rows,), cut, dtype=torch.float64)
+    u = torch.rand(rows, draws, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    dense = dense_edited(x, ids, values)
+    hk.launches()
+    got_tok, got_lp = hk.sample_categorical(x, t, ratio, u, Limits(num_sms=2), ids, values)
+    assert_ran(hk, plan_for("sample_categorical", (rows, n), dtype, Limits(num_sms=2), num_samples=draws,
+                            min_log_ratio=ratio is not None, num_edits=ids.shape[1]), ["sample_kernel"])
+    want_tok, want_lp = hk.sample_categorical(dense, t, ratio, u, Limits(num_sms=2))
+    assert torch.equal(got_tok, want_tok)
+    torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=0, equal_nan=True)
+    assert (got_tok[1] == -1).all() and (got_tok[5] >= 0).all()
+    cpu_tok, _ = ops.sample_categorical(x, t, ratio, u, ids, values)
+    assert torch.equal(got_tok, cpu_tok)
+
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.7, 0.9, 0.3], dtype=torch.float64)
+    got = hk.top_p_threshold(x, t, top_p, Limits(num_sms=2), ids, values)
+    want = hk.top_p_threshold(dense, t, top_p, Limits(num_sms=2))
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[1], ops.top_p_threshold(x, t, top_p, ids, values)[1])

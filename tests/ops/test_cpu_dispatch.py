@@ -18,7 +18,9 @@ import torch
 
 import online_softmax as osm
 from online_softmax import _C
-from testlib import assert_token_logprobs_grad, backward_ref, random_logits, token_logprobs_backward_case
+from online_softmax._checks import state_dtype
+from testlib import assert_token_logprobs_grad, backward_ref, dense_edited, random_edits, random_logits, \
+    token_logprobs_backward_case
 
 TLP_ARGS = ("grad_log_probs", "grad_entropy", "x", "token_ids", "max", "sumexp", "entropy", "temperature")
 
@@ -183,6 +185,24 @@ def test_sampling_kernels_under_each_capability(capability, dtype):
             assert x[r][kept[r] & ~want[r]].unique().numel() <= 1, (capability, r)
     if dtype != torch.bfloat16:
         assert (status == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sampling_edits_under_each_capability(capability, dtype):
+    """The sampling ops with sparse logit edits under this capability's kernels: exactly the outputs
+    of the same kernels on the dense edited copy (in the accumulation dtype)."""
+    ops = torch.ops.online_softmax
+    x = random_logits((4, 3001), dtype, seed=13)
+    ids, values = random_edits(3001, [0, 3, 400, 2999], state_dtype(dtype), seed=13)
+    dense = dense_edited(x, ids, values)
+    t = torch.tensor([1.0, 0.7, 1.3, 2.0], dtype=torch.float64)
+    u = torch.rand(4, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for cut in (None, torch.full((4,), -2.0, dtype=torch.float64)):
+        got, want = ops.sample_categorical(x, t, cut, u, ids, values), ops.sample_categorical(dense, t, cut, u)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), capability
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.3], dtype=torch.float64)
+    got, want = ops.top_p_threshold(x, t, top_p, ids, values), ops.top_p_threshold(dense, t, top_p)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), capability
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -22,6 +22,9 @@ def _samples(device):
     u64 = torch.rand(5, 3, dtype=torch.float64, device=device)
     xr = random_logits((2, 3, 37), torch.float32, device)
     accept_all = torch.cat([torch.zeros(2, 2, dtype=torch.float64, device=device), u64[:2, :1]], 1)  # no padding
+    edit_ids = torch.tensor([[0, 36, -1], [5, -1, -1], [-1, -1, -1], [1, 2, 3], [36, -1, -1]], device=device)
+    edit_values = torch.tensor([[2.0, float("-inf"), 0.0], [9.0, 0.0, 0.0], [0.0] * 3, [-1.0, 1.0, 3.0],
+                                [float("-inf"), 0.0, 0.0]], device=device)
     return [
         (ops.forward, (x, -1)),
         (ops.forward, (x, 1, True, 0.5, None)),
@@ -44,7 +47,10 @@ def _samples(device):
         (ops.sample_categorical, (x.detach(), t64, None, u64)),
         (ops.sample_categorical, (xh, t64[:4], torch.full((4,), -1.0, dtype=torch.float64, device=device),
                                   u64[:4])),
+        (ops.sample_categorical, (xh, t64[:4], None, u64[:4], edit_ids[:4], edit_values[:4])),
         (ops.top_p_threshold, (x.detach(), t64, torch.full((5,), 0.8, dtype=torch.float64, device=device))),
+        (ops.top_p_threshold, (x.detach(), t64, torch.full((5,), 0.8, dtype=torch.float64, device=device), edit_ids,
+                               edit_values)),
         (ops.rejection_sample, (xr, xr[:, :2].argmax(-1), torch.softmax(xr[:, :2], -1), torch.full((2,), 2, device=device),
                                 torch.tensor([0.0, 0.8], dtype=torch.float64, device=device), None, accept_all)),
         (ops.token_logprobs, (x.detach(), torch.tensor([0, 3, 36, 5, 1], device=device), 4, 0.8, None)),

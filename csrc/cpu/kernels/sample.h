@@ -7,6 +7,12 @@
 // (m_b, d_b), or with min_p its kept mass after a max pass). A draw then walks the block masses to
 // the block holding u * D and re-reads that one block (1024 elements, in cache) to find the token.
 // So the row is read once (twice with min_p), and each draw costs one block, not the row.
+//
+// Sparse edits (a row's sorted (id, value) list) replace x wherever it is read: a block that holds
+// edits is copied into a stack buffer of the accumulation type, patched, and run through the same
+// block function as x itself would be; every other block is read from x as before. The blocks,
+// their functions and the order of the sums do not change, so the results are those of the dense
+// edited copy in the accumulation type, bit for bit.
 // Compiled once per ISA (csrc/cpu/isa/); called through the table of dispatch.h.
 #pragma once
 
@@ -14,7 +20,9 @@
 #error "the CPU kernels are compiled through csrc/cpu/isa/<capability>.cpp"
 #endif
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/kernels/common.h"
@@ -22,6 +30,62 @@
 namespace online_softmax::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
+
+// One row's edits: ids strictly ascending in [0, n), values in the accumulation type.
+template <typename A>
+struct RowEdits {
+  const int64_t* ids = nullptr;
+  const A* values = nullptr;
+  int64_t count = 0;  // the real entries, the -1 padding cut off
+};
+
+template <typename A>
+inline RowEdits<A> row_edits(const int64_t* ids, const void* values, int64_t num_edits, int64_t row) {
+  RowEdits<A> e;
+  if (num_edits == 0) return e;
+  e.ids = ids + row * num_edits;
+  e.values = static_cast<const A*>(values) + row * num_edits;
+  while (e.count < num_edits && e.ids[e.count] >= 0) ++e.count;
+  return e;
+}
+
+// The block [begin, begin + len) of x with the edits from index k on that fall in it applied, in buf
+// (acc type); k ends past them. Called only for a block that holds at least one edit.
+template <typename T>
+inline const acc_t<T>* patched_block(const T* x, int64_t begin, int64_t len, const RowEdits<acc_t<T>>& e,
+                                     int64_t& k, acc_t<T>* buf) {
+  for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<acc_t<T>>(x[begin + i]);
+  for (; k < e.count && e.ids[k] < begin + len; ++k) buf[e.ids[k] - begin] = e.values[k];
+  return buf;
+}
+
+// f(begin, p, len) for every kScanBlock block of the row in order, p its elements as the edited row
+// has them: x + begin itself (the unchanged fast path) or a patched copy in the accumulation type.
+template <typename T, typename F>
+inline void for_each_block(const T* x, int64_t n, const RowEdits<acc_t<T>>& e, F&& f) {
+  int64_t k = 0;
+  for (int64_t b = 0; b < n; b += kScanBlock) {
+    const int64_t len = std::min(kScanBlock, n - b);
+    if (k < e.count && e.ids[k] < b + len) {
+      alignas(64) acc_t<T> buf[kScanBlock];
+      f(b, patched_block(x, b, len, e, k, buf), len);
+    } else {
+      f(b, x + b, len);
+    }
+  }
+}
+
+// f(p) for the one block starting at begin, as for_each_block shows it.
+template <typename T, typename F>
+inline auto with_block(const T* x, int64_t n, const RowEdits<acc_t<T>>& e, int64_t begin, F&& f) {
+  const int64_t len = std::min(kScanBlock, n - begin);
+  int64_t k = std::lower_bound(e.ids, e.ids + e.count, begin) - e.ids;
+  if (k < e.count && e.ids[k] < begin + len) {
+    alignas(64) acc_t<T> buf[kScanBlock];
+    return f(patched_block(x, begin, len, e, k, buf));
+  }
+  return f(x + begin);
+}
 
 // Sum of exp((x - m) s) over the elements with x >= threshold (all others weigh 0).
 template <typename T>
@@ -54,15 +118,38 @@ inline A threshold_value(A m, double log_ratio, A s) {
 }
 
 template <typename T>
-inline acc_t<T> row_max(const T* x, int64_t n) {
+inline acc_t<T> row_max(const T* x, int64_t n, const RowEdits<acc_t<T>>& e = {}) {
   acc_t<T> m = std::numeric_limits<acc_t<T>>::lowest();
-  for (int64_t b = 0; b < n; b += kScanBlock) m = nan_max(m, block_max(x + b, std::min(kScanBlock, n - b)));
+  for_each_block(x, n, e, [&](int64_t, const auto* p, int64_t len) { m = nan_max(m, block_max(p, len)); });
   return m;
 }
 
+// The draw inside one block xb (len elements): the first kept token whose cumulative mass exceeds
+// target; its value in *value.
+template <typename U, typename A>
+inline int64_t draw_in_block(const U* xb, int64_t len, A m, A s, A threshold, double target, A* value) {
+  int64_t pick = -1, best = 0;
+  double acc = 0.0;
+  for (int64_t i = 0; i < len; ++i) {
+    const A v = static_cast<A>(xb[i]);
+    if (v > static_cast<A>(xb[best])) best = i;
+    if (!(v >= threshold)) continue;
+    const double e = std::exp(static_cast<double>((v - m) * s));
+    if (e > 0.0) {
+      pick = i;
+      acc += e;
+      if (acc > target) break;
+    }
+  }
+  if (pick < 0) pick = best;  // the block's mass was all in elements that round to 0 here
+  *value = static_cast<A>(xb[pick]);
+  return pick;
+}
+
 template <typename T>
-void sample_row(const T* x, int64_t n, double temperature, double log_ratio, const double* u, int64_t num_samples,
-                int64_t* tokens, acc_t<T>* log_probs, std::vector<double>& mass, std::vector<double>& block_m) {
+void sample_row(const T* x, int64_t n, const RowEdits<acc_t<T>>& edits, double temperature, double log_ratio,
+                const double* u, int64_t num_samples, int64_t* tokens, acc_t<T>* log_probs, std::vector<double>& mass,
+                std::vector<double>& block_m) {
   using A = acc_t<T>;
   const A s = static_cast<A>(1.0 / temperature);
   const int64_t blocks = (n + kScanBlock - 1) / kScanBlock;
@@ -71,22 +158,22 @@ void sample_row(const T* x, int64_t n, double temperature, double log_ratio, con
   A threshold = -std::numeric_limits<A>::infinity();
   bool defined = n > 0;
   if (log_ratio > -std::numeric_limits<double>::infinity()) {
-    m = row_max(x, n);
+    m = row_max(x, n, edits);
     threshold = threshold_value(m, log_ratio, s);
     defined = defined && std::isfinite(m);
     if (defined) {
-      for (int64_t b = 0; b < blocks; ++b)
-        mass[b] = kept_mass(x + b * kScanBlock, std::min(kScanBlock, n - b * kScanBlock), m, s, threshold);
+      for_each_block(x, n, edits, [&](int64_t begin, const auto* p, int64_t len) {
+        mass[begin / kScanBlock] = kept_mass(p, len, m, s, threshold);
+      });
     }
   } else {
     block_m.resize(blocks);  // the blocks' maxima; mass holds their d until rescaled below
-    for (int64_t b = 0; b < blocks; ++b) {
-      const State<A> st = block_state(x + b * kScanBlock, std::min(kScanBlock, n - b * kScanBlock), s,
-                                      [](int64_t, auto, auto, auto, auto) {}, [](int64_t, A, A) {});
-      block_m[b] = st.m;
-      mass[b] = st.d;
+    for_each_block(x, n, edits, [&](int64_t begin, const auto* p, int64_t len) {
+      const State<A> st = block_state(p, len, s, [](int64_t, auto, auto, auto, auto) {}, [](int64_t, A, A) {});
+      block_m[begin / kScanBlock] = st.m;
+      mass[begin / kScanBlock] = st.d;
       m = nan_max(m, st.m);
-    }
+    });
     defined = defined && std::isfinite(m);
     if (defined) {
       for (int64_t b = 0; b < blocks; ++b) mass[b] *= std::exp((block_m[b] - m) * s);
@@ -115,75 +202,67 @@ void sample_row(const T* x, int64_t n, double temperature, double log_ratio, con
       b = last;
       target = mass[b];
     }
-    const T* xb = x + b * kScanBlock;
-    const int64_t len = std::min(kScanBlock, n - b * kScanBlock);
-    int64_t pick = -1, best = 0;
-    double acc = 0.0;
-    for (int64_t i = 0; i < len; ++i) {
-      const A v = static_cast<A>(xb[i]);
-      if (v > static_cast<A>(xb[best])) best = i;
-      if (!(v >= threshold)) continue;
-      const double e = std::exp(static_cast<double>((v - m) * s));
-      if (e > 0.0) {
-        pick = i;
-        acc += e;
-        if (acc > target) break;
-      }
-    }
-    if (pick < 0) pick = best;  // the block's mass was all in elements that round to 0 here
+    A value;
+    const int64_t pick = with_block(x, n, edits, b * kScanBlock, [&](const auto* p) {
+      return draw_in_block(p, std::min(kScanBlock, n - b * kScanBlock), m, s, threshold, target, &value);
+    });
     tokens[j] = b * kScanBlock + pick;
-    log_probs[j] = static_cast<A>(static_cast<double>((static_cast<A>(xb[pick]) - m) * s) - log_total);
+    log_probs[j] = static_cast<A>(static_cast<double>((value - m) * s) - log_total);
   }
 }
 
 // Masses sum(exp((x - m) s)) and counts of the elements at or above each of kProbes thresholds.
 constexpr int kProbes = 16;
 
-template <typename T>
-void probe_masses(const T* x, int64_t n, acc_t<T> m, acc_t<T> s, const acc_t<T>* thresholds, double* mass,
-                  int64_t* count) {
-  using A = acc_t<T>;
+// One block's part of probe_masses, added to mass and count.
+template <typename U, typename A>
+inline void probe_block(const U* xb, int64_t len, A m, A s, const A* thresholds, double* mass, int64_t* count) {
+  static_assert(std::is_same_v<acc_t<U>, A>);
   using V = Vectorized<A>;
-  using IO = VecIO<T>;
+  using IO = VecIO<U>;
+  const V vm(m), vs(s), zero(A(0)), one(A(1));
+  V vmass[kProbes], vcount[kProbes];
+  for (int j = 0; j < kProbes; ++j) vmass[j] = vcount[j] = zero;
+  int64_t i = 0;
+  for (; i + IO::kStep <= len; i += IO::kStep) {
+    V a, b;
+    IO::load2(xb + i, a, b);
+    const V ea = vexp((a - vm) * vs), eb = vexp((b - vm) * vs);
+    for (int j = 0; j < kProbes; ++j) {
+      const V t(thresholds[j]);
+      const V ka = a >= t, kb = b >= t;  // all-ones lanes where kept
+      vmass[j] = vmass[j] + (ea & ka) + (eb & kb);
+      vcount[j] = vcount[j] + (one & ka) + (one & kb);
+    }
+  }
+  alignas(64) A lanes[V::size()];
+  for (int j = 0; j < kProbes; ++j) {
+    mass[j] += at::vec::vec_reduce_all<A>([](V p, V q) { return p + q; }, vmass[j]);
+    vcount[j].store(lanes);
+    for (int l = 0; l < V::size(); ++l) count[j] += static_cast<int64_t>(lanes[l]);
+  }
+  for (; i < len; ++i) {
+    const A v = static_cast<A>(xb[i]);
+    const A e = std::exp((v - m) * s);
+    for (int j = 0; j < kProbes; ++j) {
+      if (v >= thresholds[j]) {
+        mass[j] += e;
+        count[j] += 1;
+      }
+    }
+  }
+}
+
+template <typename T>
+void probe_masses(const T* x, int64_t n, const RowEdits<acc_t<T>>& edits, acc_t<T> m, acc_t<T> s,
+                  const acc_t<T>* thresholds, double* mass, int64_t* count) {
   for (int j = 0; j < kProbes; ++j) {
     mass[j] = 0.0;
     count[j] = 0;
   }
-  const V vm(m), vs(s), zero(A(0)), one(A(1));
-  for (int64_t block = 0; block < n; block += kScanBlock) {
-    const int64_t len = std::min(kScanBlock, n - block);
-    const T* xb = x + block;
-    V vmass[kProbes], vcount[kProbes];
-    for (int j = 0; j < kProbes; ++j) vmass[j] = vcount[j] = zero;
-    int64_t i = 0;
-    for (; i + IO::kStep <= len; i += IO::kStep) {
-      V a, b;
-      IO::load2(xb + i, a, b);
-      const V ea = vexp((a - vm) * vs), eb = vexp((b - vm) * vs);
-      for (int j = 0; j < kProbes; ++j) {
-        const V t(thresholds[j]);
-        const V ka = a >= t, kb = b >= t;  // all-ones lanes where kept
-        vmass[j] = vmass[j] + (ea & ka) + (eb & kb);
-        vcount[j] = vcount[j] + (one & ka) + (one & kb);
-      }
-    }
-    alignas(64) A lanes[V::size()];
-    for (int j = 0; j < kProbes; ++j) {
-      mass[j] += at::vec::vec_reduce_all<A>([](V p, V q) { return p + q; }, vmass[j]);
-      vcount[j].store(lanes);
-      for (int l = 0; l < V::size(); ++l) count[j] += static_cast<int64_t>(lanes[l]);
-    }
-    for (; i < len; ++i) {
-      const A v = static_cast<A>(xb[i]);
-      const A e = std::exp((v - m) * s);
-      for (int j = 0; j < kProbes; ++j) {
-        if (v >= thresholds[j]) {
-          mass[j] += e;
-          count[j] += 1;
-        }
-      }
-    }
-  }
+  for_each_block(x, n, edits, [&](int64_t, const auto* p, int64_t len) {
+    probe_block(p, len, m, s, thresholds, mass, count);
+  });
 }
 
 // The smallest log-ratio r = (x - m) s of the tokens transformers' top-p keeps: with F(r) the
@@ -192,10 +271,11 @@ void probe_masses(const T* x, int64_t n, acc_t<T> m, acc_t<T> s, const acc_t<T>*
 // first) until it holds one token. Status 0: found; 1: several tokens tied within float
 // resolution at the cut (the caller resolves the tie); 2: no distribution (NaN, +inf, all -inf).
 template <typename T>
-void top_p_row(const T* x, int64_t n, double temperature, double top_p, double* log_ratio, int64_t* status) {
+void top_p_row(const T* x, int64_t n, const RowEdits<acc_t<T>>& edits, double temperature, double top_p,
+               double* log_ratio, int64_t* status) {
   using A = acc_t<T>;
   const A s = static_cast<A>(1.0 / temperature);
-  const A m = row_max(x, n);
+  const A m = row_max(x, n, edits);
   if (!std::isfinite(m)) {
     *log_ratio = std::numeric_limits<double>::quiet_NaN();
     *status = 2;
@@ -218,7 +298,7 @@ void top_p_row(const T* x, int64_t n, double temperature, double top_p, double* 
       probe[j] = lo + (hi - lo) * j / kProbes;
       thresholds[j] = threshold_value(m, probe[j], s);
     }
-    probe_masses(x, n, m, s, thresholds, mass, count);
+    probe_masses(x, n, edits, m, s, thresholds, mass, count);
     if (pass == 0) total = mass[0];
     if (!(total > 0.0) || !std::isfinite(total)) {
       *log_ratio = std::numeric_limits<double>::quiet_NaN();
@@ -252,7 +332,8 @@ void top_p_kernel(const TopPCall& c) {
   const T* x = static_cast<const T*>(c.x);
   at::parallel_for(0, c.rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      top_p_row(x + r * c.n, c.n, c.temperature[r], c.top_p[r], c.log_ratio + r, c.status + r);
+      top_p_row(x + r * c.n, c.n, row_edits<acc_t<T>>(c.edit_ids, c.edit_values, c.num_edits, r), c.temperature[r],
+                c.top_p[r], c.log_ratio + r, c.status + r);
     }
   });
 }
@@ -269,7 +350,7 @@ void sample_kernel(const SampleCall& c) {
   at::parallel_for(0, c.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> mass, block_m;  // per-thread scratch, reused across rows
     for (int64_t r = begin; r < end; ++r) {
-      sample_row(x + r * c.n, c.n, c.temperature[r],
+      sample_row(x + r * c.n, c.n, row_edits<A>(c.edit_ids, c.edit_values, c.num_edits, r), c.temperature[r],
                  c.min_log_ratio ? c.min_log_ratio[r] : -std::numeric_limits<double>::infinity(), c.uniforms + r * c.num_samples,
                  c.num_samples, c.tokens + r * c.num_samples, log_probs + r * c.num_samples, mass, block_m);
     }

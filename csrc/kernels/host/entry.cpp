@@ -152,24 +152,28 @@ size_t osm_host_sample_workspace_bytes(int dtype, int64_t rows, int64_t n) {
   return with_dtype(dtype, [&](auto t) -> size_t { return sample_workspace_bytes<decltype(t)>(rows, n); });
 }
 
-// min_log_ratio may be null (no cut).
+// min_log_ratio may be null (no cut); edit_ids/edit_values null when num_edits is 0.
 int osm_host_sample_categorical(int dtype, const void* x, int64_t rows, int64_t n, const double* temperature,
                                 const double* min_log_ratio, const double* uniforms, int64_t num_samples,
-                                int64_t* tokens, void* log_probs, void* workspace, int num_sms) {
+                                int64_t* tokens, void* log_probs, void* workspace, int num_sms,
+                                const int64_t* edit_ids, const void* edit_values, int64_t num_edits) {
   return with_dtype(dtype, [&](auto t) -> int {
     using T = decltype(t);
     return sample_categorical<T>(static_cast<const T*>(x), rows, n, temperature, min_log_ratio, uniforms,
                                  num_samples, tokens, static_cast<Acc<T>*>(log_probs), workspace,
-                                 limits_of(num_sms, 48 * 1024), nullptr);
+                                 limits_of(num_sms, 48 * 1024), nullptr, edit_ids,
+                                 static_cast<const Acc<T>*>(edit_values), num_edits);
   });
 }
 
 int osm_host_top_p_threshold(int dtype, const void* x, int64_t rows, int64_t n, const double* temperature,
-                             const double* top_p, double* log_ratio, int64_t* status, int num_sms) {
+                             const double* top_p, double* log_ratio, int64_t* status, int num_sms,
+                             const int64_t* edit_ids, const void* edit_values, int64_t num_edits) {
   return with_dtype(dtype, [&](auto t) -> int {
     using T = decltype(t);
     return top_p_threshold<T>(static_cast<const T*>(x), rows, n, temperature, top_p, log_ratio, status,
-                              limits_of(num_sms, 48 * 1024), nullptr);
+                              limits_of(num_sms, 48 * 1024), nullptr, edit_ids,
+                              static_cast<const Acc<T>*>(edit_values), num_edits);
   });
 }
 

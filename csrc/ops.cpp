@@ -88,6 +88,20 @@ TORCH_LIBRARY(online_softmax, m) {
   // positions 0..n_b once each for their states (twice with a cut); at a rejection, that target row
   // and its draft row once more.
   m.def("rejection_sample(Tensor target_logits, Tensor draft_token_ids, Tensor? draft_probs, Tensor num_draft_tokens, Tensor temperature, Tensor? min_log_ratio, Tensor uniforms) -> (Tensor token_ids, Tensor num_accepted, Tensor log_probs)");
+  // Prompt log-probabilities: one read of each row of x (rows, vocab), nothing of its size written.
+  // token_ids (rows,) int64 in [0, vocab) names the scored token of each row; its value v is
+  // x[r, token_ids[r]], or token_values[r] (accumulation dtype: float32, float64 for float64 x)
+  // when given (edited logits). log_probs: v's log-softmax of x / temperature, (v - max_raw) / t -
+  // log(sumexp) as softmax_topk computes log values. rank (int64): 1 + the number of entries of the
+  // row ranked ahead of (v, token) in softmax_topk's order (larger first, NaN above every number,
+  // -0 == +0, equal values to the lower index), on the raw values. top_ids, top_log_probs (rows,
+  // top_n): softmax_topk(x, top_n, -1, log=True, temperature) (top_n in [0, vocab]; 0 selects
+  // nothing). max, sumexp: the row's online state as stats(x, -1, temperature) gives it (the
+  // backward needs them). entropy: -sum p log p of softmax(x / t), from S = sum e (x - m) / t
+  // carried beside sumexp (a -inf entry adds 0). A row with no distribution (NaN, +inf, all -inf)
+  // has NaN log_probs and entropy; the other outputs are as softmax_topk and stats give them.
+  // Accumulation-dtype outputs: log_probs, top_log_probs, max, sumexp, entropy.
+  m.def("token_logprobs(Tensor x, Tensor token_ids, int top_n=0, float temperature=1.0, Tensor? token_values=None) -> (Tensor log_probs, Tensor rank, Tensor top_ids, Tensor top_log_probs, Tensor max, Tensor sumexp, Tensor entropy)");
   // transformers' top-p cut of softmax(x / temperature) per row, as the log_ratio (x - max) /
   // temperature of the smallest token it keeps (the largest value whose tokens at or above it hold
   // >= top_p); status 0 found, 1 several tokens tied at the cut within float resolution, 2 no

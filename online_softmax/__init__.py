@@ -25,8 +25,8 @@ from .modules import AttnMaskType, FusedScaleMaskSoftmax, OnlineLogSoftmax, Onli
 from .state import SoftmaxState, merge_states, softmax_stats
 from .build import build_info
 from .cuda_plan import CudaPlan, cuda_plan
-from .decoding import (BeamSearchDecoder, BeamSearchOutput, BeamStep, RejectionSample, Sample, beam_search_step,
-                       rejection_sample, sample)
+from .decoding import (BeamSearchDecoder, BeamSearchOutput, BeamStep, RejectionSample, Sample, TokenLogprobs,
+                       beam_search_step, rejection_sample, sample, token_logprobs)
 from .losses import CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy  # noqa: E402
 from .decoding import hf  # noqa: E402  (custom_generate=online_softmax.hf.generate; imports transformers lazily)
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
@@ -57,6 +57,8 @@ __all__ = [
     "Sample",
     "rejection_sample",
     "RejectionSample",
+    "token_logprobs",
+    "TokenLogprobs",
     "cross_entropy",
     "linear_cross_entropy",
     "CrossEntropyLoss",

@@ -169,6 +169,15 @@ def _rejection_sample_vmap(info, in_dims, target_logits, draft_token_ids, draft_
     return tuple(_unrows(t, n) for t in outs), (0, 0, 0)
 
 
+@_register("token_logprobs")
+def _token_logprobs_vmap(info, in_dims, x, token_ids, top_n=0, temperature=1.0, token_values=None):
+    op, n = "token_logprobs", info.batch_size
+    outs = torch.ops.online_softmax.token_logprobs(
+        _rows_of(x, in_dims[0], n, 2, op, "x"), _rows_of(token_ids, in_dims[1], n, 1, op, "token_ids"), top_n,
+        temperature, _rows_of(token_values, in_dims[4], n, 1, op, "token_values"))
+    return tuple(_unrows(t, n) for t in outs), (0,) * 7
+
+
 @_register("ngram_banned_tokens")
 def _ngram_banned_tokens_vmap(info, in_dims, sequences, n):
     size = info.batch_size

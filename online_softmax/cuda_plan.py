@@ -19,7 +19,7 @@ import torch
 from . import _C
 
 OPS = ("forward", "stats", "backward", "softmax_topk", "softmax_topk_backward", "sample_categorical",
-       "top_p_threshold", "cross_entropy_backward", "masked_forward", "rejection_sample")
+       "top_p_threshold", "cross_entropy_backward", "masked_forward", "rejection_sample", "token_logprobs")
 _SAMPLING_OPS = ("sample_categorical", "top_p_threshold")
 
 # Public figures of the SXM parts: SMs, the opt-in shared memory per block, L2, compute capability,
@@ -174,7 +174,8 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
               device=None, out_dtype: torch.dtype | None = None, num_samples: int | None = None,
               min_log_ratio: bool = False, smooth_scale: bool = False, weight: bool = False,
               mask_shape=None, mask_dtype: torch.dtype = torch.bool,
-              draft_dtype: torch.dtype | None = None, num_edits: int = 0) -> CudaPlan:
+              draft_dtype: torch.dtype | None = None, token_values: bool = False,
+              num_edits: int = 0) -> CudaPlan:
     """The launch plan the CUDA kernels would run for ``op`` on a contiguous tensor of ``shape``.
 
     op: one of ``OPS``. ``dtype`` is the input's (for backward: the forward output's); ``out_dtype``
@@ -190,8 +191,10 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     n + 1, vocab), along its last dim; ``min_log_ratio`` says whether the call passes the cuts (a max
     pass first: the target rows are read twice) and ``draft_dtype`` is draft_probs' dtype (float32 or
     ``dtype``), None for a call without them (one-hot drafts); its bytes assume every row verifies all
-    n drafts and ends in a rejection, the most a call reads. ``num_edits`` is the width of the sampling
-    ops' edit_ids (their sparse logit edits, read with x; 0 without). ``device`` is a preset name ("h100",
+    n drafts and ends in a rejection, the most a call reads. token_logprobs takes x of shape (rows,
+    vocab) along its last dim, ``k`` its top_n (default 0) and ``token_values`` whether the call passes
+    them (read instead of the token's logit). ``num_edits`` is the width of the sampling ops'
+    edit_ids (their sparse logit edits, read with x; 0 without). ``device`` is a preset name ("h100",
     "h200", "a100"), a dict of limits (sm_count, max_smem_per_block, l2_bytes, cc; optional
     hbm_bytes_per_s), "cuda" (the current GPU), "cuda:N" or a torch.device of a GPU, or None: the
     current GPU, else h100.
@@ -235,8 +238,19 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
             raise ValueError(f"online_softmax.cuda_plan: k={k} must lie in [0, {size}] (the size of dim {dim})")
         # The binding moves the softmax dim last: rows of `size` contiguous elements.
         outer, inner = outer * inner, 1
+    elif op == "token_logprobs":
+        if len(shape) != 2 or d != 1:
+            raise ValueError(f"online_softmax.cuda_plan: {op} works along the last dim of a 2-D x (rows, vocab), got "
+                             f"shape {shape} and dim={dim}")
+        k = 0 if k is None else k
+        if not 0 <= k <= size:
+            raise ValueError(f"online_softmax.cuda_plan: k={k} (top_n) must lie in [0, {size}] (the vocabulary size)")
+        if out_dtype is not None:
+            raise ValueError(f"online_softmax.cuda_plan: {op} writes the accumulation dtype, got out_dtype={out_dtype}")
     elif k is not None:
-        raise ValueError(f"online_softmax.cuda_plan: k is only for the top-k ops, not {op!r}")
+        raise ValueError(f"online_softmax.cuda_plan: k is only for the top-k ops and token_logprobs, not {op!r}")
+    if token_values and op != "token_logprobs":
+        raise ValueError(f"online_softmax.cuda_plan: token_values is only for token_logprobs, not {op!r}")
     if op in _SAMPLING_OPS:
         if len(shape) != 2 or d != 1:
             raise ValueError(f"online_softmax.cuda_plan: {op} draws along the last dim of a 2-D x (rows, vocab), got "
@@ -295,7 +309,7 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     if num_edits:
         extra = (False, False, 0, 1, 0, num_edits)
     raw = _C._cuda_plan(op, outer, size, inner, dtype.itemsize, out.itemsize, acc, k or 0, num_samples or 0,
-                        bool(min_log_ratio), limits["sm_count"], limits["max_smem_per_block"], int(limits["l2_bytes"]),
+                        bool(min_log_ratio or token_values), limits["sm_count"], limits["max_smem_per_block"], int(limits["l2_bytes"]),
                         cc_int, *extra)
     if topk and k == 0:  # nothing to select: the binding writes zeros / empty results, no launch
         raw = {"path": "nothing", "launches": [], "workspace_bytes": 0, "chunks": 1, "chunk": 0}

@@ -273,6 +273,34 @@ def _rejection_sample_fake(target_logits, draft_token_ids, draft_probs, num_draf
             target_logits.new_empty((batch, n1), dtype=state_dtype(target_logits.dtype)))
 
 
+@torch.library.register_fake("online_softmax::token_logprobs")
+def _token_logprobs_fake(x, token_ids, top_n=0, temperature=1.0, token_values=None):
+    op = "token_logprobs"
+    checks.floating(x, "x", op)
+    if x.dim() != 2:
+        raise checks.fail(op, f"x must be 2-D (rows, vocab), got shape {list(x.shape)}")
+    rows, vocab = x.shape
+    if token_ids.dtype != torch.int64:
+        raise checks.fail(op, f"token_ids must be an int64 tensor, got {token_ids.dtype}", TypeError)
+    if tuple(token_ids.shape) != (rows,):
+        raise checks.fail(op, f"token_ids must have shape [{rows}] (one token per row of x), got "
+                              f"{list(token_ids.shape)}")
+    if not 0 <= top_n <= vocab:
+        raise checks.fail(op, f"top_n must satisfy 0 <= top_n <= {vocab} (the vocabulary size), got top_n={top_n}")
+    acc = state_dtype(x.dtype)
+    if token_values is not None:
+        if token_values.dtype != acc:
+            raise checks.fail(op, f"token_values must be {acc} (the accumulation dtype of x), got "
+                                  f"{token_values.dtype}", TypeError)
+        if tuple(token_values.shape) != (rows,):
+            raise checks.fail(op, f"token_values must have shape [{rows}] (one value per row of x), got "
+                                  f"{list(token_values.shape)}")
+    per_row = x.new_empty((rows,), dtype=acc)
+    return (per_row, x.new_empty((rows,), dtype=torch.int64), x.new_empty((rows, top_n), dtype=torch.int64),
+            x.new_empty((rows, top_n), dtype=acc), per_row.new_empty((rows,)), per_row.new_empty((rows,)),
+            per_row.new_empty((rows,)))
+
+
 # ---- cross-entropy ----
 
 _CE_PER_ROW = ("max", "sumexp", "p_scale", "target_scale", "smooth_scale")

@@ -5,7 +5,7 @@
 Shapes are chosen by the plans of csrc/kernels/launch_plan.h (online_softmax.cuda_plan): rows in
 registers (each sub-warp/warp/block size), rows cached in shared memory (enough rows to fill the
 SMs), rows split over blocks (few rows), strided dims (vector and scalar columns, cached, split),
-misaligned row starts, the fused top-k (warp, block, split) with its backward, and the
+misaligned row starts, the fused top-k (warp, block, split) with its backward, token_logprobs, and the
 cross-entropy backward (rows and chunks). Each result is checked against float64, so a kernel that runs clean but wrong fails too.
 
 --short runs float32 and bfloat16 only (4- and 8-wide vectors: every kernel path, half the
@@ -45,6 +45,11 @@ for dtype in dtypes:
             v, i = osm.softmax_topk(xt, k)
             v.sum().backward()
             torch.testing.assert_close(v.double(), torch.softmax(xr, -1).topk(k).values, rtol=tol, atol=tol)
+            ids = torch.randint(0, n, x.shape[:-1], device="cuda")
+            scored = osm.token_logprobs(x, ids, top_n=k)
+            ref = torch.log_softmax(xr, -1)
+            torch.testing.assert_close(scored.log_probs.double(), ref.gather(-1, ids[:, None])[:, 0], rtol=tol, atol=tol)
+            torch.testing.assert_close(scored.top_log_probs.double(), ref.topk(k).values, rtol=tol, atol=tol)
             checked += 1
     x3 = torch.randn(3, 50, 40, device="cuda", dtype=dtype)
     torch.testing.assert_close(osm.softmax(x3, dim=1).double(), torch.softmax(x3.double(), 1), rtol=tol, atol=tol)

@@ -56,8 +56,9 @@ PyObject* to_dict(const LaunchPlan& plan) {
 // _C._cuda_plan(op, outer, size, inner, in_bytes, out_bytes, acc_bytes, k, num_samples, min_log_ratio,
 //               num_sms, max_smem_per_block, l2_bytes, cc[, smooth_scale, weight, mask_bytes, positions,
 //               draft_bytes, num_edits]) -> dict. rejection_sample passes outer = batch, size = vocab, positions = n + 1
-// and draft_bytes (0 without draft_probs); the sampling ops may pass num_edits (edit_ids' width).
-// Python checks the arguments (online_softmax/cuda_plan.py); this only computes.
+// and draft_bytes (0 without draft_probs); the sampling ops may pass num_edits (edit_ids' width);
+// token_logprobs passes k = top_n and min_log_ratio = whether token_values are given. Python checks
+// the arguments (online_softmax/cuda_plan.py); this only computes.
 PyObject* cuda_plan(PyObject*, PyObject* args) {
   const char* op = nullptr;
   long long outer = 0, size = 0, inner = 0, k = 0, num_samples = 0, l2 = 0;
@@ -98,6 +99,8 @@ PyObject* cuda_plan(PyObject*, PyObject* args) {
     plan = kernels::plan_masked_forward(layout.rows(), size, e, mask_bytes, limits);
   } else if (std::strcmp(op, "rejection_sample") == 0) {
     plan = kernels::plan_rejection_sample(outer, positions - 1, size, cut != 0, draft_bytes, e, limits);
+  } else if (std::strcmp(op, "token_logprobs") == 0) {  // cut: token_values given
+    plan = kernels::plan_token_logprobs(layout.rows(), size, k, cut != 0, e, limits);
   } else {
     PyErr_Format(PyExc_ValueError, "online_softmax.cuda_plan: unknown op %s", op);
     return nullptr;

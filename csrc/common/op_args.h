@@ -421,6 +421,63 @@ inline RejectionArgs rejection_args(const at::Tensor& target_logits, const at::T
   return a;
 }
 
+// ---- token_logprobs ----
+
+struct TokenLogprobsArgs {
+  at::Tensor x, token_ids, token_values;  // contiguous; token_values undefined when absent
+  int64_t rows, n;
+  at::Tensor log_probs, rank, top_ids, top_log_probs, max, sumexp, entropy;  // allocated results
+};
+
+inline TokenLogprobsArgs token_logprobs_args(const at::Tensor& x, const at::Tensor& token_ids, int64_t top_n,
+                                             double temperature, const std::optional<at::Tensor>& token_values) {
+  const char* op = "token_logprobs";
+  check_floating(x, "x", op);
+  TORCH_CHECK_VALUE(x.dim() == 2, "online_softmax.", op, ": x must be 2-D (rows, vocab), got shape ", x.sizes());
+  TokenLogprobsArgs a;
+  a.rows = x.size(0);
+  a.n = x.size(1);
+  TORCH_CHECK_VALUE(a.n >= 1 || a.rows == 0, "online_softmax.", op,
+                    ": x must have at least one vocabulary entry, got shape ", x.sizes());
+  TORCH_CHECK_TYPE(token_ids.scalar_type() == at::kLong, "online_softmax.", op,
+                   ": token_ids must be an int64 tensor, got ", token_ids.scalar_type());
+  TORCH_CHECK_VALUE(token_ids.dim() == 1 && token_ids.size(0) == a.rows, "online_softmax.", op,
+                    ": token_ids must have shape [", a.rows, "] (one token per row of x), got ", token_ids.sizes());
+  TORCH_CHECK_VALUE(token_ids.device() == x.device(), "online_softmax.", op, ": token_ids is on ",
+                    token_ids.device(), " but x is on ", x.device());
+  if (a.rows > 0) {  // one sync for both ends
+    const at::Tensor range = at::stack({token_ids.min(), token_ids.max()}).cpu();
+    const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < a.n, "online_softmax.", op, ": token_ids must lie in [0, ", a.n,
+                      "), got values in [", lo, ", ", hi, "]");
+  }
+  TORCH_CHECK_VALUE(top_n >= 0 && top_n <= std::max<int64_t>(a.n, 0), "online_softmax.", op,
+                    ": top_n must satisfy 0 <= top_n <= ", a.n, " (the vocabulary size), got top_n=", top_n);
+  check_temperature(temperature, op);
+  const at::ScalarType acc = state_dtype(x.scalar_type());
+  if (token_values.has_value()) {
+    const at::Tensor& v = *token_values;
+    TORCH_CHECK_TYPE(v.scalar_type() == acc, "online_softmax.", op, ": token_values must be ", acc,
+                     " (the accumulation dtype of x), got ", v.scalar_type());
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == a.rows, "online_softmax.", op, ": token_values must have shape [",
+                      a.rows, "] (one value per row of x), got ", v.sizes());
+    TORCH_CHECK_VALUE(v.device() == x.device(), "online_softmax.", op, ": token_values is on ", v.device(),
+                      " but x is on ", x.device());
+    a.token_values = v.contiguous();
+  }
+  a.x = x.contiguous();
+  a.token_ids = token_ids.contiguous();
+  const auto per_row = x.options().dtype(acc);
+  a.log_probs = at::empty({a.rows}, per_row);
+  a.rank = at::empty({a.rows}, x.options().dtype(at::kLong));
+  a.top_ids = at::empty({a.rows, top_n}, x.options().dtype(at::kLong));
+  a.top_log_probs = at::empty({a.rows, top_n}, per_row);
+  a.max = at::empty({a.rows}, per_row);
+  a.sumexp = at::empty({a.rows}, per_row);
+  a.entropy = at::empty({a.rows}, per_row);
+  return a;
+}
+
 // ---- cross_entropy_backward ----
 
 struct CrossEntropyBackwardArgs {

@@ -147,6 +147,22 @@ struct RejectionCall {  // every array contiguous; semantics: rejection_sample i
   void* log_probs;               // (batch, n + 1), accumulation type
 };
 
+struct TokenLogprobsCall {  // rows contiguous; semantics: token_logprobs in csrc/ops.cpp
+  at::ScalarType x_dtype;
+  const void* x;               // (rows, n)
+  int64_t rows, n, top_n;
+  double temperature;
+  const int64_t* token_ids;    // (rows,) in [0, n)
+  const void* token_values;    // (rows,) accumulation type, or nullptr: x[r, token_ids[r]]
+  void* log_probs;             // (rows,) accumulation type, as max, sumexp, entropy, top_log_probs
+  int64_t* rank;               // (rows,)
+  int64_t* top_ids;            // (rows, top_n)
+  void* top_log_probs;         // (rows, top_n)
+  void* max;
+  void* sumexp;
+  void* entropy;
+};
+
 struct CrossEntropyBackwardCall {  // rows contiguous
   at::ScalarType x_dtype;
   const void* x;
@@ -173,6 +189,7 @@ struct KernelTable {
   void (*cross_entropy_backward)(const CrossEntropyBackwardCall&);
   void (*masked_forward)(const MaskedForwardCall&);
   void (*rejection_sample)(const RejectionCall&);
+  void (*token_logprobs)(const TokenLogprobsCall&);
 };
 
 // The table in use.

@@ -5,6 +5,7 @@
 //   sample_categorical,
 //   top_p_threshold           csrc/cpu/sample.cpp
 //   rejection_sample          csrc/cpu/rejection_sample.cpp
+//   token_logprobs            csrc/cpu/token_logprobs.cpp
 //   cross_entropy_backward(_) csrc/cpu/cross_entropy.cpp
 //   beam_search_step          csrc/cpu/beam_search_step.cpp (other backends: csrc/common/)
 //   ngram_banned_tokens       csrc/cpu/ngram_banned_tokens.cpp (other backends: csrc/common/)
@@ -45,6 +46,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_sample(
     const at::Tensor& target_logits, const at::Tensor& draft_token_ids, const std::optional<at::Tensor>& draft_probs,
     const at::Tensor& num_draft_tokens, const at::Tensor& temperature, const std::optional<at::Tensor>& min_log_ratio,
     const at::Tensor& uniforms);
+
+using TokenLogprobsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+TokenLogprobsResult token_logprobs(const at::Tensor& x, const at::Tensor& token_ids, int64_t top_n, double temperature,
+                                   const std::optional<at::Tensor>& token_values);
 
 std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at::Tensor& temperature,
                                                    const at::Tensor& top_p,

@@ -192,13 +192,14 @@ inline acc_t<T> block_max(const T* x, int64_t n) {
 // 16 float lanes, most steps of a 1024-element row). Every element is shown once, in order, with
 // its exp: to on_vector(offset, a, b, exp_a, exp_b) a vector pair at a time, and past the last
 // whole pair to on_scalar(offset, value, exp).
+// block_state_at takes the block's max m = block_max(x, n) from the caller, for scans that need it
+// beside the exps (the entropy's (x - m) s).
 template <typename T, typename OnVector, typename OnScalar>
-inline State<acc_t<T>> block_state(const T* x, int64_t n, acc_t<T> s, OnVector&& on_vector,
-                                   OnScalar&& on_scalar) {
+inline State<acc_t<T>> block_state_at(const T* x, int64_t n, acc_t<T> m, acc_t<T> s, OnVector&& on_vector,
+                                      OnScalar&& on_scalar) {
   using A = acc_t<T>;
   using IO = VecIO<T>;
   using V = Vectorized<A>;
-  const A m = block_max(x, n);
   const V vm(m), vs(s);
   V d0(A(0)), d1(A(0));
   int64_t i = 0;
@@ -218,6 +219,12 @@ inline State<acc_t<T>> block_state(const T* x, int64_t n, acc_t<T> s, OnVector&&
     on_scalar(i, v, e);
   }
   return State<A>{m, d};
+}
+
+template <typename T, typename OnVector, typename OnScalar>
+inline State<acc_t<T>> block_state(const T* x, int64_t n, acc_t<T> s, OnVector&& on_vector,
+                                   OnScalar&& on_scalar) {
+  return block_state_at(x, n, block_max(x, n), s, on_vector, on_scalar);
 }
 
 // Rows are scanned in blocks of this many elements (a multiple of every VecIO step). The blocks'

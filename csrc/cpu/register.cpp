@@ -13,6 +13,7 @@ TORCH_LIBRARY_IMPL(online_softmax, CPU, m) {
   m.impl("sample_categorical", &online_softmax::cpu::sample_categorical);
   m.impl("top_p_threshold", &online_softmax::cpu::top_p_threshold);
   m.impl("rejection_sample", &online_softmax::cpu::rejection_sample);
+  m.impl("token_logprobs", &online_softmax::cpu::token_logprobs);
   m.impl("cross_entropy_backward", &online_softmax::cpu::cross_entropy_backward);
   m.impl("cross_entropy_backward_", &online_softmax::cpu::cross_entropy_backward_);
   m.impl("beam_search_step", &online_softmax::cpu::beam_search_step);

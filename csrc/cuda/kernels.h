@@ -7,6 +7,7 @@
 //   cross_entropy_backward(_) csrc/cuda/cross_entropy.cpp
 //   masked_forward            csrc/cuda/masked_softmax.cpp
 //   rejection_sample          csrc/cuda/rejection_sample.cpp
+//   token_logprobs            csrc/cuda/token_logprobs.cpp
 // Each checks its arguments (csrc/common/op_args.h, shared with the CPU backend), guards the device,
 // dispatches the dtype and makes one call into the framework-free launchers of csrc/kernels.
 #pragma once
@@ -48,6 +49,11 @@ std::tuple<at::Tensor, at::Tensor> top_p_threshold(const at::Tensor& x, const at
                                                    const at::Tensor& top_p,
                                                    const std::optional<at::Tensor>& edit_ids,
                                                    const std::optional<at::Tensor>& edit_values);
+
+using TokenLogprobsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+TokenLogprobsResult token_logprobs(const at::Tensor& x, const at::Tensor& token_ids, int64_t top_n, double temperature,
+                                   const std::optional<at::Tensor>& token_values);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_sample(
     const at::Tensor& target_logits, const at::Tensor& draft_token_ids, const std::optional<at::Tensor>& draft_probs,

@@ -13,6 +13,7 @@ TORCH_LIBRARY_IMPL(online_softmax, CUDA, m) {
   m.impl("sample_categorical", &online_softmax::cuda::sample_categorical);
   m.impl("top_p_threshold", &online_softmax::cuda::top_p_threshold);
   m.impl("rejection_sample", &online_softmax::cuda::rejection_sample);
+  m.impl("token_logprobs", &online_softmax::cuda::token_logprobs);
   m.impl("cross_entropy_backward", &online_softmax::cuda::cross_entropy_backward);
   m.impl("cross_entropy_backward_", &online_softmax::cuda::cross_entropy_backward_);
 }

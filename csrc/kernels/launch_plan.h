@@ -109,6 +109,7 @@ enum class Path {
   kTopP,           // top_p_threshold, a block per row
   kTwoPass,        // masked forward beyond the register configurations: a block per row, read twice
   kRejection,      // rejection_sample: target rows' chunk states (split over blocks), then a block per batch row
+  kTokenLogprobs,  // token_logprobs: a block per row
 };
 
 inline const char* path_name(Path p) {
@@ -128,6 +129,7 @@ inline const char* path_name(Path p) {
     case Path::kTopP: return "top_p";
     case Path::kTwoPass: return "two_pass";
     case Path::kRejection: return "rejection";
+    case Path::kTokenLogprobs: return "token_logprobs";
   }
   return "?";
 }
@@ -154,7 +156,8 @@ struct LaunchPlan {
   Launch launch[kMaxLaunches];
   size_t workspace_bytes = 0;
   // Path parameters the launchers read.
-  int config = 0;              // kRegisters / kTopKWarp: index into kRegisterConfigs
+  int config = 0;              // kRegisters / kTopKWarp: index into kRegisterConfigs; kTokenLogprobs:
+                               // 1 when the kernel selects the top-n itself
   int64_t chunks = 1;          // blocks per row (split paths) or per column (kStridedSplit);
                                // kSample, kRejection: chunk states per row
   int64_t chunk = 0;           // granules per chunk (row paths), elements along the dim (strided
@@ -688,6 +691,38 @@ inline LaunchPlan plan_rejection_sample(int64_t batch, int64_t n, int64_t vocab,
                  batch * vocab * draft_bytes + residual_bytes;
   v.bytes_reread = state_bytes + params + row_again + residual_bytes;
   v.bytes_written = rows * (8 + e.acc) + batch * 8 + residual_bytes;  // token_ids, log_probs, num_accepted
+  return plan;
+}
+
+// ---- token_logprobs (token_logprobs.cu) ----
+
+// Whether token_logprobs' kernel selects the top-n in its pass: the candidate buffer of the fused
+// top-k holds top_n <= topk_max_k_for(in_bytes), with int32 refs (rows below 2^30 elements).
+// Otherwise (and for top_n = 0) it selects nothing, and the binding takes the top-n from
+// softmax_topk (a second read of x, not modelled here: its own plan).
+inline bool token_logprobs_selects(int64_t n, int64_t top_n, int in_bytes) {
+  return top_n > 0 && top_n <= topk_max_k_for(in_bytes) && n < (int64_t(1) << 30);
+}
+
+// A block per row reads the row once: the state, the entropy accumulator, the rank count and the
+// top-n candidates. `values`: token_values given (one accumulation-type value per row), else the
+// token's own x is read (a re-read of one element of the row).
+inline LaunchPlan plan_token_logprobs(int64_t rows, int64_t n, int64_t top_n, bool values, ElemBytes e,
+                                      DeviceLimits limits) {
+  LaunchPlan plan;
+  if (rows == 0 || n == 0) return plan;
+  plan.path = Path::kTokenLogprobs;
+  plan.config = token_logprobs_selects(n, top_n, e.in) ? 1 : 0;
+  Launch& l = plan.add("token_logprobs_kernel");
+  l.block_x = kTopKThreads;
+  l.grid = capped_grid(rows, limits);
+  l.threads_per_row = kTopKThreads;
+  l.rows_per_block = 1;
+  const int64_t token_value = values ? e.acc : e.in;
+  l.bytes_read = rows * n * e.in + rows * (8 + token_value);
+  l.bytes_reread = values ? 0 : rows * e.in;
+  // log_probs, rank, max, sumexp, entropy; the top-n ids and log-probabilities.
+  l.bytes_written = rows * (4 * e.acc + 8) + (plan.config ? rows * top_n * (8 + e.acc) : 0);
   return plan;
 }
 

@@ -138,6 +138,20 @@ cudaError_t rejection_sample(const T* target, int64_t batch, int64_t n, int64_t 
                              int64_t* num_accepted, typename AccOf<T>::type* log_probs, void* workspace,
                              DeviceLimits limits, cudaStream_t stream);
 
+// ---- token_logprobs (token_logprobs.cu) ----
+
+// Semantics: token_logprobs in csrc/ops.cpp, over contiguous rows (rows, n), n >= 1: token_ids
+// (rows,) in [0, n) (the caller checks them), token_values (rows,) or null. Writes log_probs, rank,
+// max, sumexp, entropy (rows,) and, when token_logprobs_selects(n, top_n, sizeof(T)), top_ids and
+// top_log_probs (rows, top_n); otherwise those are the caller's (softmax_topk).
+template <typename T>
+cudaError_t token_logprobs(const T* x, int64_t rows, int64_t n, const int64_t* token_ids,
+                           const typename AccOf<T>::type* token_values, int64_t top_n, double scale,
+                           typename AccOf<T>::type* log_probs, int64_t* rank, int64_t* top_ids,
+                           typename AccOf<T>::type* top_log_probs, typename AccOf<T>::type* max_out,
+                           typename AccOf<T>::type* sumexp_out, typename AccOf<T>::type* entropy,
+                           DeviceLimits limits, cudaStream_t stream);
+
 // ---- cross_entropy_backward (cross_entropy.cu) ----
 
 // out[i, c] = p_scale[i] * exp(x[i, c] - max[i]) / sumexp[i] - [c == target[i]] * target_scale[i]

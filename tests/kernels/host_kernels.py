@@ -245,6 +245,7 @@ class HostKernels:
         lib.osm_host_rejection_workspace_bytes.restype = sz
         lib.osm_host_rejection_sample.argtypes = [i32, i32, vp, i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp,
                                                   i32]
+        lib.osm_host_token_logprobs.argtypes = [i32, vp, i64, i64, vp, vp, i64, f64, vp, vp, vp, vp, vp, vp, vp, i32]
         lib.osm_host_set_schedule.argtypes = [i32, ctypes.c_uint64]
         lib.osm_host_last_error.restype = ctypes.c_char_p
         lib.osm_host_launch_log.restype = ctypes.c_char_p
@@ -396,6 +397,23 @@ class HostKernels:
                                                        _ptr(uniforms), _ptr(tokens), _ptr(accepted), _ptr(log_probs),
                                                        _ptr(ws), limits.num_sms))
         return tokens, accepted, log_probs
+
+    def token_logprobs(self, x, token_ids, top_n=0, temperature=1.0, token_values=None, limits=Limits()):
+        """Rows of a contiguous 2-d x; int64 (rows,) token ids, token_values (rows,) in the accumulation
+        dtype or None. Returns the op's seven outputs; top_ids and top_log_probs stay poisoned when the
+        kernel does not select (the binding's softmax_topk fills them then)."""
+        assert x.is_contiguous() and x.dim() == 2
+        rows, n = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        per_row = [_poison(torch.empty(rows, dtype=acc)) for _ in range(4)]  # log_probs, max, sumexp, entropy
+        rank = _poison(torch.empty(rows, dtype=torch.int64))
+        top_ids = _poison(torch.empty(rows, top_n, dtype=torch.int64))
+        top_lp = _poison(torch.empty(rows, top_n, dtype=acc))
+        self._check(self.lib.osm_host_token_logprobs(DTYPE_CODES[x.dtype], _ptr(x), rows, n, _ptr(token_ids),
+                                                     _ptr(token_values), top_n, 1.0 / temperature, _ptr(per_row[0]),
+                                                     _ptr(rank), _ptr(top_ids), _ptr(top_lp), _ptr(per_row[1]),
+                                                     _ptr(per_row[2]), _ptr(per_row[3]), limits.num_sms))
+        return per_row[0], rank, top_ids, top_lp, per_row[1], per_row[2], per_row[3]
 
     def cross_entropy_backward(self, x, max, sumexp, target, p_scale, target_scale, smooth_scale=None, weight=None,
                                limits=Limits(), return_error=False, in_place=False):

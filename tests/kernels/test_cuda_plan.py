@@ -410,3 +410,32 @@ def test_cuda_device_names_that_name_no_gpu_raise():
             osm.cuda_plan("forward", (3, 5), torch.float32, device="cuda:99")
     with pytest.raises(TypeError, match="device"):
         osm.cuda_plan("forward", (3, 5), torch.float32, device=torch.device("cpu"))
+
+
+# ---- token_logprobs ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_token_logprobs_reads_x_once_a_block_per_row(dtype):
+    rows, vocab, top_n = 4096, 128256, 5
+    plan = osm.cuda_plan("token_logprobs", (rows, vocab), dtype, k=top_n, device="h100")
+    assert plan.path == "token_logprobs" and plan.workspace_bytes == 0
+    (launch,) = plan.launches
+    assert launch.kernel == "token_logprobs_kernel" and launch.rows_per_block == 1
+    acc = 8 if dtype == torch.float64 else 4
+    assert launch.bytes_read == x_bytes((rows, vocab), dtype) + rows * (8 + dtype.itemsize)
+    assert launch.bytes_written == rows * (4 * acc + 8) + rows * top_n * (8 + acc)  # nothing of (rows, vocab)
+    values = osm.cuda_plan("token_logprobs", (rows, vocab), dtype, token_values=True, device="h100")
+    assert values.launches[0].bytes_read == x_bytes((rows, vocab), dtype) + rows * (8 + acc)
+
+
+def test_token_logprobs_plan_arguments():
+    assert osm.cuda_plan("token_logprobs", (0, 5), torch.float32, device="h100").launches == []
+    # top_n beyond the fused buffer: the kernel selects nothing (the binding asks softmax_topk)
+    big = osm.cuda_plan("token_logprobs", (2, 5000), torch.float32, k=3000, device="h100")
+    assert big.launches[0].bytes_written == 2 * (4 * 4 + 8)
+    with pytest.raises(ValueError, match="top_n"):
+        osm.cuda_plan("token_logprobs", (3, 5), torch.float32, k=6)
+    with pytest.raises(ValueError, match="2-D"):
+        osm.cuda_plan("token_logprobs", (3, 5, 2), torch.float32)
+    with pytest.raises(ValueError, match="token_values is only for token_logprobs"):
+        osm.cuda_plan("forward", (3, 5), torch.float32, token_values=True)

@@ -72,6 +72,7 @@ TEMPERATURE = [
     lambda t: osm.BeamSearchDecoder(2, 5, temperature=t),
     lambda t: list(osm.chunked_softmax(CHUNKS, temperature=t)),
     lambda t: osm.chunked_softmax_topk(CHUNKS, 2, temperature=t),
+    lambda t: osm.token_logprobs(X, torch.zeros(4, dtype=torch.int64), temperature=t),
 ]
 
 
@@ -101,6 +102,14 @@ def test_dim_errors(call):
         fn(1.5)
     with pytest.raises(IndexError, match="dim=5"):
         fn(5)
+
+
+@pytest.mark.parametrize("value", WRONG_TYPE + [-1], ids=repr)
+def test_top_n_may_be_zero_but_must_be_a_nonnegative_int(value):
+    ids = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(TypeError if value != -1 else ValueError, match="top_n must be"):
+        osm.token_logprobs(X, ids, top_n=value)
+    assert osm.token_logprobs(X, ids, top_n=0).top_token_ids.shape == (4, 0)
 
 
 def test_messages_name_the_function():

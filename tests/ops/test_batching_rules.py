@@ -109,6 +109,17 @@ def test_rejection_sample_vmap():
     _assert_same(got, want)
 
 
+def test_token_logprobs_vmap():
+    xs = random_logits((2, 3, 50), torch.float32)
+    ids = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(6))
+    values = torch.randn(3, generator=torch.Generator().manual_seed(7))  # unbatched operand
+    for fn in (lambda x, i: ops.token_logprobs(x, i, 5, 0.8, None),  # noqa: E731
+               lambda x, i: ops.token_logprobs(x, i, 0, 1.0, values)):
+        got = vmap(fn)(xs, ids)
+        want = tuple(torch.stack(o) for o in zip(*[fn(x, i) for x, i in zip(xs, ids)]))
+        _assert_same(got, want)
+
+
 def test_decoding_ops_vmap():
     seqs = torch.randint(0, 5, (2, 3, 9), generator=torch.Generator().manual_seed(2))
     fn = lambda s: ops.ngram_banned_tokens(s, 2)  # noqa: E731

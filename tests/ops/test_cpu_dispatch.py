@@ -206,6 +206,29 @@ def test_rejection_sample_under_each_capability(capability, dtype):
         torch.testing.assert_close(got[2], want[2], rtol=tol, atol=tol, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_token_logprobs_under_each_capability(capability, dtype):
+    """token_logprobs under this capability's kernels: log-probabilities and entropy within rounding
+    of float64 torch, ranks and top-n exactly the stable descending order of the float64 values, the
+    state stats'."""
+    ops = torch.ops.online_softmax
+    x = random_logits((5, 3001), dtype, seed=14)
+    x[1, 10:20] = x[1, 5]  # ties
+    x[4, 7] = float("nan")
+    ids = torch.tensor([0, 12, 3000, 77, 7])
+    lp, rank, top_ids, top_lp, m, d, ent = ops.token_logprobs(x, ids, 9, 0.7, None)
+    x64 = x.double()
+    ref = torch.log_softmax(x64 / 0.7, -1)
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(lp, ref.gather(1, ids[:, None])[:, 0].to(lp.dtype), rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(ent[:4], (-(ref.exp() * ref).sum(-1))[:4].to(ent.dtype), rtol=tol, atol=tol)
+    order = torch.sort(x64, dim=-1, descending=True, stable=True).indices
+    assert torch.equal(rank, (order == ids[:, None]).int().argmax(-1) + 1)
+    assert torch.equal(top_ids, order[:, :9])
+    for got, want in zip((m, d), ops.stats(x, -1, 0.7)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # the same bits
+
+
 def test_capabilities_agree_with_each_other():
     """The same op, run by each capability's kernels, gives the same answers within rounding and
     identical top-k indices."""

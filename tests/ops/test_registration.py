@@ -53,6 +53,9 @@ def _samples(device):
                                edit_values)),
         (ops.rejection_sample, (xr, xr[:, :2].argmax(-1), torch.softmax(xr[:, :2], -1), torch.full((2,), 2, device=device),
                                 torch.tensor([0.0, 0.8], dtype=torch.float64, device=device), None, accept_all)),
+        (ops.token_logprobs, (x.detach(), torch.tensor([0, 3, 36, 5, 1], device=device), 4, 0.8, None)),
+        (ops.token_logprobs, (xh, torch.tensor([1, 0, 39, 7], device=device), 0, 1.0,
+                              torch.randn(4, device=device))),
         (ops.cross_entropy_backward, (x.detach(), m, d, torch.tensor([0, 3, 36, 5, 1], device=device),
                                       torch.rand(5, device=device), torch.rand(5, device=device))),
         (ops.cross_entropy_backward, (x3.detach()[:, :, 0].contiguous(), torch.zeros(3, dtype=torch.float64,
@@ -74,7 +77,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         covered.add(op._name if hasattr(op, "_name") else str(op))
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::")}
-    assert len(covered) == len(registered) == 14, (covered, registered)
+    assert len(covered) == len(registered) == 15, (covered, registered)
 
 
 def test_torch_compile_fullgraph():

@@ -170,6 +170,18 @@ def test_sampling_threads(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("top_n", [0, 5, 40])
+def test_token_logprobs_threads(dtype, top_n):
+    x = logits((6, 200000), dtype)
+    x[2, 1000:1100] = float("-inf")
+    ids = torch.tensor([0, 199999, 5, 77777, 3, 12], dtype=torch.int64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    values = logits((6,), acc, seed=3)
+    over_threads(lambda: ops.token_logprobs(x, ids, top_n, 0.8, None))
+    over_threads(lambda: ops.token_logprobs(x, ids, top_n, 1.0, values))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rejection_sample_threads(dtype):
     x = logits((3, 5, 60000), dtype)
     ids = torch.randint(0, 60000, (3, 4), generator=torch.Generator().manual_seed(6))
@@ -309,6 +321,19 @@ def test_rejection_sample_batch(dtype):
                                     None, a[2])
 
     alone_and_in_batches(rows, run, sizes=(2, 5), threads=(1, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_logprobs_batch(dtype):
+    row = logits((200000,), dtype, seed=24)
+
+    def rows(b, p):
+        ids = torch.arange(b, dtype=torch.int64) * 991
+        ids[p] = 123457
+        return batch_with(row, b, p), ids
+
+    alone_and_in_batches(rows, lambda a: ops.token_logprobs(a[0], a[1], 0, 1.0, None))
+    alone_and_in_batches(rows, lambda a: ops.token_logprobs(a[0], a[1], 20, 0.7, None))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -346,32 +346,38 @@ void topk_rows(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool 
   });
 }
 
-template <typename T>
-void topk_kernel(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool log, T* values,
-                 int64_t* indices, acc_t<T>* m_out, acc_t<T>* d_out, const int64_t* excluded,
-                 int64_t excluded_width, T* excluded_values) {
-  using A = acc_t<T>;
+// Calls fn(TypeTag<Select>{}) with the selection for the k best of rows of n values of type A:
+// sorted for small k, the pruned buffer for larger; packed items for float rows shorter than 2^32.
+// Every choice keeps the same total order (key, then index), so all select the same candidates.
+template <typename A, typename Fn>
+void with_selection(int64_t n, int64_t k, Fn&& fn) {
   auto run = [&](auto items) {
     using Items = decltype(items);
-    auto with = [&](auto tag) {
-      using Select = typename decltype(tag)::type;
-      if (excluded != nullptr) {
-        topk_rows<Excluding<Select>>(x, rows, n, k, s, log, values, indices, m_out, d_out, excluded,
-                                     excluded_width, excluded_values);
-      } else {
-        topk_rows<Select>(x, rows, n, k, s, log, values, indices, m_out, d_out);
-      }
-    };
     if (k <= kSortedMaxK) {
-      with(TypeTag<SortedTopK<Items>>{});
+      fn(TypeTag<SortedTopK<Items>>{});
     } else {
-      with(TypeTag<TopK<Items>>{});
+      fn(TypeTag<TopK<Items>>{});
     }
   };
   if constexpr (std::is_same_v<A, float>) {
     if (n < PackedItems::kMaxRow) return run(PackedItems{});
   }
   run(PairItems<A>{});
+}
+
+template <typename T>
+void topk_kernel(const T* x, int64_t rows, int64_t n, int64_t k, acc_t<T> s, bool log, T* values,
+                 int64_t* indices, acc_t<T>* m_out, acc_t<T>* d_out, const int64_t* excluded,
+                 int64_t excluded_width, T* excluded_values) {
+  with_selection<acc_t<T>>(n, k, [&](auto tag) {
+    using Select = typename decltype(tag)::type;
+    if (excluded != nullptr) {
+      topk_rows<Excluding<Select>>(x, rows, n, k, s, log, values, indices, m_out, d_out, excluded,
+                                   excluded_width, excluded_values);
+    } else {
+      topk_rows<Select>(x, rows, n, k, s, log, values, indices, m_out, d_out);
+    }
+  });
 }
 
 // dx = s * (G * w - p * C) with p = softmax(x / t) recomputed from (m, d), G the scatter-add of the

@@ -13,6 +13,7 @@
 #include "cpu/kernels/cross_entropy.h"
 #include "cpu/kernels/masked_softmax.h"
 #include "cpu/kernels/rejection_sample.h"
+#include "cpu/kernels/token_logprobs.h"
 
 #define ONLINE_SOFTMAX_CPU_STR2(x) #x
 #define ONLINE_SOFTMAX_CPU_STR(x) ONLINE_SOFTMAX_CPU_STR2(x)
@@ -24,7 +25,7 @@ extern const KernelTable kKernels;
 const KernelTable kKernels = {ONLINE_SOFTMAX_CPU_STR(CPU_CAPABILITY), &forward_entry, &stats_entry, &backward_entry,
                               &topk_entry, &topk_backward_entry, &sample_entry,
                               &top_p_entry, &cross_entropy_backward_entry,
-                              &masked_forward_entry, &rejection_entry};
+                              &masked_forward_entry, &rejection_entry, &token_logprobs_entry};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace online_softmax::cpu

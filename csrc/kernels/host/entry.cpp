@@ -177,6 +177,21 @@ int osm_host_top_p_threshold(int dtype, const void* x, int64_t rows, int64_t n, 
   });
 }
 
+// token_values may be null; top_ids and top_log_probs are written only when the kernel selects.
+int osm_host_token_logprobs(int dtype, const void* x, int64_t rows, int64_t n, const int64_t* token_ids,
+                            const void* token_values, int64_t top_n, double scale, void* log_probs, int64_t* rank,
+                            int64_t* top_ids, void* top_log_probs, void* max_out, void* sumexp_out, void* entropy,
+                            int num_sms) {
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    using A = Acc<T>;
+    return token_logprobs<T>(static_cast<const T*>(x), rows, n, token_ids, static_cast<const A*>(token_values), top_n,
+                             scale, static_cast<A*>(log_probs), rank, top_ids, static_cast<A*>(top_log_probs),
+                             static_cast<A*>(max_out), static_cast<A*>(sumexp_out), static_cast<A*>(entropy),
+                             limits_of(num_sms, 48 * 1024), nullptr);
+  });
+}
+
 size_t osm_host_rejection_workspace_bytes(int dtype, int64_t batch, int64_t n, int64_t vocab, int cut, int num_sms) {
   return with_dtype(dtype, [&](auto t) -> size_t {
     return rejection_workspace_bytes<decltype(t)>(batch, n, vocab, cut != 0, limits_of(num_sms, 48 * 1024));

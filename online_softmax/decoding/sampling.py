@@ -106,9 +106,8 @@ def _finish(z: torch.Tensor, keep: torch.Tensor, top_p, min_p, u):
         z = z.masked_fill(~_keep_top_p(torch.softmax(z, -1), top_p), float("-inf"))
     if min_p is not None:
         z = z.masked_fill(~_keep_min_p(torch.softmax(z, -1), min_p), float("-inf"))
-    weights = torch.softmax(z, -1)
-    pos, total = inverse_cdf(weights, u)
-    every = (weights.double().log() - total.log()).to(weights.dtype)
+    pos, _total = inverse_cdf(torch.softmax(z, -1), u)
+    every = torch.log_softmax(z, -1)  # finite for a kept token whose probability underflows
     return pos, every.gather(1, pos), every
 
 

@@ -24,6 +24,11 @@ def warped_probs(x: torch.Tensor, temperature, top_k=None, top_p=None, min_p=Non
     """The probabilities transformers samples from (rows, vocab), as its warpers compute them:
     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, then softmax.
     Parameters are numbers or per-row tensors."""
+    return torch.softmax(warped_scores(x, temperature, top_k, top_p, min_p), -1)
+
+
+def warped_scores(x: torch.Tensor, temperature, top_k=None, top_p=None, min_p=None) -> torch.Tensor:
+    """The scores after transformers' warpers (-inf where a cut removed a token), before the softmax."""
     rows, vocab = x.shape
 
     def col(v, dtype):
@@ -52,7 +57,7 @@ def warped_probs(x: torch.Tensor, temperature, top_k=None, top_p=None, min_p=Non
         sorted_remove = remove.gather(1, sorted_idx)
         sorted_remove[:, 0] = False
         scores = scores.masked_fill(sorted_remove.scatter(1, sorted_idx, sorted_remove), neg)
-    return torch.softmax(scores, -1)
+    return scores
 
 
 def exact_draw(x, t, k, top_p, min_p, u):

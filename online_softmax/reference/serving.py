@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..decoding.warpers import warped_probs
+from ..decoding.warpers import warped_scores
 
 
 def _lists(value, rows):
@@ -105,11 +105,12 @@ def sample_fields_reference(logits: torch.Tensor, tokens: torch.Tensor, *, tempe
     for drawn ``tokens`` (rows, S), the log-probability fields under ``logprobs_mode``."""
     x = logits.reshape(-1, logits.shape[-1])
     v = edited_logits(x, **edits) if edits else x.double()
-    probs = warped_probs(v, temperature, top_k, top_p, min_p)
+    scores = warped_scores(v, temperature, top_k, top_p, min_p)
+    probs = torch.softmax(scores, -1)
     if logprobs_mode == "raw":
         scored, lp = x.double(), torch.log_softmax(x.double(), -1)
-    else:
-        scored, lp = v, probs.log()
+    else:  # log_softmax, not log(probs): a kept token's log-probability below float64's exp range is finite
+        scored, lp = v, torch.log_softmax(scores, -1)
     tlp, rank, top_ids, top_lp = _rank_and_top(scored, lp, tokens.reshape(x.shape[0], -1), logprobs)
     return dict(probs=probs, token_log_probs=tlp, rank=rank, top_token_ids=top_ids, top_log_probs=top_lp)
 

@@ -61,13 +61,18 @@ inline const acc_t<T>* patched_block(const T* x, int64_t begin, int64_t len, con
 
 // f(begin, p, len) for every kScanBlock block of the row in order, p its elements as the edited row
 // has them: x + begin itself (the unchanged fast path) or a patched copy in the accumulation type.
+// Where T is the accumulation type itself, f is called from one site, so the block function
+// inlines into the loop once.
 template <typename T, typename F>
 inline void for_each_block(const T* x, int64_t n, const RowEdits<acc_t<T>>& e, F&& f) {
   int64_t k = 0;
+  alignas(64) acc_t<T> buf[kScanBlock];
   for (int64_t b = 0; b < n; b += kScanBlock) {
     const int64_t len = std::min(kScanBlock, n - b);
-    if (k < e.count && e.ids[k] < b + len) {
-      alignas(64) acc_t<T> buf[kScanBlock];
+    const bool edited = k < e.count && e.ids[k] < b + len;
+    if constexpr (std::is_same_v<T, acc_t<T>>) {
+      f(b, edited ? patched_block(x, b, len, e, k, buf) : x + b, len);
+    } else if (edited) {
       f(b, patched_block(x, b, len, e, k, buf), len);
     } else {
       f(b, x + b, len);
@@ -80,11 +85,13 @@ template <typename T, typename F>
 inline auto with_block(const T* x, int64_t n, const RowEdits<acc_t<T>>& e, int64_t begin, F&& f) {
   const int64_t len = std::min(kScanBlock, n - begin);
   int64_t k = std::lower_bound(e.ids, e.ids + e.count, begin) - e.ids;
-  if (k < e.count && e.ids[k] < begin + len) {
-    alignas(64) acc_t<T> buf[kScanBlock];
-    return f(patched_block(x, begin, len, e, k, buf));
+  const bool edited = k < e.count && e.ids[k] < begin + len;
+  alignas(64) acc_t<T> buf[kScanBlock];
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return f(edited ? patched_block(x, begin, len, e, k, buf) : x + begin);
+  } else {
+    return edited ? f(patched_block(x, begin, len, e, k, buf)) : f(x + begin);
   }
-  return f(x + begin);
 }
 
 // Sum of exp((x - m) s) over the elements with x >= threshold (all others weigh 0).
@@ -214,9 +221,11 @@ void sample_row(const T* x, int64_t n, const RowEdits<acc_t<T>>& edits, double t
 // Masses sum(exp((x - m) s)) and counts of the elements at or above each of kProbes thresholds.
 constexpr int kProbes = 16;
 
-// One block's part of probe_masses, added to mass and count.
+// One block's part of probe_masses, added to mass and count. Forced inline: the float instantiation
+// also serves the patched blocks of float16/bfloat16 rows, and out of line (its 32 vector
+// accumulators passed through memory) it cost float32 top_p_threshold 40%.
 template <typename U, typename A>
-inline void probe_block(const U* xb, int64_t len, A m, A s, const A* thresholds, double* mass, int64_t* count) {
+__attribute__((always_inline)) inline void probe_block(const U* xb, int64_t len, A m, A s, const A* thresholds, double* mass, int64_t* count) {
   static_assert(std::is_same_v<acc_t<U>, A>);
   using V = Vectorized<A>;
   using IO = VecIO<U>;

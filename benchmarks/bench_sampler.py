@@ -13,7 +13,8 @@ float32 copy, token counts and masks scattered over the vocabulary, dense penalt
 top-k/top-p, softmax and an exponential race). "GB/s" counts one read of the logits; "copy" is a
 same-size copy timed in the same rounds.
 
-**prompt**: prompt log-probabilities, P positions x V: ``online_softmax.token_logprobs`` (the given
+**prompt**: prompt log-probabilities, P positions x V (bfloat16 by default; ``--prompt-dtypes``):
+``online_softmax.token_logprobs`` (the given
 token's log-probability and rank, and the top 20) against ``log_softmax`` (float32) + ``gather``
 + ``topk`` + the rank by counting.
 
@@ -115,11 +116,10 @@ def bench_prompt(device, dtypes, positions, vocab):
     for dtype in dtypes:
         x = make_logits(positions, vocab, dtype, device)
         ids = torch.randint(0, vocab, (positions,), device=device)
-        src = torch.empty(x.numel() * x.element_size(), dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
+        dst = torch.empty_like(x)  # the copy reads x itself: one more logits-sized buffer, not two
         calls = {"online_softmax": lambda: osm.token_logprobs(x, ids, top_n=TOP_N),
                  "torch": lambda: torch_prompt_logprobs(x, ids, TOP_N),
-                 "copy": lambda: dst.copy_(src)}
+                 "copy": lambda: dst.copy_(x)}
         times = median_times(calls, device, min_runs=5, max_runs=11, budget_s=3.0)
         least = x.numel() * x.element_size()
         for name, t in times.items():
@@ -137,8 +137,17 @@ def make_logits(positions, vocab, dtype, device, chunk=512):
     return x
 
 
-def _peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _peak_mib(reset=False):
+    """The process's peak resident set (VmHWM), reset first when asked: a child started by fork
+    inherits its parent's peak, so ru_maxrss alone would report the parent's."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measure_memory(impl, positions, vocab):
@@ -146,7 +155,7 @@ def measure_memory(impl, positions, vocab):
     x = make_logits(positions, vocab, torch.bfloat16, torch.device("cpu"))
     ids = torch.randint(0, vocab, (positions,))
     x.add_(0)  # touch every page before the baseline
-    before = _peak_mib()
+    before = _peak_mib(reset=True)
     out = osm.token_logprobs(x, ids, top_n=TOP_N) if impl == "online_softmax" else torch_prompt_logprobs(x, ids, TOP_N)
     outputs = sum(t.numel() * t.element_size() for t in out) / 2 ** 20
     print(f"{max(0.0, _peak_mib() - before - outputs):.1f}")
@@ -169,6 +178,8 @@ def main(argv=None):
     p.add_argument("--batches", default=SERVE_BATCHES, type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--vocabs", default=SERVE_VOCABS, type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--positions", type=int, default=8192)
+    p.add_argument("--prompt-dtypes", default="bfloat16", type=lambda s: [getattr(torch, d) for d in s.split(",")],
+                   help="float32 at 8192 x 152064 needs more than 24 GiB beside torch's temporaries")
     p.add_argument("--vocab", type=int, default=152064)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
@@ -183,7 +194,7 @@ def main(argv=None):
     if "serve" in args.part:
         bench_serve(device, args.dtypes, args.batches, args.vocabs)
     if "prompt" in args.part:
-        bench_prompt(device, args.dtypes, args.positions, args.vocab)
+        bench_prompt(device, args.prompt_dtypes, args.positions, args.vocab)
     if "memory" in args.part:
         bench_memory(args.positions, args.vocab)
     return 0

@@ -27,8 +27,8 @@ from .build import build_info
 from .cuda_plan import CudaPlan, cuda_plan
 from .decoding import (BeamSearchDecoder, BeamSearchOutput, BeamStep, RejectionSample, Sample, TokenLogprobs,
                        beam_search_step, rejection_sample, sample, token_logprobs)
-from .losses import (CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy,  # noqa: E402
-                     linear_token_logprobs)
+from .losses import (CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, distillation_loss,  # noqa: E402
+                     linear_cross_entropy, linear_token_logprobs)
 from .decoding import hf  # noqa: E402  (custom_generate=online_softmax.hf.generate; imports transformers lazily)
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
@@ -61,6 +61,7 @@ __all__ = [
     "token_logprobs",
     "TokenLogprobs",
     "cross_entropy",
+    "distillation_loss",
     "linear_cross_entropy",
     "linear_token_logprobs",
     "CrossEntropyLoss",

@@ -329,3 +329,26 @@ def test_each_capability_and_thread_count(capability, dtype):
     finally:
         torch.set_num_threads(old)
         _C._set_cpu_capability("")
+
+
+def test_ops_vmap_rules():
+    """The three ops under vmap (the vmapped dim folded into the rows; an unbatched teacher and
+    target expanded) equal the loop, and the in-place op writes each vmapped call's rows."""
+    s, t, tgt = distillation_case(6, 40, torch.float32, seed=51)
+    s3, tgt3 = s.view(2, 3, 40), tgt.view(2, 3)
+    teacher = t[:3]  # one teacher for both calls
+    opts = ("jsd", 0.4, 0.9, 0.3, -100)
+    got = torch.vmap(lambda a, c: ops.distillation_forward(a, teacher, c, *opts))(s3, tgt3)
+    want = [ops.distillation_forward(s3[i], teacher, tgt3[i], *opts) for i in range(2)]
+    for k in range(2):
+        torch.testing.assert_close(got[k], torch.stack([w[k] for w in want]))
+    g = torch.rand(2, 3)
+    grad = torch.vmap(lambda gl, a, c, st: ops.distillation_backward(gl, a, teacher, c, st, *opts))(g, s3, tgt3,
+                                                                                                     got[1])
+    want_grad = torch.stack([ops.distillation_backward(g[i], s3[i], teacher, tgt3[i], got[1][i], *opts)
+                             for i in range(2)])
+    assert torch.equal(grad, want_grad)
+    over = s3.clone()
+    torch.vmap(lambda a, gl, c, st: ops.distillation_backward_(a, gl, teacher, c, st, *opts), out_dims=None)(
+        over, g, tgt3, got[1])
+    assert torch.equal(over, want_grad)

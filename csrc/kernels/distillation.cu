@@ -168,11 +168,18 @@ struct DistillTerms {
         const A p = exp((v[j] - ms) * a.sc) * inv_ds, q = exp((tv[j] - mt) * a.sc) * inv_dt;
         tv[j] = with_label(a, i0 + j, v[j], p, (p - q) * a.sc);
       }
+    } else if (a.kind == dm::kReverseKl) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A p = exp((v[j] - ms) * a.sc) * inv_ds;
+        const A d = dm::divergence_gradient(dm::kReverseKl, p, A(0), ((v[j] - tv[j]) - cst) * a.sc - L, U, a.beta, a.sc);
+        tv[j] = with_label(a, i0 + j, v[j], p, d);
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const A p = exp((v[j] - ms) * a.sc) * inv_ds;
-        const A d = dm::divergence_gradient(a.kind, p, A(0), ((v[j] - tv[j]) - cst) * a.sc - L, U, a.beta, a.sc);
+        const A d = dm::divergence_gradient(dm::kJsd, p, A(0), ((v[j] - tv[j]) - cst) * a.sc - L, U, a.beta, a.sc);
         tv[j] = with_label(a, i0 + j, v[j], p, d);
       }
     }

@@ -161,26 +161,27 @@ struct DistillTerms {
     }
     A tv[V];
     load_elems(trow, i0, a.n, tv, A(0));
+    const int64_t rel = tgt - i0;  // the target's place in this granule (outside [0, V): none)
     // One loop per kind (kind is uniform), so that each keeps only its own temporaries live.
     if (a.kind == dm::kKl) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const A p = exp((v[j] - ms) * a.sc) * inv_ds, q = exp((tv[j] - mt) * a.sc) * inv_dt;
-        tv[j] = with_label(a, i0 + j, v[j], p, (p - q) * a.sc);
+        tv[j] = with_label(j == rel, v[j], p, (p - q) * a.sc);
       }
     } else if (a.kind == dm::kReverseKl) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const A p = exp((v[j] - ms) * a.sc) * inv_ds;
         const A d = dm::divergence_gradient(dm::kReverseKl, p, A(0), ((v[j] - tv[j]) - cst) * a.sc - L, U, a.beta, a.sc);
-        tv[j] = with_label(a, i0 + j, v[j], p, d);
+        tv[j] = with_label(j == rel, v[j], p, d);
       }
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const A p = exp((v[j] - ms) * a.sc) * inv_ds;
         const A d = dm::divergence_gradient(dm::kJsd, p, A(0), ((v[j] - tv[j]) - cst) * a.sc - L, U, a.beta, a.sc);
-        tv[j] = with_label(a, i0 + j, v[j], p, d);
+        tv[j] = with_label(j == rel, v[j], p, d);
       }
     }
 #pragma unroll
@@ -189,12 +190,12 @@ struct DistillTerms {
 
   // The element's gradient from its divergence term d (and its p at the temperature): weighted, plus
   // the cross-entropy's softmax at temperature 1 and one-hot when there is a target.
-  __device__ __forceinline__ A with_label(const DistillBackwardArgs<T>& a, int64_t i, A x, A p, A d) const {
+  __device__ __forceinline__ A with_label(bool at_target, A x, A p, A d) const {
     A g = d * dw;
     if (has_target) {
       const A p1 = same_t ? p : exp(x - ms) * inv_d1;
       g += p1 * cw;
-      if (i == tgt) g -= cw;
+      if (at_target) g -= cw;
     }
     return g;
   }

@@ -170,22 +170,24 @@ struct DistillTerms {
         tv[j] = with_label(j == rel, v[j], p, (p - q) * a.sc);
       }
     } else if (a.kind == dm::kReverseKl) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const A p = exp((v[j] - ms) * a.sc) * inv_ds;
-        const A d = dm::divergence_gradient(dm::kReverseKl, p, A(0), ((v[j] - tv[j]) - cst) * a.sc - L, U, a.beta, a.sc);
-        tv[j] = with_label(j == rel, v[j], p, d);
-      }
+      divergence_loop<dm::kReverseKl>(a, rel, v, tv);
     } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const A p = exp((v[j] - ms) * a.sc) * inv_ds;
-        const A d = dm::divergence_gradient(dm::kJsd, p, A(0), ((v[j] - tv[j]) - cst) * a.sc - L, U, a.beta, a.sc);
-        tv[j] = with_label(j == rel, v[j], p, d);
-      }
+      divergence_loop<dm::kJsd>(a, rel, v, tv);
     }
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = tv[j];
+  }
+
+  // reverse_kl's and jsd's terms (a kind fixed at compile time: each loop keeps only its own temporaries).
+  template <int Kind, int V>
+  __device__ __forceinline__ void divergence_loop(const DistillBackwardArgs<T>& a, int64_t rel, const A (&v)[V],
+                                                  A (&tv)[V]) const {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A p = exp((v[j] - ms) * a.sc) * inv_ds;
+      const A delta = ((v[j] - tv[j]) - cst) * a.sc - L;
+      tv[j] = with_label(j == rel, v[j], p, dm::divergence_gradient(Kind, p, A(0), delta, U, a.beta, a.sc));
+    }
   }
 
   // The element's gradient from its divergence term d (and its p at the temperature): weighted, plus

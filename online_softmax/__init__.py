@@ -28,7 +28,7 @@ from .cuda_plan import CudaPlan, cuda_plan
 from .decoding import (BeamSearchDecoder, BeamSearchOutput, BeamStep, RejectionSample, Sample, TokenLogprobs,
                        beam_search_step, rejection_sample, sample, token_logprobs)
 from .losses import (CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, distillation_loss,  # noqa: E402
-                     linear_cross_entropy, linear_token_logprobs)
+                     linear_cross_entropy, linear_distillation_loss, linear_token_logprobs)
 from .decoding import hf  # noqa: E402  (custom_generate=online_softmax.hf.generate; imports transformers lazily)
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
@@ -64,6 +64,7 @@ __all__ = [
     "distillation_loss",
     "linear_cross_entropy",
     "linear_token_logprobs",
+    "linear_distillation_loss",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
     "chunked_softmax",

@@ -98,6 +98,21 @@ def _distillation_ref(x):
     return rows.mean()
 
 
+def _linear_distillation(x):
+    """linear_distillation_loss of x as the student's hidden states against fixed teacher hidden
+    states through a second head, kind="kl" at temperature 0.8 with hard labels."""
+    return osm.linear_distillation_loss(x, _head(x), _teacher(x), _head(x).flip(0), _classes(x) % 11,
+                                        temperature=0.8, hard_weight=0.3)
+
+
+def _linear_distillation_ref(x):
+    log_p = torch.log_softmax(x @ _head(x).t() / 0.8, -1)
+    log_q = torch.log_softmax(_teacher(x) @ _head(x).flip(0).t() / 0.8, -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    ce = F.cross_entropy(x @ _head(x).t(), _classes(x) % 11, reduction="none")
+    return (0.3 * ce + 0.7 * kl).mean()
+
+
 def _topk_ref(x, k, log=False, renormalize=False):
     p = torch.softmax(x, -1)
     v, i = p.topk(k, -1)
@@ -148,6 +163,8 @@ CASES = [
          lambda x: F.cross_entropy(x @ _head(x).t(), _classes(x) % 11), shape=(5, 4), long_shape=(300, 64)),
     Case("distillation_loss(kind=jsd)",
          lambda x: osm.distillation_loss(x, _teacher(x), kind="jsd", beta=0.3, temperature=0.8), _distillation_ref),
+    Case("linear_distillation_loss", _linear_distillation, _linear_distillation_ref, shape=(5, 4),
+         long_shape=(300, 64)),
     Case("linear_token_logprobs(return_entropy=True)", _token_logprobs, _token_logprobs_ref, shape=(5, 4),
          long_shape=(300, 64)),
 ]

@@ -8,7 +8,9 @@ from .distillation import distillation_loss
 from .hf import causal_lm_loss
 from .linear_cross_entropy import linear_cross_entropy
 from .linear_token_logprobs import linear_token_logprobs
+from .linear_distillation import linear_distillation_loss
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["cross_entropy", "distillation_loss", "linear_cross_entropy", "linear_token_logprobs", "CrossEntropyLoss", "LinearCrossEntropyLoss",
+__all__ = ["cross_entropy", "distillation_loss", "linear_cross_entropy", "linear_token_logprobs",
+           "linear_distillation_loss", "CrossEntropyLoss", "LinearCrossEntropyLoss",
            "causal_lm_loss"]

@@ -143,7 +143,7 @@ def composed_rows(s: torch.Tensor, t: torch.Tensor, target: Optional[torch.Tenso
 
     def kl(log_a, log_b):  # sum a (log a - log b), a zero-probability term being 0
         a = log_a.exp()
-        return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+        return torch.where(a == 0, torch.zeros_like(a), a * (log_a - log_b)).sum(-1)
 
     if kind == "kl":
         div = kl(log_q, log_p)

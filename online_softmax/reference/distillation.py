@@ -11,7 +11,8 @@ For a row of student logits ``s`` and teacher logits ``t`` at temperature ``T``,
   ``m = beta q + (1 - beta) p``: ``beta KL(q || m) + (1 - beta) KL(p || m)`` (TRL's GKD form,
   0 < beta < 1).
 
-A term whose weight is a zero probability is 0 (``0 log 0 = 0``). With a ``target`` (class indices),
+A term whose weight is a zero probability is 0 (``0 log 0 = 0``); a row where either distribution
+does not exist (NaN, +inf, all -inf logits, no class) gives NaN. With a ``target`` (class indices),
 the row's loss is ``hard_weight * CE(s, target) + (1 - hard_weight) * divergence``, the
 cross-entropy taken at temperature 1, and a row whose target is ``ignore_index`` has loss 0 and
 counts for neither the loss nor the mean.
@@ -26,9 +27,9 @@ KINDS = ("kl", "reverse_kl", "jsd")
 
 
 def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
-    def kl(log_a, log_b):  # sum a (log a - log b), a zero-probability term being 0
+    def kl(log_a, log_b):  # sum a (log a - log b), a zero-probability term being 0 (a NaN one stays NaN)
         a = log_a.exp()
-        return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+        return torch.where(a == 0, torch.zeros_like(a), a * (log_a - log_b)).sum(-1)
 
     if kind == "kl":
         return kl(log_q, log_p)
@@ -49,6 +50,8 @@ def distillation_rows_reference(student: torch.Tensor, teacher: torch.Tensor, ta
     ``target`` when one is given (see the module docstring). Differentiable (float64 autograd is
     the gradient oracle)."""
     s, t = student.double(), teacher.double()
+    if s.shape[-1] == 0:  # no class: neither distribution exists
+        s, t = s.new_full(s.shape[:-1] + (1,), float("nan")), t.new_full(t.shape[:-1] + (1,), float("nan"))
     inv_t = 1.0 / temperature
     div = _divergence(torch.log_softmax(s * inv_t, -1), torch.log_softmax(t * inv_t, -1), kind, beta)
     if target is None:

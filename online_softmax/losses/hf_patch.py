@@ -195,6 +195,7 @@ class _Patch:
         self.family = type(model).__name__
         self.calls = []
         self.checked = set()
+        self.probes = {}
         # What apply() replaces, as it was: instance attributes or nothing (the class's).
         self.saved = [model.__dict__.get("forward", _MISSING), model.__dict__.get("_loss_function", _MISSING)]
         if not keep_logits:
@@ -233,9 +234,11 @@ class _Patch:
     @torch.compiler.disable
     def _record(self, hidden):
         self.calls[-1].hidden = hidden
-        dtype = _compute_dtype(hidden.device, self.head.weight.dtype)
-        probe = torch.tensor(PROBE, dtype=dtype, device=hidden.device)
-        return probe.expand(*hidden.shape[:-1], len(PROBE)).contiguous()
+        key = (_compute_dtype(hidden.device, self.head.weight.dtype), hidden.device)
+        if key not in self.probes:  # made once: a host-to-device copy per step would be a sync on a GPU
+            self.probes[key] = torch.tensor(PROBE, dtype=key[0], device=key[1])
+        # Contiguous: a family may transform its logits in place.
+        return self.probes[key].expand(*hidden.shape[:-1], len(PROBE)).contiguous()
 
     @torch.compiler.disable
     def loss_function(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,

@@ -116,6 +116,18 @@ def test_loss_kwargs(family):
     assert_same_training(model, ids, labels=labels[:, -4:], logits_to_keep=4)
 
 
+def test_labels_given_positionally_and_without_grad():
+    model = tiny("llama")
+    ids, labels = batch()
+    with torch.no_grad():
+        want = model(ids, labels=labels).loss
+    assert_same_training(model, ids, None, None, None, None, labels)  # LlamaForCausalLM's sixth parameter
+    with osm.hf.applied(model), torch.no_grad():
+        out = model(ids, labels=labels)
+    assert out.logits is None and not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, want)
+
+
 def test_tied_and_untied_heads_and_a_head_with_bias():
     tied = tiny("llama", tie_word_embeddings=True)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight

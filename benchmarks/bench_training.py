@@ -24,7 +24,7 @@ import textwrap
 import torch
 
 import online_softmax as osm
-from online_softmax.bench import machine_info, machine_line, median_times
+from online_softmax.bench import machine_info, machine_line, median_times, peak_cells
 
 LLAMA = dict(vocab_size=128256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=1024)
@@ -101,8 +101,7 @@ def bench_train(dtypes=DTYPES, rounds=5, memory=True, out=print):
         if memory:
             row.update({f"{k}_mib": extra_peak_mib(k, dtype) for k in VARIANTS})
         logits = BATCH * SEQ * LLAMA["vocab_size"] * torch.empty((), dtype=dtype).element_size() / 2 ** 20
-        mem = (f"{row['ours_mib']:.0f} MiB | {row['transformers_mib']:.0f} MiB | "
-               f"{row['ours_mib'] / row['transformers_mib']:.1%}" if memory else "- | - | -")
+        mem = peak_cells(row, "ours", "transformers")
         out(f"| {row['dtype']} | {med['ours'] * 1e3:.0f} ms | {med['transformers'] * 1e3:.0f} ms | "
             f"{med['ours'] / med['transformers']:.2f}x | {logits:.0f} MiB | {mem} |")
         rows.append(row)

@@ -33,6 +33,9 @@ CONFIGS = {
     "phi3": lambda **kw: _config("Phi3Config", **kw),
     "cohere": lambda **kw: _config("CohereConfig", logit_scale=0.5, **kw),
     "granite": lambda **kw: _config("GraniteConfig", logits_scaling=3.0, **kw),
+    # A mixture of experts that adds its router's loss to the one loss_function returns.
+    "mixtral": lambda **kw: _config("MixtralConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                    output_router_logits=True, router_aux_loss_coef=0.1, **kw),
 }
 CLASSES = {"gpt2": "GPT2LMHeadModel", "gemma3": "Gemma3ForCausalLM"}
 

@@ -78,19 +78,27 @@ def apply(model, *, keep_logits: bool = False):
 
 def revert(model):
     """Undo :func:`apply`: ``model.forward``, the head's ``forward`` and ``model.loss_function``
-    are again exactly what they were (attributes that were never set are unset again)."""
+    are again exactly what they were (attributes that were never set are unset again).
+
+    Where ``model.forward`` was wrapped again after apply (accelerate's mixed precision does so
+    under Trainer's ``bf16=True``), that wrapper stays and the wrapper of apply inside it becomes a
+    plain call of the original forward: the model computes as it did before apply."""
+    op = "online_softmax.hf.revert"
     patch = model.__dict__.get(_STATE) if isinstance(model, torch.nn.Module) else None
     if patch is None:
-        raise checks.fail("online_softmax.hf.revert", f"online_softmax.hf.apply was not applied to this "
-                                                      f"{type(model).__name__}", RuntimeError)
-    replaced = [(model, "forward", patch.forward), (model, "_loss_function", patch.loss_function)]
+        raise checks.fail(op, f"online_softmax.hf.apply was not applied to this {type(model).__name__}", RuntimeError)
+    replaced = [(model, "_loss_function", patch.loss_function)]
     if not patch.keep_logits:
         replaced.append((patch.head, "forward", patch.head_forward))
     for obj, name, ours in replaced:
         if obj.__dict__.get(name) != ours:
-            raise checks.fail("online_softmax.hf.revert", f"{type(obj).__name__}.{name} was replaced after "
-                                                          "online_softmax.hf.apply; put it back before reverting",
-                              RuntimeError)
+            raise checks.fail(op, f"{type(obj).__name__}.{name} was replaced after online_softmax.hf.apply; put it "
+                                  "back before reverting", RuntimeError)
+    if model.__dict__.get("forward") is patch.forward:
+        replaced.insert(0, (model, "forward", patch.forward))
+    else:
+        patch.saved.pop(0)
+        patch.forward.labelled = None
     for (obj, name, _ours), saved in zip(replaced, patch.saved):
         if saved is _MISSING:
             del obj.__dict__[name]
@@ -173,7 +181,8 @@ class _Forward:
     """``model.forward`` while applied; ``inspect.signature`` sees the original's (``__wrapped__``)."""
 
     def __init__(self, patch, original):
-        self.patch, self.original = patch, original
+        # None once reverted while wrapped by someone else: a plain call of the original.
+        self.labelled, self.original = patch.labelled, original
         functools.update_wrapper(self, original)
         params = list(inspect.signature(original).parameters.values())
         names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -183,9 +192,9 @@ class _Forward:
         labels = kwargs.get("labels")
         if labels is None and self.labels_at is not None and len(args) > self.labels_at:
             labels = args[self.labels_at]
-        if labels is None:
+        if labels is None or self.labelled is None:
             return self.original(*args, **kwargs)
-        return self.patch.labelled(self.original, args, kwargs)
+        return self.labelled(self.original, args, kwargs)
 
 
 class _Patch:

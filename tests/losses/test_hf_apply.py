@@ -327,3 +327,25 @@ def test_peak_memory_of_a_training_step():
     plain = peak_rise_mib(PEAK_SETUP.replace("PATCHED", "False"), step)
     ours = peak_rise_mib(PEAK_SETUP.replace("PATCHED", "True"), step)
     assert plain > 300 and ours < 0.3 * plain, (plain, ours)
+
+
+def test_revert_after_trainer_wrapped_the_forward(tmp_path):
+    """Trainer's bf16=True makes accelerate wrap model.forward in autocast after apply(): revert
+    leaves that wrapper and makes ours inside it a plain call."""
+    model = tiny("llama")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
+                                          report_to="none", use_cpu=True, save_strategy="no", bf16=True,
+                                          disable_tqdm=True)
+    with osm.hf.applied(model):
+        transformers.Trainer(model=model, args=args, train_dataset=_Data()).train()
+        assert model.forward is not model.__dict__[osm.losses.hf_patch._STATE].forward  # accelerate's now
+    assert "_loss_function" not in model.__dict__ and "forward" not in model.lm_head.__dict__
+    ids, labels = batch()
+    want, want_loss, want_grads = loss_and_grads(model, ids, labels=labels)  # under accelerate's bfloat16 autocast
+    assert want.logits is not None
+    with osm.hf.applied(model):  # applies again, over accelerate's wrapper
+        got, got_loss, got_grads = loss_and_grads(model, ids, labels=labels)
+    assert got.logits is None
+    torch.testing.assert_close(got_loss, want_loss, **tolerance(torch.bfloat16))
+    for name in want_grads:
+        assert_grad_close(got_grads[name], want_grads[name], torch.bfloat16, name)

@@ -133,4 +133,28 @@ TORCH_LIBRARY(online_softmax, m) {
   m.def("token_logprobs_backward(Tensor grad_log_probs, Tensor? grad_entropy, Tensor x, Tensor token_ids, Tensor max, Tensor sumexp, Tensor entropy, float temperature=1.0) -> Tensor");
   // The same gradient written over x itself (contiguous): each element is read before it is written.
   m.def("token_logprobs_backward_(Tensor(a!) x, Tensor grad_log_probs, Tensor? grad_entropy, Tensor token_ids, Tensor max, Tensor sumexp, Tensor entropy, float temperature=1.0) -> ()");
+  // Knowledge distillation, per row of student and teacher logits (rows, vocab), same dtype and
+  // shape, contiguous: with p = softmax(student / T), q = softmax(teacher / T), kind "kl" is
+  // KL(q || p), "reverse_kl" KL(p || q), "jsd" beta KL(q || m) + (1 - beta) KL(p || m) with m =
+  // beta q + (1 - beta) p (0 < beta < 1); a zero-probability term is 0. With target (rows,) int64 in
+  // [0, vocab) or == ignore_index, a row's loss is hard_weight * CE(student at T = 1, target) + (1 -
+  // hard_weight) * divergence, and an ignore_index row's is 0 (hard_weight in [0, 1] is read only
+  // with a target). A row in which either side has no distribution (NaN, +inf, all -inf) is NaN.
+  // Oracle: online_softmax/reference/distillation.py. loss (rows,) and stats (rows, 7) are in the
+  // accumulation dtype (float32, float64 for float64). stats columns (distillation_math.h): 0 the
+  // student's raw max ms, 1 sum e^((s - ms) / T), 2 the teacher's raw max mt, 3 sum e^((t - mt) / T),
+  // 4 sum e^(s - ms) (T = 1), 5 L = log(column 1 / column 3) (summed so that it keeps its digits when
+  // the two are close), 6 U: KL(p || q) for reverse_kl, KL(p || m) for jsd, 0 for kl; an ignored
+  // row's stats are 0. Reads each row once (jsd: twice, the second from cache), in a fixed order.
+  m.def("distillation_forward(Tensor student, Tensor teacher, Tensor? target=None, str kind=\"kl\", float beta=0.5, float temperature=1.0, float hard_weight=0.0, int ignore_index=-100) -> (Tensor loss, Tensor stats)");
+  // d(sum_i grad_loss[i] * loss[i]) / d student from the forward's stats, one read of the student and
+  // teacher rows and one write, in student's dtype: with a target, grad_loss * (hard_weight *
+  // (softmax(s) - onehot) + (1 - hard_weight) * D'), without, grad_loss * D', where (T the
+  // temperature, delta = log p - log q, h = log m - log p) D' is (p - q) / T for kl, p (delta - U) / T
+  // for reverse_kl and (1 - beta) p (-h - U) / T for jsd (a p = 0 term is 0); ignored rows get 0.
+  // grad_loss (rows,) in the accumulation dtype.
+  m.def("distillation_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, str kind=\"kl\", float beta=0.5, float temperature=1.0, float hard_weight=0.0, int ignore_index=-100) -> Tensor");
+  // The same gradient written over student itself (contiguous): each element is read before it is
+  // written, so a chunked loss keeps no second logits-sized buffer.
+  m.def("distillation_backward_(Tensor(a!) student, Tensor grad_loss, Tensor teacher, Tensor? target, Tensor stats, str kind=\"kl\", float beta=0.5, float temperature=1.0, float hard_weight=0.0, int ignore_index=-100) -> ()");
 }

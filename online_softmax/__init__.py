@@ -6,8 +6,9 @@ Every public name is importable from here; the modules behind them are grouped b
 ``api``, ``modules``, ``state`` and ``streaming`` (softmax as torch has it, the (m, d) state,
 streamed chunks), ``distributed`` (vocabulary shards over torch.distributed), ``decoding`` (beam
 search, generate()'s processors, sampling), ``losses`` (cross-entropy, linear + cross-entropy,
-transformers' causal-LM loss), ``hf`` (transformers: ``generate``, ``apply``/``revert``), ``reference`` (test oracles and unfused peers, never
-called by the rest), ``ops`` (fake kernels and autograd) and ``_checks`` (every argument check).
+transformers' causal-LM loss), ``hf`` (transformers: ``generate``, ``apply``/``revert``),
+``reference`` (test oracles and unfused peers, never called by the rest), ``ops`` (fake kernels
+and autograd) and ``_checks`` (every argument check).
 """
 
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
@@ -25,8 +26,8 @@ from .build import build_info
 from .cuda_plan import CudaPlan, cuda_plan
 from .decoding import (BeamSearchDecoder, BeamSearchOutput, BeamStep, RejectionSample, Sample, TokenLogprobs,
                        beam_search_step, rejection_sample, sample, token_logprobs)
-from .losses import (CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy,  # noqa: E402
-                     linear_token_logprobs)
+from .losses import (CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, distillation_loss,  # noqa: E402
+                     linear_cross_entropy, linear_token_logprobs)
 from . import hf  # noqa: E402  (generate, apply, revert; imports transformers lazily)
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
@@ -56,6 +57,7 @@ __all__ = [
     "token_logprobs",
     "TokenLogprobs",
     "cross_entropy",
+    "distillation_loss",
     "linear_cross_entropy",
     "linear_token_logprobs",
     "CrossEntropyLoss",

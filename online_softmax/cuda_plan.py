@@ -20,7 +20,7 @@ from . import _C
 
 OPS = ("forward", "stats", "backward", "softmax_topk", "softmax_topk_backward", "sample_categorical",
        "top_p_threshold", "cross_entropy_backward", "masked_forward", "rejection_sample", "token_logprobs",
-       "token_logprobs_backward")
+       "token_logprobs_backward", "distillation_forward", "distillation_backward")
 _SAMPLING_OPS = ("sample_categorical", "top_p_threshold")
 
 # Public figures of the SXM parts: SMs, the opt-in shared memory per block, L2, compute capability,
@@ -176,7 +176,8 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
               min_log_ratio: bool = False, smooth_scale: bool = False, weight: bool = False,
               mask_shape=None, mask_dtype: torch.dtype = torch.bool,
               draft_dtype: torch.dtype | None = None, token_values: bool = False,
-              grad_entropy: bool = False, num_edits: int = 0) -> CudaPlan:
+              grad_entropy: bool = False, num_edits: int = 0, target: bool = False,
+              kind: str = "kl") -> CudaPlan:
     """The launch plan the CUDA kernels would run for ``op`` on a contiguous tensor of ``shape``.
 
     op: one of ``OPS``. ``dtype`` is the input's (for backward: the forward output's); ``out_dtype``
@@ -196,7 +197,9 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     ``dtype``), None for a call without them (one-hot drafts); its bytes assume every row verifies all
     n drafts and ends in a rejection, the most a call reads. token_logprobs takes x of shape (rows,
     vocab) along its last dim, ``k`` its top_n (default 0) and ``token_values`` whether the call passes
-    them (read instead of the token's logit). ``num_edits`` is the width of the sampling ops'
+    them (read instead of the token's logit). distillation_forward and distillation_backward take the
+    student's shape (rows, vocab) along its last dim (the teacher has the same), ``target`` whether
+    the call passes hard labels and ``kind`` the divergence ("jsd" reads the rows twice). ``num_edits`` is the width of the sampling ops'
     edit_ids (their sparse logit edits, read with x; 0 without). ``device`` is a preset name ("h100",
     "h200", "a100"), a dict of limits (sm_count, max_smem_per_block, l2_bytes, cc; optional
     hbm_bytes_per_s), "cuda" (the current GPU), "cuda:N" or a torch.device of a GPU, or None: the
@@ -297,6 +300,17 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     elif smooth_scale or weight:
         raise ValueError(f"online_softmax.cuda_plan: smooth_scale and weight are only for cross_entropy_backward, "
                          f"not {op!r}")
+    if op in ("distillation_forward", "distillation_backward"):
+        if len(shape) != 2 or d != 1:
+            raise ValueError(f"online_softmax.cuda_plan: {op} works along the last dim of a 2-D student (rows, vocab), "
+                             f"got shape {shape} and dim={dim}")
+        if kind not in ("kl", "reverse_kl", "jsd"):
+            raise ValueError(f"online_softmax.cuda_plan: kind must be one of 'kl', 'reverse_kl', 'jsd', got {kind!r}")
+        if out_dtype is not None and out_dtype != dtype:
+            raise ValueError(f"online_softmax.cuda_plan: {op} writes student's dtype or the accumulation dtype, got "
+                             f"out_dtype={out_dtype}")
+    elif target or kind != "kl":
+        raise ValueError(f"online_softmax.cuda_plan: target and kind are only for the distillation ops, not {op!r}")
     if grad_entropy and op != "token_logprobs_backward":
         raise ValueError(f"online_softmax.cuda_plan: grad_entropy is only for token_logprobs_backward, not {op!r}")
     out = out_dtype or dtype
@@ -308,6 +322,9 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     extra = (bool(smooth_scale), bool(weight)) if op == "cross_entropy_backward" else ()
     if op == "token_logprobs_backward":  # the smooth flag's slot carries grad_entropy
         extra = (bool(grad_entropy), False)
+    jsd = op == "distillation_forward" and kind == "jsd"  # carried by the min_log_ratio slot
+    if op in ("distillation_forward", "distillation_backward"):  # the smooth flag's slot carries target
+        extra = (bool(target), False)
     if op == "masked_forward":
         extra = (False, False, mask_bytes)
     if op == "rejection_sample":  # rows of the batch, each with n + 1 target positions
@@ -316,7 +333,7 @@ def cuda_plan(op: str, shape, dtype: torch.dtype = torch.float32, dim: int = -1,
     if num_edits:
         extra = (False, False, 0, 1, 0, num_edits)
     raw = _C._cuda_plan(op, outer, size, inner, dtype.itemsize, out.itemsize, acc, k or 0, num_samples or 0,
-                        bool(min_log_ratio or token_values), limits["sm_count"], limits["max_smem_per_block"], int(limits["l2_bytes"]),
+                        bool(min_log_ratio or token_values or jsd), limits["sm_count"], limits["max_smem_per_block"], int(limits["l2_bytes"]),
                         cc_int, *extra)
     if topk and k == 0:  # nothing to select: the binding writes zeros / empty results, no launch
         raw = {"path": "nothing", "launches": [], "workspace_bytes": 0, "chunks": 1, "chunk": 0}

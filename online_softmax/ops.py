@@ -489,3 +489,144 @@ def _token_logprobs_backward_inplace_vmap(info, in_dims, x, grad_log_probs, grad
         x_first.copy_(_ops.token_logprobs_backward(folded[1], folded[2], folded[0], *folded[3:], temperature)
                       .view(shape))
     return None, None
+
+
+# ---- distillation_forward, distillation_backward(_) ----
+
+DISTILLATION_KINDS = ("kl", "reverse_kl", "jsd")
+DISTILLATION_STATS = 7  # the columns of distillation_forward's stats (csrc/ops.cpp)
+
+
+def check_distillation(op, student, teacher, target, kind, beta, temperature, hard_weight, in_place=False,
+                       student_name="student", teacher_name="teacher"):
+    """The checks of the distillation ops (as csrc/common/op_args.h makes them), also those of the
+    public distillation_loss (which names its arguments student_logits, teacher_logits)."""
+    checks.floating(student, student_name, op)
+    checks.floating(teacher, teacher_name, op)
+    if student.dim() != 2:
+        raise checks.fail(op, f"{student_name} must be 2-D (rows, vocab), got shape {list(student.shape)}")
+    if teacher.dtype != student.dtype:
+        raise checks.fail(op, f"{teacher_name} must have the dtype of {student_name} ({student.dtype}), got "
+                              f"{teacher.dtype}", TypeError)
+    if teacher.shape != student.shape:
+        raise checks.fail(op, f"{teacher_name} must have the shape of {student_name} {list(student.shape)}, got "
+                              f"{list(teacher.shape)}")
+    if in_place and not student.is_contiguous():
+        raise checks.fail(op, f"{student_name} must be contiguous to receive its gradient in place")
+    check_distillation_options(op, kind, beta, temperature, hard_weight)
+    if target is not None:
+        if target.dtype != torch.int64:
+            raise checks.fail(op, f"target must be int64, got {target.dtype}", TypeError)
+        if tuple(target.shape) != (student.shape[0],):
+            raise checks.fail(op, f"target must have shape [{student.shape[0]}], got {list(target.shape)}")
+
+
+def check_distillation_options(op, kind, beta, temperature, hard_weight):
+    if not isinstance(kind, str):
+        raise checks.fail(op, f"kind must be a str, got {type(kind).__name__}", TypeError)
+    if kind not in DISTILLATION_KINDS:
+        raise checks.fail(op, f"kind must be one of 'kl', 'reverse_kl', 'jsd', got {kind!r}")
+    beta = checks.real(beta, "beta", op)
+    if kind == "jsd" and not 0 < beta < 1:
+        raise checks.fail(op, f"beta must satisfy 0 < beta < 1 for kind='jsd', got {beta}")
+    checks.temperature(temperature, op)
+    hard_weight = checks.real(hard_weight, "hard_weight", op)
+    if not 0 <= hard_weight <= 1:
+        raise checks.fail(op, f"hard_weight must lie in [0, 1], got {hard_weight}")
+
+
+def _check_distillation_backward(op, grad_loss, student, teacher, target, stats, kind, beta, temperature,
+                                 hard_weight, in_place=False):
+    check_distillation(op, student, teacher, target, kind, beta, temperature, hard_weight, in_place)
+    acc = state_dtype(student.dtype)
+    rows = student.shape[0]
+    if grad_loss.dtype != acc:
+        raise checks.fail(op, f"grad_loss must be {acc} (the accumulation dtype of student), got {grad_loss.dtype}",
+                          TypeError)
+    if tuple(grad_loss.shape) != (rows,):
+        raise checks.fail(op, f"grad_loss must have shape [{rows}] (one value per row of student), got "
+                              f"{list(grad_loss.shape)}")
+    if stats.dtype != acc:
+        raise checks.fail(op, f"stats must be {acc} (the accumulation dtype of student), got {stats.dtype}", TypeError)
+    if tuple(stats.shape) != (rows, DISTILLATION_STATS):
+        raise checks.fail(op, f"stats must have shape [{rows}, {DISTILLATION_STATS}] (distillation_forward's), got "
+                              f"{list(stats.shape)}")
+
+
+@torch.library.register_fake("online_softmax::distillation_forward")
+def _distillation_forward_fake(student, teacher, target=None, kind="kl", beta=0.5, temperature=1.0, hard_weight=0.0,
+                               ignore_index=-100):
+    check_distillation("distillation_forward", student, teacher, target, kind, beta, temperature, hard_weight)
+    acc = state_dtype(student.dtype)
+    rows = student.shape[0]
+    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, DISTILLATION_STATS), dtype=acc)
+
+
+@torch.library.register_fake("online_softmax::distillation_backward")
+def _distillation_backward_fake(grad_loss, student, teacher, target, stats, kind="kl", beta=0.5, temperature=1.0,
+                                hard_weight=0.0, ignore_index=-100):
+    _check_distillation_backward("distillation_backward", grad_loss, student, teacher, target, stats, kind, beta,
+                                 temperature, hard_weight)
+    return student.new_empty(student.shape)
+
+
+@torch.library.register_fake("online_softmax::distillation_backward_")
+def _distillation_backward_inplace_fake(student, grad_loss, teacher, target, stats, kind="kl", beta=0.5,
+                                        temperature=1.0, hard_weight=0.0, ignore_index=-100):
+    _check_distillation_backward("distillation_backward_", grad_loss, student, teacher, target, stats, kind, beta,
+                                 temperature, hard_weight, in_place=True)
+
+
+def _distillation_forward_backward(ctx, *grads):
+    raise NotImplementedError("online_softmax.distillation_forward: the op has no derivative of its own; "
+                              "differentiate online_softmax.distillation_loss, whose backward runs "
+                              "distillation_backward")
+
+
+torch.library.register_autograd("online_softmax::distillation_forward", _distillation_forward_backward)
+
+
+def _distillation_backward_backward(ctx, *grads):
+    raise NotImplementedError("online_softmax.distillation_backward: double backward (the gradient of this gradient "
+                              "op) is not supported; online_softmax.distillation_loss computes second derivatives "
+                              "without it (create_graph=True, torch.func)")
+
+
+torch.library.register_autograd("online_softmax::distillation_backward", _distillation_backward_backward)
+
+
+# vmap rules: the rows are independent, so the vmapped dim folds into the rows (_tlp_fold), an
+# unbatched argument expanded.
+
+@torch.library.register_vmap("online_softmax::distillation_forward")
+def _distillation_forward_vmap(info, in_dims, student, teacher, target=None, kind="kl", beta=0.5, temperature=1.0,
+                               hard_weight=0.0, ignore_index=-100):
+    (s, t, tgt), (b, rows, _n) = _tlp_fold(info, in_dims[:3], (student, teacher, target))
+    loss, stats = _ops.distillation_forward(s, t, tgt, kind, beta, temperature, hard_weight, ignore_index)
+    return (loss.view(b, rows), stats.view(b, rows, DISTILLATION_STATS)), (0, 0)
+
+
+@torch.library.register_vmap("online_softmax::distillation_backward")
+def _distillation_backward_vmap(info, in_dims, grad_loss, student, teacher, target, stats, kind="kl", beta=0.5,
+                                temperature=1.0, hard_weight=0.0, ignore_index=-100):
+    dims = (in_dims[1], in_dims[0], in_dims[2], in_dims[3], in_dims[4])
+    (s, g, t, tgt, st), shape = _tlp_fold(info, dims, (student, grad_loss, teacher, target, stats))
+    return _ops.distillation_backward(g, s, t, tgt, st, kind, beta, temperature, hard_weight,
+                                      ignore_index).view(shape), 0
+
+
+@torch.library.register_vmap("online_softmax::distillation_backward_")
+def _distillation_backward_inplace_vmap(info, in_dims, student, grad_loss, teacher, target, stats, kind="kl", beta=0.5,
+                                        temperature=1.0, hard_weight=0.0, ignore_index=-100):
+    if in_dims[0] is None:
+        raise ValueError("online_softmax.distillation_backward_: under vmap, student must be batched to receive "
+                         "every vmapped call's gradient in place")
+    (s, g, t, tgt, st), shape = _tlp_fold(info, in_dims[:5], (student, grad_loss, teacher, target, stats))
+    options = (kind, beta, temperature, hard_weight, ignore_index)
+    s_first = student.movedim(in_dims[0], 0)
+    if s_first.is_contiguous():
+        # The folded rows are a view of student itself: the op writes over them.
+        _ops.distillation_backward_(s_first.view(shape[0] * shape[1], shape[2]), g, t, tgt, st, *options)
+    else:
+        s_first.copy_(_ops.distillation_backward(g, s, t, tgt, st, *options).view(shape))
+    return None, None

@@ -9,6 +9,7 @@ import torch
 
 import online_softmax
 from online_softmax._checks import state_dtype
+from online_softmax.reference.distillation import distillation_rows_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and online_softmax.build_info()["cuda"] else [])
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -439,3 +440,85 @@ def dense_edited(x, ids, values):
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(ids)
     out[rows[real], ids[real]] = values[real]
     return out
+
+
+# ---- distillation (tests/ops/test_distillation.py, tests/kernels/test_distillation_kernels_host.py) ----
+
+DISTILLATION_GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def distillation_loss_tol(dtype):
+    return 1e-10 if dtype == torch.float64 else 2e-5
+
+
+def distillation_case(rows, n, dtype, device="cpu", *, seed=0, target=True, spread=2.0):
+    """Student and teacher logits related as trained models' are (the teacher a noisy student), and
+    targets with an ignored row."""
+    s = random_logits((rows, n), torch.float64, seed=seed, scale=spread)
+    t = s + random_logits((rows, n), torch.float64, seed=seed + 1, scale=1.0)
+    tgt = None
+    if target:
+        tgt = torch.randint(0, max(n, 1), (rows,), generator=torch.Generator().manual_seed(seed))
+        if rows > 2:
+            tgt[1] = -100
+    return s.to(dtype).to(device), t.to(dtype).to(device), None if tgt is None else tgt.to(device)
+
+
+def no_distribution(x):
+    """Rows of x without a softmax: NaN or +inf anywhere, or nothing above -inf."""
+    return x.isnan().any(-1) | (x == math.inf).any(-1) | ~(x > -math.inf).any(-1)
+
+
+def distillation_oracle(s, t, tgt, **kw):
+    """The reference's rows, a row in which either side has no distribution NaN. (The reference
+    itself gives 0 for kl when only the teacher has none, and for reverse_kl when only the student
+    has none: its zero-weight guard reads a NaN probability as no weight.)"""
+    s64, t64 = s.double().cpu(), t.double().cpu()
+    tgt_cpu = None if tgt is None else tgt.cpu()
+    want = distillation_rows_reference(s64, t64, tgt_cpu, **kw)
+    bad = no_distribution(s64) | no_distribution(t64)
+    if tgt_cpu is not None:
+        bad &= tgt_cpu != kw.get("ignore_index", -100)
+    return torch.where(bad, torch.full_like(want, math.nan), want)
+
+
+def distillation_oracle_grad(s, t, tgt, g, **kw):
+    s64 = s.double().cpu().requires_grad_()
+    rows = distillation_rows_reference(s64, t.double().cpu(), None if tgt is None else tgt.cpu(), **kw)
+    (grad,) = torch.autograd.grad(rows, s64, g.double().cpu())
+    return grad
+
+
+def assert_distillation_grad(got, want, dtype, what):
+    """Each row's gradient within DISTILLATION_GRAD_TOL of its largest entry; values below the
+    dtype's normal range may round to 0 (or a subnormal) in the output."""
+    tol = DISTILLATION_GRAD_TOL[dtype]
+    scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-12)  # a row of exactly 0 is its noise
+    err = ((got.double().cpu() - want).abs() - torch.finfo(dtype).smallest_normal).clamp_min(0) / scale
+    assert float(err.max()) <= 2 * tol + float(torch.finfo(dtype).eps), (what, float(err.max()))
+
+
+def distillation_formula_grad(s, t, tgt, g, *, kind, beta=0.5, temperature=1.0, hard_weight=0.5, ignore_index=-100):
+    """The backward's formula (csrc/ops.cpp) in float64 with its zero-probability guards: the
+    oracle where autograd through the reference has none (its where() turns -inf logits into NaN
+    gradients)."""
+    s, t = s.double().cpu(), t.double().cpu()
+    ls, lq = torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1)
+    p, q = ls.exp(), lq.exp()
+    zero = torch.zeros_like(p)
+    if kind == "kl":
+        d = p - q
+    else:
+        lm = lq if kind == "reverse_kl" else torch.logaddexp(lq + math.log(beta), ls + math.log1p(-beta))
+        r = torch.where(p > 0, ls - lm, zero)
+        u = (p * r).sum(-1, keepdim=True)
+        d = torch.where(p > 0, p * (r - u), zero) * (1.0 if kind == "reverse_kl" else 1.0 - beta)
+    d = d / temperature
+    g = g.double().cpu()[:, None]
+    if tgt is None:
+        return g * d
+    tgt = tgt.cpu()
+    keep = tgt != ignore_index
+    onehot = torch.nn.functional.one_hot(torch.where(keep, tgt, 0), s.shape[-1]).double()
+    ce = torch.softmax(s, -1) - onehot
+    return torch.where(keep[:, None], g * (hard_weight * ce + (1 - hard_weight) * d), zero)

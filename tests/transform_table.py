@@ -6,6 +6,7 @@ A cell is either "yes" (equal to torch's composition) or a documented error: the
 and a phrase its message contains. A new public function gets its row by adding a Case.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,6 +83,21 @@ def _token_logprobs_ref(x):
     return log_p.gather(-1, (_classes(x) % 11).unsqueeze(-1)).squeeze(-1) - 0.5 * (log_p.exp() * log_p).sum(-1)
 
 
+def _teacher(x):
+    """Fixed teacher logits of x's shape (built from it, so they follow vmap and export)."""
+    return torch.sin(torch.arange(x.shape[-1], device=x.device, dtype=x.dtype) * 0.7).expand(x.shape)
+
+
+def _distillation_ref(x):
+    """distillation_loss(kind="jsd", beta=0.3, temperature=0.8): the mean over rows of
+    0.3 KL(q || m) + 0.7 KL(p || m), m = 0.3 q + 0.7 p."""
+    log_p = torch.log_softmax(x / 0.8, -1)
+    log_q = torch.log_softmax(_teacher(x) / 0.8, -1)
+    log_m = torch.logaddexp(log_q + math.log(0.3), log_p + math.log(0.7))
+    rows = 0.3 * (log_q.exp() * (log_q - log_m)).sum(-1) + 0.7 * (log_p.exp() * (log_p - log_m)).sum(-1)
+    return rows.mean()
+
+
 def _topk_ref(x, k, log=False, renormalize=False):
     p = torch.softmax(x, -1)
     v, i = p.topk(k, -1)
@@ -130,6 +146,8 @@ CASES = [
          lambda x: F.cross_entropy(x, _classes(x), label_smoothing=0.1, reduction="none")),
     Case("linear_cross_entropy", lambda x: osm.linear_cross_entropy(x, _head(x), _classes(x) % 11),
          lambda x: F.cross_entropy(x @ _head(x).t(), _classes(x) % 11), shape=(5, 4), long_shape=(300, 64)),
+    Case("distillation_loss(kind=jsd)",
+         lambda x: osm.distillation_loss(x, _teacher(x), kind="jsd", beta=0.3, temperature=0.8), _distillation_ref),
     Case("linear_token_logprobs(return_entropy=True)", _token_logprobs, _token_logprobs_ref, shape=(5, 4),
          long_shape=(300, 64)),
 ]

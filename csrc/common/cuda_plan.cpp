@@ -57,7 +57,8 @@ PyObject* to_dict(const LaunchPlan& plan) {
 //               num_sms, max_smem_per_block, l2_bytes, cc[, smooth_scale, weight, mask_bytes, positions,
 //               draft_bytes, num_edits]) -> dict. rejection_sample passes outer = batch, size = vocab, positions = n + 1
 // and draft_bytes (0 without draft_probs); the sampling ops may pass num_edits (edit_ids' width);
-// token_logprobs passes k = top_n and min_log_ratio = whether token_values are given. Python checks
+// token_logprobs passes k = top_n and min_log_ratio = whether token_values are given; the distillation
+// ops pass smooth_scale = whether a target is given and (forward) min_log_ratio = kind "jsd". Python checks
 // the arguments (online_softmax/cuda_plan.py); this only computes.
 PyObject* cuda_plan(PyObject*, PyObject* args) {
   const char* op = nullptr;
@@ -103,6 +104,10 @@ PyObject* cuda_plan(PyObject*, PyObject* args) {
     plan = kernels::plan_rejection_sample(outer, positions - 1, size, cut != 0, draft_bytes, e, limits);
   } else if (std::strcmp(op, "token_logprobs") == 0) {  // cut: token_values given
     plan = kernels::plan_token_logprobs(layout.rows(), size, k, cut != 0, e, limits);
+  } else if (std::strcmp(op, "distillation_forward") == 0) {  // smooth: a target; cut: kind "jsd"
+    plan = kernels::plan_distillation_forward(layout.rows(), size, e, smooth != 0, cut != 0, limits);
+  } else if (std::strcmp(op, "distillation_backward") == 0) {  // smooth: a target
+    plan = kernels::plan_distillation_backward(layout.rows(), size, e, smooth != 0, limits);
   } else {
     PyErr_Format(PyExc_ValueError, "online_softmax.cuda_plan: unknown op %s", op);
     return nullptr;

@@ -191,6 +191,21 @@ struct TokenLogprobsBackwardCall {  // rows contiguous
   void* out;                  // (rows, n), x's dtype; may be x
 };
 
+struct DistillationCall {  // rows contiguous; semantics: distillation_forward / _backward in csrc/ops.cpp
+  at::ScalarType x_dtype;     // student's and teacher's
+  const void* student;        // (rows, n)
+  const void* teacher;        // (rows, n)
+  int64_t rows, n;
+  const int64_t* target;      // (rows,) or nullptr
+  int kind;                   // kernels/distillation_math.h
+  double beta, temperature, hard_weight;
+  int64_t ignore_index;
+  void* loss;                 // forward: (rows,) accumulation type
+  void* stats;                // forward: written; backward: read. (rows, 7) accumulation type
+  const void* grad_loss;      // backward: (rows,) accumulation type
+  void* out;                  // backward: (rows, n), x's dtype; may be student
+};
+
 struct KernelTable {
   const char* capability;  // "DEFAULT", "AVX2", "AVX512"
   void (*forward)(const ForwardCall&);
@@ -205,6 +220,8 @@ struct KernelTable {
   void (*rejection_sample)(const RejectionCall&);
   void (*token_logprobs)(const TokenLogprobsCall&);
   void (*token_logprobs_backward)(const TokenLogprobsBackwardCall&);
+  void (*distillation_forward)(const DistillationCall&);
+  void (*distillation_backward)(const DistillationCall&);
 };
 
 // The table in use.

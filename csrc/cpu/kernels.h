@@ -8,6 +8,8 @@
 //   token_logprobs            csrc/cpu/token_logprobs.cpp
 //   cross_entropy_backward(_) csrc/cpu/cross_entropy.cpp
 //   token_logprobs_backward(_) csrc/cpu/token_logprobs_backward.cpp
+//   distillation_forward,
+//   distillation_backward(_)  csrc/cpu/distillation.cpp
 //   beam_search_step          csrc/cpu/beam_search_step.cpp (other backends: csrc/common/)
 //   ngram_banned_tokens       csrc/cpu/ngram_banned_tokens.cpp (other backends: csrc/common/)
 //   beam_search_advance       csrc/cpu/beam_search_advance.cpp (other backends: csrc/common/)
@@ -97,5 +99,19 @@ void token_logprobs_backward_(const at::Tensor& x, const at::Tensor& grad_log_pr
                               const std::optional<at::Tensor>& grad_entropy, const at::Tensor& token_ids,
                               const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& entropy,
                               double temperature);
+
+std::tuple<at::Tensor, at::Tensor> distillation_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const std::optional<at::Tensor>& target,
+                                                        c10::string_view kind, double beta, double temperature,
+                                                        double hard_weight, int64_t ignore_index);
+
+at::Tensor distillation_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                                 const std::optional<at::Tensor>& target, const at::Tensor& stats,
+                                 c10::string_view kind, double beta, double temperature, double hard_weight,
+                                 int64_t ignore_index);
+
+void distillation_backward_(const at::Tensor& student, const at::Tensor& grad_loss, const at::Tensor& teacher,
+                            const std::optional<at::Tensor>& target, const at::Tensor& stats, c10::string_view kind,
+                            double beta, double temperature, double hard_weight, int64_t ignore_index);
 
 }  // namespace online_softmax::cpu

@@ -18,6 +18,9 @@ TORCH_LIBRARY_IMPL(online_softmax, CPU, m) {
   m.impl("cross_entropy_backward_", &online_softmax::cpu::cross_entropy_backward_);
   m.impl("token_logprobs_backward", &online_softmax::cpu::token_logprobs_backward);
   m.impl("token_logprobs_backward_", &online_softmax::cpu::token_logprobs_backward_);
+  m.impl("distillation_forward", &online_softmax::cpu::distillation_forward);
+  m.impl("distillation_backward", &online_softmax::cpu::distillation_backward);
+  m.impl("distillation_backward_", &online_softmax::cpu::distillation_backward_);
   m.impl("beam_search_step", &online_softmax::cpu::beam_search_step);
   m.impl("ngram_banned_tokens", &online_softmax::cpu::ngram_banned_tokens);
   m.impl("beam_search_advance", &online_softmax::cpu::beam_search_advance);

@@ -6,6 +6,8 @@
 //   top_p_threshold           csrc/cuda/sample.cpp
 //   cross_entropy_backward(_) csrc/cuda/cross_entropy.cpp
 //   token_logprobs_backward(_) csrc/cuda/token_logprobs_backward.cpp
+//   distillation_forward,
+//   distillation_backward(_)  csrc/cuda/distillation.cpp
 //   masked_forward            csrc/cuda/masked_softmax.cpp
 //   rejection_sample          csrc/cuda/rejection_sample.cpp
 //   token_logprobs            csrc/cuda/token_logprobs.cpp
@@ -80,5 +82,19 @@ void token_logprobs_backward_(const at::Tensor& x, const at::Tensor& grad_log_pr
                               const std::optional<at::Tensor>& grad_entropy, const at::Tensor& token_ids,
                               const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& entropy,
                               double temperature);
+
+std::tuple<at::Tensor, at::Tensor> distillation_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const std::optional<at::Tensor>& target,
+                                                        c10::string_view kind, double beta, double temperature,
+                                                        double hard_weight, int64_t ignore_index);
+
+at::Tensor distillation_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                                 const std::optional<at::Tensor>& target, const at::Tensor& stats,
+                                 c10::string_view kind, double beta, double temperature, double hard_weight,
+                                 int64_t ignore_index);
+
+void distillation_backward_(const at::Tensor& student, const at::Tensor& grad_loss, const at::Tensor& teacher,
+                            const std::optional<at::Tensor>& target, const at::Tensor& stats, c10::string_view kind,
+                            double beta, double temperature, double hard_weight, int64_t ignore_index);
 
 }  // namespace online_softmax::cuda

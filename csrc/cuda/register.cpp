@@ -18,4 +18,7 @@ TORCH_LIBRARY_IMPL(online_softmax, CUDA, m) {
   m.impl("cross_entropy_backward_", &online_softmax::cuda::cross_entropy_backward_);
   m.impl("token_logprobs_backward", &online_softmax::cuda::token_logprobs_backward);
   m.impl("token_logprobs_backward_", &online_softmax::cuda::token_logprobs_backward_);
+  m.impl("distillation_forward", &online_softmax::cuda::distillation_forward);
+  m.impl("distillation_backward", &online_softmax::cuda::distillation_backward);
+  m.impl("distillation_backward_", &online_softmax::cuda::distillation_backward_);
 }

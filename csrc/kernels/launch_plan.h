@@ -76,6 +76,8 @@ constexpr int kStridedThreads = 256;
 // The fused top-k: the block kernel's block, and the largest k its buffer holds (2048 elements a
 // step, 1024 for double). The warp kernel keeps each lane's elements (at most 32) in registers.
 constexpr int kTopKThreads = 256;
+// distillation_forward's block (a power of two: its partials merge through a fixed tree).
+constexpr int kDistillationThreads = 256;
 inline int64_t topk_max_k_for(int in_bytes) { return in_bytes == 8 ? 1024 : 2048; }
 constexpr int64_t kTopKWarpMaxK = 32;
 constexpr int kTopKWarpMaxElems = 32;  // per lane: a 32-bit mask marks the taken ones
@@ -110,6 +112,7 @@ enum class Path {
   kTwoPass,        // masked forward beyond the register configurations: a block per row, read twice
   kRejection,      // rejection_sample: target rows' chunk states (split over blocks), then a block per batch row
   kTokenLogprobs,  // token_logprobs: a block per row
+  kDistillation,   // distillation_forward: a block per row
 };
 
 inline const char* path_name(Path p) {
@@ -130,6 +133,7 @@ inline const char* path_name(Path p) {
     case Path::kTwoPass: return "two_pass";
     case Path::kRejection: return "rejection";
     case Path::kTokenLogprobs: return "token_logprobs";
+    case Path::kDistillation: return "distillation";
   }
   return "?";
 }
@@ -826,6 +830,38 @@ inline LaunchPlan plan_masked_forward(int64_t rows, int64_t n, ElemBytes e, int6
   l.bytes_reread = x_bytes + mask_bytes;
   l.bytes_written = y_bytes;
   return plan;
+}
+
+// ---- distillation (distillation.cu) ----
+
+// distillation_forward: a block per row reads the student and teacher rows once (jsd: twice, the
+// second for log m, counted as a re-read), and the int64 target with one of its logits when given;
+// writes the loss and the 7 stats. Rows of an empty vocabulary still take a block (their loss is
+// NaN, or 0 where ignored).
+inline LaunchPlan plan_distillation_forward(int64_t rows, int64_t n, ElemBytes e, bool target, bool jsd,
+                                            DeviceLimits limits) {
+  LaunchPlan plan;
+  if (rows == 0) return plan;
+  plan.path = Path::kDistillation;
+  Launch& l = plan.add("distillation_forward_kernel");
+  l.block_x = kDistillationThreads;
+  l.grid = capped_grid(rows, limits);
+  l.threads_per_row = kDistillationThreads;
+  l.rows_per_block = 1;
+  const int64_t both = 2 * rows * n * e.in;
+  l.bytes_reread = (jsd ? both : 0) + (target ? rows * e.in : 0);
+  l.bytes_read = both + (target ? rows * 8 : 0) + l.bytes_reread;
+  l.bytes_written = rows * 8 * e.acc;
+  return plan;
+}
+
+// distillation_backward: row_gradient.cuh's mapping over the student; each granule's teacher
+// elements are read beside it (once, counted with the once-bytes: they do not grow with a split).
+inline LaunchPlan plan_distillation_backward(int64_t rows, int64_t n, ElemBytes e, bool target, DeviceLimits limits) {
+  // grad_loss and the 7 stats per row, the int64 target when given.
+  const int64_t row_bytes = rows * (8 * e.acc + (target ? 8 : 0));
+  return plan_row_gradient(rows, n, e, row_bytes, rows * n * e.in, "distillation_backward_rows_kernel",
+                           "distillation_backward_chunks_kernel", limits);
 }
 
 }  // namespace online_softmax::kernels

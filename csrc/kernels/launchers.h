@@ -185,4 +185,26 @@ cudaError_t token_logprobs_backward(const T* x, const int64_t* token_ids,
                                     const typename AccOf<T>::type* entropy, double scale, T* out, int64_t rows,
                                     int64_t n, int* error, DeviceLimits limits, cudaStream_t stream);
 
+// ---- distillation_forward, distillation_backward (distillation.cu) ----
+
+// The per-row distillation loss of contiguous student and teacher rows of n elements (semantics:
+// distillation_forward in csrc/ops.cpp; kind 0 kl, 1 reverse_kl, 2 jsd): loss (rows,) and stats
+// (rows, 7), accumulation type. target may be null. A target outside [0, n) that is not
+// ignore_index gives a NaN loss and sets *error to 1 when error is not null; the caller zeroes it
+// and checks it.
+template <typename T>
+cudaError_t distillation_forward(const T* student, const T* teacher, const int64_t* target, int kind, double beta,
+                                 double temperature, double hard_weight, int64_t ignore_index,
+                                 typename AccOf<T>::type* loss, typename AccOf<T>::type* stats, int64_t rows,
+                                 int64_t n, int* error, DeviceLimits limits, cudaStream_t stream);
+
+// d(sum grad_loss * loss) / d student from the forward's stats, rounded once into out (student's
+// type; may be student). A target outside [0, n) adds no one-hot and sets *error as above.
+template <typename T>
+cudaError_t distillation_backward(const T* student, const T* teacher, const int64_t* target, int kind, double beta,
+                                  double temperature, double hard_weight, int64_t ignore_index,
+                                  const typename AccOf<T>::type* grad_loss, const typename AccOf<T>::type* stats,
+                                  T* out, int64_t rows, int64_t n, int* error, DeviceLimits limits,
+                                  cudaStream_t stream);
+
 }  // namespace online_softmax::kernels

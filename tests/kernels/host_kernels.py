@@ -248,6 +248,10 @@ class HostKernels:
         lib.osm_host_rejection_sample.argtypes = [i32, i32, vp, i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp,
                                                   i32]
         lib.osm_host_token_logprobs.argtypes = [i32, vp, i64, i64, vp, vp, i64, f64, vp, vp, vp, vp, vp, vp, vp, i32]
+        lib.osm_host_distillation_forward.argtypes = [i32, vp, vp, vp, i32, f64, f64, f64, i64, vp, vp, i64, i64, vp,
+                                                      i32, i32]
+        lib.osm_host_distillation_backward.argtypes = [i32, vp, vp, vp, i32, f64, f64, f64, i64, vp, vp, vp, i64, i64,
+                                                       vp, i32, i32]
         lib.osm_host_set_schedule.argtypes = [i32, ctypes.c_uint64]
         lib.osm_host_last_error.restype = ctypes.c_char_p
         lib.osm_host_launch_log.restype = ctypes.c_char_p
@@ -447,6 +451,36 @@ class HostKernels:
             DTYPE_CODES[x.dtype], _ptr(x), _ptr(token_ids), _ptr(grad_log_probs), _ptr(grad_entropy), _ptr(max),
             _ptr(sumexp), _ptr(entropy), float(temperature), _ptr(out), rows, n, _ptr(error), limits.num_sms,
             limits.max_smem_per_block))
+        return (out, int(error.item())) if return_error else out
+
+    def distillation_forward(self, student, teacher, target=None, kind=0, beta=0.5, temperature=1.0, hard_weight=0.0,
+                             ignore_index=-100, limits=Limits(), return_error=False):
+        """Contiguous 2-d student and teacher rows; target int64 (rows,) or None; kind 0 kl, 1
+        reverse_kl, 2 jsd. Returns (loss, stats) (and the error flag with return_error)."""
+        assert student.dim() == 2 and student.is_contiguous() and teacher.is_contiguous()
+        rows, n = student.shape
+        acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+        loss = _poison(torch.empty(rows, dtype=acc))
+        stats = _poison(torch.empty(rows, 7, dtype=acc))
+        error = torch.zeros(1, dtype=torch.int32)
+        self._check(self.lib.osm_host_distillation_forward(
+            DTYPE_CODES[student.dtype], _ptr(student), _ptr(teacher), _ptr(target), kind, float(beta),
+            float(temperature), float(hard_weight), ignore_index, _ptr(loss), _ptr(stats), rows, n, _ptr(error),
+            limits.num_sms, limits.max_smem_per_block))
+        return (loss, stats, int(error.item())) if return_error else (loss, stats)
+
+    def distillation_backward(self, grad_loss, student, teacher, target, stats, kind=0, beta=0.5, temperature=1.0,
+                              hard_weight=0.0, ignore_index=-100, limits=Limits(), return_error=False,
+                              in_place=False):
+        """The gradient with respect to student (a new tensor, or student itself with in_place)."""
+        assert student.dim() == 2 and student.is_contiguous() and teacher.is_contiguous()
+        rows, n = student.shape
+        out = student if in_place else _poison(torch.empty_like(student))
+        error = torch.zeros(1, dtype=torch.int32)
+        self._check(self.lib.osm_host_distillation_backward(
+            DTYPE_CODES[student.dtype], _ptr(student), _ptr(teacher), _ptr(target), kind, float(beta),
+            float(temperature), float(hard_weight), ignore_index, _ptr(grad_loss), _ptr(stats), _ptr(out), rows, n,
+            _ptr(error), limits.num_sms, limits.max_smem_per_block))
         return (out, int(error.item())) if return_error else out
 
     def masked_forward(self, x, mask=None, causal=False, causal_offset=0, scale=1.0, log=False, out_dtype=None,

@@ -439,3 +439,35 @@ def test_token_logprobs_plan_arguments():
         osm.cuda_plan("token_logprobs", (3, 5, 2), torch.float32)
     with pytest.raises(ValueError, match="token_values is only for token_logprobs"):
         osm.cuda_plan("forward", (3, 5), torch.float32, token_values=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distillation_reads_both_rows_once_a_block_per_row(dtype):
+    rows, vocab = 4096, 128256
+    both = 2 * x_bytes((rows, vocab), dtype)
+    acc = 4
+    plan = osm.cuda_plan("distillation_forward", (rows, vocab), dtype, target=True, device="h100")
+    assert plan.path == "distillation" and plan.workspace_bytes == 0
+    (launch,) = plan.launches
+    assert launch.kernel == "distillation_forward_kernel" and launch.rows_per_block == 1
+    assert launch.bytes_read == both + rows * (8 + dtype.itemsize) and launch.bytes_reread == rows * dtype.itemsize
+    assert launch.bytes_written == rows * 8 * acc  # the loss and 7 stats: nothing of (rows, vocab)
+    jsd = osm.cuda_plan("distillation_forward", (rows, vocab), dtype, kind="jsd", device="h100")
+    assert jsd.launches[0].bytes_read == 2 * both and jsd.launches[0].bytes_reread == both
+    back = osm.cuda_plan("distillation_backward", (rows, vocab), dtype, target=True, device="h100")
+    read = sum(l.bytes_read for l in back.launches)
+    # Each chunk of a split row reads the row's stats again (the reread); the teacher rides with the student.
+    reread = sum(l.bytes_reread for l in back.launches)
+    assert read == both + rows * (8 * acc + 8) + reread and sum(l.bytes_written for l in back.launches) == both // 2
+
+
+def test_distillation_plan_arguments():
+    assert osm.cuda_plan("distillation_forward", (0, 5), torch.float32, device="h100").launches == []
+    # An empty vocabulary still takes a block per row: its loss is NaN (0 where ignored).
+    assert len(osm.cuda_plan("distillation_forward", (3, 0), torch.float32, device="h100").launches) == 1
+    with pytest.raises(ValueError, match="kind must be one of"):
+        osm.cuda_plan("distillation_forward", (3, 5), torch.float32, kind="kld")
+    with pytest.raises(ValueError, match="2-D student"):
+        osm.cuda_plan("distillation_backward", (3, 5, 2), torch.float32)
+    with pytest.raises(ValueError, match="target and kind are only for the distillation ops"):
+        osm.cuda_plan("forward", (3, 5), torch.float32, target=True)

@@ -21,6 +21,8 @@ def _samples(device):
     t64 = torch.full((5,), 0.9, dtype=torch.float64, device=device)
     u64 = torch.rand(5, 3, dtype=torch.float64, device=device)
     xr = random_logits((2, 3, 37), torch.float32, device)
+    xt = random_logits((5, 37), torch.float32, device, seed=1)
+    _dl, dst = ops.distillation_forward(x.detach(), xt, None, "kl", 0.5, 0.8, 0.0, -100)
     accept_all = torch.cat([torch.zeros(2, 2, dtype=torch.float64, device=device), u64[:2, :1]], 1)  # no padding
     edit_ids = torch.tensor([[0, 36, -1], [5, -1, -1], [-1, -1, -1], [1, 2, 3], [36, -1, -1]], device=device)
     edit_values = torch.tensor([[2.0, float("-inf"), 0.0], [9.0, 0.0, 0.0], [0.0] * 3, [-1.0, 1.0, 3.0],
@@ -78,6 +80,14 @@ def _samples(device):
         (ops.token_logprobs_backward_, (x.detach().clone(), torch.randn(5, device=device),
                                         torch.randn(5, device=device), torch.tensor([4, 0, 36, 2, 1], device=device),
                                         m, d, torch.rand(5, device=device), 1.0)),
+        (ops.distillation_forward, (x.detach(), xt, torch.tensor([0, 3, -100, 5, 36], device=device), "jsd", 0.3, 0.8,
+                                    0.4, -100)),
+        (ops.distillation_forward, (x3.detach()[:, :, 0].contiguous(), x3.detach()[:, :, 1].contiguous(), None,
+                                    "reverse_kl", 0.5, 1.0, 0.0, -100)),
+        (ops.distillation_backward, (torch.rand(5, device=device), x.detach(), xt, None, dst, "kl", 0.5, 0.8, 0.0,
+                                     -100)),
+        (ops.distillation_backward_, (x.detach().clone(), torch.rand(5, device=device), xt,
+                                      torch.tensor([1, 2, 3, -100, 0], device=device), dst, "kl", 0.5, 0.8, 0.5, -100)),
     ]
 
 
@@ -87,7 +97,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         covered.add(op._name if hasattr(op, "_name") else str(op))
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::")}
-    assert len(covered) == len(registered) == 17, (covered, registered)
+    assert len(covered) == len(registered) == 20, (covered, registered)
 
 
 def test_torch_compile_fullgraph():

@@ -15,6 +15,7 @@
 #include "cpu/kernels/rejection_sample.h"
 #include "cpu/kernels/token_logprobs.h"
 #include "cpu/kernels/token_logprobs_backward.h"
+#include "cpu/kernels/distillation.h"
 
 #define ONLINE_SOFTMAX_CPU_STR2(x) #x
 #define ONLINE_SOFTMAX_CPU_STR(x) ONLINE_SOFTMAX_CPU_STR2(x)
@@ -27,7 +28,8 @@ const KernelTable kKernels = {ONLINE_SOFTMAX_CPU_STR(CPU_CAPABILITY), &forward_e
                               &topk_entry, &topk_backward_entry, &sample_entry,
                               &top_p_entry, &cross_entropy_backward_entry,
                               &masked_forward_entry, &rejection_entry, &token_logprobs_entry,
-                              &token_logprobs_backward_entry};
+                              &token_logprobs_backward_entry,
+                              &distillation_forward_entry, &distillation_backward_entry};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace online_softmax::cpu

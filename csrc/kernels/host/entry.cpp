@@ -254,6 +254,35 @@ int osm_host_token_logprobs_backward(int dtype, const void* x, const int64_t* to
   });
 }
 
+// distillation_forward / distillation_backward over contiguous rows (rows x n); target may be null;
+// error: an int the launchers set to 1 on a target outside [0, n) that is not ignore_index (may be null).
+int osm_host_distillation_forward(int dtype, const void* student, const void* teacher, const int64_t* target,
+                                  int kind, double beta, double temperature, double hard_weight,
+                                  int64_t ignore_index, void* loss, void* stats, int64_t rows, int64_t n, int* error,
+                                  int num_sms, int max_smem) {
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    using A = Acc<T>;
+    return distillation_forward<T>(static_cast<const T*>(student), static_cast<const T*>(teacher), target, kind, beta,
+                                   temperature, hard_weight, ignore_index, static_cast<A*>(loss),
+                                   static_cast<A*>(stats), rows, n, error, limits_of(num_sms, max_smem), nullptr);
+  });
+}
+
+int osm_host_distillation_backward(int dtype, const void* student, const void* teacher, const int64_t* target,
+                                   int kind, double beta, double temperature, double hard_weight,
+                                   int64_t ignore_index, const void* grad_loss, const void* stats, void* out,
+                                   int64_t rows, int64_t n, int* error, int num_sms, int max_smem) {
+  return with_dtype(dtype, [&](auto t) -> int {
+    using T = decltype(t);
+    using A = Acc<T>;
+    return distillation_backward<T>(static_cast<const T*>(student), static_cast<const T*>(teacher), target, kind,
+                                    beta, temperature, hard_weight, ignore_index, static_cast<const A*>(grad_loss),
+                                    static_cast<const A*>(stats), static_cast<T*>(out), rows, n, error,
+                                    limits_of(num_sms, max_smem), nullptr);
+  });
+}
+
 // masked_softmax_forward over contiguous rows (rows x n); out_dtype as osm_host_forward's. kind 0/1/2
 // (none, bool, additive in the accumulation type); sizes/strides: dims entries each.
 int osm_host_masked_forward(int dtype, int out_dtype, const void* x, void* y, int64_t rows, int64_t n, double scale,

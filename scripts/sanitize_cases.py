@@ -5,8 +5,8 @@
 Shapes are chosen by the plans of csrc/kernels/launch_plan.h (online_softmax.cuda_plan): rows in
 registers (each sub-warp/warp/block size), rows cached in shared memory (enough rows to fill the
 SMs), rows split over blocks (few rows), strided dims (vector and scalar columns, cached, split),
-misaligned row starts, the fused top-k (warp, block, split) with its backward, token_logprobs, and the
-cross-entropy backward (rows and chunks). Each result is checked against float64, so a kernel that runs clean but wrong fails too.
+misaligned row starts, the fused top-k (warp, block, split) with its backward, token_logprobs, the
+cross-entropy backward (rows and chunks) and the distillation loss (forward and backward). Each result is checked against float64, so a kernel that runs clean but wrong fails too.
 
 --short runs float32 and bfloat16 only (4- and 8-wide vectors: every kernel path, half the
 instantiations), the list scripts/gpu_check.sh runs in its first call; the default runs all four dtypes."""
@@ -16,6 +16,7 @@ import sys
 import torch
 
 import online_softmax as osm
+from online_softmax.reference.distillation import distillation_rows_reference, reduce_rows
 
 torch.manual_seed(0)
 sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -74,6 +75,18 @@ for dtype in dtypes:
         xd = xc.detach().double().requires_grad_()
         torch.nn.functional.cross_entropy(xd, tc, label_smoothing=0.1).backward()
         torch.testing.assert_close(xc.grad.double(), xd.grad, rtol=10 * tol, atol=10 * tol)
+        checked += 1
+    for rows, n in ((5, 33), (4, 1000), (2, 100000), (sms + 1, 20000)):  # distillation: a block per row; rows, chunks
+        flat_s = torch.randn(rows * n + 1, device="cuda", dtype=dtype) * 3
+        flat_t = torch.randn(rows * n + 1, device="cuda", dtype=dtype) * 3
+        xs, xt = flat_s[1:].view(rows, n).requires_grad_(), flat_t[:-1].view(rows, n)  # misaligned student
+        td = torch.randint(0, n, (rows,), device="cuda")
+        osm.distillation_loss(xs, xt, td, kind="jsd", temperature=2.0).backward()
+        xd = xs.detach().double().requires_grad_()
+        want = reduce_rows(distillation_rows_reference(xd, xt.double(), td, kind="jsd", temperature=2.0), td, -100,
+                           "mean")
+        want.backward()
+        torch.testing.assert_close(xs.grad.double(), xd.grad, rtol=10 * tol, atol=10 * tol)
         checked += 1
 torch.cuda.synchronize()
 print(f"sanitize_cases: {checked} cases ran and matched float64")

@@ -43,9 +43,10 @@ inline DistillationArgs distillation_args(const char* op, const at::Tensor& stud
   TORCH_CHECK_VALUE(student.dim() == 2, "online_softmax.", op, ": student must be 2-D (rows, vocab), got shape ",
                     student.sizes());
   TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(), "online_softmax.", op,
-                   ": teacher must have the dtype of student (", student.scalar_type(), "), got ", teacher.scalar_type());
-  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "online_softmax.", op, ": teacher must have the shape of student ",
-                    student.sizes(), ", got ", teacher.sizes());
+                   ": teacher must have the dtype of student (", student.scalar_type(), "), got ",
+                   teacher.scalar_type());
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "online_softmax.", op,
+                    ": teacher must have the shape of student ", student.sizes(), ", got ", teacher.sizes());
   TORCH_CHECK_VALUE(teacher.device() == student.device(), "online_softmax.", op, ": teacher is on ", teacher.device(),
                     " but student is on ", student.device());
   TORCH_CHECK_VALUE(!in_place || student.is_contiguous(), "online_softmax.", op,

@@ -161,40 +161,43 @@ struct DistillTerms {
     }
     A tv[V];
     load_elems(trow, i0, a.n, tv, A(0));
+    const int64_t rel = tgt - i0;  // the target's place in this granule (outside [0, V): none)
     // One loop per kind (kind is uniform), so that each keeps only its own temporaries live.
     if (a.kind == dm::kKl) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const A p = exp((v[j] - ms) * a.sc) * inv_ds, q = exp((tv[j] - mt) * a.sc) * inv_dt;
-        tv[j] = with_label(a, i0 + j, v[j], p, (p - q) * a.sc);
+        tv[j] = with_label(j == rel, v[j], p, (p - q) * a.sc);
       }
     } else if (a.kind == dm::kReverseKl) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const A p = exp((v[j] - ms) * a.sc) * inv_ds;
-        const A d = dm::divergence_gradient(dm::kReverseKl, p, A(0), ((v[j] - tv[j]) - cst) * a.sc - L, U, a.beta, a.sc);
-        tv[j] = with_label(a, i0 + j, v[j], p, d);
-      }
+      divergence_loop<dm::kReverseKl>(a, rel, v, tv);
     } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const A p = exp((v[j] - ms) * a.sc) * inv_ds;
-        const A d = dm::divergence_gradient(dm::kJsd, p, A(0), ((v[j] - tv[j]) - cst) * a.sc - L, U, a.beta, a.sc);
-        tv[j] = with_label(a, i0 + j, v[j], p, d);
-      }
+      divergence_loop<dm::kJsd>(a, rel, v, tv);
     }
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = tv[j];
   }
 
+  // reverse_kl's and jsd's terms (a kind fixed at compile time: each loop keeps only its own temporaries).
+  template <int Kind, int V>
+  __device__ __forceinline__ void divergence_loop(const DistillBackwardArgs<T>& a, int64_t rel, const A (&v)[V],
+                                                  A (&tv)[V]) const {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A p = exp((v[j] - ms) * a.sc) * inv_ds;
+      const A delta = ((v[j] - tv[j]) - cst) * a.sc - L;
+      tv[j] = with_label(j == rel, v[j], p, dm::divergence_gradient(Kind, p, A(0), delta, U, a.beta, a.sc));
+    }
+  }
+
   // The element's gradient from its divergence term d (and its p at the temperature): weighted, plus
   // the cross-entropy's softmax at temperature 1 and one-hot when there is a target.
-  __device__ __forceinline__ A with_label(const DistillBackwardArgs<T>& a, int64_t i, A x, A p, A d) const {
+  __device__ __forceinline__ A with_label(bool at_target, A x, A p, A d) const {
     A g = d * dw;
     if (has_target) {
       const A p1 = same_t ? p : exp(x - ms) * inv_d1;
       g += p1 * cw;
-      if (i == tgt) g -= cw;
+      if (at_target) g -= cw;
     }
     return g;
   }

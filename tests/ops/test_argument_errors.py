@@ -73,6 +73,7 @@ TEMPERATURE = [
     lambda t: list(osm.chunked_softmax(CHUNKS, temperature=t)),
     lambda t: osm.chunked_softmax_topk(CHUNKS, 2, temperature=t),
     lambda t: osm.token_logprobs(X, torch.zeros(4, dtype=torch.int64), temperature=t),
+    lambda t: osm.distillation_loss(X, X.flip(-1), temperature=t),
 ]
 
 

@@ -83,6 +83,26 @@ def test_in_place_equals_out_of_place(device, dtype, kind):
     assert torch.equal(over, want)
 
 
+def test_non_contiguous_inputs_equal_their_contiguous_copies():
+    s, t, tgt = distillation_case(6, 33, torch.float32, seed=61)
+    wide_s, wide_t = torch.zeros(6, 66), torch.zeros(6, 66)
+    wide_s[:, ::2], wide_t[:, ::2] = s, t
+    tgt_wide = torch.stack([tgt, tgt], 1)[:, 0]
+    opts = ("jsd", 0.5, 0.9, 0.3, -100)
+    loss, stats = ops.distillation_forward(wide_s[:, ::2], wide_t[:, ::2], tgt_wide, *opts)
+    want_loss, want_stats = ops.distillation_forward(s, t, tgt, *opts)
+    assert torch.equal(loss, want_loss) and torch.equal(stats, want_stats)
+    g = torch.rand(6)
+    assert torch.equal(ops.distillation_backward(g[::1], wide_s[:, ::2], wide_t[:, ::2], tgt_wide, stats, *opts),
+                       ops.distillation_backward(g, s, t, tgt, stats, *opts))
+    s3 = s.t().contiguous().t().requires_grad_()  # (rows, vocab) with rows contiguous
+    out = osm.distillation_loss(s3, t, tgt, kind="jsd", beta=0.5, temperature=0.9, hard_weight=0.3)
+    torch.testing.assert_close(out, osm.distillation_loss(s, t, tgt, kind="jsd", beta=0.5, temperature=0.9,
+                                                          hard_weight=0.3))
+    out.backward()
+    assert s3.grad.shape == s.shape
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_hostile_values(device, dtype, kind):

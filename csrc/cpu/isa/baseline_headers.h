@@ -40,3 +40,6 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+// Shared with the CUDA kernels, so outside the per-capability namespaces: declared here, its
+// functions keep the baseline ISA in every capability's file (one copy of each symbol).
+#include "kernels/distillation_math.h"

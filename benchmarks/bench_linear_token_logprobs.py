@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import online_softmax as osm
-from online_softmax.bench import machine_info, machine_line, median_times
+from online_softmax.bench import machine_info, machine_line, median_times, peak_cells
 
 SHAPES = [(4096, 1024, 32000)]  # tokens, hidden, vocab
 DTYPES = (torch.float32, torch.bfloat16)
@@ -114,8 +114,7 @@ def bench(shapes=SHAPES, dtypes=DTYPES, rounds=5, memory=True, out=print):
             if memory:
                 row.update({f"{k}_mib": extra_peak_mib(k, tokens, hidden, vocab, dtype) for k in IMPLEMENTATIONS})
             logits = tokens * vocab * torch.empty((), dtype=dtype).element_size() / 2 ** 20
-            mem = (f"{row['ours_mib']:.0f} MiB | {row['unfused_mib']:.0f} MiB | "
-                   f"{row['ours_mib'] / row['unfused_mib']:.1%}" if memory else "- | - | -")
+            mem = peak_cells(row, "ours", "unfused")
             out(f"| {tokens} x {hidden} x {vocab} | {row['dtype']} | {med['ours'] * 1e3:.0f} ms | "
                 f"{med['unfused'] * 1e3:.0f} ms | {med['ours'] / med['unfused']:.2f}x | {logits:.0f} MiB | {mem} |")
             rows.append(row)

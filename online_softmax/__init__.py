@@ -5,12 +5,11 @@ Ops live under ``torch.ops.online_softmax``; this package loads them and adds th
 Every public name is importable from here; the modules behind them are grouped by purpose:
 ``api``, ``modules``, ``state`` and ``streaming`` (softmax as torch has it, the (m, d) state,
 streamed chunks), ``distributed`` (vocabulary shards over torch.distributed), ``decoding`` (beam
-search, generate()'s processors, sampling, ``hf.generate``), ``losses`` (cross-entropy, linear +
-cross-entropy, transformers' causal-LM loss), ``reference`` (test oracles and unfused peers, never
-called by the rest), ``ops`` (fake kernels and autograd) and ``_checks`` (every argument check).
+search, generate()'s processors, sampling), ``losses`` (cross-entropy, linear + cross-entropy,
+transformers' causal-LM loss), ``hf`` (transformers: ``generate``, ``apply``/``revert``),
+``reference`` (test oracles and unfused peers, never called by the rest), ``ops`` (fake kernels
+and autograd) and ``_checks`` (every argument check).
 """
-
-import sys
 
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
@@ -29,11 +28,8 @@ from .decoding import (BeamSearchDecoder, BeamSearchOutput, BeamStep, RejectionS
                        beam_search_step, rejection_sample, sample, token_logprobs)
 from .losses import (CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, distillation_loss,  # noqa: E402
                      linear_cross_entropy, linear_distillation_loss, linear_token_logprobs)
-from .decoding import hf  # noqa: E402  (custom_generate=online_softmax.hf.generate; imports transformers lazily)
+from . import hf  # noqa: E402  (generate, apply, revert; imports transformers lazily)
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
-
-# online_softmax.hf is the public name of decoding/hf.py: `import online_softmax.hf` finds it too.
-sys.modules[__name__ + ".hf"] = hf
 
 __all__ = [
     "softmax",

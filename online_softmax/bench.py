@@ -294,6 +294,15 @@ def machine_info(device):
     return info
 
 
+def peak_cells(row, ours, theirs):
+    """The markdown cells "ours MiB | theirs MiB | ratio" of a row's ``<name>_mib`` peaks ("- | - | -"
+    when the row has none)."""
+    if f"{ours}_mib" not in row:
+        return "- | - | -"
+    a, b = row[f"{ours}_mib"], row[f"{theirs}_mib"]
+    return f"{a:.0f} MiB | {b:.0f} MiB | {a / b:.1%}"
+
+
 def machine_line(info):
     """One line naming what the numbers depend on: CPU model, cores, both ISAs, threads, torch."""
     build = info.get("build", {})

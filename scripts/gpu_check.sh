@@ -158,7 +158,7 @@ print(f"machine: {p.name}, {p.multi_processor_count} SMs, cc {p.major}.{p.minor}
       f"torch {torch.__version__} (CUDA {torch.version.cuda}); Python {platform.python_version()}")
 EOF
   "$PY" -m pip list 2> /dev/null \
-    | grep -iE '^(torch|transformers|pytest|pytest-xdist|pytest-timeout|hypothesis|numpy|ninja|setuptools|triton) '
+    | grep -iE '^(torch|transformers|accelerate|pytest|pytest-xdist|pytest-timeout|hypothesis|numpy|ninja|setuptools|triton) '
 }
 
 if has env; then

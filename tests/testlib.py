@@ -228,15 +228,22 @@ def assert_token_logprobs_grad(out, args, *, what):
                            f"beyond the budget, e.g. at {bad.nonzero()[0].tolist()}")
 
 
-HEAD_MEMORY_CHILD = """
+PEAK_CHILD = """
 import torch
 import online_softmax as osm
 torch.manual_seed(0)
-tokens, hidden, vocab = 8192, 1024, 32000
 def peak_mib():
     # VmHWM, not ru_maxrss: the latter survives exec, so a child would start at its parent's peak.
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+SETUP
+base = peak_mib()
+STEP
+print(base, peak_mib())
+"""
+
+HEAD_MEMORY_SETUP = """
+tokens, hidden, vocab = 8192, 1024, 32000
 h = (torch.randn(tokens, hidden) * 0.1).requires_grad_()
 w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
 t = torch.randint(0, vocab, (tokens,))
@@ -244,25 +251,27 @@ adv = torch.randn(tokens)
 # The gradients' own memory, allocated and freed once so that the baseline peak holds them.
 g = [torch.ones_like(h), torch.ones_like(w)]
 del g
-base = peak_mib()
-STEP
-assert h.grad is not None and w.grad is not None
-print(base, peak_mib())
 """
+
+
+def peak_rise_mib(setup, step):
+    """How far the code ``step`` raises the peak RSS (VmHWM) of a fresh child process above where
+    ``setup`` left it, in MiB."""
+    import subprocess
+    import sys
+
+    code = PEAK_CHILD.replace("SETUP", setup).replace("STEP", step)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    base, peak = map(float, out.stdout.split()[-2:])
+    return peak - base
 
 
 def head_peak_rise_mib(step):
     """How far `step` (code over h (8192, 1024), w (32000, 1024), t and adv (8192,), float32, h and
     w requiring grad) raises the peak RSS of a fresh child process above its inputs, weights and
     gradients, in MiB; the whole logits would take 1000 MiB."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", HEAD_MEMORY_CHILD.replace("STEP", step)], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    base, peak = map(float, out.stdout.split())
-    return peak - base
+    return peak_rise_mib(HEAD_MEMORY_SETUP, step + "\nassert h.grad is not None and w.grad is not None")
 
 
 # The small random-weight GPT-2 the decoding tests compare against transformers' generate() with

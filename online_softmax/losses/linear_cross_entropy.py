@@ -54,6 +54,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     ``class_weight`` (``weight`` is the linear layer's). Differentiable with respect to
     ``hidden``, ``weight`` and ``bias``; the logits are computed in the inputs' dtype (as
     ``F.linear``), the loss from them in float32 (float64 for float64)."""
+    loss, lse = loss_and_lse(hidden, weight, target, bias, class_weight=class_weight, ignore_index=ignore_index,
+                             reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                             chunk_size=chunk_size)
+    loss = loss.to(hidden.dtype)
+    return (loss, lse.reshape(target.shape)) if return_lse else loss
+
+
+def loss_and_lse(hidden, weight, target, bias=None, *, class_weight=None, ignore_index=-100, reduction="mean",
+                 label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None):
+    """:func:`linear_cross_entropy`'s checked arguments, loss and flat lse, the loss still in its
+    accumulation dtype (float32 for half inputs): transformers' losses are float32 whatever the
+    model's dtype."""
     op = _OP
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
         checks.tensor(t, name, op)
@@ -88,8 +100,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         loss, lse = _LinearCrossEntropy.apply(h, weight, bias, t, cw, options, need, [])
     if reduction == "none":
         loss = loss.reshape(target.shape)
-    loss = loss.to(hidden.dtype)
-    return (loss, lse.reshape(target.shape)) if return_lse else loss
+    return loss, lse
 
 
 def check_head(op, hidden, weight, bias) -> int:

@@ -18,6 +18,7 @@ cross-entropy taken at temperature 1, and a row whose target is ``ignore_index``
 counts for neither the loss nor the mean.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -107,8 +108,7 @@ def unfused_linear_distillation(student_hidden, student_weight, teacher_hidden, 
     elif kind == "reverse_kl":
         div = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     else:
-        log_m = torch.logsumexp(torch.stack([log_q + torch.log(torch.tensor(beta)),
-                                             log_p + torch.log(torch.tensor(1 - beta))]), dim=0)
+        log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
         div = (beta * F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
                + (1 - beta) * F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1))
     if target is None:

@@ -2,34 +2,13 @@
 shard (of uneven length) of the softmax dim, must reproduce the single-process ops on the full
 tensor, gradients included."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import online_softmax as osm
 import online_softmax.distributed as osd
-from testlib import random_logits
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def full_logits(shape, dtype, seed, dim):
-    x = random_logits(shape, dtype, seed=seed)
-    rows = x.movedim(dim, -1)               # a view: rows along the softmax dim
-    rows[0] = float("-inf")                 # all -inf row: NaN, like torch
-    rows[1, ..., 7] = float("nan")
-    rows[2, ..., -1] = float("inf")
-    if dtype != torch.float16:
-        rows[3] = rows[3] * 1e4
-    rows[4, ..., 10:20] = 5.0               # ties spanning shard boundaries
-    return x
+from gloo import close, full_logits, spawn
 
 
 def shard(x, dim, rank, world):
@@ -40,78 +19,68 @@ def shard(x, dim, rank, world):
     return x.narrow(dim, bounds[rank], bounds[rank + 1] - bounds[rank]), bounds[rank]
 
 
-def close(a, b, dtype):
-    # float64: 1e4-scale logits leave x/t - m a few ulps of 1e4 (~1e-11) from the kernel's (x - M)/t.
-    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else (1e-10 if dtype == torch.float64 else 1e-5)
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
-
-
-def worker(rank, world, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        for dtype in (torch.float32, torch.float64, torch.bfloat16):
-            for shape, dim in (((6, 103), -1), ((6, 40, 3), 1)):
-                x = full_logits(shape, dtype, world, dim)
-                xs, start = shard(x, dim, rank, world)
-                for t in (1.0, 0.7):
-                    for log in (False, True):
-                        fn = osd.log_softmax if log else osd.softmax
-                        ref = (osm.log_softmax if log else osm.softmax)(x, dim=dim, temperature=t)
-                        got = fn(xs, dim=dim, temperature=t)
-                        want = ref.narrow(dim, start, xs.shape[dim])
-                        if t != 1.0:
-                            # Row 3 holds 1e4-scale logits: the sharded ops round x / t as torch does,
-                            # the fused kernels keep (x - max) exact. Compare that row to float64.
-                            exact = (torch.log_softmax if log else torch.softmax)(x.double() / t, dim)
-                            close(got.movedim(dim, -1)[3].double(),
-                                  exact.narrow(dim, start, xs.shape[dim]).movedim(dim, -1)[3], torch.bfloat16)
-                            got, want = got.movedim(dim, -1)[torch.arange(6) != 3], want.movedim(dim, -1)[torch.arange(6) != 3]
-                        close(got, want, dtype)
-                    lse = osd.logsumexp(xs, dim=dim, temperature=t)
-                    close(lse.double(), torch.logsumexp(x.double() / t, dim), dtype)
-                if dim == -1:
-                    for k in (1, 5, 17):
-                        v, i = osd.softmax_topk(xs, k, dim=dim)
-                        want_v, want_i = osm.softmax_topk(x, k, dim=dim)
-                        assert torch.equal(i, want_i), (rank, dtype, k, i, want_i)
-                        close(v, want_v, dtype)
-        # The fused beam-search step with a sharded vocabulary: same ids and scores on every rank.
-        for beams, vocab, t in ((4, 1001, 1.0), (3, 64, 0.7), (2, 9, 1.0)):
-            logits = torch.randn(2 * beams, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
-            logits[0, 5] = float("-inf")
-            scores = -torch.rand(2, beams, generator=torch.Generator().manual_seed(1))
-            shard_logits, _ = shard(logits, 1, rank, world)
-            got = osd.beam_search_step(shard_logits, scores, beams, temperature=t, num_candidates=min(2 * beams, vocab))
-            want = osm.beam_search_step(logits, scores, beams, temperature=t, num_candidates=min(2 * beams, vocab))
-            assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.beam_ids, want.beam_ids)
-            close(got.scores, want.scores, torch.float32)
-        # Autograd through the sharded softmax, log-softmax and logsumexp (finite rows only).
-        x = torch.randn(5, 97, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-        w = torch.randn(5, 97, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-        for which in ("softmax", "log_softmax", "logsumexp"):
-            xs, start = shard(x, 1, rank, world)
-            xs = xs.clone().requires_grad_()
-            xf = x.clone().requires_grad_()
-            ws = w.narrow(1, start, xs.shape[1])
-            if which == "logsumexp":
-                (osd.logsumexp(xs, temperature=0.5) * w[:, 0]).sum().backward()
-                (torch.logsumexp(xf / 0.5, 1) * w[:, 0]).sum().backward()
-            else:
-                f = getattr(osd, which)
-                g = getattr(torch, which)
-                (f(xs, temperature=0.5) * ws).sum().backward()
-                (g(xf / 0.5, 1) * w).sum().backward()
-            torch.testing.assert_close(xs.grad, xf.grad.narrow(1, start, xs.shape[1]), rtol=1e-10, atol=1e-12)
-        # Communication: O(rows) for the state, against gathering the logits.
-        stats = osd.communication_bytes(torch.empty(64, 32000), k=None)
-        assert stats.state_bytes < stats.gather_logits_bytes / 100
-    finally:
-        dist.destroy_process_group()
+def worker(rank, world):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for shape, dim in (((6, 103), -1), ((6, 40, 3), 1)):
+            x = full_logits(shape, dtype, world, dim)
+            xs, start = shard(x, dim, rank, world)
+            for t in (1.0, 0.7):
+                for log in (False, True):
+                    fn = osd.log_softmax if log else osd.softmax
+                    ref = (osm.log_softmax if log else osm.softmax)(x, dim=dim, temperature=t)
+                    got = fn(xs, dim=dim, temperature=t)
+                    want = ref.narrow(dim, start, xs.shape[dim])
+                    if t != 1.0:
+                        # Row 3 holds 1e4-scale logits: the sharded ops round x / t as torch does,
+                        # the fused kernels keep (x - max) exact. Compare that row to float64.
+                        exact = (torch.log_softmax if log else torch.softmax)(x.double() / t, dim)
+                        close(got.movedim(dim, -1)[3].double(),
+                              exact.narrow(dim, start, xs.shape[dim]).movedim(dim, -1)[3], torch.bfloat16)
+                        got, want = got.movedim(dim, -1)[torch.arange(6) != 3], want.movedim(dim, -1)[torch.arange(6) != 3]
+                    close(got, want, dtype)
+                lse = osd.logsumexp(xs, dim=dim, temperature=t)
+                close(lse.double(), torch.logsumexp(x.double() / t, dim), dtype)
+            if dim == -1:
+                for k in (1, 5, 17):
+                    v, i = osd.softmax_topk(xs, k, dim=dim)
+                    want_v, want_i = osm.softmax_topk(x, k, dim=dim)
+                    assert torch.equal(i, want_i), (rank, dtype, k, i, want_i)
+                    close(v, want_v, dtype)
+    # The fused beam-search step with a sharded vocabulary: same ids and scores on every rank.
+    for beams, vocab, t in ((4, 1001, 1.0), (3, 64, 0.7), (2, 9, 1.0)):
+        logits = torch.randn(2 * beams, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+        logits[0, 5] = float("-inf")
+        scores = -torch.rand(2, beams, generator=torch.Generator().manual_seed(1))
+        shard_logits, _ = shard(logits, 1, rank, world)
+        got = osd.beam_search_step(shard_logits, scores, beams, temperature=t, num_candidates=min(2 * beams, vocab))
+        want = osm.beam_search_step(logits, scores, beams, temperature=t, num_candidates=min(2 * beams, vocab))
+        assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.beam_ids, want.beam_ids)
+        close(got.scores, want.scores, torch.float32)
+    # Autograd through the sharded softmax, log-softmax and logsumexp (finite rows only).
+    x = torch.randn(5, 97, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    w = torch.randn(5, 97, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    for which in ("softmax", "log_softmax", "logsumexp"):
+        xs, start = shard(x, 1, rank, world)
+        xs = xs.clone().requires_grad_()
+        xf = x.clone().requires_grad_()
+        ws = w.narrow(1, start, xs.shape[1])
+        if which == "logsumexp":
+            (osd.logsumexp(xs, temperature=0.5) * w[:, 0]).sum().backward()
+            (torch.logsumexp(xf / 0.5, 1) * w[:, 0]).sum().backward()
+        else:
+            f = getattr(osd, which)
+            g = getattr(torch, which)
+            (f(xs, temperature=0.5) * ws).sum().backward()
+            (g(xf / 0.5, 1) * w).sum().backward()
+        torch.testing.assert_close(xs.grad, xf.grad.narrow(1, start, xs.shape[1]), rtol=1e-10, atol=1e-12)
+    # Communication: O(rows) for the state, against gathering the logits.
+    stats = osd.communication_bytes(torch.empty(64, 32000), k=None)
+    assert stats.state_bytes < stats.gather_logits_bytes / 100
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_ops_equal_single_process(world):
-    mp.spawn(worker, args=(world, free_port()), nprocs=world, join=True)
+    spawn(worker, world)
 
 
 def test_requires_initialized_process_group():

@@ -1,0 +1,190 @@
+"""cross_entropy and linear_cross_entropy on DTensors over Gloo (1 to 4 processes; a 1-D mesh and,
+for 4, a 2 x 2 mesh with the rows on one mesh dim and the classes on the other): the loss and the
+gradients equal the loss of the full tensors, placed as the DTensor rules promise, with one
+collective in the forward per mesh dim sharding the classes (and one O(1) all-reduce per mesh dim
+sharding the rows of a reduced loss) and none in the backward; and they equal torch's own
+loss_parallel() where both apply."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import loss_parallel
+
+import online_softmax as osm
+import online_softmax.distributed  # noqa: F401  (installs the DTensor rules)
+from gloo import (Cases, check_count, check_dtensor, close, collectives, counted, distribute, full_logits, meshes,
+                  placements, reduced, spawn, vocab_sizes)
+from testlib import random_logits
+
+ROWS = 7
+SETTINGS = [dict(), dict(reduction="sum"), dict(reduction="none"), dict(ignore_index=0),
+            dict(label_smoothing=0.1, reduction="sum"), dict(z_loss=1e-4),
+            dict(weight="classes", label_smoothing=0.1), dict(weight="replicate", reduction="none"),
+            dict(weight="plain", reduction="sum"),
+            dict(weight="classes", label_smoothing=0.2, z_loss=1e-4, ignore_index=0)]
+# All -inf, NaN and +inf rows make a reduced loss NaN: their own losses and gradients are compared.
+HOSTILE_SETTINGS = [dict(reduction="none"),
+                    dict(weight="classes", reduction="none", label_smoothing=0.1, z_loss=1e-4)]
+
+
+def targets(classes, ignore_index=-100):
+    """Class indices of the ROWS rows: row 5 ignored, row 6 class 0 (ignored where ignore_index=0);
+    the hostile rows 0-4 are not ignored."""
+    t = torch.randint(0, classes, (ROWS,), generator=torch.Generator().manual_seed(classes))
+    t[5], t[6] = -100, 0
+    return t.masked_fill(t == -100, ignore_index)
+
+
+def class_weights(classes, dtype):
+    return torch.rand(classes, dtype=dtype, generator=torch.Generator().manual_seed(2)) + 0.1
+
+
+def check_cross_entropy(cases, name, mesh, full, x_pl, setting, plain_target=False):
+    """osm.cross_entropy of full placed ``x_pl`` (target placed like its rows, weight as the setting
+    says) against the loss of the full tensor."""
+    kw = dict(setting)
+    weight = kw.pop("weight", None)
+    reduction = kw.get("reduction", "mean")
+    t = targets(full.shape[1], kw.get("ignore_index", -100))
+    w = class_weights(full.shape[1], full.dtype) if weight else None
+    t_pl = reduced(x_pl, 1, False)
+    with cases(f"{name} {setting}{' plain target' * plain_target}"):
+        x = distribute(full, mesh, x_pl).requires_grad_()
+        target = t if plain_target else distribute(t, mesh, t_pl)
+        if weight == "classes":
+            kw["weight"] = distribute(w, mesh, [Shard(0) if p.is_shard(1) else Replicate() for p in x_pl])
+        elif weight == "replicate":
+            kw["weight"] = distribute(w, mesh, [Replicate()] * mesh.ndim)
+        elif weight == "plain":
+            kw["weight"] = w
+        loss, count = counted(osm.cross_entropy, x, target, **kw)
+        check_count(count, collectives(mesh, x_pl, [1] if reduction == "none" else [0, 1]), "forward")
+        xf = full.clone().requires_grad_()
+        want = osm.cross_entropy(xf, t, **{**kw, "weight": w})
+        check_dtensor(loss, t_pl if reduction == "none" else (Replicate(),) * mesh.ndim, "loss")
+        close(loss.full_tensor(), want, full.dtype)
+        g = random_logits(want.shape, want.dtype, seed=4)
+        _, count = counted(loss.backward, distribute(g, mesh, loss.placements) if reduction == "none" else None)
+        want.backward(g if reduction == "none" else None)
+        if any(p.is_shard(1) for p in x_pl):
+            check_count(count, range(1), "backward")
+        check_dtensor(x.grad, x_pl, "x.grad")
+        close(x.grad.full_tensor(), xf.grad, full.dtype)
+
+
+def check_linear_cross_entropy(cases, name, mesh, hidden, weight, h_pl, w_pl, setting):
+    kw = dict(setting)
+    t = targets(weight.shape[0], kw.get("ignore_index", -100))
+    with cases(f"{name} linear_cross_entropy hidden {h_pl} weight {w_pl} {setting}"):
+        h, w = distribute(hidden, mesh, h_pl).requires_grad_(), distribute(weight, mesh, w_pl).requires_grad_()
+        loss = osm.linear_cross_entropy(h, w, distribute(t, mesh, reduced(h_pl, 1, False)), **kw)
+        hf, wf = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        want = osm.linear_cross_entropy(hf, wf, t, **kw)
+        reduction = kw.get("reduction", "mean")
+        check_dtensor(loss, reduced(h_pl, 1, False) if reduction == "none" else (Replicate(),) * mesh.ndim, "loss")
+        close(loss.full_tensor(), want, hidden.dtype)
+        g = random_logits(want.shape, want.dtype, seed=4)
+        loss.backward(distribute(g, mesh, loss.placements) if reduction == "none" else None)
+        want.backward(g if reduction == "none" else None)
+        check_dtensor(h.grad, h_pl, "hidden.grad")
+        check_dtensor(w.grad, w_pl, "weight.grad")
+        close(h.grad.full_tensor(), hf.grad, hidden.dtype)
+        close(w.grad.full_tensor(), wf.grad, hidden.dtype)
+
+
+def check_loss_parallel(cases, name, mesh, full, setting):
+    """osm.cross_entropy against torch's loss_parallel() on x Shard(1), target Replicate."""
+    kw = dict(setting)
+    t = targets(full.shape[1], kw.get("ignore_index", -100))
+    if kw.get("weight"):
+        # loss_parallel's backward with class weights fails on an ignored row (it gathers the
+        # weight at the ignore_index).
+        t[5] = 1 % full.shape[1]
+        kw["weight"] = distribute(class_weights(full.shape[1], full.dtype), mesh, [Replicate()])
+    with cases(f"{name} against loss_parallel {setting}"):
+        target = distribute(t, mesh, [Replicate()])
+        ours, theirs = (distribute(full, mesh, [Shard(1)]).requires_grad_() for _ in range(2))
+        g = distribute(random_logits((ROWS,), full.dtype, seed=4), mesh, [Replicate()])
+        g = g if kw.get("reduction") == "none" else None
+        loss = osm.cross_entropy(ours, target, **kw)
+        loss.backward(g)
+        with loss_parallel():  # its backward too must run inside
+            want = F.cross_entropy(theirs, target, **kw)
+            want.backward(g)
+        check_dtensor(loss, want.placements, "loss")
+        close(loss.full_tensor(), want.full_tensor(), full.dtype)
+        check_dtensor(ours.grad, theirs.grad.placements, "x.grad")
+        close(ours.grad.full_tensor(), theirs.grad.full_tensor(), full.dtype)
+
+
+def check_bad_placements(cases, mesh, world):
+    """Refused before any collective with a ValueError naming the argument and its placement: a
+    Partial input, weight, hidden or head; a target whose rows are split over the mesh dim that
+    splits the classes."""
+    full = random_logits((4, 9), torch.float64, seed=3)
+    partial = DTensor.from_local(full, mesh, [Partial()], run_check=False)
+    x = distribute(full, mesh, [Shard(1)])
+    t = torch.zeros(4, dtype=torch.int64)
+    w = torch.ones(9, dtype=torch.float64)
+    h = random_logits((4, 5), torch.float64, seed=5)
+    bad = [("input", "Partial", lambda: osm.cross_entropy(partial, t)),
+           ("weight", "Partial", lambda: osm.cross_entropy(
+               x, t, weight=DTensor.from_local(w, mesh, [Partial()], run_check=False))),
+           ("hidden", "Partial", lambda: osm.linear_cross_entropy(
+               DTensor.from_local(h, mesh, [Partial()], run_check=False), distribute(full.T, mesh, [Shard(0)]), t)),
+           ("weight", "Partial", lambda: osm.linear_cross_entropy(
+               distribute(h, mesh, [Replicate()]), DTensor.from_local(full.T, mesh, [Partial()], run_check=False), t))]
+    if world > 1:
+        bad.append(("target", "Shard", lambda: osm.cross_entropy(x, distribute(t, mesh, [Shard(0)]))))
+    for arg, placement, fn in bad:
+        with cases(f"world {world}: cross_entropy with {arg} {placement}"):
+            with pytest.raises(ValueError, match=placement) as info:
+                fn()
+            assert arg in str(info.value), f"the message does not name {arg}: {info.value}"
+
+
+def worker(rank, world):
+    cases = Cases(rank)
+    for mesh in meshes(world):
+        for classes in vocab_sizes(world):
+            for dtype in (torch.float32, torch.float64):
+                finite = full_logits((ROWS, classes), dtype, world, 1, ties=slice(1, None), nonfinite=False)
+                hostile = full_logits((ROWS, classes), dtype, world, 1, ties=slice(1, None))
+                hidden = random_logits((ROWS, 6), dtype, seed=8)
+                head = random_logits((classes, 6), dtype, seed=9, scale=1.0)
+                for x_pl in placements(mesh.ndim, 1, 0):
+                    name = f"mesh {tuple(mesh.shape)} {dtype} ({ROWS}, {classes}) {x_pl}"
+                    for setting in SETTINGS:
+                        check_cross_entropy(cases, name, mesh, finite, x_pl, setting)
+                    for setting in HOSTILE_SETTINGS:
+                        check_cross_entropy(cases, name + " hostile", mesh, hostile, x_pl, setting)
+                    if mesh.ndim == 1 and not x_pl[0].is_shard(0):
+                        check_cross_entropy(cases, name, mesh, finite, x_pl, dict(label_smoothing=0.1), True)
+                for setting in (dict(), dict(reduction="sum"), dict(reduction="none"),
+                                dict(ignore_index=0, label_smoothing=0.1), dict(z_loss=1e-4, reduction="sum")):
+                    name = f"mesh {tuple(mesh.shape)} {dtype} ({ROWS}, 6) x ({classes}, 6)"
+                    # The head's rows (the vocabulary) sharded; on the 2-D mesh the tokens on the other mesh dim.
+                    if mesh.ndim == 1:
+                        layouts = [((Replicate(),), (Shard(0),)), ((Replicate(),), (Replicate(),))]
+                    else:
+                        layouts = [((Shard(0), Replicate()), (Replicate(), Shard(0)))]
+                    for h_pl, w_pl in layouts:
+                        check_linear_cross_entropy(cases, name, mesh, hidden, head, h_pl, w_pl, setting)
+                if mesh.ndim == 1 and len(torch.arange(classes).chunk(world)) == world:
+                    # loss_parallel needs a class on every rank (an empty shard fails in its gather).
+                    for reduction in ("mean", "sum", "none"):
+                        for setting in (dict(), dict(ignore_index=0), dict(weight=True)):
+                            check_loss_parallel(cases, f"mesh {tuple(mesh.shape)} {dtype} ({ROWS}, {classes})",
+                                                mesh, finite,
+                                                {**setting, "reduction": reduction})
+    mesh = meshes(world)[0]
+    full = full_logits((ROWS, 13), torch.bfloat16, 1, 1, ties=slice(1, None), nonfinite=False)
+    check_cross_entropy(cases, f"world {world}: bfloat16", mesh, full, (Shard(1),), dict(label_smoothing=0.1))
+    check_bad_placements(cases, mesh, world)
+    cases.report()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_dtensor_losses_equal_full_tensor_losses(world):
+    spawn(worker, world)

@@ -5,12 +5,16 @@ placements and collective counts of the DTensor tests."""
 
 import contextlib
 import datetime
+import re
 import socket
+import sys
+
+import pytest
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 from torch.distributed.tensor.debug import CommDebugMode
 
 from testlib import random_logits
@@ -57,6 +61,9 @@ class Cases:
             yield
         except Exception as e:  # noqa: BLE001  (every failure is reported, by report())
             self.failures.append(f"{name}: {type(e).__name__}: {str(e)[:1500]}")
+            # Now too: a rank that fails alone leaves the others in a collective it never joins,
+            # and Gloo may end the processes before report().
+            print(f"rank {self.rank}: {self.failures[-1]}", file=sys.stderr, flush=True)
 
     def report(self):
         if self.failures:
@@ -156,8 +163,27 @@ def check_count(count, allowed, what):
     assert count in allowed, f"{what}: {count} collectives, expected {' or '.join(map(str, allowed))}"
 
 
-def check_dtensor(t, placements, what):
-    from torch.distributed.tensor import DTensor
-
+def gathered(t, what):
+    """The whole of DTensor t (a collective)."""
     assert isinstance(t, DTensor), f"{what} is a {type(t).__name__}, not a DTensor"
-    assert tuple(t.placements) == tuple(placements), f"{what} placed {t.placements}, expected {placements}"
+    return t.full_tensor()
+
+
+def check_placements(*checks):
+    """(DTensor, expected placements, what) triples; checked after the values, so that a case with
+    wrong values says so even where the placements are wrong too."""
+    wrong = [f"{what} placed {tuple(t.placements)}, expected {tuple(p)}" for t, p, what in checks
+             if tuple(t.placements) != tuple(p)]
+    assert not wrong, "; ".join(wrong)
+
+
+# How a refusal may name a placement: DTensor's short form (P(sum), S(0)) or the class.
+PARTIAL = r"P\(sum\)|Partial"
+SHARD = r"S\(\d\)|Shard"
+
+
+def check_refused(fn, arg, placement):
+    """fn raises a ValueError naming the argument ``arg`` and the placement (a regex)."""
+    with pytest.raises(ValueError, match=placement) as info:
+        fn()
+    assert re.search(rf"\b{arg}\b", str(info.value)), f"the message does not name {arg}: {info.value}"

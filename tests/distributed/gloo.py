@@ -100,10 +100,14 @@ def close(a, b, dtype):
 # DTensor
 
 
-def vocab_sizes(world):
-    """Class counts for ``world`` ranks under DTensor's torch.chunk split: divisible by every world,
-    not divisible, one more than the world (a rank holds no class for world 3 and 4) and one less
-    (fewer classes than ranks)."""
+def vocab_sizes(mesh):
+    """Class counts under DTensor's torch.chunk split over the ranks of a 1-D mesh: divisible by
+    every world, not divisible, one more than the world (a rank holds no class for world 3 and 4)
+    and one less (fewer classes than ranks). On the 2 x 2 mesh (2 ranks share the classes) one
+    uneven split and one with an empty shard."""
+    if mesh.ndim == 2:
+        return [1, 13]
+    world = mesh.size()
     return sorted({12, 13, world + 1} | ({world - 1} if world > 1 else set()))
 
 

@@ -24,13 +24,14 @@ def outputs(result):
 
 
 def compare(got, want, dtype, loose_row):
-    """got == want; with ``loose_row`` the 1e4-scale row (index 3 of dim 0) to bfloat16's tolerance:
-    x / temperature rounds there (the fused kernel keeps x - max exact, the sharded merge cannot)."""
+    """got == want; with ``loose_row`` the 1e4-scale row (index 3 of dim 0) to a few ulps of x / t
+    there: float32 rounds x / t of 3e4 to 0.004 (the fused kernel keeps x - max exact, a merge of
+    shards' states cannot), an error of the exponent that the gradient multiplies by |weight| / t."""
     if not want.dtype.is_floating_point:
         assert torch.equal(got, want), (got, want)
         return
     if loose_row:
-        close(got[3], want[3], torch.bfloat16)
+        torch.testing.assert_close(got[3], want[3], rtol=5e-2, atol=5e-2, equal_nan=True)
         keep = torch.arange(want.shape[0]) != 3
         got, want = got[keep], want[keep]
     close(got, want, dtype)
@@ -58,15 +59,17 @@ def check_op(cases, name, fn, full, mesh, pl, dim, out_placements, loose_row=Fal
                          (x.grad, pl, "x.grad"))
 
 
-def shapes(world):
+def shapes(mesh):
     """(shape, softmax dim, another dim): rows of every vocabulary size, and a softmax dim in the middle."""
-    return [((7, v), -1, 0) for v in vocab_sizes(world)] + [((7, 13, 3), 1, 2)]
+    return [((7, v), -1, 0) for v in vocab_sizes(mesh)] + [((7, 13, 3), 1, 2)]
 
 
 def check_ops(cases, mesh, full, dim, other):
     sdim = dim % full.dim()
     n = full.shape[sdim]
     for pl in placements(mesh.ndim, sdim, other):
+        if full.dtype != torch.float64 and not any(p.is_shard(sdim) for p in pl):
+            continue  # the local op on each shard: float64 suffices there
         where = f"mesh {tuple(mesh.shape)} {full.dtype} {tuple(full.shape)} dim {dim} {pl}"
         same, stats, kept = (pl,), (reduced(pl, sdim, False),) * 2, (reduced(pl, sdim, True),) * 2
         for t in (1.0, 0.7):
@@ -76,14 +79,13 @@ def check_ops(cases, mesh, full, dim, other):
                      full, mesh, pl, sdim, same, loose)
             check_op(cases, f"{where}: log_softmax t={t}", lambda x: osm.log_softmax(x, dim=dim, temperature=t),
                      full, mesh, pl, sdim, same, loose)
-            check_op(cases, f"{where}: online_softmax.forward log t={t}",
-                     lambda x: _ops.forward(x, dim, True, t, None), full, mesh, pl, sdim, same, loose)
             check_op(cases, f"{where}: softmax_stats t={t}", lambda x: osm.softmax_stats(x, dim, temperature=t),
                      full, mesh, pl, sdim, stats, loose)
-        if full.dtype == torch.float32:
-            check_op(cases, f"{where}: online_softmax.forward to float64",
-                     lambda x: _ops.forward(x, dim, False, 1.0, torch.float64), full, mesh, pl, sdim, same)
-        for k in sorted({1, min(3, n), n}):
+        # The op itself (what softmax and log_softmax call), with its dtype argument.
+        out = torch.float64 if full.dtype == torch.float32 else None
+        check_op(cases, f"{where}: online_softmax.forward log dtype={out}",
+                 lambda x: _ops.forward(x, dim, True, 1.0, out), full, mesh, pl, sdim, same)
+        for k in sorted({1, n}):
             check_op(cases, f"{where}: softmax_topk k={k}", lambda x: osm.softmax_topk(x, k, dim), full, mesh,
                      pl, sdim, kept)
         check_op(cases, f"{where}: softmax_topk k=2 log t=0.7",
@@ -107,7 +109,7 @@ def check_bad_placements(cases, mesh, world):
 def worker(rank, world):
     cases = Cases(rank)
     for mesh in meshes(world):
-        for shape, dim, other in shapes(world):
+        for shape, dim, other in shapes(mesh):
             for dtype in (torch.float32, torch.float64):
                 check_ops(cases, mesh, full_logits(shape, dtype, world, dim, ties=slice(1, None)), dim, other)
     mesh = meshes(world)[0]

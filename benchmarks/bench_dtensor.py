@@ -49,6 +49,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from online_softmax.bench import balanced_order, machine_info, machine_line
 
 PEERS = ("ours", "loss_parallel")
+LOSS_PARALLEL_PEAK_SHARDS = 4  # see memory_estimate_gib
+PROCESS_BYTES = 300 * 2 ** 20
 CHECK_ROWS = 64  # rows of each rank's gradient compared between the peers
 # The arguments a collective sends from, by schema name: the input of out-of-place collectives,
 # else the in-place buffer (all_reduce_, broadcast_).
@@ -279,6 +281,20 @@ def run(rank, world, threads, args):
         print("wrote", args.json)
 
 
+def memory_estimate_gib(args):
+    """What the run holds at once on this machine: every rank's logits shard and loss_parallel's
+    extra peak (about four shards: its log-softmax, the two gradients of the backward and a
+    temporary; measured 4.0x at 2048 x 128256 float32), in float32 bytes for either dtype, plus
+    each process's torch."""
+    elements = args.rows * -(-args.vocab // args.ranks)
+    return args.ranks * (elements * 4 * (1 + LOSS_PARALLEL_PEAK_SHARDS) + PROCESS_BYTES) / 2 ** 30
+
+
+def available_gib():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2 ** 20
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -294,10 +310,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per peer")
     parser.add_argument("--ours", default="dtensor", choices=["dtensor", "process_group"],
                         help="ours through the DTensor rule, or the process-group function on the local shards")
+    parser.add_argument("--force", action="store_true", help="run even where the memory estimate exceeds "
+                        "MemAvailable")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.ranks < 1 or args.rows < 1 or args.vocab < 1 or args.repeats < 1:
         parser.error("--ranks, --rows, --vocab and --repeats must be positive")
+    need, have = memory_estimate_gib(args), available_gib()
+    print(f"memory: about {need:.1f} GiB needed at once, {have:.1f} GiB available", flush=True)
+    if need > have and not args.force:
+        parser.error(f"this size needs about {need:.1f} GiB and {have:.1f} GiB is available: use fewer --rows, "
+                     f"or --force")
     mp.spawn(worker, args=(args, free_port()), nprocs=args.ranks, join=True)
 
 

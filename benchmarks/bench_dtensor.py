@@ -24,7 +24,10 @@ Communication is measured, not modelled: one more call of each peer runs under a
 that records every c10d / _c10d_functional collective (DTensor is let desugar first, as
 CommDebugMode does) with the tensors it sends. Accounting, per rank: all_reduce of S bytes counts
 S; all_gather of an S-byte piece counts S; reduce_scatter of an S-byte input counts S; broadcast
-counts S on every rank; wait_tensor and barrier count nothing. Bytes per row = bytes / rows.
+counts S on every rank; wait_tensor and barrier count nothing. Bytes per row = bytes / rows. The
+ring model column is what the ring algorithms would put on the wire (ring_factor): an all_gather
+forwards every other rank's piece, so one all_gather of S is not cheaper in bytes than all_reduces of
+S, only in round trips.
 The same call gives the extra peak memory: each rank's VmHWM above its RSS before the call (the
 logits shard and the target are in that baseline, the gradient and all temporaries are not), reset
 through /proc/self/clear_refs; the table gives the largest rank's. It also checks the peers agree:
@@ -190,12 +193,27 @@ def measured(step, x, t):
     return rec.calls, peak, float(loss.detach()), grad
 
 
-def summarize_calls(calls, rows):
+def ring_factor(op, world):
+    """Bytes a rank puts on the wire per counted byte under the ring algorithms: all_reduce
+    2 (w - 1) / w, all_gather (w - 1) (every other rank's piece passes through), reduce_scatter and
+    all_to_all (w - 1) / w, anything else 1. A model: Gloo picks its own algorithms."""
+    name = op.split(".")[-1].replace("_", "")
+    if "allreduce" in name:
+        return 2 * (world - 1) / world
+    if "allgather" in name:
+        return world - 1
+    if "reducescatter" in name or "alltoall" in name:
+        return (world - 1) / world
+    return 1
+
+
+def summarize_calls(calls, rows, world):
     out = {}
     for phase in ("forward", "backward"):
         mine = [c for c in calls if c[0] == phase]
         out[phase] = {"collectives": len(mine), "bytes": sum(c[3] for c in mine),
                       "bytes_per_row": sum(c[3] for c in mine) / rows,
+                      "ring_bytes_per_row": sum(c[3] * ring_factor(c[1], world) for c in mine) / rows,
                       "ops": [{"op": c[1], "sent": [f"{list(s)} {d}" for s, d in c[2]], "bytes": c[3]} for c in mine]}
     return out
 
@@ -236,7 +254,7 @@ def run(rank, world, threads, args):
         x.grad = None
     for peer in PEERS:
         coll, peak, loss, grad = measured(calls[peer], x, t)
-        results[peer] = {"comm": summarize_calls(coll, args.rows), "extra_peak_mib": _max_over_ranks(peak),
+        results[peer] = {"comm": summarize_calls(coll, args.rows, world), "extra_peak_mib": _max_over_ranks(peak),
                          "times_s": []}
         checks[peer] = (loss, grad)
         gc.collect()
@@ -254,7 +272,7 @@ def run(rank, world, threads, args):
         r["median_s"] = statistics.median(r["times_s"])
     ratio = results["loss_parallel"]["median_s"] / results["ours"]["median_s"]
     print("\ncollectives per rank, in call order (bytes sent: all_reduce of S bytes = S, all_gather of an "
-          "S-byte piece = S)")
+          "S-byte piece = S; the ring model: all_reduce 2 (w - 1) / w S, all_gather (w - 1) S)")
     for peer in PEERS:
         for phase in ("forward", "backward"):
             for op in results[peer]["comm"][phase]["ops"]:
@@ -262,13 +280,14 @@ def run(rank, world, threads, args):
     print(f"\ncross_entropy forward + backward, {args.rows} x {args.vocab} {args.dtype}, {world} ranks, "
           f"median of {args.repeats} (the slowest rank's time per call)")
     print("| peer | median ms | min ms | collectives fwd / bwd | bytes sent per row fwd / bwd | "
-          "extra peak per rank |")
-    print("|---|---|---|---|---|---|")
+          "ring model fwd / bwd | extra peak per rank |")
+    print("|---|---|---|---|---|---|---|")
     for peer in PEERS:
         r, c = results[peer], results[peer]["comm"]
         print(f"| {peer} | {r['median_s'] * 1e3:.0f} | {min(r['times_s']) * 1e3:.0f} | "
               f"{c['forward']['collectives']} / {c['backward']['collectives']} | "
               f"{c['forward']['bytes_per_row']:.1f} / {c['backward']['bytes_per_row']:.1f} | "
+              f"{c['forward']['ring_bytes_per_row']:.1f} / {c['backward']['ring_bytes_per_row']:.1f} | "
               f"{r['extra_peak_mib']:.0f} MiB |")
     print(f"loss_parallel / ours: {ratio:.2f}x; logits shard {shard_mib:.0f} MiB per rank; "
           f"|loss difference| {loss_diff:.2e}, max |gradient difference| (first {CHECK_ROWS} rows) {grad_diff:.2e}")

@@ -52,6 +52,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from online_softmax.bench import balanced_order, machine_info, machine_line
 
 PEERS = ("ours", "loss_parallel")
+OURS_CALL = {"dtensor": "online_softmax.cross_entropy(x, target)",
+             "process_group": "online_softmax.distributed.cross_entropy(x.to_local(), target.to_local(), vocab_start)"}
 LOSS_PARALLEL_PEAK_SHARDS = 4  # see memory_estimate_gib
 PROCESS_BYTES = 300 * 2 ** 20
 CHECK_ROWS = 64  # rows of each rank's gradient compared between the peers
@@ -245,7 +247,7 @@ def run(rank, world, threads, args):
         f"{info['cores']} cores // {world} ranks))); torch.backends.cpu.get_cpu_capability() "
         f"{info['cpu_capability']}; {info['date']}")
     say(f"logits {args.rows} x {args.vocab} {args.dtype}, Shard(1): {shard_mib:.0f} MiB per rank (rank 0); "
-        f"ours = {'online_softmax.cross_entropy(DTensor)' if args.ours == 'dtensor' else 'online_softmax.distributed.cross_entropy(x.to_local(), t.to_local(), vocab_start)'}")
+        f"ours = {OURS_CALL[args.ours]}")
 
     results = {}
     checks = {}
@@ -293,7 +295,7 @@ def run(rank, world, threads, args):
           f"|loss difference| {loss_diff:.2e}, max |gradient difference| (first {CHECK_ROWS} rows) {grad_diff:.2e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "config": vars(args) | {"threads_per_rank": threads},
+            json.dump({"machine": info, "config": vars(args) | {"threads_per_rank": threads, "ours_call": OURS_CALL[args.ours]},
                        "time_ratio_loss_parallel_over_ours": ratio, "loss_difference": loss_diff,
                        "grad_difference_first_rows": grad_diff, "logits_shard_mib": shard_mib,
                        "results": results}, f, indent=1)

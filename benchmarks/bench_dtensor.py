@@ -295,7 +295,8 @@ def run(rank, world, threads, args):
           f"|loss difference| {loss_diff:.2e}, max |gradient difference| (first {CHECK_ROWS} rows) {grad_diff:.2e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "config": vars(args) | {"threads_per_rank": threads, "ours_call": OURS_CALL[args.ours]},
+            config = vars(args) | {"threads_per_rank": threads, "ours_call": OURS_CALL[args.ours]}
+            json.dump({"machine": info, "config": config,
                        "time_ratio_loss_parallel_over_ours": ratio, "loss_difference": loss_diff,
                        "grad_difference_first_rows": grad_diff, "logits_shard_mib": shard_mib,
                        "results": results}, f, indent=1)

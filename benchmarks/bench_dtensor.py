@@ -41,7 +41,6 @@ import os
 import socket
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist

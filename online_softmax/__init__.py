@@ -29,6 +29,7 @@ from .decoding import (BeamSearchDecoder, BeamSearchOutput, BeamStep, RejectionS
 from .losses import (CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, distillation_loss,  # noqa: E402
                      linear_cross_entropy, linear_distillation_loss, linear_token_logprobs)
 from . import hf  # noqa: E402  (generate, apply, revert; imports transformers lazily)
+from ._dtensor import install_rules as _install_dtensor_rules
 from .streaming import ArrayChunks, FileChunks, chunk_state, chunked_log_softmax, chunked_softmax, chunked_softmax_topk
 
 __all__ = [
@@ -70,3 +71,5 @@ __all__ = [
     "ArrayChunks",
     "FileChunks",
 ]
+
+_install_dtensor_rules()  # the ops' DTensor rules (torch.distributed.tensor is imported by now anyway)

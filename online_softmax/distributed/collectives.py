@@ -23,7 +23,7 @@ def gather_rows(packed: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     if world == 1:
         return packed.unsqueeze(0)
-    gathered = funcol.all_gather_tensor(packed.contiguous(), 0, group)
+    gathered = funcol.all_gather_single(packed.contiguous(), 0, group)
     return funcol.wait_tensor(gathered).view(world, *packed.shape)
 
 
@@ -44,10 +44,11 @@ def merge_gathered(m: torch.Tensor, d: torch.Tensor):
     return m_all, torch.where(bad, torch.full_like(d_all, float("nan")), d_all)
 
 
-def merge_states(m: torch.Tensor, d: torch.Tensor, group):
-    """The (max, sumexp) of whole rows from each rank's state of its shard, in one all-gather."""
-    both = gather_rows(torch.stack([m, d]), group)
-    return merge_gathered(both[:, 0], both[:, 1])
+def merge_states(m: torch.Tensor, d: torch.Tensor, group, *counts: torch.Tensor):
+    """The (max, sumexp) of whole rows from each rank's state of its shard, in one all-gather;
+    ``counts`` (per-row numbers in m's dtype) travel in the same call and come back summed."""
+    every = gather_rows(torch.stack([m, d, *counts]), group)
+    return (*merge_gathered(every[:, 0], every[:, 1]), *every[:, 2:].sum(0).unbind(0))
 
 
 def merge_topk(raw: torch.Tensor, index: torch.Tensor, m: torch.Tensor, d: torch.Tensor, k: int, group):

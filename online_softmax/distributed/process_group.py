@@ -60,15 +60,19 @@ class _ShardedSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
-        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-        ya, ga = y.to(acc), g.to(acc)
-        local = ga.sum(ctx.dim, keepdim=True) if ctx.log else (ga * ya).sum(ctx.dim, keepdim=True)
-        local = sum_rows(local, ctx.group)
-        if ctx.log:
-            dx = (ga - torch.exp(ya) * local) / ctx.temperature
-        else:
-            dx = ya * (ga - local) / ctx.temperature
-        return dx.to(y.dtype), None, None, None, None
+        return sharded_softmax_grad(g, y, ctx.dim, ctx.log, ctx.temperature, [ctx.group]), None, None, None, None
+
+
+def sharded_softmax_grad(g, y, dim: int, log: bool, temperature: float, groups, dtype=None):
+    """The gradient of a softmax (log_softmax) whose output shard is y, from its shard g: the row
+    sum it needs, of g * y (of g), all-reduced over each of ``groups``; in ``dtype`` (y's if None)."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    ya, ga = y.to(acc), g.to(acc)
+    row = ga.sum(dim, keepdim=True) if log else (ga * ya).sum(dim, keepdim=True)
+    for group in groups:
+        row = sum_rows(row, group)
+    dx = (ga - torch.exp(ya) * row) / temperature if log else ya * (ga - row) / temperature
+    return dx.to(y.dtype if dtype is None else dtype)
 
 
 class _ShardedLogSumExp(torch.autograd.Function):
@@ -127,10 +131,10 @@ def _shard_offset(n_local: int, device, group) -> int:
     return int(sum(s.item() for s in sizes[:rank])), int(sum(s.item() for s in sizes))
 
 
-def _global_candidates(x, k, dim, offset, temperature, group):
-    """The k best raw values along dim over every rank's shard, with global indices, and the whole
-    rows' state: each rank's fused top-k of its shard (fewer candidates from a short shard, none
-    from an empty one), merged from one all-gather."""
+def global_candidates(x, k, dim, offset, temperature, groups):
+    """The k best raw values along dim over every rank's shard, with global indices (the shard
+    starts at ``offset``), and the whole rows' state: each rank's fused top-k of its shard (fewer
+    candidates from a short shard, none from an empty one), merged from one all-gather per group."""
     kc = min(k, x.shape[dim])
     if kc > 0:
         _v, idx, m, d = _ops.softmax_topk(x, kc, dim, False, temperature)
@@ -141,7 +145,9 @@ def _global_candidates(x, k, dim, offset, temperature, group):
         idx = torch.zeros(shape, dtype=torch.int64, device=x.device)
         raw = x.new_zeros(shape)
         m, d = _ops.stats(x, dim, temperature)
-    raw, idx, m, d = merge_topk(raw.movedim(dim, -1), (idx + offset).movedim(dim, -1), m, d, k, group)
+    raw, idx = raw.movedim(dim, -1), (idx + offset).movedim(dim, -1)
+    for group in groups:
+        raw, idx, m, d = merge_topk(raw, idx, m, d, k, group)
     return raw.movedim(-1, dim), idx.movedim(-1, dim), m, d
 
 
@@ -158,7 +164,7 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = Fals
     if k > total:
         raise checks.fail("distributed.softmax_topk", f"k={k} is larger than the sharded dim ({total} over all ranks)")
     with torch.no_grad():
-        cand_x, cand_i, m, d = _global_candidates(x, k, dim, offset, temperature, group)
+        cand_x, cand_i, m, d = global_candidates(x, k, dim, offset, temperature, [group])
         return SoftmaxTopK(SoftmaxState(m, d, dim, temperature).normalize(cand_x, log=log), cand_i)
 
 
@@ -204,7 +210,7 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams:
         raise checks.fail(op, f"num_candidates must satisfy 1 <= num_candidates <= num_beams * vocab = "
                               f"{num_beams * vocab}, got {C}")
     with torch.no_grad():
-        cand, tok, m, d = _global_candidates(logits, C, dim, offset, temperature, group)  # (rows, C)
+        cand, tok, m, d = global_candidates(logits, C, dim, offset, temperature, [group])  # (rows, C)
         out_dtype = torch.result_type(logits, beam_scores)
         lp = SoftmaxState(m, d, dim, temperature).normalize(cand, log=True).to(out_dtype)
         scores = (lp.view(batch, num_beams, -1) + beam_scores.to(out_dtype)[..., None]).view(batch, -1)

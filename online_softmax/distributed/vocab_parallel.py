@@ -53,24 +53,29 @@ def cross_entropy(local_logits: torch.Tensor, target: torch.Tensor, vocab_start:
         x = softcap * torch.tanh(x / softcap)
     w = None if weight is None else weight.to(state_dtype(x.dtype))
     loss, lse = sharded_rows_loss(x, target.reshape(-1).long(), vocab_start, w, ignore_index, reduction, eps, z,
-                                  group)
+                                  [group])
     loss = (loss.reshape(target.shape) if reduction == "none" else loss).to(local_logits.dtype)
     return (loss, lse.reshape(target.shape)) if return_lse else loss
 
 
-def sharded_rows_loss(x, t, start: int, w, ignore_index: int, reduction: str, eps: float, z: float, group,
-                      row_groups: Sequence = ()):
+def sharded_rows_loss(x, t, start: int, w, ignore_index: int, reduction: str, eps: float, z: float,
+                      class_groups: Sequence, row_groups: Sequence = ()):
     """The loss of rows x (N, V_r), this rank's classes [start, start + V_r) of every row, targets
     t (N,) global class indices, w this rank's class weights (or None), in the accumulation dtype;
-    returns (loss, lse (N,), not differentiable). ``row_groups``: the groups over which the rows
+    returns (loss, lse (N,), not differentiable). ``class_groups``: the group over which the classes
+    are split (none: this rank holds them all). ``row_groups``: the groups over which the rows
     themselves are split (a data-parallel mesh dim), whose mean and sum reductions add one O(1)
     all-reduce each."""
-    return _VocabParallelLoss.apply(x, t, start, w, (ignore_index, reduction, eps, z), group, tuple(row_groups))
+    if len(class_groups) > 1:
+        raise checks.fail("cross_entropy", "the classes may be split over one mesh dim at most",
+                          NotImplementedError)
+    return _VocabParallelLoss.apply(x, t, start, w, (ignore_index, reduction, eps, z), tuple(class_groups),
+                                    tuple(row_groups))
 
 
-def _gathered_row_terms(x, t, start, w, ignore_index, eps, group):
-    """This rank's per-row terms of the loss, gathered from every rank of ``group`` in one call and
-    merged: (m, d, x_t, w_t, wx, n_classes, w_sum, valid, here, local_t)."""
+def _gathered_row_terms(x, t, start, w, ignore_index, eps, class_groups):
+    """This rank's per-row terms of the loss, gathered from every rank of the class group in one
+    call and merged: (m, d, x_t, w_t, wx, n_classes, w_sum, valid, here, local_t)."""
     acc = state_dtype(x.dtype)
     n_rows, v_local = x.shape
     m, d = row_state(x)
@@ -90,7 +95,8 @@ def _gathered_row_terms(x, t, start, w, ignore_index, eps, group):
     totals = torch.zeros(1, packed.shape[1], dtype=acc, device=x.device)
     totals[0, 0] = v_local
     totals[0, 1] = v_local if w is None else w.sum()
-    every = gather_rows(torch.cat([packed, totals]), group)  # (world, N + 1, columns)
+    packed = torch.cat([packed, totals])
+    every = gather_rows(packed, class_groups[0]) if class_groups else packed[None]  # (world, N + 1, columns)
     rows, totals = every[:, :n_rows], every[:, n_rows]
     m, d = merge_gathered(rows[..., 0], rows[..., 1])
     x_t = rows[..., 2].sum(0)  # only the rank holding the target contributed: exact
@@ -106,14 +112,14 @@ def _gathered_row_terms(x, t, start, w, ignore_index, eps, group):
 
 class _VocabParallelLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, t, start, w, options, group, row_groups):
+    def forward(ctx, x, t, start, w, options, class_groups, row_groups):
         ignore_index, reduction, eps, z = options
         m, d, x_t, w_t, wx, n_classes, w_sum, valid, here, local_t = _gathered_row_terms(
-            x, t, start, w, ignore_index, eps, group)
+            x, t, start, w, ignore_index, eps, class_groups)
         outside = valid & ((t < 0) | (t >= n_classes))
         if not x.is_cuda:
             if bool(outside.any()):
-                raise checks.fail("distributed.cross_entropy", f"target holds a class index outside "
+                raise checks.fail("cross_entropy", f"target holds a class index outside "
                                   f"[0, {n_classes}) (the whole vocabulary)", IndexError)
         else:  # no host sync on a GPU: those rows' losses are NaN, as the fused kernels make them
             x_t = torch.where(outside, torch.full_like(x_t, float("nan")), x_t)

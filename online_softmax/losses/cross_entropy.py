@@ -24,6 +24,7 @@ import torch
 
 from .. import _checks as checks
 from .._checks import state_dtype
+from .._dtensor import is_dtensor
 
 _ops = torch.ops.online_softmax
 _REDUCTIONS = ("none", "mean", "sum")
@@ -61,6 +62,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         from torch.nn import _reduction
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
+    if is_dtensor(input) or is_dtensor(target) or is_dtensor(weight):
+        from ..distributed import dtensor_losses
+
+        return dtensor_losses.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                            return_lse=return_lse)
     label_smoothing, z_loss, softcap = loss_options(op, reduction, ignore_index, label_smoothing, z_loss, softcap)
     if not isinstance(inplace_backward, bool):
         raise checks.fail(op, f"inplace_backward must be a bool, got {type(inplace_backward).__name__}", TypeError)

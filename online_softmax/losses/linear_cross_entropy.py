@@ -24,6 +24,7 @@ import torch.autograd.forward_ad as fwAD
 
 from .. import _checks as checks
 from .._checks import state_dtype
+from .._dtensor import is_dtensor
 from .cross_entropy import _symbolic, check_class_indices, cross_entropy, loss_options, reduce_losses, row_grad, \
     row_losses
 
@@ -53,7 +54,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     The options are :func:`online_softmax.losses.cross_entropy`'s, with the class weights named
     ``class_weight`` (``weight`` is the linear layer's). Differentiable with respect to
     ``hidden``, ``weight`` and ``bias``; the logits are computed in the inputs' dtype (as
-    ``F.linear``), the loss from them in float32 (float64 for float64)."""
+    ``F.linear``), the loss from them in float32 (float64 for float64).
+
+    DTensors: a head split by vocabulary rows over a mesh dim, see
+    :func:`online_softmax.distributed.dtensor_losses.linear_cross_entropy`."""
+    if is_dtensor(weight) or is_dtensor(hidden):
+        from ..distributed import dtensor_losses
+
+        return dtensor_losses.linear_cross_entropy(
+            hidden, weight, target, bias, class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_lse=return_lse,
+            chunk_size=chunk_size)
     loss, lse = loss_and_lse(hidden, weight, target, bias, class_weight=class_weight, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                              chunk_size=chunk_size)

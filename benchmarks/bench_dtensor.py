@@ -40,7 +40,9 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -226,6 +228,10 @@ def worker(rank, args, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         run(rank, world, threads, args)
+    except BaseException:
+        # mp.spawn reports one rank's error, often a peer's "connection closed": name each rank's own.
+        print(f"rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise
     finally:
         dist.destroy_process_group()
 

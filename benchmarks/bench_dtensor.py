@@ -309,10 +309,11 @@ def run(rank, world, threads, args):
 
 
 def memory_estimate_gib(args):
-    """What the run holds at once on this machine: every rank's logits shard and loss_parallel's
-    extra peak (about four shards: its log-softmax, the two gradients of the backward and a
-    temporary; measured 4.0x at 2048 x 128256 float32), in float32 bytes for either dtype, plus
-    each process's torch."""
+    """What the run holds at once on this machine: every rank's logits shard and the larger peer's
+    extra peak, each counted in float32 bytes whatever the dtype (the peaks are about four
+    float32-sized shards: loss_parallel's log-softmax, the backward's two gradients and a temporary,
+    4.0x at 2048 x 128256 float32; ours in bfloat16, its float32 temporaries, 1002 MiB of 8x the
+    125 MiB shard), plus each process's torch."""
     elements = args.rows * -(-args.vocab // args.ranks)
     return args.ranks * (elements * 4 * (1 + LOSS_PARALLEL_PEAK_SHARDS) + PROCESS_BYTES) / 2 ** 30
 

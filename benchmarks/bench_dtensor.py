@@ -55,7 +55,7 @@ from online_softmax.bench import balanced_order, machine_info, machine_line
 PEERS = ("ours", "loss_parallel")
 OURS_CALL = {"dtensor": "online_softmax.cross_entropy(x, target)",
              "process_group": "online_softmax.distributed.cross_entropy(x.to_local(), target.to_local(), vocab_start)"}
-LOSS_PARALLEL_PEAK_SHARDS = 4  # see memory_estimate_gib
+PEAK_SHARDS = 4  # see memory_estimate_gib
 PROCESS_BYTES = 300 * 2 ** 20
 CHECK_ROWS = 64  # rows of each rank's gradient compared between the peers
 # The arguments a collective sends from, by schema name: the input of out-of-place collectives,
@@ -312,10 +312,10 @@ def memory_estimate_gib(args):
     """What the run holds at once on this machine: every rank's logits shard and the larger peer's
     extra peak, each counted in float32 bytes whatever the dtype (the peaks are about four
     float32-sized shards: loss_parallel's log-softmax, the backward's two gradients and a temporary,
-    4.0x at 2048 x 128256 float32; ours in bfloat16, its float32 temporaries, 1002 MiB of 8x the
+    4.0x at 2048 x 128256 float32; ours in bfloat16, its float32 temporaries, 1002 MiB, 8x the
     125 MiB shard), plus each process's torch."""
     elements = args.rows * -(-args.vocab // args.ranks)
-    return args.ranks * (elements * 4 * (1 + LOSS_PARALLEL_PEAK_SHARDS) + PROCESS_BYTES) / 2 ** 30
+    return args.ranks * (elements * 4 * (1 + PEAK_SHARDS) + PROCESS_BYTES) / 2 ** 30
 
 
 def available_gib():

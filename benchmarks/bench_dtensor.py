@@ -1,5 +1,7 @@
-"""Cross-entropy of vocabulary-sharded DTensor logits over Gloo ranks: online_softmax against torch's
-loss_parallel, forward + backward: time, the collectives each rank issues and their bytes, peak memory.
+"""Vocabulary-sharded DTensor cross-entropy over Gloo ranks: online_softmax against loss_parallel.
+
+Forward + backward of both, in one run: time, the collectives each rank issues and their bytes,
+extra peak memory.
 
     python benchmarks/bench_dtensor.py [--ranks 4] [--rows 8192] [--vocab 128256] [--dtype float32]
                                        [--repeats 5] [--json results.json]

@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _checks as checks
+from ._dtensor import is_dtensor
 
 _ops = torch.ops.online_softmax
 
@@ -154,7 +155,8 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = Fals
     Mixtral-style MoE router: ``softmax(x).topk(k)`` then ``w / w.sum()``); with ``log=True`` it
     gives their log. ``dtype`` is the values' dtype (default the input's): routers keep float32
     weights for bfloat16 logits. Either one recomputes the k values from the k selected logits in
-    float32 (float64 for float64), so a float32 result is not a rounded bfloat16 one.
+    float32 (float64 for float64), so a float32 result is not a rounded bfloat16 one (for a DTensor,
+    from the k values in the input's dtype: gathering its logits would gather the rows).
 
     ``mask``: a bool tensor that broadcasts to the input, True where a position takes part (as in
     :func:`softmax`). Masked positions count as probability 0 and are never selected: where fewer
@@ -179,6 +181,13 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = Fals
     if not renormalize and out_dtype == input.dtype:
         return SoftmaxTopK(values, indices)
     acc = torch.promote_types(torch.promote_types(m.dtype, out_dtype), torch.float32)
+    if is_dtensor(input):
+        # Gathering the k logits of a DTensor split along dim would redistribute (gather) its rows:
+        # the k values come from the op, rounded to the input's dtype.
+        p = values.to(acc).exp() if log else values.to(acc)
+        if renormalize:
+            p = p / p.sum(dim, keepdim=True)
+        return SoftmaxTopK((p.log() if log else p).to(out_dtype), indices)
     z = input.gather(dim, indices).to(acc)
     if temperature != 1.0:
         z = z / temperature

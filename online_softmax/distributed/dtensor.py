@@ -394,11 +394,10 @@ def _row_op(op_call, args, kwargs):
             raise _fail(op, f"{n} is on another device mesh than the other inputs")
         for i, p in enumerate(v.placements):
             if isinstance(p, Shard) and (p.dim % v.dim() != 0 or row_arg is None):
+                hint = (" (a vocabulary split across ranks: online_softmax.distributed.beam_search_step)"
+                        if op == "beam_search_step" else "")
                 raise _fail(op, f"{n} is sharded along dim {p.dim % v.dim()} (mesh dim {i}): {op} runs on whole "
-                                f"rows; shard only the rows (Shard(0)) or replicate it"
-                                + ("" if row_arg is None else "") + (
-                                    " — for a vocabulary split across ranks, use online_softmax.distributed."
-                                    "beam_search_step" if op == "beam_search_step" else ""), NotImplementedError)
+                                f"rows; shard only the rows (Shard(0)) or replicate it{hint}", NotImplementedError)
             if isinstance(p, Shard):
                 row_dims.add(i)
     for n, v in tensors.items():

@@ -42,6 +42,16 @@ def _split(x: DTensor, class_dim: int, op: str):
     return classes, rows
 
 
+def _targets_whole_over(target, class_dims, op: str) -> None:
+    if isinstance(target, DTensor):
+        check_placements(target, "target", op)
+        for i in class_dims:
+            if isinstance(target.placements[i], Shard):
+                raise checks.fail(op, f"target is sharded ({target.placements[i]}) on mesh dim {i}, which splits "
+                                      f"the classes: every rank there needs the same targets; make target "
+                                      f"Replicate() on that mesh dim")
+
+
 def _class_weights(weight, like: DTensor, class_dims, op: str, name: str):
     """This rank's class weights (V_r,): from a DTensor sharded like the classes, or replicated, or a
     plain tensor holding them all."""
@@ -95,10 +105,12 @@ def cross_entropy(input, target, weight=None, *, ignore_index: int = -100, reduc
                               f"{list(target.shape)}")
     x = input if class_dim == input.dim() - 1 else input.movedim(class_dim, -1)
     class_dims, row_dims = _split(x, x.dim() - 1, op)
+    _targets_whole_over(target, class_dims, op)
     t = local_piece(target, x, "target", op, align=1)
     w = _class_weights(weight, x, class_dims, op, "weight")
     offset, n_local = extent(x, x.dim() - 1)
-    rows = x.to_local().reshape(-1, n_local)
+    local = x.to_local()
+    rows = local.reshape(local.shape[:-1].numel(), n_local)  # -1 is ambiguous for an empty shard
     if softcap is not None:
         rows = softcap * torch.tanh(rows / softcap)
     w = None if w is None else w.to(state_dtype(rows.dtype))
@@ -142,6 +154,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
     row_dims = [i for i, p in enumerate(hidden.placements) if isinstance(p, Shard)]
     h = hidden.to_local(grad_placements=[Partial() if i in vocab_dims else p
                                          for i, p in enumerate(hidden.placements)])
+    _targets_whole_over(target, vocab_dims, op)
     t = local_piece(target, hidden, "target", op, align=1).reshape(-1).long()
     w_local = weight.to_local()
     b_local = None

@@ -48,7 +48,7 @@ def cross_entropy(local_logits: torch.Tensor, target: torch.Tensor, vocab_start:
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != v_local):
         raise checks.fail(op, f"weight must be this rank's shard of the class weights, shape [{v_local}], "
                               f"got {list(weight.shape)}")
-    x = local_logits.reshape(-1, v_local)
+    x = local_logits.reshape(local_logits.shape[:-1].numel(), v_local)  # -1 is ambiguous for an empty shard
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     w = None if weight is None else weight.to(state_dtype(x.dtype))

@@ -17,7 +17,6 @@ import torch
 from .. import _checks as checks
 from .._checks import state_dtype
 from ..losses.cross_entropy import combine_row_losses, loss_options, reduce_losses, row_grad, row_state, smoothing_sum
-from ..state import SoftmaxState
 from .collectives import gather_rows, merge_gathered, sum_rows
 from .process_group import check_sharded
 
@@ -147,7 +146,7 @@ class _VocabParallelLoss(torch.autograd.Function):
             return (torch.zeros_like(x),) + none
         scale = grad.to(lse.dtype).expand(lse.shape) / denom
         scale = torch.where(valid, scale, torch.zeros_like(scale))
-        probs = SoftmaxState(m, d, 1).normalize(x.to(lse.dtype))
-        g = row_grad(x, local_t, m, d, w_t, w if ctx.has_w else None, scale, ctx.eps, ctx.z, lse=lse, probs=probs,
+        # The fused backward op under the whole rows' state: one read of the shard, one write.
+        g = row_grad(x.contiguous(), local_t, m, d, w_t, w if ctx.has_w else None, scale, ctx.eps, ctx.z, lse=lse,
                      has_target=here, n_classes=ctx.n_classes, w_sum=w_sum)
-        return (g.to(x.dtype),) + none
+        return (g,) + none

@@ -249,7 +249,7 @@ def combine_row_losses(log_d, shift_t, w_t, valid, eps: float, z: float, n_class
     return loss
 
 
-def row_grad(x, safe_t, m, d, w_t, w, scale, eps: float, z: float, *, lse=None, probs=None, has_target=None,
+def row_grad(x, safe_t, m, d, w_t, w, scale, eps: float, z: float, *, lse=None, has_target=None,
              n_classes=None, w_sum=None, inplace: bool = False) -> torch.Tensor:
     """d(sum_i scale_i * loss_i) / dx for rows x (N, C): the cross_entropy_backward op (softmax
     exp(x - m) / d recomputed from x and the row's state, the target's one-hot and the smoothing
@@ -257,11 +257,10 @@ def row_grad(x, safe_t, m, d, w_t, w, scale, eps: float, z: float, *, lse=None, 
 
         d loss_i / d x_c = (1-eps) w_t (p_c - [c = t]) + eps/C (W p_c - w_c) + 2 z lse p_c
 
-    For a shard of the classes (vocabulary-parallel): ``probs`` are the shard's probabilities
-    under the whole row's state (in the accumulation dtype; the gradient is written into them),
+    For a shard of the classes (vocabulary-parallel): m and d are the whole rows' state,
     ``has_target`` says which rows' targets lie in the shard (at ``safe_t``), and
-    ``n_classes``/``w_sum`` are the whole vocabulary's C and W. ``inplace``: the gradient is written
-    over x (contiguous) and x is returned."""
+    ``n_classes``/``w_sum`` are the whole vocabulary's C and W. ``inplace``: the gradient is
+    written over x (contiguous) and x is returned."""
     n_classes = x.shape[1] if n_classes is None else n_classes
     if w_sum is None:
         w_sum = n_classes if w is None else w.sum()
@@ -270,23 +269,17 @@ def row_grad(x, safe_t, m, d, w_t, w, scale, eps: float, z: float, *, lse=None, 
         coef_p = coef_p + 2.0 * z * (m + torch.log(d) if lse is None else lse)
     coef_p = scale * coef_p
     onehot = (1.0 - eps) * scale * w_t
-    smooth = (eps / n_classes) * scale if eps else None
-    if probs is None:
-        # The fused kernel: one read of x, one write of the gradient in x's dtype.
-        if inplace:
-            _ops.cross_entropy_backward_(x, m, d, safe_t, coef_p, onehot, smooth, w if eps else None)
-            # The dispatcher does not count a custom op's write: count it, so that autograd refuses
-            # to use x in another node's backward rather than read the gradient as logits.
-            torch.autograd.graph.increment_version(x)
-            return x
-        return _ops.cross_entropy_backward(x, m, d, safe_t, coef_p, onehot, smooth, w if eps else None)
-    g = probs.mul_(coef_p[:, None])
     if has_target is not None:
         onehot = torch.where(has_target, onehot, torch.zeros_like(onehot))
-    g.scatter_add_(1, safe_t[:, None], -onehot[:, None])
-    if eps:
-        g.sub_(smooth[:, None] if w is None else smooth[:, None] * w[None, :])
-    return g
+    smooth = (eps / n_classes) * scale if eps else None
+    # The fused kernel: one read of x, one write of the gradient in x's dtype.
+    if inplace:
+        _ops.cross_entropy_backward_(x, m, d, safe_t, coef_p, onehot, smooth, w if eps else None)
+        # The dispatcher does not count a custom op's write: count it, so that autograd refuses
+        # to use x in another node's backward rather than read the gradient as logits.
+        torch.autograd.graph.increment_version(x)
+        return x
+    return _ops.cross_entropy_backward(x, m, d, safe_t, coef_p, onehot, smooth, w if eps else None)
 
 
 def differentiable_row_grad(x, safe_t, w, scale, eps: float, z: float) -> torch.Tensor:

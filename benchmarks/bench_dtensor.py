@@ -316,10 +316,9 @@ def run(rank, world, threads, args):
 
 def memory_estimate_gib(args):
     """What the run holds at once on this machine: every rank's logits shard and the larger peer's
-    extra peak, each counted in float32 bytes whatever the dtype (the peaks are about four
-    float32-sized shards: loss_parallel's log-softmax, the backward's two gradients and a temporary,
-    4.0x at 2048 x 128256 float32; ours in bfloat16, its float32 temporaries, 1002 MiB, 8x the
-    125 MiB shard), plus each process's torch."""
+    extra peak, loss_parallel's, counted in float32 bytes whatever the dtype: about four float32
+    shards (its log-softmax, the backward's two gradients and a temporary: 4.0x the shard at
+    2048 x 128256 float32, 877 MiB in bfloat16); ours holds one gradient. Plus each process's torch."""
     elements = args.rows * -(-args.vocab // args.ranks)
     return args.ranks * (elements * 4 * (1 + PEAK_SHARDS) + PROCESS_BYTES) / 2 ** 30
 

@@ -18,6 +18,12 @@ from gloo import (PARTIAL, SHARD, Cases, check_count, check_placements, check_re
 from testlib import random_logits
 
 ROWS = 7
+# Cases that fail on main for reasons reported, not yet fixed: test_known_failures runs them alone.
+# - linear_cross_entropy with the head's rows sharded: hidden.grad comes back Partial(sum) where
+#   hidden was Replicate; on the 2 x 2 mesh (tokens over dp, vocabulary over tp) weight.grad is
+#   placed Replicate over dp but holds only the local tokens' part (no sum over dp): wrong values.
+KNOWN_BUGS = (r"linear_cross_entropy hidden \((Replicate\(\),|Shard\(dim=0\), Replicate\(\))\) "
+              r"weight \((Replicate\(\), )?Shard")
 SETTINGS = [dict(), dict(reduction="sum"), dict(reduction="none"), dict(ignore_index=0),
             dict(label_smoothing=0.1, reduction="sum"), dict(z_loss=1e-4),
             dict(weight="classes", label_smoothing=0.1), dict(weight="replicate", reduction="none"),
@@ -51,7 +57,10 @@ def check_cross_entropy(cases, name, mesh, full, x_pl, setting, plain_target=Fal
     t = targets(full.shape[1], kw.get("ignore_index", -100))
     w = class_weights(full.shape[1], full.dtype) if weight else None
     t_pl = reduced(x_pl, 1, False)
-    with cases(f"{name} {setting}{' plain target' * plain_target}"):
+    name = f"{name} {setting}{' plain target' * plain_target}"
+    if cases.skip(name):
+        return
+    with cases(name):
         x = distribute(full, mesh, x_pl).requires_grad_()
         target = t if plain_target else distribute(t, mesh, t_pl)
         if weight == "classes":
@@ -78,7 +87,10 @@ def check_cross_entropy(cases, name, mesh, full, x_pl, setting, plain_target=Fal
 def check_linear_cross_entropy(cases, name, mesh, hidden, weight, h_pl, w_pl, setting):
     kw = dict(setting)
     t = targets(weight.shape[0], kw.get("ignore_index", -100))
-    with cases(f"{name} linear_cross_entropy hidden {h_pl} weight {w_pl} {setting}"):
+    name = f"{name} linear_cross_entropy hidden {h_pl} weight {w_pl} {setting}"
+    if cases.skip(name):
+        return
+    with cases(name):
         h, w = distribute(hidden, mesh, h_pl).requires_grad_(), distribute(weight, mesh, w_pl).requires_grad_()
         loss = osm.linear_cross_entropy(h, w, distribute(t, mesh, reduced(h_pl, 1, False)), **kw)
         hf, wf = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -103,7 +115,10 @@ def check_loss_parallel(cases, name, mesh, full, setting):
         # weight at the ignore_index).
         t[5] = 1 % full.shape[1]
         kw["weight"] = distribute(class_weights(full.shape[1], full.dtype), mesh, [Replicate()])
-    with cases(f"{name} against loss_parallel {setting}"):
+    name = f"{name} against loss_parallel {setting}"
+    if cases.skip(name):
+        return
+    with cases(name):
         target = distribute(t, mesh, [Replicate()])
         ours, theirs = (distribute(full, mesh, [Shard(1)]).requires_grad_() for _ in range(2))
         g = distribute(random_logits((ROWS,), full.dtype, seed=4), mesh, [Replicate()])
@@ -140,8 +155,10 @@ def check_bad_placements(cases, mesh, world):
     if world > 1:
         bad.append(("cross_entropy", "target", SHARD, lambda: osm.cross_entropy(x, distribute(t, mesh, [Shard(0)]))))
     for op, arg, placement, fn in bad:
-        with cases(f"world {world}: {op} refuses {arg} placed {placement}"):
-            check_refused(fn, arg, placement)
+        name = f"world {world}: {op} refuses {arg} placed {placement}"
+        if not cases.skip(name):
+            with cases(name):
+                check_refused(fn, arg, placement)
 
 
 def check_losses(cases, mesh, classes, dtype):
@@ -177,8 +194,8 @@ def check_losses(cases, mesh, classes, dtype):
                                     {**setting, "reduction": reduction})
 
 
-def worker(rank, world):
-    cases = Cases(rank)
+def worker(rank, world, only_known=False):
+    cases = Cases(rank, KNOWN_BUGS, only_known)
     for mesh in meshes(world):
         for classes in vocab_sizes(mesh):
             for dtype in (torch.float32, torch.float64):
@@ -193,3 +210,8 @@ def worker(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_dtensor_losses_equal_full_tensor_losses(world):
     spawn(worker, world)
+
+
+@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: the implementation on main fails these cases")
+def test_known_failures():
+    spawn(worker, 4, True)

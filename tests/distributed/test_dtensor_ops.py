@@ -11,10 +11,18 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 import online_softmax as osm
 import online_softmax.distributed  # noqa: F401  (installs the DTensor rules)
 from gloo import (PARTIAL, Cases, check_count, check_placements, check_refused, close, collectives, counted, distribute,
-                  full_logits, gathered, meshes, placements, reduced, spawn, vocab_sizes)
+                  empty_shard, full_logits, gathered, meshes, placements, reduced, spawn, vocab_sizes)
 from testlib import random_logits
 
 _ops = torch.ops.online_softmax
+# Cases that fail on main for reasons reported, not yet fixed: test_known_failures runs them alone.
+# - softmax_stats' backward where a rank holds none of a sharded dim: its derivative's argmax runs
+#   as a DTensor op, which raises on the empty shard (and leaves the other ranks in its collective),
+#   or places x.grad Replicate where x was Shard(2);
+# - a Partial input of softmax, log_softmax, softmax_stats and softmax_topk is refused naming the
+#   op's argument x, not the function's input.
+KNOWN_BUGS = (r"\[empty shard\].*softmax_stats"
+              r"|world \d: (softmax|log_softmax|softmax_stats|softmax_topk) of a Partial DTensor")
 
 
 def outputs(result):
@@ -41,6 +49,8 @@ def check_op(cases, name, fn, full, mesh, pl, dim, out_placements, loose_row=Fal
     """fn on full placed ``pl`` against fn on full: values and placements of every output, one
     collective per mesh dim sharding ``dim``, and the gradient of a random weighting of the floating
     outputs, which must come back placed like the input."""
+    if cases.skip(name):
+        return
     with cases(name):
         x = distribute(full, mesh, pl).requires_grad_()
         got, count = counted(fn, x)
@@ -71,6 +81,7 @@ def check_ops(cases, mesh, full, dim, other):
         if full.dtype != torch.float64 and not any(p.is_shard(sdim) for p in pl):
             continue  # the local op on each shard: float64 suffices there
         where = f"mesh {tuple(mesh.shape)} {full.dtype} {tuple(full.shape)} dim {dim} {pl}"
+        where += " [empty shard]" * empty_shard(mesh, pl, full.shape)
         same, stats, kept = (pl,), (reduced(pl, sdim, False),) * 2, (reduced(pl, sdim, True),) * 2
         for t in (1.0, 0.7):
             # float32 rounds x / t of the 1e4-scale row; float64 keeps it within its tolerance.
@@ -102,12 +113,14 @@ def check_bad_placements(cases, mesh, world):
                           ("softmax_stats", lambda: osm.softmax_stats(x, -1), "input"),
                           ("softmax_topk", lambda: osm.softmax_topk(x, 2, -1), "input"),
                           ("online_softmax.forward", lambda: _ops.forward(x, -1, False, 1.0, None), "x")):
-        with cases(f"world {world}: {name} of a Partial DTensor"):
-            check_refused(fn, arg, PARTIAL)
+        case = f"world {world}: {name} of a Partial DTensor"
+        if not cases.skip(case):
+            with cases(case):
+                check_refused(fn, arg, PARTIAL)
 
 
-def worker(rank, world):
-    cases = Cases(rank)
+def worker(rank, world, only_known=False):
+    cases = Cases(rank, KNOWN_BUGS, only_known)
     for mesh in meshes(world):
         for shape, dim, other in shapes(mesh):
             for dtype in (torch.float32, torch.float64):
@@ -126,3 +139,8 @@ def worker(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_dtensor_ops_equal_full_tensor_ops(world):
     spawn(worker, world)
+
+
+@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: the implementation on main fails these cases")
+def test_known_failures():
+    spawn(worker, 4, True)

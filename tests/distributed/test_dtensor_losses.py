@@ -13,12 +13,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 import online_softmax as osm
 import online_softmax.distributed  # noqa: F401  (installs the DTensor rules)
-from gloo import (PARTIAL, SHARD, Cases, check_count, check_placements, check_refused, close, collectives, counted,
-                  distribute, full_logits, gathered, meshes, placements, reduced, spawn, vocab_sizes)
+from gloo import (PARTIAL, SHARD, WORLDS, Cases, check_count, check_placements, check_refused, close, collectives,
+                  counted, distribute, full_logits, gathered, meshes, placements, reduced, spawn, vocab_sizes)
 from testlib import random_logits
 
 ROWS = 7
-# Cases that fail on main for reasons reported, not yet fixed: test_known_failures runs them alone.
+# Cases that fail on main for reasons reported, not yet fixed: the known_failures case runs them alone.
 # - linear_cross_entropy with the head's rows sharded: hidden.grad comes back Partial(sum) where
 #   hidden was Replicate; on the 2 x 2 mesh (tokens over dp, vocabulary over tp) weight.grad is
 #   placed Replicate over dp but holds only the local tokens' part (no sum over dp): wrong values.
@@ -85,6 +85,8 @@ def check_cross_entropy(cases, name, mesh, full, x_pl, setting, plain_target=Fal
 
 
 def check_linear_cross_entropy(cases, name, mesh, hidden, weight, h_pl, w_pl, setting):
+    """osm.linear_cross_entropy of hidden and the head (weight) placed so, the target placed like
+    hidden's tokens, against the loss of the full tensors, with both gradients."""
     kw = dict(setting)
     t = targets(weight.shape[0], kw.get("ignore_index", -100))
     name = f"{name} linear_cross_entropy hidden {h_pl} weight {w_pl} {setting}"
@@ -196,22 +198,18 @@ def check_losses(cases, mesh, classes, dtype):
 
 def worker(rank, world, only_known=False):
     cases = Cases(rank, KNOWN_BUGS, only_known)
-    for mesh in meshes(world):
+    every = meshes(world)
+    for mesh in every:
         for classes in vocab_sizes(mesh):
             for dtype in (torch.float32, torch.float64):
                 check_losses(cases, mesh, classes, dtype)
-    mesh = meshes(world)[0]
+    mesh = every[0]
     full = full_logits((ROWS, 13), torch.bfloat16, 1, 1, ties=slice(1, None), nonfinite=False)
     check_cross_entropy(cases, f"world {world}: bfloat16", mesh, full, (Shard(1),), dict(label_smoothing=0.1))
     check_bad_placements(cases, mesh, world)
     cases.report()
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_dtensor_losses_equal_full_tensor_losses(world):
-    spawn(worker, world)
-
-
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: the implementation on main fails these cases")
-def test_known_failures():
-    spawn(worker, 4, True)
+@pytest.mark.parametrize("world, only_known", WORLDS)
+def test_dtensor_losses_equal_full_tensor_losses(world, only_known):
+    spawn(worker, world, only_known)

@@ -10,12 +10,12 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import online_softmax as osm
 import online_softmax.distributed  # noqa: F401  (installs the DTensor rules)
-from gloo import (PARTIAL, Cases, check_count, check_placements, check_refused, close, collectives, counted, distribute,
-                  empty_shard, full_logits, gathered, meshes, placements, reduced, spawn, vocab_sizes)
+from gloo import (PARTIAL, WORLDS, Cases, check_count, check_placements, check_refused, close, collectives, counted,
+                  distribute, empty_shard, full_logits, gathered, meshes, placements, reduced, spawn, vocab_sizes)
 from testlib import random_logits
 
 _ops = torch.ops.online_softmax
-# Cases that fail on main for reasons reported, not yet fixed: test_known_failures runs them alone.
+# Cases that fail on main for reasons reported, not yet fixed: the known_failures case runs them alone.
 # - softmax_stats' backward where a rank holds none of a sharded dim: its derivative's argmax runs
 #   as a DTensor op, which raises on the empty shard (and leaves the other ranks in its collective),
 #   or places x.grad Replicate where x was Shard(2);
@@ -121,11 +121,12 @@ def check_bad_placements(cases, mesh, world):
 
 def worker(rank, world, only_known=False):
     cases = Cases(rank, KNOWN_BUGS, only_known)
-    for mesh in meshes(world):
+    every = meshes(world)
+    for mesh in every:
         for shape, dim, other in shapes(mesh):
             for dtype in (torch.float32, torch.float64):
                 check_ops(cases, mesh, full_logits(shape, dtype, world, dim, ties=slice(1, None)), dim, other)
-    mesh = meshes(world)[0]
+    mesh = every[0]
     full = full_logits((7, 13), torch.bfloat16, 1, -1, ties=slice(1, None))
     for log in (False, True):
         check_op(cases, f"world {world}: bfloat16 (7, 13) Shard(1) log={log}",
@@ -136,11 +137,6 @@ def worker(rank, world, only_known=False):
     cases.report()
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_dtensor_ops_equal_full_tensor_ops(world):
-    spawn(worker, world)
-
-
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: the implementation on main fails these cases")
-def test_known_failures():
-    spawn(worker, 4, True)
+@pytest.mark.parametrize("world, only_known", WORLDS)
+def test_dtensor_ops_equal_full_tensor_ops(world, only_known):
+    spawn(worker, world, only_known)

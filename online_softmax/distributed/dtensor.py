@@ -22,7 +22,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from .. import _checks as checks
 from .._checks import state_dtype
 from ..state import SoftmaxState
-from .collectives import merge_states, sum_rows
+from .collectives import merge_states, merge_topk, sum_rows
 from .process_group import global_candidates, sharded_softmax_grad
 
 _ops = torch.ops.online_softmax
@@ -191,6 +191,25 @@ def _backward(op_call, args, kwargs):
         dx = sharded_softmax_grad(g.to_local(), y.to_local(), dim, a["log"], checks.temperature(a["temperature"], op),
                                   groups_of(y, sharded), a["input_dtype"])
     return wrap(dx, y, y.placements, y.shape)
+
+
+def _backward_inplace(op_call, args, kwargs):
+    a = _bind(op_call, args, kwargs)
+    op = "backward_"
+    y = _dtensor(a["out"], "out", op)
+    g = _dtensor(a["grad_out"], "grad_out", op)
+    if tuple(g.placements) != tuple(y.placements):
+        raise _fail(op, f"grad_out is written in place and must be placed like out ({list(y.placements)}), got "
+                        f"{list(g.placements)}")
+    dim = checks.wrap_dim(a["dim"], y, op)
+    sharded = mesh_dims_sharding(y, dim)
+    if not sharded:
+        op_call(g.to_local(), y.to_local(), dim, a["log"], a["temperature"])
+    else:
+        local = g.to_local()
+        local.copy_(sharded_softmax_grad(local, y.to_local(), dim, a["log"], checks.temperature(a["temperature"], op),
+                                         groups_of(y, sharded)))
+    return None
 
 
 def _masked_forward(op_call, args, kwargs):
@@ -426,6 +445,7 @@ def _row_op(op_call, args, kwargs):
 _RULES = {
     "forward": _forward,
     "backward": _backward,
+    "backward_": _backward_inplace,
     "masked_forward": _masked_forward,
     "stats": _stats,
     "softmax_topk": _softmax_topk,
@@ -446,3 +466,62 @@ def install() -> None:
 
 
 install()
+
+
+# ---- softmax_stats with a gradient ----
+
+class _ShardedStats(torch.autograd.Function):
+    """(m, d) of a tensor split along dim, on each rank's local piece, with the stats op's
+    derivative: dm/dx = e_a / t for a the row's first argmax over the whole row (found by one
+    all-gather of each shard's best (value, index) in the backward: the stats node's own argmax
+    would run as a DTensor reduction), dd/dx = d (p - e_a) / t."""
+
+    @staticmethod
+    def forward(ctx, x, dim, temperature, offset, groups):
+        m, d = merged_state(x, dim, temperature, groups)
+        ctx.save_for_backward(x, m, d)
+        ctx.dim, ctx.temperature, ctx.offset, ctx.groups = dim, temperature, offset, groups
+        return m, d
+
+    @staticmethod
+    def backward(ctx, gm, gd):
+        x, m, d = ctx.saved_tensors
+        dim, t = ctx.dim, ctx.temperature
+        acc = m.dtype
+        n = x.shape[dim]
+        if n:
+            best, at = x.max(dim, keepdim=True)
+            best, at = best.to(torch.float64), at + ctx.offset
+        else:
+            shape = list(x.shape)
+            shape[dim] = 1
+            best = x.new_full(shape, float("-inf"), dtype=torch.float64)
+            at = torch.zeros(shape, dtype=torch.int64, device=x.device)
+        best, at = best.movedim(dim, -1), at.movedim(dim, -1)
+        for group in ctx.groups:
+            best, at, _m, _d = merge_topk(best, at, m.double(), d.double(), 1, group)
+        first = at.movedim(-1, dim) - ctx.offset
+        positions = torch.arange(n, device=x.device).view([-1 if i == dim else 1 for i in range(x.dim())])
+        onehot = (positions == first).to(acc)
+        p = SoftmaxState(m, d, dim, t).normalize(x.to(acc))
+        gm = torch.zeros_like(m) if gm is None else gm.to(acc)
+        gd = torch.zeros_like(d) if gd is None else gd.to(acc)
+        dx = (gm.unsqueeze(dim) * onehot + gd.unsqueeze(dim) * d.unsqueeze(dim) * (p - onehot)) / t
+        return dx.to(x.dtype), None, None, None, None
+
+
+def sharded_stats(x: DTensor, dim: int, temperature: float):
+    """softmax_stats' (m, d) of a DTensor, differentiable also where x is split along dim; None where
+    it is not (the op's own rule and node serve)."""
+    op = "softmax_stats"
+    check_placements(x, "input", op)
+    dim = checks.wrap_dim(dim, x, op)
+    sharded = mesh_dims_sharding(x, dim)
+    if not sharded:
+        return None
+    checks.floating(x, "input", op)
+    temperature = checks.temperature(temperature, op)
+    offset, _ = extent(x, dim)
+    m, d = _ShardedStats.apply(x.to_local(), dim, temperature, offset, groups_of(x, sharded))
+    placements, shape = reduced_placements(x.placements, dim, x.dim()), checks.reduced_shape(x, dim)
+    return wrap(m, x, placements, shape), wrap(d, x, placements, shape)

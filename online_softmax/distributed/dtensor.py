@@ -156,11 +156,16 @@ def merged_state(local: torch.Tensor, dim: int, temperature: float, groups, *cou
 
 # ---- softmax ----
 
-def _forward(op_call, args, kwargs):
+def _rows_input(op_call, args, kwargs):
+    """The bound arguments, the op's name, its input x (a checked DTensor) and x's softmax dim."""
     a = _bind(op_call, args, kwargs)
-    op = "forward"
+    op = op_call._schema.name.split("::")[-1]
     x = _dtensor(a["x"], "x", op)
-    dim = checks.wrap_dim(a["dim"], x, op)
+    return a, op, x, checks.wrap_dim(a["dim"], x, op)
+
+
+def _forward(op_call, args, kwargs):
+    a, op, x, dim = _rows_input(op_call, args, kwargs)
     local = x.to_local()
     sharded = mesh_dims_sharding(x, dim)
     if not sharded:
@@ -177,46 +182,32 @@ def _forward(op_call, args, kwargs):
 
 
 def _backward(op_call, args, kwargs):
+    """backward, and backward_ (the same gradient written over grad_out's local tensor)."""
     a = _bind(op_call, args, kwargs)
-    op = "backward"
+    inplace = op_call._schema.name.endswith("_")
+    op = "backward_" if inplace else "backward"
     y = _dtensor(a["out"], "out", op)
     g = _dtensor(a["grad_out"], "grad_out", op)
     if tuple(g.placements) != tuple(y.placements):
+        if inplace:
+            raise _fail(op, f"grad_out is written in place and must be placed like out ({list(y.placements)}), "
+                            f"got {list(g.placements)}")
         g = g.redistribute(y.device_mesh, y.placements)
     dim = checks.wrap_dim(a["dim"], y, op)
     sharded = mesh_dims_sharding(y, dim)
+    local_args = (g.to_local(), y.to_local(), dim, a["log"], a["temperature"])
     if not sharded:
-        dx = op_call(g.to_local(), y.to_local(), dim, a["log"], a["temperature"], a["input_dtype"])
+        dx = op_call(*local_args) if inplace else op_call(*local_args, a["input_dtype"])
     else:
         dx = sharded_softmax_grad(g.to_local(), y.to_local(), dim, a["log"], checks.temperature(a["temperature"], op),
-                                  groups_of(y, sharded), a["input_dtype"])
-    return wrap(dx, y, y.placements, y.shape)
-
-
-def _backward_inplace(op_call, args, kwargs):
-    a = _bind(op_call, args, kwargs)
-    op = "backward_"
-    y = _dtensor(a["out"], "out", op)
-    g = _dtensor(a["grad_out"], "grad_out", op)
-    if tuple(g.placements) != tuple(y.placements):
-        raise _fail(op, f"grad_out is written in place and must be placed like out ({list(y.placements)}), got "
-                        f"{list(g.placements)}")
-    dim = checks.wrap_dim(a["dim"], y, op)
-    sharded = mesh_dims_sharding(y, dim)
-    if not sharded:
-        op_call(g.to_local(), y.to_local(), dim, a["log"], a["temperature"])
-    else:
-        local = g.to_local()
-        local.copy_(sharded_softmax_grad(local, y.to_local(), dim, a["log"], checks.temperature(a["temperature"], op),
-                                         groups_of(y, sharded)))
-    return None
+                                  groups_of(y, sharded), None if inplace else a["input_dtype"])
+        if inplace:
+            local_args[0].copy_(dx)
+    return None if inplace else wrap(dx, y, y.placements, y.shape)
 
 
 def _masked_forward(op_call, args, kwargs):
-    a = _bind(op_call, args, kwargs)
-    op = "masked_forward"
-    x = _dtensor(a["x"], "x", op)
-    dim = checks.wrap_dim(a["dim"], x, op)
+    a, op, x, dim = _rows_input(op_call, args, kwargs)
     local = x.to_local()
     mask = local_piece(a["mask"], x, "mask", op)
     causal_offset = a["causal_offset"]
@@ -260,10 +251,7 @@ def _masked_forward(op_call, args, kwargs):
 
 
 def _stats(op_call, args, kwargs):
-    a = _bind(op_call, args, kwargs)
-    op = "stats"
-    x = _dtensor(a["x"], "x", op)
-    dim = checks.wrap_dim(a["dim"], x, op)
+    a, op, x, dim = _rows_input(op_call, args, kwargs)
     sharded = mesh_dims_sharding(x, dim)
     if sharded:
         m, d = merged_state(x.to_local(), dim, checks.temperature(a["temperature"], op), groups_of(x, sharded))
@@ -277,10 +265,7 @@ def _stats(op_call, args, kwargs):
 # ---- top-k ----
 
 def _softmax_topk(op_call, args, kwargs):
-    a = _bind(op_call, args, kwargs)
-    op = "softmax_topk"
-    x = _dtensor(a["x"], "x", op)
-    dim = checks.wrap_dim(a["dim"], x, op)
+    a, op, x, dim = _rows_input(op_call, args, kwargs)
     k = a["k"]
     sharded = mesh_dims_sharding(x, dim)
     local = x.to_local()
@@ -445,7 +430,7 @@ def _row_op(op_call, args, kwargs):
 _RULES = {
     "forward": _forward,
     "backward": _backward,
-    "backward_": _backward_inplace,
+    "backward_": _backward,
     "masked_forward": _masked_forward,
     "stats": _stats,
     "softmax_topk": _softmax_topk,

@@ -21,6 +21,11 @@ TORCH_LIBRARY(online_softmax, m) {
   //   softmax: dx = y * (dy - sum(dy * y)) / temperature;  log: dx = (dy - exp(y) * sum(dy)) / temperature.
   // input_dtype is the dtype of forward's x (the gradient's dtype); None means out's dtype.
   m.def("backward(Tensor grad_out, Tensor out, int dim, bool log=False, float temperature=1.0, ScalarType? input_dtype=None) -> Tensor");
+  // The same gradient written over grad_out itself (grad_out and out: one dtype, the gradient's, and
+  // contiguous): the autograd nodes of forward and masked_forward call it where the incoming
+  // gradient is theirs alone, so no gradient-sized buffer is allocated (and first touched). Each
+  // row is reduced before any of it is written. On CUDA it is computed out of place and copied.
+  m.def("backward_(Tensor(a!) grad_out, Tensor out, int dim, bool log=False, float temperature=1.0) -> ()");
   // The per-row online state of x / temperature along dim: (max, sum of exp(x/t - max)), dim removed.
   // float32 for float32/float16/bfloat16 input, float64 for float64 input.
   m.def("stats(Tensor x, int dim, float temperature=1.0) -> (Tensor max, Tensor sumexp)");

@@ -14,6 +14,15 @@ def is_dtensor(t) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def check_input(t, op: str, name: str = "input") -> None:
+    """A DTensor argument of the Python API with a placement the rules refuse (Partial, strided):
+    the error names the API's argument, not the op's."""
+    if is_dtensor(t):
+        from .distributed.dtensor import check_placements
+
+        check_placements(t, name, op)
+
+
 def install_rules() -> None:
     if not torch.distributed.is_available():
         return

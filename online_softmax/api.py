@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _checks as checks
-from ._dtensor import is_dtensor
+from ._dtensor import check_input, is_dtensor
 
 _ops = torch.ops.online_softmax
 
@@ -59,6 +59,7 @@ def _forward_traced(x, dim, log, temperature, dtype):
 def _dropin(op: str, input, dim, stacklevel, dtype, temperature, log: bool, mask=None, causal=False,
             causal_offset=0, scale=None) -> torch.Tensor:
     checks.tensor(input, "input", op)
+    check_input(input, op)
     if isinstance(stacklevel, torch.dtype):
         # torch.softmax(input, dim, dtype): the third position is torch.softmax's dtype, and
         # torch.nn.functional.softmax's _stacklevel.
@@ -165,6 +166,7 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, log: bool = Fals
     """
     op = "softmax_topk"
     checks.tensor(input, "input", op)
+    check_input(input, op)
     checks.positive_int(k, "k", op)
     checks.dim_type(dim, op)
     checks.float_dtype(dtype, "dtype", op)

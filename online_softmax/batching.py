@@ -67,6 +67,22 @@ def _backward_vmap(info, in_dims, grad_out, out, dim, log=False, temperature=1.0
     return (dx.squeeze(-1) if logical == 0 else dx), 0
 
 
+@_register("backward_")
+def _backward_inplace_vmap(info, in_dims, grad_out, out, dim, log=False, temperature=1.0):
+    # Computed out of place on the physical tensors and copied over grad_out: the batched layout
+    # need not be the contiguous one the op writes into.
+    if in_dims[0] is None:
+        raise ValueError("online_softmax.backward_: under vmap, grad_out must be batched to receive every vmapped "
+                         "call's gradient in place")
+    grad_out = grad_out.movedim(in_dims[0], 0)
+    out = _batched(out, in_dims[1], info.batch_size)
+    logical = out.dim() - 1
+    dx = torch.ops.online_softmax.backward(_scalar_rows(grad_out, logical), _scalar_rows(out, logical),
+                                           _row_dim(dim, logical, "backward_"), log, temperature, None)
+    grad_out.copy_(dx.squeeze(-1) if logical == 0 else dx)
+    return None, None
+
+
 @_register("masked_forward")
 def _masked_forward_vmap(info, in_dims, x, mask=None, causal=False, causal_offset=0, log=False, scale=1.0, dim=-1,
                          dtype=None):

@@ -44,6 +44,20 @@ def _backward_fake(grad_out, out, dim, log=False, temperature=1.0, input_dtype=N
     return out.new_empty(out.shape, dtype=input_dtype if input_dtype is not None else out.dtype)
 
 
+@torch.library.register_fake("online_softmax::backward_")
+def _backward_inplace_fake(grad_out, out, dim, log=False, temperature=1.0):
+    op = "backward_"
+    checks.floating(out, "out", op)
+    checks.floating(grad_out, "grad_out", op)
+    if grad_out.shape != out.shape or grad_out.dtype != out.dtype:
+        raise checks.fail(op, f"grad_out ({list(grad_out.shape)}, {grad_out.dtype}) must have out's shape and dtype "
+                              f"({list(out.shape)}, {out.dtype})")
+    if not (grad_out.is_contiguous() and out.is_contiguous()):
+        raise checks.fail(op, "grad_out and out must be contiguous")
+    wrap_dim(dim, out, op)
+    checks.temperature(temperature, op)
+
+
 # ---- masked_forward ----
 
 def check_masked_forward(x, mask, causal, dim, scale, dtype, op="masked_forward") -> int:

@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import torch
 
 from . import _checks as checks
+from ._dtensor import is_dtensor
 
 _ops = torch.ops.online_softmax
 
@@ -111,6 +112,12 @@ def softmax_stats(input: torch.Tensor, dim: int = -1, *, temperature: float = 1.
     if mask is not None:
         checks.bool_mask(mask, input, op)
         input = input.masked_fill(~mask, float("-inf"))
+    if is_dtensor(input):
+        from .distributed.dtensor import sharded_stats
+
+        split = sharded_stats(input, dim, temperature)
+        if split is not None:
+            return SoftmaxState(*split, checks.wrap_dim(dim, input, op), temperature)
     m, d = _ops.stats(input, dim, temperature)
     return SoftmaxState(m, d, checks.wrap_dim(dim, input, op), temperature)
 

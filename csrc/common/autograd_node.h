@@ -29,9 +29,16 @@ namespace online_softmax {
 using Derivative = torch::autograd::variable_list (*)(const torch::autograd::variable_list& grads,
                                                       const std::vector<c10::IValue>& packed);
 
+// The same, given the incoming gradients themselves (moved out of the engine's buffer, so that a
+// derivative may write its result over one it alone holds: common/reuse_gradient.h). Compiled
+// autograd traces the plain Derivative instead.
+using ReusingDerivative = torch::autograd::variable_list (*)(torch::autograd::variable_list& grads,
+                                                             const std::vector<c10::IValue>& packed);
+
 struct OpNode final : public torch::autograd::TraceableFunction {
   // name: a string literal (a node is built on every recorded call: no allocation for it).
-  OpNode(const char* name, Derivative derivative) : name_(name), derivative_(derivative) {}
+  OpNode(const char* name, Derivative derivative, ReusingDerivative reusing = nullptr)
+      : name_(name), derivative_(derivative), reusing_(reusing) {}
 
   std::string name() const override { return name_; }
 
@@ -54,7 +61,7 @@ struct OpNode final : public torch::autograd::TraceableFunction {
     packed.reserve(saved_.size() + args.size());
     for (torch::autograd::SavedVariable& v : saved_) packed.emplace_back(v.unpack(getptr()));
     packed.insert(packed.end(), args.begin(), args.end());
-    torch::autograd::variable_list result = derivative_(grads, packed);
+    torch::autograd::variable_list result = reusing_ ? reusing_(grads, packed) : derivative_(grads, packed);
     result.resize(outputs);
     for (size_t i = 0; i < outputs; ++i)
       if (!task_should_compute_output(i)) result[i] = at::Tensor();
@@ -100,6 +107,7 @@ struct OpNode final : public torch::autograd::TraceableFunction {
  private:
   const char* name_;
   Derivative derivative_;
+  ReusingDerivative reusing_;
   std::vector<torch::autograd::SavedVariable> saved_;
   std::vector<bool> saved_is_output_;
 };

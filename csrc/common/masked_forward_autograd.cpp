@@ -14,6 +14,7 @@
 
 #include "common/autograd_node.h"
 #include "common/op_calls.h"
+#include "common/reuse_gradient.h"
 
 namespace online_softmax {
 namespace {
@@ -22,7 +23,16 @@ using torch::autograd::variable_list;
 
 // packed: y, then dim, log, scale, x's dtype, the mask's shape and dtype (an empty shape and -1
 // when the mask takes no gradient).
+variable_list masked_forward_derivative_reusing(variable_list& grads, const std::vector<c10::IValue>& packed);
+
 variable_list masked_forward_derivative(const variable_list& grads, const std::vector<c10::IValue>& packed) {
+  variable_list own = grads;  // a second reference: never written over
+  return masked_forward_derivative_reusing(own, packed);
+}
+
+// Where the engine hands the gradient over, the backward is written over it (or over the copy
+// that masked_fill makes for log_softmax) where the node owns it.
+variable_list masked_forward_derivative_reusing(variable_list& grads, const std::vector<c10::IValue>& packed) {
   const at::Tensor y = packed[0].toTensor();
   const int64_t dim = packed[1].toInt();
   const bool log = packed[2].toBool();
@@ -30,15 +40,13 @@ variable_list masked_forward_derivative(const variable_list& grads, const std::v
   const auto x_dtype = static_cast<at::ScalarType>(packed[4].toInt());
   const std::vector<int64_t> mask_shape = packed[5].toIntVector();
   const int64_t mask_dtype = packed[6].toInt();
-  at::Tensor g = grads[0];
+  at::Tensor g = std::move(grads[0]);
   if (log) g = g.masked_fill(y.eq(-std::numeric_limits<double>::infinity()), 0);
   const bool mask_grad = mask_dtype >= 0;
   // dx = scale * dv: the backward op with temperature 1 / scale where that is a temperature the
   // op takes (and x's dtype as the gradient's), else dv times scale.
   if (!mask_grad && scale > 1e-30 && scale < 1e30) {
-    const std::optional<at::ScalarType> in_dtype =
-        x_dtype == y.scalar_type() ? std::nullopt : std::optional<at::ScalarType>(x_dtype);
-    return {call_backward(g, y, dim, log, 1.0 / scale, in_dtype), at::Tensor()};
+    return {softmax_gradient(std::move(g), y, dim, log, 1.0 / scale, x_dtype), at::Tensor()};
   }
   const at::Tensor dv = call_backward(g, y, dim, log, 1.0, std::nullopt);
   at::Tensor dmask;
@@ -70,7 +78,8 @@ at::Tensor masked_forward_autograd(const at::Tensor& x, const std::optional<at::
   c10::intrusive_ptr<OpNode> node;
   if (records({&x, &m})) {
     const bool mask_grad = m.defined() && m.requires_grad();
-    node = c10::make_intrusive<OpNode>("OnlineSoftmaxMaskedForwardBackward", masked_forward_derivative);
+    node = c10::make_intrusive<OpNode>("OnlineSoftmaxMaskedForwardBackward", masked_forward_derivative,
+                                       masked_forward_derivative_reusing);
     node->set_next_edges(torch::autograd::collect_next_edges(x, m));
     node->args = {dim, log, scale, static_cast<int64_t>(x.scalar_type()),
                   mask_grad ? m.sizes().vec() : std::vector<int64_t>{},

@@ -95,6 +95,24 @@ inline BackwardArgs backward_args(const at::Tensor& grad_out, const at::Tensor& 
   return a;
 }
 
+// backward_'s checks: grad_out is overwritten by the gradient, so it must match out exactly and
+// be contiguous (a dense block the kernels can write); returns dim wrapped.
+inline int64_t inplace_backward_args(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim,
+                                     double temperature) {
+  check_floating(out, "out", "backward_");
+  check_floating(grad_out, "grad_out", "backward_");
+  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes(), "online_softmax.backward_: grad_out has shape ",
+                    grad_out.sizes(), " but out has shape ", out.sizes());
+  TORCH_CHECK_VALUE(grad_out.device() == out.device(), "online_softmax.backward_: grad_out is on ",
+                    grad_out.device(), " but out is on ", out.device());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == out.scalar_type(), "online_softmax.backward_: grad_out (",
+                   grad_out.scalar_type(), ") must have out's dtype (", out.scalar_type(), ")");
+  TORCH_CHECK_VALUE(grad_out.is_contiguous() && out.is_contiguous(),
+                    "online_softmax.backward_: grad_out and out must be contiguous");
+  check_temperature(temperature, "backward_");
+  return wrap_dim(dim, out, "backward_");
+}
+
 // ---- top-k ----
 
 // x viewed as [rows, n] with the softmax dim last (a 0-d x is one row of one element).

@@ -28,6 +28,14 @@ inline at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& out, i
   return op.call(grad, out, dim, log, temperature, input_dtype);
 }
 
+inline void call_backward_inplace(const at::Tensor& grad, const at::Tensor& out, int64_t dim, bool log,
+                                  double temperature) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("online_softmax::backward_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, int64_t, bool, double)>();
+  op.call(grad, out, dim, log, temperature);
+}
+
 inline at::Tensor call_masked_forward(const at::Tensor& x, const std::optional<at::Tensor>& mask, bool causal,
                                       c10::SymInt causal_offset, bool log, double scale, int64_t dim,
                                       std::optional<at::ScalarType> dtype) {

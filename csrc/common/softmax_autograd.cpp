@@ -21,6 +21,7 @@
 
 #include "common/autograd_node.h"
 #include "common/op_calls.h"
+#include "common/reuse_gradient.h"
 
 namespace online_softmax {
 namespace {
@@ -122,6 +123,13 @@ variable_list forward_derivative(const variable_list& grads, const std::vector<c
   return {forward_gradient(grads[0], packed[0].toTensor(), unpacked_args(packed, 1))};
 }
 
+// forward's derivative where the engine hands the gradient over: written over it where the node
+// owns it.
+variable_list forward_derivative_reusing(variable_list& grads, const std::vector<c10::IValue>& packed) {
+  const Args a = unpacked_args(packed, 1);
+  return {softmax_gradient(std::move(grads[0]), packed[0].toTensor(), a.dim, a.log, a.temperature, a.input_dtype)};
+}
+
 variable_list backward_derivative(const variable_list& grads, const std::vector<c10::IValue>& packed) {
   auto [dg, dy] = backward_gradients(grads[0], packed[0].toTensor(), packed[1].toTensor(), unpacked_args(packed, 2));
   return {dg, dy};
@@ -138,7 +146,7 @@ at::Tensor forward_autograd(const at::Tensor& x, int64_t dim, bool log, double t
   const Args args{dim, log, temperature, x.scalar_type()};
   c10::intrusive_ptr<OpNode> node;
   if (records({&x})) {
-    node = c10::make_intrusive<OpNode>("OnlineSoftmaxForwardBackward", forward_derivative);
+    node = c10::make_intrusive<OpNode>("OnlineSoftmaxForwardBackward", forward_derivative, forward_derivative_reusing);
     node->set_next_edges(torch::autograd::collect_next_edges(x));
     node->args = packed_args(args);
     torch::autograd::set_history(out, node);

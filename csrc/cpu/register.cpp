@@ -8,6 +8,7 @@ TORCH_LIBRARY_IMPL(online_softmax, CPU, m) {
   m.impl("masked_forward", &online_softmax::cpu::masked_forward);
   m.impl("stats", &online_softmax::cpu::stats);
   m.impl("backward", &online_softmax::cpu::backward);
+  m.impl("backward_", &online_softmax::cpu::backward_);
   m.impl("softmax_topk", &online_softmax::cpu::softmax_topk);
   m.impl("softmax_topk_backward", &online_softmax::cpu::softmax_topk_backward);
   m.impl("sample_categorical", &online_softmax::cpu::sample_categorical);

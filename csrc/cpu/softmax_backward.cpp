@@ -22,4 +22,14 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t d
   return a.dx_dtype == a.x_dtype ? dx : dx.to(a.x_dtype);
 }
 
+// Every kernel path reads an element of dy before it writes that element of dx, and reduces a
+// whole row (split rows: every piece) before writing any of it, so dx may be dy.
+void backward_(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log, double temperature) {
+  const int64_t d = inplace_backward_args(grad_out, out, dim, temperature);
+  if (out.numel() == 0) return;
+  const at::ScalarType dtype = out.scalar_type();
+  kernels().backward(BackwardCall{dtype, dtype, grad_out.const_data_ptr(), out.const_data_ptr(),
+                                  grad_out.mutable_data_ptr(), row_layout(out, d), temperature, log});
+}
+
 }  // namespace online_softmax::cpu

@@ -1,6 +1,6 @@
 // The CUDA implementations of the online_softmax ops (schemas in csrc/ops.cpp), one file each:
 //   forward, stats            csrc/cuda/softmax.cpp
-//   backward                  csrc/cuda/softmax_backward.cpp
+//   backward(_)               csrc/cuda/softmax_backward.cpp
 //   softmax_topk(_backward)   csrc/cuda/softmax_topk.cpp
 //   sample_categorical,
 //   top_p_threshold           csrc/cuda/sample.cpp
@@ -33,6 +33,8 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& x, int64_t dim, doubl
 
 at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log,
                     double temperature, std::optional<at::ScalarType> input_dtype);
+
+void backward_(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log, double temperature);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_topk(
     const at::Tensor& x, int64_t k, int64_t dim, bool log, double temperature);

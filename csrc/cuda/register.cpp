@@ -8,6 +8,7 @@ TORCH_LIBRARY_IMPL(online_softmax, CUDA, m) {
   m.impl("masked_forward", &online_softmax::cuda::masked_forward);
   m.impl("stats", &online_softmax::cuda::stats);
   m.impl("backward", &online_softmax::cuda::backward);
+  m.impl("backward_", &online_softmax::cuda::backward_);
   m.impl("softmax_topk", &online_softmax::cuda::softmax_topk);
   m.impl("softmax_topk_backward", &online_softmax::cuda::softmax_topk_backward);
   m.impl("sample_categorical", &online_softmax::cuda::sample_categorical);

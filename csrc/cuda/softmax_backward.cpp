@@ -42,4 +42,12 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& out, int64_t d
   return a.dx_dtype == a.x_dtype ? dx : dx.to(a.x_dtype);
 }
 
+// The kernels take __restrict__ pointers (dx may not alias dy), and the autograd nodes write in
+// place only on the CPU: here the op is backward's result copied over grad_out.
+void backward_(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log, double temperature) {
+  const int64_t d = inplace_backward_args(grad_out, out, dim, temperature);
+  if (out.numel() == 0) return;
+  grad_out.copy_(backward(grad_out, out, d, log, temperature, std::nullopt));
+}
+
 }  // namespace online_softmax::cuda

@@ -22,7 +22,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from .. import _checks as checks
 from .._checks import state_dtype
 from ..state import SoftmaxState
-from .collectives import merge_states, sum_rows
+from .collectives import merge_states, merge_topk, sum_rows
 from .process_group import global_candidates, sharded_softmax_grad
 
 _ops = torch.ops.online_softmax
@@ -156,11 +156,16 @@ def merged_state(local: torch.Tensor, dim: int, temperature: float, groups, *cou
 
 # ---- softmax ----
 
-def _forward(op_call, args, kwargs):
+def _rows_input(op_call, args, kwargs):
+    """The bound arguments, the op's name, its input x (a checked DTensor) and x's softmax dim."""
     a = _bind(op_call, args, kwargs)
-    op = "forward"
+    op = op_call._schema.name.split("::")[-1]
     x = _dtensor(a["x"], "x", op)
-    dim = checks.wrap_dim(a["dim"], x, op)
+    return a, op, x, checks.wrap_dim(a["dim"], x, op)
+
+
+def _forward(op_call, args, kwargs):
+    a, op, x, dim = _rows_input(op_call, args, kwargs)
     local = x.to_local()
     sharded = mesh_dims_sharding(x, dim)
     if not sharded:
@@ -177,27 +182,32 @@ def _forward(op_call, args, kwargs):
 
 
 def _backward(op_call, args, kwargs):
+    """backward, and backward_ (the same gradient written over grad_out's local tensor)."""
     a = _bind(op_call, args, kwargs)
-    op = "backward"
+    inplace = op_call._schema.name.endswith("_")
+    op = "backward_" if inplace else "backward"
     y = _dtensor(a["out"], "out", op)
     g = _dtensor(a["grad_out"], "grad_out", op)
     if tuple(g.placements) != tuple(y.placements):
+        if inplace:
+            raise _fail(op, f"grad_out is written in place and must be placed like out ({list(y.placements)}), "
+                            f"got {list(g.placements)}")
         g = g.redistribute(y.device_mesh, y.placements)
     dim = checks.wrap_dim(a["dim"], y, op)
     sharded = mesh_dims_sharding(y, dim)
+    local_args = (g.to_local(), y.to_local(), dim, a["log"], a["temperature"])
     if not sharded:
-        dx = op_call(g.to_local(), y.to_local(), dim, a["log"], a["temperature"], a["input_dtype"])
+        dx = op_call(*local_args) if inplace else op_call(*local_args, a["input_dtype"])
     else:
         dx = sharded_softmax_grad(g.to_local(), y.to_local(), dim, a["log"], checks.temperature(a["temperature"], op),
-                                  groups_of(y, sharded), a["input_dtype"])
-    return wrap(dx, y, y.placements, y.shape)
+                                  groups_of(y, sharded), None if inplace else a["input_dtype"])
+        if inplace:
+            local_args[0].copy_(dx)
+    return None if inplace else wrap(dx, y, y.placements, y.shape)
 
 
 def _masked_forward(op_call, args, kwargs):
-    a = _bind(op_call, args, kwargs)
-    op = "masked_forward"
-    x = _dtensor(a["x"], "x", op)
-    dim = checks.wrap_dim(a["dim"], x, op)
+    a, op, x, dim = _rows_input(op_call, args, kwargs)
     local = x.to_local()
     mask = local_piece(a["mask"], x, "mask", op)
     causal_offset = a["causal_offset"]
@@ -241,10 +251,7 @@ def _masked_forward(op_call, args, kwargs):
 
 
 def _stats(op_call, args, kwargs):
-    a = _bind(op_call, args, kwargs)
-    op = "stats"
-    x = _dtensor(a["x"], "x", op)
-    dim = checks.wrap_dim(a["dim"], x, op)
+    a, op, x, dim = _rows_input(op_call, args, kwargs)
     sharded = mesh_dims_sharding(x, dim)
     if sharded:
         m, d = merged_state(x.to_local(), dim, checks.temperature(a["temperature"], op), groups_of(x, sharded))
@@ -258,10 +265,7 @@ def _stats(op_call, args, kwargs):
 # ---- top-k ----
 
 def _softmax_topk(op_call, args, kwargs):
-    a = _bind(op_call, args, kwargs)
-    op = "softmax_topk"
-    x = _dtensor(a["x"], "x", op)
-    dim = checks.wrap_dim(a["dim"], x, op)
+    a, op, x, dim = _rows_input(op_call, args, kwargs)
     k = a["k"]
     sharded = mesh_dims_sharding(x, dim)
     local = x.to_local()
@@ -426,6 +430,7 @@ def _row_op(op_call, args, kwargs):
 _RULES = {
     "forward": _forward,
     "backward": _backward,
+    "backward_": _backward,
     "masked_forward": _masked_forward,
     "stats": _stats,
     "softmax_topk": _softmax_topk,
@@ -446,3 +451,62 @@ def install() -> None:
 
 
 install()
+
+
+# ---- softmax_stats with a gradient ----
+
+class _ShardedStats(torch.autograd.Function):
+    """(m, d) of a tensor split along dim, on each rank's local piece, with the stats op's
+    derivative: dm/dx = e_a / t for a the row's first argmax over the whole row (found by one
+    all-gather of each shard's best (value, index) in the backward: the stats node's own argmax
+    would run as a DTensor reduction), dd/dx = d (p - e_a) / t."""
+
+    @staticmethod
+    def forward(ctx, x, dim, temperature, offset, groups):
+        m, d = merged_state(x, dim, temperature, groups)
+        ctx.save_for_backward(x, m, d)
+        ctx.dim, ctx.temperature, ctx.offset, ctx.groups = dim, temperature, offset, groups
+        return m, d
+
+    @staticmethod
+    def backward(ctx, gm, gd):
+        x, m, d = ctx.saved_tensors
+        dim, t = ctx.dim, ctx.temperature
+        acc = m.dtype
+        n = x.shape[dim]
+        if n:
+            best, at = x.max(dim, keepdim=True)
+            best, at = best.to(torch.float64), at + ctx.offset
+        else:
+            shape = list(x.shape)
+            shape[dim] = 1
+            best = x.new_full(shape, float("-inf"), dtype=torch.float64)
+            at = torch.zeros(shape, dtype=torch.int64, device=x.device)
+        best, at = best.movedim(dim, -1), at.movedim(dim, -1)
+        for group in ctx.groups:
+            best, at, _m, _d = merge_topk(best, at, m.double(), d.double(), 1, group)
+        first = at.movedim(-1, dim) - ctx.offset
+        positions = torch.arange(n, device=x.device).view([-1 if i == dim else 1 for i in range(x.dim())])
+        onehot = (positions == first).to(acc)
+        p = SoftmaxState(m, d, dim, t).normalize(x.to(acc))
+        gm = torch.zeros_like(m) if gm is None else gm.to(acc)
+        gd = torch.zeros_like(d) if gd is None else gd.to(acc)
+        dx = (gm.unsqueeze(dim) * onehot + gd.unsqueeze(dim) * d.unsqueeze(dim) * (p - onehot)) / t
+        return dx.to(x.dtype), None, None, None, None
+
+
+def sharded_stats(x: DTensor, dim: int, temperature: float):
+    """softmax_stats' (m, d) of a DTensor, differentiable also where x is split along dim; None where
+    it is not (the op's own rule and node serve)."""
+    op = "softmax_stats"
+    check_placements(x, "input", op)
+    dim = checks.wrap_dim(dim, x, op)
+    sharded = mesh_dims_sharding(x, dim)
+    if not sharded:
+        return None
+    checks.floating(x, "input", op)
+    temperature = checks.temperature(temperature, op)
+    offset, _ = extent(x, dim)
+    m, d = _ShardedStats.apply(x.to_local(), dim, temperature, offset, groups_of(x, sharded))
+    placements, shape = reduced_placements(x.placements, dim, x.dim()), checks.reduced_shape(x, dim)
+    return wrap(m, x, placements, shape), wrap(d, x, placements, shape)

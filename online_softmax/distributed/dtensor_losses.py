@@ -128,8 +128,9 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
     a DTensor replicated over that mesh dim (its rows may be split over others), ``bias`` placed
     like ``weight``. Each rank computes its shard's logits ``chunk_size`` tokens at a time and
     recomputes them in the backward (activation checkpointing), so neither the whole nor the local
-    logits exist at once. hidden's gradient is ``Partial()`` over the vocabulary mesh dim (each
-    rank's sum over its classes), as DTensor expects from a column-parallel layer's input."""
+    logits exist at once. As DTensor's own linear layer gives them, the gradients are ``Partial()``
+    where a rank holds a partial sum: hidden's over the vocabulary mesh dim (each rank's sum over
+    its classes), the head's over mesh dims splitting the tokens (each rank's sum over its tokens).""" 
     op = "linear_cross_entropy"
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, DTensor):
@@ -145,7 +146,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
         raise checks.fail(op, f"target must have hidden's shape without its last dim, {list(hidden.shape[:-1])}, "
                               f"got {list(target.shape)}")
     vocab_dims = mesh_dims_sharding(weight, 0)
-    if len(vocab_dims) > 1 or mesh_dims_sharding(weight, 1):
+    if len(vocab_dims) > 1:
         raise checks.fail(op, f"weight must be split by vocabulary rows (Shard(0)) over one mesh dim at most, got "
                               f"{list(weight.placements)}", NotImplementedError)
     if any(isinstance(hidden.placements[i], Shard) for i in vocab_dims) or mesh_dims_sharding(hidden, hidden.dim() - 1):
@@ -156,13 +157,19 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
                                          for i, p in enumerate(hidden.placements)])
     _targets_whole_over(target, vocab_dims, op)
     t = local_piece(target, hidden, "target", op, align=1).reshape(-1).long()
-    w_local = weight.to_local()
+    head_placements = tuple(Shard(0) if i in vocab_dims else Replicate() for i in range(weight.device_mesh.ndim))
+    if tuple(weight.placements) != head_placements:
+        raise checks.fail(op, f"weight must be Shard(0) over the vocabulary's mesh dim and replicated over the "
+                              f"others ({list(head_placements)}), got {list(weight.placements)}",
+                          NotImplementedError)
+    # Each rank's head gradient sums over its own tokens: partial over the mesh dims splitting them.
+    head_grad = [Partial() if i in row_dims else p for i, p in enumerate(head_placements)]
+    w_local = weight.to_local(grad_placements=head_grad)
     b_local = None
     if bias is not None:
-        if not isinstance(bias, DTensor) or tuple(bias.placements) != tuple(
-                Shard(0) if i in vocab_dims else Replicate() for i in range(weight.device_mesh.ndim)):
+        if not isinstance(bias, DTensor) or tuple(bias.placements) != head_placements:
             raise checks.fail(op, "bias must be a DTensor placed like weight's rows (Shard(0) with weight)")
-        b_local = bias.to_local()
+        b_local = bias.to_local(grad_placements=head_grad)
     offset, n_local = extent(weight, 0)
     cw_all = None
     if class_weight is not None:

@@ -36,6 +36,9 @@ def _samples(device):
         (ops.masked_forward, (x, torch.randn(37, device=device), True, 2, True, 1.0, -1, None)),
         (ops.backward, (torch.randn_like(y), y, -1, False, 1.0, None)),
         (ops.backward, (torch.randn_like(y), y.log(), -1, True, 1.0, torch.float16)),
+        (ops.backward_, (torch.randn_like(y), y, -1, False, 1.0)),
+        (ops.backward_, (torch.randn(3, 20, 6, dtype=torch.float64, device=device),
+                         torch.softmax(x3.detach(), 1), 1, False, 0.5)),
         (ops.stats, (x.detach(), -1, 1.0)),
         (ops.stats, (x3.detach(), 0, 0.5)),
         (ops.softmax_topk, (x, 4, -1, False, 1.0)),
@@ -97,7 +100,7 @@ def test_opcheck_every_op(device):
         torch.library.opcheck(op, args)
         covered.add(op._name if hasattr(op, "_name") else str(op))
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("online_softmax::")}
-    assert len(covered) == len(registered) == 20, (covered, registered)
+    assert len(covered) == len(registered) == 21, (covered, registered)
 
 
 def test_torch_compile_fullgraph():

@@ -19,9 +19,10 @@ from testlib import random_logits
 
 ROWS = 7
 # Cases that fail on main for reasons reported, not yet fixed: the known_failures case runs them alone.
-# - linear_cross_entropy with the head's rows sharded: hidden.grad comes back Partial(sum) where
-#   hidden was Replicate; on the 2 x 2 mesh (tokens over dp, vocabulary over tp) weight.grad is
-#   placed Replicate over dp but holds only the local tokens' part (no sum over dp): wrong values.
+# - linear_cross_entropy with the head's rows (the vocabulary) split: hidden.grad comes back
+#   Partial(sum) over the mesh dim splitting the vocabulary where hidden was Replicate there, and on
+#   the 2 x 2 mesh (tokens over dp, vocabulary over tp) weight.grad Partial(sum) over dp where the
+#   weight was Replicate (the values are right once reduced).
 KNOWN_BUGS = (r"linear_cross_entropy hidden \((Replicate\(\),|Shard\(dim=0\), Replicate\(\))\) "
               r"weight \((Replicate\(\), )?Shard")
 SETTINGS = [dict(), dict(reduction="sum"), dict(reduction="none"), dict(ignore_index=0),

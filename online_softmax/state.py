@@ -112,12 +112,10 @@ def softmax_stats(input: torch.Tensor, dim: int = -1, *, temperature: float = 1.
     if mask is not None:
         checks.bool_mask(mask, input, op)
         input = input.masked_fill(~mask, float("-inf"))
-    if is_dtensor(input):
+    if is_dtensor(input) and input.dim() > 0:
         from .distributed.dtensor import sharded_stats
 
-        split = sharded_stats(input, dim, temperature)
-        if split is not None:
-            return SoftmaxState(*split, checks.wrap_dim(dim, input, op), temperature)
+        return SoftmaxState(*sharded_stats(input, dim, temperature), checks.wrap_dim(dim, input, op), temperature)
     m, d = _ops.stats(input, dim, temperature)
     return SoftmaxState(m, d, checks.wrap_dim(dim, input, op), temperature)
 

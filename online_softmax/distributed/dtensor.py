@@ -496,14 +496,13 @@ class _ShardedStats(torch.autograd.Function):
 
 
 def sharded_stats(x: DTensor, dim: int, temperature: float):
-    """softmax_stats' (m, d) of a DTensor, differentiable also where x is split along dim; None where
-    it is not (the op's own rule and node serve)."""
+    """softmax_stats' (m, d) of a DTensor, differentiable on each rank's piece whatever the
+    placement (the stats node's derivative would run argmax and scatter as DTensor ops, which
+    replicate the gradient and fail on an empty piece)."""
     op = "softmax_stats"
     check_placements(x, "input", op)
     dim = checks.wrap_dim(dim, x, op)
     sharded = mesh_dims_sharding(x, dim)
-    if not sharded:
-        return None
     checks.floating(x, "input", op)
     temperature = checks.temperature(temperature, op)
     offset, _ = extent(x, dim)

@@ -79,12 +79,15 @@ class Cases:
                                  + "\n".join(shown))
 
 
-# The worlds of a test whose worker takes (rank, world, only_known), and its known failures alone
-# on 4 ranks (every case runs there), which must fail until fixed: strict, so that a fix is noticed
-# and its cases leave the test's KNOWN_BUGS.
-WORLDS = [pytest.param(world, False, id=str(world)) for world in (1, 2, 3, 4)] + [
-    pytest.param(4, True, id="known_failures",
-                 marks=pytest.mark.xfail(strict=True, reason="KNOWN_BUGS: cases the implementation fails"))]
+def worlds(known_bugs):
+    """The parameters (world, only_known) of a test whose worker takes them: 1 to 4 ranks, and where
+    the test has ``known_bugs``, those cases alone on 4 ranks (every case runs there), which must
+    fail until fixed: strict, so that a fix is noticed and its cases leave the regex."""
+    out = [pytest.param(world, False, id=str(world)) for world in (1, 2, 3, 4)]
+    if known_bugs:
+        out.append(pytest.param(4, True, id="known_failures", marks=pytest.mark.xfail(
+            strict=True, reason=f"cases the implementation fails (KNOWN_BUGS: {known_bugs})")))
+    return out
 
 
 def full_logits(shape, dtype, seed, dim, ties=slice(10, 20), nonfinite=True):

@@ -10,15 +10,14 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import online_softmax as osm
 import online_softmax.distributed  # noqa: F401  (installs the DTensor rules)
-from gloo import (PARTIAL, WORLDS, Cases, check_count, check_placements, check_refused, close, collectives, counted,
-                  distribute, empty_shard, full_logits, gathered, meshes, placements, reduced, spawn, vocab_sizes)
+from gloo import (PARTIAL, Cases, check_count, check_placements, check_refused, close, collectives, counted, distribute,
+                  empty_shard, full_logits, gathered, meshes, placements, reduced, spawn, vocab_sizes, worlds)
 from testlib import random_logits
 
 _ops = torch.ops.online_softmax
-# Cases that fail on main for reasons reported, not yet fixed: the known_failures case runs them alone.
-# - softmax_stats' backward with x Shard(2) of (7, 13, 3), softmax dim 1, where a rank holds none of
-#   dim 2 (4 ranks): x.grad comes back Replicate (its values are right).
-KNOWN_BUGS = r"\(Shard\(dim=2\),\) \[empty shard\]: softmax_stats"
+# Cases that fail for reasons reported and not yet fixed (a regex of their names): a known_failures
+# case runs them alone, expecting them to fail; the others leave them out.
+KNOWN_BUGS = None
 
 
 def outputs(result):
@@ -134,6 +133,6 @@ def worker(rank, world, only_known=False):
     cases.report()
 
 
-@pytest.mark.parametrize("world, only_known", WORLDS)
+@pytest.mark.parametrize("world, only_known", worlds(KNOWN_BUGS))
 def test_dtensor_ops_equal_full_tensor_ops(world, only_known):
     spawn(worker, world, only_known)

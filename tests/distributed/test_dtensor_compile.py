@@ -1,6 +1,10 @@
 """DTensors through torch.compile: a softmax split along its dim, log_softmax's backward and
 cross_entropy compile (DTensor traces the ops' rules and their collectives) and give eager's values
-and gradients, on 2 Gloo processes."""
+and gradients, on 2 Gloo processes.
+
+The ranks' shards are uneven (19 and 18 classes) and torch's on-disk compile caches key a graph on
+the DTensor's global shape: two ranks of one host sharing the cache can load each other's graph
+(an assert_size_stride failure, on a second run or a race). Each rank here compiles without them."""
 
 import torch
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
@@ -10,6 +14,8 @@ from gloo import close, spawn
 
 
 def worker(rank, world):
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)  # every rank the same full tensors
     full = torch.randn(6, 37)
